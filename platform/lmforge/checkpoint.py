@@ -1,0 +1,106 @@
+"""The checkpoint dir: resumable and servable from the same folder.
+
+    model.safetensors    consolidated fp32 weights (never pickle)
+    config.yaml          the resolved config of the run
+    tokenizer.json       the dataset's tokenizer
+    trainer_state.json   step, tokens seen, each worker's data position, dataset hashes
+    deepspeed/           DeepSpeed engine state (model, optimizer, LR schedule) to resume
+
+`trainer_state.json` is written last, so a dir without it is an incomplete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import Config, config_from_dict
+from lmforge.model import GPT
+from lmforge.tokenizer import load_tokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.json"
+STATE = "trainer_state.json"
+ENGINE_DIR = "deepspeed"
+ENGINE_TAG = "state"
+# Tied to wte.weight; safetensors stores a tensor once, so the alias is dropped on save.
+TIED = ("lm_head.weight",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the dir or file."""
+
+
+def save_servable(
+    out: Path,
+    weights: dict[str, torch.Tensor],
+    cfg: Config,
+    tokenizer_path: Path,
+    state: dict[str, Any],
+) -> None:
+    """Write everything but the engine state; `trainer_state.json` last."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in weights.items()
+        if k not in TIED
+    }
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "arch": "gpt2"})
+    (out / CONFIG).write_text(cfg.to_yaml())
+    shutil.copyfile(tokenizer_path, out / TOKENIZER)
+    (out / STATE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def is_complete(path: Path) -> bool:
+    return all((path / f).is_file() for f in (WEIGHTS, CONFIG, TOKENIZER, STATE))
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE).read_text())
+
+
+def read_config(path: Path) -> Config:
+    return config_from_dict(yaml.safe_load((path / CONFIG).read_text()))
+
+
+def latest_in_run(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step under a run dir, if any."""
+    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and is_complete(p)]
+    return max(found, key=lambda p: read_state(p)["step"], default=None)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir (its latest checkpoint)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: checkpoint dir not found")
+    if is_complete(p):
+        return p
+    latest = latest_in_run(p)
+    if latest is None:
+        raise CheckpointError(f"{p}: not a complete checkpoint and holds none (no {STATE})")
+    return latest
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer, config) from a checkpoint or run dir; weights via safetensors only."""
+    ckpt = resolve_checkpoint(path)
+    cfg = read_config(ckpt)
+    model = GPT(cfg.model)
+    weights = load_file(str(ckpt / WEIGHTS), device=str(device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k not in TIED]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt / WEIGHTS}: does not fit the config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    model.to(device).eval()
+    return model, load_tokenizer(ckpt / TOKENIZER), cfg

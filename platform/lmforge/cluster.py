@@ -1,0 +1,247 @@
+"""A local single-node Ray cluster, and how every lmforge entry point connects to Ray.
+
+    lmforge cluster up        # head on 127.0.0.1, token auth on; prints the address
+    lmforge cluster status
+    lmforge cluster down
+
+The head runs as `ray start --head --block` in its own session, so `down` stops exactly
+this cluster (never `ray stop`, which kills every Ray process on the machine). Its pid and
+addresses are kept in `$LMFORGE_HOME/cluster.json`.
+
+Everything listens on 127.0.0.1: Ray's single-host mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
+keeps GCS, raylet and workers on loopback, and the dashboard/Jobs API is bound there too.
+Token auth stays on; clients send the token only with RAY_AUTH_MODE=token in their
+environment, so this module sets it for every client it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lmforge import paths
+
+log = logging.getLogger(__name__)
+
+# The environment of every process that talks to the local cluster.
+LOCAL_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+@dataclass
+class ClusterInfo:
+    pid: int
+    address: str  # GCS address, for ray.init
+    dashboard_url: str  # Jobs API, for ray job submit / JobSubmissionClient
+    log_file: str
+
+
+def _state_file() -> Path:
+    return paths.home() / "cluster.json"
+
+
+def token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+
+
+def ensure_token() -> Path:
+    """Create Ray's auth token if there is none yet (owner-only permissions)."""
+    path = token_path()
+    if not path.is_file() and "RAY_AUTH_TOKEN" not in os.environ:
+        from ray._private.authentication.authentication_token_setup import (
+            generate_and_save_token,
+        )
+
+        generate_and_save_token()
+    if path.is_file():
+        path.chmod(0o600)
+    return path
+
+
+def auth_headers() -> dict[str, str]:
+    token = os.environ.get("RAY_AUTH_TOKEN") or token_path().read_text().strip()
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running() -> ClusterInfo | None:
+    """The cluster `up` started, if its head process is still alive."""
+    f = _state_file()
+    if not f.is_file():
+        return None
+    info = ClusterInfo(**json.loads(f.read_text()))
+    return info if _alive(info.pid) else None
+
+
+def _dashboard_ready(url: str) -> bool:
+    req = urllib.request.Request(f"{url}/api/version", headers=auth_headers())
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def up(
+    port: int = 6379,
+    dashboard_port: int = 8265,
+    num_cpus: int | None = None,
+    timeout_s: float = 180,
+) -> ClusterInfo:
+    """Start the local head (or return the one already running)."""
+    info = running()
+    if info is not None:
+        log.info("a local Ray cluster is already running (pid %d)", info.pid)
+        return info
+    ensure_token()
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    cmd = [
+        ray_bin, "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1", f"--port={port}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+    ]  # fmt: skip
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    log_file = paths.home() / "cluster" / "ray-head.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **LOCAL_ENV}
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    info = ClusterInfo(
+        pid=proc.pid,
+        address=f"127.0.0.1:{port}",
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        log_file=str(log_file),
+    )
+    deadline = time.monotonic() + timeout_s
+    while not _dashboard_ready(info.dashboard_url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill_group(proc.pid)
+            tail = log_file.read_text().strip().splitlines()[-5:]
+            raise ClusterError(f"ray start failed (see {log_file}): {' | '.join(tail)}")
+        time.sleep(1)
+    _state_file().write_text(json.dumps(asdict(info), indent=2) + "\n")
+    return info
+
+
+def _kill_group(pid: int, timeout_s: float = 30) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def down() -> bool:
+    """Stop the cluster `up` started; False when none was running."""
+    info = running()
+    _state_file().unlink(missing_ok=True)
+    if info is None:
+        return False
+    _kill_group(info.pid)
+    return True
+
+
+def _set_client_env(env: dict[str, str], override: bool) -> None:
+    """Set Ray client env vars; re-read by Ray's C++ config if Ray is already imported."""
+    for k, v in env.items():
+        if override:
+            os.environ[k] = v
+        else:
+            os.environ.setdefault(k, v)
+    if "ray" in sys.modules:
+        # Ray's C++ config reads RAY_AUTH_MODE once, at import; Ray itself refreshes it
+        # this way when it turns token auth on (authentication_token_setup._enable_token_auth).
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
+def connect() -> str:
+    """Connect this process to Ray; returns a description of where.
+
+    Inside a Ray job (RAY_ADDRESS set) or with an explicit RAY_ADDRESS, use that cluster;
+    else the one `lmforge cluster up` started; else start a private local Ray for the
+    lifetime of this process.
+    """
+    # Ray Train prints each worker line twice unless its print patch is off.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return "the Ray instance this process already uses"
+    if os.environ.get("RAY_ADDRESS"):
+        _set_client_env({"RAY_AUTH_MODE": "token"}, override=False)
+        import ray
+
+        ray.init(log_to_driver=True)
+        return f"Ray cluster at {os.environ['RAY_ADDRESS']}"
+    info = running()
+    _set_client_env(LOCAL_ENV, override=True)
+    import ray
+
+    if info is not None:
+        ray.init(address=info.address, log_to_driver=True)
+        return f"local Ray cluster at {info.address}"
+    ensure_token()
+    ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    return "a private local Ray (no `lmforge cluster up` running)"
+
+
+def status() -> str:
+    info = running()
+    if info is None:
+        return "no local Ray cluster running (start one with `lmforge cluster up`)"
+    env = {**os.environ, **LOCAL_ENV}
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    out = subprocess.run(
+        [ray_bin, "status", f"--address={info.address}"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    return describe(info) + "\n" + (out.stdout or out.stderr)
+
+
+def describe(info: ClusterInfo) -> str:
+    return (
+        f"Ray head pid {info.pid}\n"
+        f"  address (ray.init):       {info.address}\n"
+        f"  Jobs API (ray job submit): {info.dashboard_url}\n"
+        f"  submit with: RAY_AUTH_MODE=token ray job submit --address {info.dashboard_url} "
+        "--runtime-env cluster/runtime_env.yaml -- python jobs/train.py --config FILE\n"
+        f"  log: {info.log_file}"
+    )

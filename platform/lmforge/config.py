@@ -1,0 +1,220 @@
+"""The one config schema for every lmforge job.
+
+A config is YAML with the sections below; `--set section.key=value` overrides any key
+(the value is parsed as YAML, so `--set train.lr=3e-4` is a float). Everything is
+validated before Ray is touched: an unknown key, a wrong type or an out-of-range value
+raises `ConfigError` with one line naming the key and what to do.
+
+    cfg = load_config("jobs/configs/tiny.yaml", ["train.max_steps=20"])
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """A GPT-2-architecture decoder-only Transformer."""
+
+    n_layer: int = Field(2, ge=1, description="Number of Transformer blocks.")
+    n_head: int = Field(2, ge=1, description="Attention heads per block; must divide d_model.")
+    d_model: int = Field(128, ge=8, description="Width of the residual stream.")
+    context_length: int = Field(128, ge=8, description="Longest sequence the model sees.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention and MLP.")
+    vocab_size: int | None = Field(
+        None, ge=2, description="Taken from the dataset's tokenizer when unset; must match it."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        "datasets/shakespeare",
+        description="A dataset dir made by `lmforge prepare`; relative to LMFORGE_HOME.",
+    )
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(200, ge=1, description="Optimizer steps to train for.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per micro-step.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before cosine decay.")
+    min_lr: float = Field(1e-4, ge=0, description="Learning rate at the end of cosine decay.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global grad norm; 0 disables.")
+    eval_every: int = Field(50, ge=1, description="Evaluate on the val split every N steps.")
+    eval_steps: int = Field(10, ge=1, description="Micro-batches per worker per evaluation.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at end).")
+    log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
+    seed: int = Field(1337, ge=0, description="Seeds init, dropout and the data order.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Compute dtype.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}"
+            )
+        return self
+
+
+class ZeroConfig(_Section):
+    stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO-Offload.")
+    offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-3 param offload.")
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> ZeroConfig:
+        if self.offload_optimizer != "none" and self.stage < 1:
+            raise ValueError("zero.offload_optimizer needs zero.stage >= 1")
+        if self.offload_params != "none" and self.stage != 3:
+            raise ValueError("zero.offload_params needs zero.stage = 3")
+        return self
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPUs).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker.")
+
+
+class RunConfig(_Section):
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        description="Run name (folder under storage_path); generated when unset.",
+    )
+    storage_path: str = Field(
+        "runs", description="Ray Train storage (local dir relative to LMFORGE_HOME, or a URI)."
+    )
+    checkpoints_to_keep: int | None = Field(
+        None, ge=1, description="Keep only the newest N checkpoints; all when unset."
+    )
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    zero: ZeroConfig = ZeroConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Config:
+        if self.train.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _one_line(err: ValidationError) -> str:
+    """Pydantic's report as one line per problem: `key: message (got value)`."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            section = ".".join(str(p) for p in e["loc"][:-1])
+            known = _known_keys(section)
+            msg = f"unknown key (known: {', '.join(known)})" if known else "unknown key"
+        elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{key}: {msg}" if key else msg)
+    return "; ".join(lines)
+
+
+def _known_keys(section: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in filter(None, section.split(".")):
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=3e-4", "model.n_layer=4"]` -> nested dict; values parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    merged = _merge(raw, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or only defaults when `path` is None), apply overrides, validate."""
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({err})".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from None

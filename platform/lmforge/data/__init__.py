@@ -1,0 +1,1 @@
+"""Text in, token shards out (`prepare`), and token shards streamed to training (`stream`)."""

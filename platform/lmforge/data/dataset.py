@@ -1,0 +1,173 @@
+"""The dataset dir contract: `manifest.json` + `tokenizer.json` + `train/*.parquet` + `val/*`.
+
+Each shard is a Parquet file with one column, `tokens` (list of uint16/uint32), holding
+packed token sequences: documents joined by `<|endoftext|>` and cut into rows of
+`seq_tokens` tokens. The manifest records every shard with its token count per row
+group, so a reader can split work and seek to a token offset without reading data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lmforge.tokenizer import file_sha256
+
+FORMAT = "lmforge-dataset/1"
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+SPLITS = ("train", "val")
+
+
+class DatasetError(ValueError):
+    """A dataset dir that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The smallest piece of a split that is read and assigned to a worker: one row group."""
+
+    file: Path
+    row_group: int
+    tokens: int
+
+
+class ShardWriter:
+    """Packs token arrays into fixed-length rows and writes them as numbered shards."""
+
+    def __init__(
+        self, out_dir: Path, dtype: str, seq_tokens: int, rows_per_group: int, groups_per_shard: int
+    ) -> None:
+        self.out_dir = out_dir
+        self.dtype = np.dtype(dtype)
+        self.seq_tokens = seq_tokens
+        self.rows_per_group = rows_per_group
+        self.groups_per_shard = groups_per_shard
+        self.shards: list[dict[str, Any]] = []
+        self._pending: list[np.ndarray] = []
+        self._pending_len = 0
+        self._rows: list[np.ndarray] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._groups: list[int] = []
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def add(self, tokens: np.ndarray) -> None:
+        self._pending.append(tokens.astype(self.dtype, copy=False))
+        self._pending_len += len(tokens)
+        if self._pending_len >= self.seq_tokens:
+            buf = np.concatenate(self._pending)
+            n_full = len(buf) // self.seq_tokens
+            for i in range(n_full):
+                self._push_row(buf[i * self.seq_tokens : (i + 1) * self.seq_tokens])
+            rest = buf[n_full * self.seq_tokens :]
+            self._pending, self._pending_len = [rest], len(rest)
+
+    def close(self) -> dict[str, Any]:
+        """Flush everything (the last row may be short) and return the split's manifest entry."""
+        if self._pending_len:
+            self._push_row(np.concatenate(self._pending))
+            self._pending, self._pending_len = [], 0
+        self._flush_group()
+        self._close_shard()
+        return {
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "sequences": sum(s["sequences"] for s in self.shards),
+            "shards": self.shards,
+        }
+
+    def _push_row(self, row: np.ndarray) -> None:
+        self._rows.append(row.copy())
+        if len(self._rows) == self.rows_per_group:
+            self._flush_group()
+
+    def _flush_group(self) -> None:
+        if not self._rows:
+            return
+        if self._writer is None:
+            name = f"shard-{len(self.shards):05d}.parquet"
+            self.shards.append({"file": f"{self.out_dir.name}/{name}", "sequences": 0})
+            schema = pa.schema([("tokens", pa.list_(pa.from_numpy_dtype(self.dtype)))])
+            self._writer = pq.ParquetWriter(self.out_dir / name, schema)
+        lengths = np.fromiter((len(r) for r in self._rows), dtype=np.int32)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        values = pa.array(np.concatenate(self._rows))
+        col = pa.ListArray.from_arrays(pa.array(offsets), values)
+        self._writer.write_table(pa.table({"tokens": col}), row_group_size=len(self._rows))
+        self._groups.append(int(lengths.sum()))
+        self.shards[-1]["sequences"] += len(self._rows)
+        self._rows = []
+        if len(self._groups) == self.groups_per_shard:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        shard = self.shards[-1]
+        shard["row_group_tokens"] = self._groups
+        shard["tokens"] = sum(self._groups)
+        shard["sha256"] = file_sha256(self.out_dir.parent / shard["file"])
+        self._groups = []
+
+
+class Dataset:
+    """A prepared dataset dir, checked on open: manifest, tokenizer hash, shards present."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise DatasetError(
+                f"{self.path}: dataset dir not found (make one with lmforge prepare)"
+            )
+        if not mpath.is_file():
+            raise DatasetError(f"{mpath}: no manifest; is this a dir made by lmforge prepare?")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DatasetError(f"{mpath}: corrupt manifest ({err})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise DatasetError(f"{mpath}: unknown format {self.manifest.get('format')!r}")
+        tok = self.path / TOKENIZER
+        if not tok.is_file():
+            raise DatasetError(f"{tok}: tokenizer missing from the dataset dir")
+        if file_sha256(tok) != self.tokenizer_sha256:
+            raise DatasetError(f"{tok}: tokenizer differs from the one the manifest records")
+        for split in SPLITS:
+            for shard in self.manifest["splits"][split]["shards"]:
+                if not (self.path / shard["file"]).is_file():
+                    raise DatasetError(f"{self.path / shard['file']}: shard listed but missing")
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.manifest["tokenizer"]["sha256"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def manifest_sha256(self) -> str:
+        return file_sha256(self.path / MANIFEST)
+
+    def tokens(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["tokens"])
+
+    def units(self, split: str) -> list[Unit]:
+        """Every row group of a split, in manifest order."""
+        return [
+            Unit(self.path / shard["file"], i, n)
+            for shard in self.manifest["splits"][split]["shards"]
+            for i, n in enumerate(shard["row_group_tokens"])
+        ]

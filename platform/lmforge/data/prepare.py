@@ -1,0 +1,208 @@
+"""The prepare job: raw text -> BPE tokenizer -> packed token shards + manifest.
+
+    lmforge prepare --input data/shakespeare --output ~/.lmforge/datasets/shakespeare
+
+Ray Data reads and tokenizes the files in parallel (the costly part); the driver receives
+the token arrays in input order and packs them into shards, so the output is byte-for-byte
+the same for the same input, tokenizer and seed however many workers ran. The dataset is
+written to a temporary sibling dir and renamed into place at the end: a crash never leaves
+a half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from lmforge import __version__
+from lmforge.data.dataset import FORMAT, MANIFEST, TOKENIZER, ShardWriter
+from lmforge.data.readers import CorpusError, discover, read_documents
+from lmforge.tokenizer import eot_id, file_sha256, load_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    vocab_size: int = 8192
+    val_fraction: float = 0.05
+    seed: int = 0
+    seq_tokens: int = 1024  # tokens per packed row (and per split chunk)
+    rows_per_group: int = 16  # a row group is the unit a training worker reads
+    groups_per_shard: int = 64
+    tokenizer: Path | None = None  # reuse this tokenizer.json instead of training one
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        if self.seq_tokens < 2:
+            raise ValueError(f"--seq-tokens must be >= 2 (got {self.seq_tokens})")
+
+
+def _tokenize_batch(batch: pa.Table, tokenizer_json: str) -> pa.Table:
+    """Ray Data map_batches fn: read each file's documents and tokenize them."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    eot = eot_id(tok)
+    keys, ids = [], []
+    for path in batch.column("path").to_pylist():
+        docs = list(read_documents(Path(path)))
+        encoded = tok.encode_batch([text for _, text in docs], add_special_tokens=False)
+        for (key, _), enc in zip(docs, encoded, strict=True):
+            keys.append(key)
+            ids.append(np.append(np.asarray(enc.ids, dtype=np.int32), np.int32(eot)))
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+    flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
+    return pa.table(
+        {"key": pa.array(keys, pa.string()), "ids": pa.LargeListArray.from_arrays(offsets, flat)}
+    )
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    """The CorpusError behind a Ray task failure, if there is one."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, CorpusError):
+            return CorpusError(str(err).splitlines()[-1].split("CorpusError: ")[-1])
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) -> dict:
+    """Prepare `inputs` into the dataset dir `output`; returns the manifest."""
+    import ray
+
+    output = Path(output).expanduser().resolve()
+    if (output / MANIFEST).exists() and not opts.overwrite:
+        raise FileExistsError(f"{output}: a dataset is already there (pass --overwrite)")
+    files = discover(inputs)
+    total_bytes = sum(f.stat().st_size for f in files)
+    if total_bytes == 0:
+        raise CorpusError(f"the corpus is empty: {len(files)} file(s), 0 bytes")
+    log.info("prepare: %d file(s), %.1f MB of raw text", len(files), total_bytes / 1e6)
+
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.perf_counter()
+        if opts.tokenizer is not None:
+            tok = load_tokenizer(opts.tokenizer)
+            shutil.copyfile(opts.tokenizer, tmp / TOKENIZER)
+            log.info(
+                "prepare: reusing tokenizer %s (vocab %d)", opts.tokenizer, tok.get_vocab_size()
+            )
+        else:
+            texts = (text for f in files for _, text in read_documents(f))
+            tok = train_tokenizer(texts, opts.vocab_size)
+            tok.save(str(tmp / TOKENIZER))
+            log.info(
+                "prepare: trained BPE tokenizer, vocab %d, in %.1fs",
+                tok.get_vocab_size(),
+                time.perf_counter() - t0,
+            )
+        vocab = tok.get_vocab_size()
+        dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+        writers = {
+            split: ShardWriter(
+                tmp / split, dtype, opts.seq_tokens, opts.rows_per_group, opts.groups_per_shard
+            )
+            for split in ("train", "val")
+        }
+        # Every chunk of seq_tokens goes to val when floor((c+1)f + u) > floor(cf + u): exactly
+        # the val fraction, spread evenly through the corpus; the seed picks the phase u.
+        phase = int.from_bytes(hashlib.sha256(f"split:{opts.seed}".encode()).digest()[:8]) / 2**64
+        chunk_index, n_docs = 0, 0
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # determinism: output follows input order
+        ds = ray.data.from_items(
+            [{"path": str(f)} for f in files], override_num_blocks=min(len(files), 200)
+        ).map_batches(
+            _tokenize_batch,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"tokenizer_json": tok.to_str()},
+        )
+        t1 = time.perf_counter()
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for chunk in batch.column("ids").chunks:
+                    offsets = chunk.offsets.to_numpy()
+                    values = chunk.values.to_numpy()
+                    for i in range(len(chunk)):
+                        doc = values[offsets[i] : offsets[i + 1]]
+                        n_docs += 1
+                        for start in range(0, len(doc), opts.seq_tokens):
+                            c, f = chunk_index, opts.val_fraction
+                            is_val = int((c + 1) * f + phase) > int(c * f + phase)
+                            split = "val" if is_val else "train"
+                            writers[split].add(doc[start : start + opts.seq_tokens])
+                            chunk_index += 1
+        except Exception as err:
+            cause = _unwrap(err)
+            if cause is not None:
+                raise cause from None
+            raise
+        splits = {split: w.close() for split, w in writers.items()}
+        n_tokens = sum(s["tokens"] for s in splits.values())
+        if n_tokens == n_docs:  # only end-of-text markers: every document was empty
+            raise CorpusError(f"the corpus is empty: {n_docs} document(s) with no text")
+        if splits["train"]["tokens"] == 0:
+            raise CorpusError("the corpus is too small: no tokens left for the train split")
+        manifest = {
+            "format": FORMAT,
+            "created_by": f"lmforge {__version__}",
+            "sources": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
+            "documents": n_docs,
+            "tokens": n_tokens,
+            "token_dtype": dtype,
+            "seq_tokens": opts.seq_tokens,
+            "tokenizer": {
+                "file": TOKENIZER,
+                "sha256": file_sha256(tmp / TOKENIZER),
+                "vocab_size": vocab,
+                "eot_id": eot_id(tok),
+            },
+            "split": {
+                "val_fraction": opts.val_fraction,
+                "seed": opts.seed,
+                "chunk_tokens": opts.seq_tokens,
+            },
+            "splits": splits,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        dt = time.perf_counter() - t1
+        log.info(
+            "prepare: %d documents -> %d tokens (train %d, val %d) in %.1fs, %.2f MB/s",
+            n_docs,
+            n_tokens,
+            splits["train"]["tokens"],
+            splits["val"]["tokens"],
+            dt,
+            total_bytes / 1e6 / max(dt, 1e-9),
+        )
+        _swap_into_place(tmp, output)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, output: Path) -> None:
+    old = output.with_name(f".{output.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if output.exists():
+        output.rename(old)
+    tmp.rename(output)
+    shutil.rmtree(old, ignore_errors=True)

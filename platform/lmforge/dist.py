@@ -1,0 +1,80 @@
+"""The one place that knows rank, world size and device (nothing else reads RANK).
+
+Inside a Ray Train worker the process group is already up (Ray's TorchConfig: gloo on
+CPU, NCCL on GPU); outside one, everything is rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(use_gpu: bool) -> DistInfo:
+    """Read the topology and pick the device; tell DeepSpeed which accelerator to use.
+
+    Must run before `deepspeed` is imported in this process: DeepSpeed picks its
+    accelerator once, on first use, from DS_ACCELERATOR.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank, world, local_rank, device)
+
+
+def print0(info: DistInfo, *args) -> None:
+    """Print from rank 0 only, flushed, so the line shows up in the job log at once."""
+    if info.is_main:
+        print(*args, flush=True, file=sys.stdout)
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    import torch.distributed as dist
+
+    if info.world == 1:
+        return [obj]
+    out: list = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(value: float, info: DistInfo) -> float:
+    import torch.distributed as dist
+
+    if info.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.item() / info.world
+
+
+def barrier(info: DistInfo) -> None:
+    import torch.distributed as dist
+
+    if info.world > 1:
+        dist.barrier()

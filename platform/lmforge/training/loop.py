@@ -1,0 +1,243 @@
+"""What each Ray Train worker runs: a DeepSpeed engine over its own share of the data.
+
+`train_loop(loop_config)` is handed to `TorchTrainer`; `loop_config` carries the resolved
+config as a plain dict (nothing is read from globals). Ray has already set up the process
+group (gloo on CPU, NCCL on GPU) when this starts.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge import checkpoint as ckpt_io
+from lmforge import dist, paths
+from lmforge.config import Config, config_from_dict
+from lmforge.data.dataset import Dataset
+from lmforge.data.stream import TokenStream
+from lmforge.model import GPT, flops_per_token
+from lmforge.perf import measure_peak_flops
+from lmforge.training.ds_config import deepspeed_config
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (linear weights, embeddings); none on biases and LayerNorms."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def consolidated_weights(engine, zero_stage: int, info: dist.DistInfo) -> dict[str, torch.Tensor]:
+    """Full weights on rank 0 (empty elsewhere). Collective under ZeRO-3: all ranks call it."""
+    import deepspeed
+
+    module = engine.module
+    if zero_stage == 3:
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if info.is_main:
+                return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        return {}
+    if not info.is_main:
+        return {}
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class Trainer:
+    """The state of one worker's training run; small methods, one per phase."""
+
+    def __init__(self, cfg: Config, run_dir: str) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.info = dist.setup(cfg.scaling.use_gpu)
+        import deepspeed  # after dist.setup chose the accelerator
+
+        if not cfg.scaling.use_gpu:
+            torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        torch.manual_seed(cfg.train.seed)  # identical init on every rank
+        self.dataset = Dataset(paths.resolve(cfg.data.path))
+        model = GPT(cfg.model)
+        self.n_params = model.num_params()
+        self.flops_per_token = flops_per_token(cfg.model, self.n_params)
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.train.weight_decay),
+            config=deepspeed_config(cfg, self.info.world),
+        )
+        t = cfg.train
+        self.stream = TokenStream(
+            self.dataset, "train", cfg.model.context_length, t.micro_batch_size,
+            self.info.rank, self.info.world, seed=t.seed,
+        )  # fmt: skip
+        self.tokens_per_step = (
+            t.micro_batch_size * t.grad_accum_steps * self.info.world * cfg.model.context_length
+        )
+        self.step, self.tokens_seen = 0, 0
+        # Seeded per rank so dropout differs across ranks yet replays the same on resume.
+        torch.manual_seed(cfg.train.seed + 1000 * self.info.rank)
+        self.peak_flops = measure_peak_flops(self.info.device, t.precision)
+
+    # -- resume -----------------------------------------------------------------------
+    def restore(self, checkpoint) -> None:
+        with checkpoint.as_directory() as d:
+            d = Path(d)
+            state = ckpt_io.read_state(d)
+            if state["dataset"]["tokenizer_sha256"] != self.dataset.tokenizer_sha256:
+                raise ValueError(
+                    f"{self.dataset.path}: tokenizer differs from the checkpoint's; "
+                    "train on a dataset prepared with the checkpoint's tokenizer.json"
+                )
+            self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            positions = state["data"]
+            if len(positions) == self.info.world:
+                self.stream.load_state_dict(positions[self.info.rank])
+            else:  # different worker count: restart the stream at the next epoch
+                self.stream.load_state_dict(
+                    {"epoch": max(p["epoch"] for p in positions) + 1, "offset": 0}
+                )
+        dist.print0(self.info, f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
+
+    # -- one optimizer step -----------------------------------------------------------
+    def train_step(self, batches) -> dict[str, float]:
+        t0 = time.perf_counter()
+        total = 0.0
+        for _ in range(self.cfg.train.grad_accum_steps):
+            x, y = next(batches)
+            _, loss = self.engine(x.to(self.info.device), y.to(self.info.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+        loss = dist.all_reduce_mean(total / self.cfg.train.grad_accum_steps, self.info)
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        tokens_per_s = self.tokens_per_step / dt
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": loss,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s / self.info.world * self.flops_per_token / self.peak_flops,
+            "step_time_s": dt,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        t, m = self.cfg.train, self.cfg.model
+        val = TokenStream(
+            self.dataset, "val", m.context_length, t.micro_batch_size,
+            self.info.rank, self.info.world, seed=t.seed, shuffle=False,
+        )  # fmt: skip
+        self.engine.eval()
+        batches, total = val.batches(), 0.0
+        for _ in range(t.eval_steps):
+            x, y = next(batches)
+            _, loss = self.engine(x.to(self.info.device), y.to(self.info.device))
+            total += loss.item()
+        self.engine.train()
+        val_loss = dist.all_reduce_mean(total / t.eval_steps, self.info)
+        return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
+
+    # -- checkpoint -------------------------------------------------------------------
+    def save(self, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        tmp = Path(tempfile.mkdtemp(prefix="lmforge-ckpt-"))
+        try:
+            self.engine.save_checkpoint(str(tmp / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
+            weights = consolidated_weights(self.engine, self.cfg.zero.stage, self.info)
+            positions = dist.all_gather_object(self.stream.state_dict(), self.info)
+            if self.info.is_main:
+                state = {
+                    "step": self.step,
+                    "tokens_seen": self.tokens_seen,
+                    "world_size": self.info.world,
+                    "data": positions,
+                    "dataset": {
+                        "path": str(self.dataset.path),
+                        "manifest_sha256": self.dataset.manifest_sha256,
+                        "tokenizer_sha256": self.dataset.tokenizer_sha256,
+                    },
+                    "metrics": metrics,
+                }
+                ckpt_io.save_servable(tmp, weights, self.cfg, self.dataset.tokenizer_path, state)
+            name = f"checkpoint_{self.step:08d}"
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                checkpoint_dir_name=name,
+            )  # fmt: skip
+            dist.print0(self.info, f"checkpoint step {self.step} -> {self.run_dir}/{name}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- the loop ---------------------------------------------------------------------
+    def fit(self) -> None:
+        import ray.train
+
+        t = self.cfg.train
+        p = self.info
+        dist.print0(
+            p,
+            f"training {self.n_params / 1e6:.2f}M params on {p.world} worker(s), ZeRO "
+            f"{self.cfg.zero.stage}, {t.precision}, {self.tokens_per_step:,} tokens/step, "
+            f"steps {self.step + 1}..{t.max_steps}",
+        )
+        if self.step >= t.max_steps:
+            dist.print0(p, f"nothing to do: already at step {self.step} of {t.max_steps}")
+            return
+        if self.step == 0:
+            metrics = {"step": 0, **self.evaluate()}
+            dist.print0(p, _eval_line(metrics))
+            ray.train.report(metrics)
+        batches = self.stream.batches()
+        started, first_step = time.perf_counter(), self.step
+        while self.step < t.max_steps:
+            metrics = {"step": self.step + 1, **self.train_step(batches)}
+            s = self.step
+            last = s == t.max_steps
+            if s % t.log_every == 0 or s == first_step + 1 or last:
+                eta = (time.perf_counter() - started) / (s - first_step) * (t.max_steps - s)
+                dist.print0(p, _step_line(metrics, t.max_steps, eta))
+            if s % t.eval_every == 0 or last:
+                metrics.update(self.evaluate())
+                dist.print0(p, _eval_line(metrics))
+            if s % t.checkpoint_every == 0 or last:
+                self.save(metrics)
+            elif s % t.log_every == 0 or "val_loss" in metrics:
+                ray.train.report(metrics)
+
+
+def _step_line(m: dict[str, float], max_steps: int, eta_s: float) -> str:
+    return (
+        f"step {m['step']:>6}/{max_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+        f"grad {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | mfu {m['mfu']:.1%} | "
+        f"{m['step_time_s'] * 1000:.0f} ms/step | eta {time.strftime('%H:%M:%S', time.gmtime(eta_s))}"
+    )
+
+
+def _eval_line(m: dict[str, float]) -> str:
+    return f"eval step {m['step']:>6} | val_loss {m['val_loss']:.4f} | val_ppl {m['val_perplexity']:.2f}"
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker entry point."""
+    import ray.train
+
+    cfg = config_from_dict(loop_config["config"])
+    trainer = Trainer(cfg, loop_config["run_dir"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    trainer.fit()

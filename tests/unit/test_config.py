@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+from lmforge.config import ConfigError, load_config, parse_overrides
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    load_config(path)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.lr=3e-4", "model.n_layer=4", "zero.stage=3"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.n_layer == 4 and cfg.zero.stage == 3
+    assert parse_overrides(["a.b.c=x"]) == {"a": {"b": {"c": "x"}}}
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.learning_rate=0.1", "train.learning_rate"),  # unknown key
+        ("modle.n_layer=2", "modle"),  # unknown section
+        ("train.max_steps=ten", "train.max_steps"),  # wrong type
+        ("zero.stage=4", "zero.stage"),  # out of range
+        ("train.precision=fp8", "train.precision"),
+        ("model.n_head=3", "model.d_model"),  # 128 is not divisible by 3
+        ("train.min_lr=1.0", "train.min_lr"),
+        ("train.precision=fp16", "train.precision"),  # fp16 needs a GPU
+        ("zero.offload_params=cpu", "zero.offload_params"),  # needs stage 3
+        ("run.name=a;rm -rf", "run.name"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_named(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    msg = str(err.value)
+    assert key in msg and "\n" not in msg
+
+
+def test_unknown_key_lists_known_keys():
+    with pytest.raises(ConfigError, match=r"known: .*max_steps"):
+        load_config(None, ["train.steps=3"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["train.lr"])
