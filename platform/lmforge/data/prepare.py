@@ -14,16 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from tokenizers import Tokenizer
 
 from lmforge import __version__
-from lmforge.data.dataset import FORMAT, MANIFEST, TOKENIZER, ShardWriter
+from lmforge.data.dataset import FORMAT, MANIFEST, SPLITS, TOKENIZER, ShardWriter
 from lmforge.data.readers import CorpusError, discover, read_documents
 from lmforge.tokenizer import eot_id, file_sha256, load_tokenizer, train_tokenizer
 
@@ -50,8 +53,8 @@ class PrepareOptions:
 
 def _tokenize_batch(batch: pa.Table, tokenizer_json: str) -> pa.Table:
     """Ray Data map_batches fn: read each file's documents and tokenize them."""
-    from tokenizers import Tokenizer
-
+    # Ray gives each task one CPU; the parallelism is across tasks, not inside tokenizers.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = Tokenizer.from_str(tokenizer_json)
     eot = eot_id(tok)
     keys, ids = [], []
@@ -79,10 +82,102 @@ def _unwrap(err: BaseException) -> BaseException:
     return None
 
 
-def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) -> dict:
-    """Prepare `inputs` into the dataset dir `output`; returns the manifest."""
+def split_and_write(
+    docs: Iterable[np.ndarray], out: Path, tok: Tokenizer, opts: PrepareOptions, sources: list
+) -> dict:
+    """Split tokenized documents (each ending in EOT) into train/val, pack, write shards and
+    `manifest.json` into `out` (which already holds `tokenizer.json`). Returns the manifest.
+
+    Documents are cut into chunks of `seq_tokens`; chunk c goes to val when
+    floor((c+1)f + u) > floor(cf + u): exactly the val fraction, spread evenly through the
+    corpus, with the phase u drawn from the seed.
+    """
+    vocab = tok.get_vocab_size()
+    dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+    writers = {
+        split: ShardWriter(
+            out / split, dtype, opts.seq_tokens, opts.rows_per_group, opts.groups_per_shard
+        )
+        for split in SPLITS
+    }
+    phase = int.from_bytes(hashlib.sha256(f"split:{opts.seed}".encode()).digest()[:8]) / 2**64
+    f, chunk, n_docs = opts.val_fraction, 0, 0
+    for doc in docs:
+        n_docs += 1
+        for start in range(0, len(doc), opts.seq_tokens):
+            is_val = int((chunk + 1) * f + phase) > int(chunk * f + phase)
+            writers["val" if is_val else "train"].add(doc[start : start + opts.seq_tokens])
+            chunk += 1
+    splits = {split: w.close() for split, w in writers.items()}
+    n_tokens = sum(s["tokens"] for s in splits.values())
+    if n_tokens == n_docs:  # only end-of-text markers: every document was empty
+        raise CorpusError(f"the corpus is empty: {n_docs} document(s) with no text")
+    if splits["train"]["tokens"] == 0:
+        raise CorpusError("the corpus is too small: no tokens left for the train split")
+    manifest = {
+        "format": FORMAT,
+        "created_by": f"lmforge {__version__}",
+        "sources": sources,
+        "documents": n_docs,
+        "tokens": n_tokens,
+        "token_dtype": dtype,
+        "seq_tokens": opts.seq_tokens,
+        "tokenizer": {
+            "file": TOKENIZER,
+            "sha256": file_sha256(out / TOKENIZER),
+            "vocab_size": vocab,
+            "eot_id": eot_id(tok),
+        },
+        "split": {"val_fraction": f, "seed": opts.seed, "chunk_tokens": opts.seq_tokens},
+        "splits": splits,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _tokenized_docs(files: list[Path], tok: Tokenizer) -> Iterator[np.ndarray]:
+    """Each document's token ids (+ EOT), in input order; Ray Data does the tokenizing."""
     import ray
 
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # determinism: output follows input order
+    ds = ray.data.from_items(
+        [{"path": str(f)} for f in files], override_num_blocks=min(len(files), 200)
+    ).map_batches(
+        _tokenize_batch,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"tokenizer_json": tok.to_str()},
+    )
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for ids in batch.column("ids").chunks:
+                offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
+                for i in range(len(ids)):
+                    yield values[offsets[i] : offsets[i + 1]]
+    except Exception as err:
+        cause = _unwrap(err)
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def _get_tokenizer(files: list[Path], opts: PrepareOptions, out: Path) -> Tokenizer:
+    t0 = time.perf_counter()
+    if opts.tokenizer is not None:
+        tok = load_tokenizer(opts.tokenizer)
+        shutil.copyfile(opts.tokenizer, out / TOKENIZER)
+        log.info("prepare: reusing tokenizer %s (vocab %d)", opts.tokenizer, tok.get_vocab_size())
+        return tok
+    tok = train_tokenizer((text for f in files for _, text in read_documents(f)), opts.vocab_size)
+    tok.save(str(out / TOKENIZER))
+    dt = time.perf_counter() - t0
+    log.info("prepare: trained a BPE tokenizer, vocab %d, in %.1fs", tok.get_vocab_size(), dt)
+    return tok
+
+
+def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) -> dict:
+    """Prepare `inputs` into the dataset dir `output`; returns the manifest."""
     output = Path(output).expanduser().resolve()
     if (output / MANIFEST).exists() and not opts.overwrite:
         raise FileExistsError(f"{output}: a dataset is already there (pass --overwrite)")
@@ -91,108 +186,21 @@ def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) 
     if total_bytes == 0:
         raise CorpusError(f"the corpus is empty: {len(files)} file(s), 0 bytes")
     log.info("prepare: %d file(s), %.1f MB of raw text", len(files), total_bytes / 1e6)
-
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        tok = _get_tokenizer(files, opts, tmp)
         t0 = time.perf_counter()
-        if opts.tokenizer is not None:
-            tok = load_tokenizer(opts.tokenizer)
-            shutil.copyfile(opts.tokenizer, tmp / TOKENIZER)
-            log.info(
-                "prepare: reusing tokenizer %s (vocab %d)", opts.tokenizer, tok.get_vocab_size()
-            )
-        else:
-            texts = (text for f in files for _, text in read_documents(f))
-            tok = train_tokenizer(texts, opts.vocab_size)
-            tok.save(str(tmp / TOKENIZER))
-            log.info(
-                "prepare: trained BPE tokenizer, vocab %d, in %.1fs",
-                tok.get_vocab_size(),
-                time.perf_counter() - t0,
-            )
-        vocab = tok.get_vocab_size()
-        dtype = "uint16" if vocab <= 1 << 16 else "uint32"
-        writers = {
-            split: ShardWriter(
-                tmp / split, dtype, opts.seq_tokens, opts.rows_per_group, opts.groups_per_shard
-            )
-            for split in ("train", "val")
-        }
-        # Every chunk of seq_tokens goes to val when floor((c+1)f + u) > floor(cf + u): exactly
-        # the val fraction, spread evenly through the corpus; the seed picks the phase u.
-        phase = int.from_bytes(hashlib.sha256(f"split:{opts.seed}".encode()).digest()[:8]) / 2**64
-        chunk_index, n_docs = 0, 0
-
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # determinism: output follows input order
-        ds = ray.data.from_items(
-            [{"path": str(f)} for f in files], override_num_blocks=min(len(files), 200)
-        ).map_batches(
-            _tokenize_batch,
-            batch_size=1,
-            batch_format="pyarrow",
-            fn_kwargs={"tokenizer_json": tok.to_str()},
-        )
-        t1 = time.perf_counter()
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for chunk in batch.column("ids").chunks:
-                    offsets = chunk.offsets.to_numpy()
-                    values = chunk.values.to_numpy()
-                    for i in range(len(chunk)):
-                        doc = values[offsets[i] : offsets[i + 1]]
-                        n_docs += 1
-                        for start in range(0, len(doc), opts.seq_tokens):
-                            c, f = chunk_index, opts.val_fraction
-                            is_val = int((c + 1) * f + phase) > int(c * f + phase)
-                            split = "val" if is_val else "train"
-                            writers[split].add(doc[start : start + opts.seq_tokens])
-                            chunk_index += 1
-        except Exception as err:
-            cause = _unwrap(err)
-            if cause is not None:
-                raise cause from None
-            raise
-        splits = {split: w.close() for split, w in writers.items()}
-        n_tokens = sum(s["tokens"] for s in splits.values())
-        if n_tokens == n_docs:  # only end-of-text markers: every document was empty
-            raise CorpusError(f"the corpus is empty: {n_docs} document(s) with no text")
-        if splits["train"]["tokens"] == 0:
-            raise CorpusError("the corpus is too small: no tokens left for the train split")
-        manifest = {
-            "format": FORMAT,
-            "created_by": f"lmforge {__version__}",
-            "sources": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
-            "documents": n_docs,
-            "tokens": n_tokens,
-            "token_dtype": dtype,
-            "seq_tokens": opts.seq_tokens,
-            "tokenizer": {
-                "file": TOKENIZER,
-                "sha256": file_sha256(tmp / TOKENIZER),
-                "vocab_size": vocab,
-                "eot_id": eot_id(tok),
-            },
-            "split": {
-                "val_fraction": opts.val_fraction,
-                "seed": opts.seed,
-                "chunk_tokens": opts.seq_tokens,
-            },
-            "splits": splits,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        dt = time.perf_counter() - t1
+        sources = [{"path": str(f), "bytes": f.stat().st_size} for f in files]
+        manifest = split_and_write(_tokenized_docs(files, tok), tmp, tok, opts, sources)
+        dt = time.perf_counter() - t0
+        s = manifest["splits"]
         log.info(
             "prepare: %d documents -> %d tokens (train %d, val %d) in %.1fs, %.2f MB/s",
-            n_docs,
-            n_tokens,
-            splits["train"]["tokens"],
-            splits["val"]["tokens"],
-            dt,
-            total_bytes / 1e6 / max(dt, 1e-9),
-        )
+            manifest["documents"], manifest["tokens"], s["train"]["tokens"],
+            s["val"]["tokens"], dt, total_bytes / 1e6 / max(dt, 1e-9),
+        )  # fmt: skip
         _swap_into_place(tmp, output)
         return manifest
     finally:

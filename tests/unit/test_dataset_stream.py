@@ -1,0 +1,126 @@
+"""The dataset dir contract and the per-worker token stream, without Ray."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from lmforge.data.dataset import Dataset, DatasetError
+from lmforge.data.prepare import PrepareOptions, split_and_write
+from lmforge.data.stream import TokenStream, worker_units
+from lmforge.tokenizer import train_tokenizer
+
+
+def make_dataset(path, n_docs=40, seed=0, val_fraction=0.1):
+    """Documents of known token ids (doc d holds d*1000 + i), packed and split."""
+    tok = train_tokenizer(["a b c d e"] * 5, vocab_size=300)
+    path.mkdir(parents=True)
+    tok.save(str(path / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    docs = [np.arange(int(rng.integers(20, 300)), dtype=np.int64) % 250 for _ in range(n_docs)]
+    opts = PrepareOptions(val_fraction=val_fraction, seed=seed, seq_tokens=64, rows_per_group=2,
+                          groups_per_shard=3)  # fmt: skip
+    manifest = split_and_write(iter(docs), path, tok, opts, sources=[])
+    return Dataset(path), manifest, docs
+
+
+def test_manifest_counts_add_up(tmp_path):
+    ds, m, docs = make_dataset(tmp_path / "ds")
+    assert m["documents"] == len(docs)
+    assert m["tokens"] == sum(len(d) for d in docs)
+    assert m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"] == m["tokens"]
+    for split in ("train", "val"):
+        entry = m["splits"][split]
+        assert entry["tokens"] == sum(s["tokens"] for s in entry["shards"])
+        rows = 0
+        for shard in entry["shards"]:
+            pf = pq.ParquetFile(ds.path / shard["file"])
+            assert pf.metadata.num_row_groups == len(shard["row_group_tokens"])
+            col = pf.read().column("tokens")
+            assert sum(len(r) for r in col.to_pylist()) == shard["tokens"]
+            rows += pf.metadata.num_rows
+        assert rows == entry["sequences"]
+    assert len(m["splits"]["train"]["shards"]) > 1  # groups_per_shard=3 forces several shards
+    # The val share is exactly the requested fraction of 64-token chunks.
+    n_chunks = sum(-(-len(d) // 64) for d in docs)
+    val_rows_tokens = m["splits"]["val"]["tokens"]
+    assert 0 < val_rows_tokens <= 64 * (n_chunks // 10 + 1)
+
+
+def test_split_is_deterministic_and_seeded(tmp_path):
+    _, a, _ = make_dataset(tmp_path / "a")
+    _, b, _ = make_dataset(tmp_path / "b")
+    _, c, _ = make_dataset(tmp_path / "c", seed=1)
+    sha = lambda m: [s["sha256"] for s in m["splits"]["train"]["shards"]]  # noqa: E731
+    assert sha(a) == sha(b)
+    assert sha(a) != sha(c)
+
+
+def test_worker_shares_are_disjoint_and_cover_the_split(tmp_path):
+    ds, _, _ = make_dataset(tmp_path / "ds", n_docs=80)
+    units = ds.units("train")
+    for world in (1, 2, 3):
+        for epoch in (0, 1):
+            shares = [worker_units(units, r, world, seed=7, epoch=epoch) for r in range(world)]
+            flat = [u for s in shares for u in s]
+            assert len(flat) == len(set(flat)) == len(units)
+    a = worker_units(units, 0, 2, seed=7, epoch=0)
+    assert a == worker_units(units, 0, 2, seed=7, epoch=0)  # deterministic
+    assert a != worker_units(units, 0, 2, seed=7, epoch=1)  # reshuffled each epoch
+
+
+def test_windows_cover_each_share_once_per_epoch(tmp_path):
+    ds, _, _ = make_dataset(tmp_path / "ds", n_docs=80)
+    T = 16
+    for rank in range(2):
+        s = TokenStream(ds, "train", T, batch_size=1, rank=rank, world=2, seed=3)
+        units = s.my_units(0)
+        stream = np.concatenate([pq.ParquetFile(u.file).read_row_group(u.row_group)
+                                 .column(0).combine_chunks().flatten().to_numpy() for u in units])  # fmt: skip
+        it = s.windows()
+        n = (len(stream) - 1) // T
+        got = [next(it) for _ in range(n)]
+        assert all(len(w) == T + 1 for w in got)
+        np.testing.assert_array_equal(np.concatenate([w[:-1] for w in got]), stream[: n * T])
+        assert s.state_dict()["epoch"] == 0
+        next(it)
+        assert s.state_dict()["epoch"] == 1  # rolled over into the next epoch
+
+
+def test_resume_continues_at_the_same_batch(tmp_path):
+    ds, _, _ = make_dataset(tmp_path / "ds", n_docs=80)
+    a = TokenStream(ds, "train", 16, batch_size=4, rank=1, world=2, seed=3)
+    it = a.batches()
+    for _ in range(13):  # past an epoch boundary of this small share
+        next(it)
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = [next(it) for _ in range(5)]
+    b = TokenStream(ds, "train", 16, batch_size=4, rank=1, world=2, seed=3)
+    b.load_state_dict(state)
+    it_b = b.batches()
+    for x, y in expected:
+        bx, by = next(it_b)
+        assert (bx == x).all() and (by == y).all()
+        assert (x[:, 1:] == y[:, :-1]).all()
+
+
+def test_dataset_dir_errors_name_the_file(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        Dataset(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="manifest.json: no manifest"):
+        Dataset(tmp_path / "empty")
+    ds, _, _ = make_dataset(tmp_path / "ds")
+    (ds.path / "tokenizer.json").write_text("{}")
+    with pytest.raises(DatasetError, match="tokenizer differs"):
+        Dataset(ds.path)
+
+
+def test_truncated_shard_is_a_clear_error(tmp_path):
+    ds, m, _ = make_dataset(tmp_path / "ds")
+    shard = ds.path / m["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:100])
+    s = TokenStream(Dataset(ds.path), "train", 16, batch_size=2, world=1)
+    with pytest.raises(DatasetError, match=shard.name):
+        for _ in range(100):
+            next(s.batches())
