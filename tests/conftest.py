@@ -1,18 +1,17 @@
-"""Shared fixtures. Integration fixtures (a real local Ray cluster) live in integration/."""
+"""Shared test setup.
+
+Every test session gets its own LMFORGE_HOME under the temp dir, set before anything is
+imported, so tests never touch ~/.lmforge and a session's cluster, datasets and runs are
+its own.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "shakespeare"
 
-
-@pytest.fixture(autouse=True)
-def _lmforge_home(tmp_path_factory, monkeypatch):
-    """Keep every test's LMFORGE_HOME out of the user's home."""
-    if "LMFORGE_HOME" not in os.environ or not os.environ["LMFORGE_HOME"].startswith("/tmp"):
-        monkeypatch.setenv("LMFORGE_HOME", str(tmp_path_factory.getbasetemp() / "lmforge-home"))
+os.environ["LMFORGE_HOME"] = tempfile.mkdtemp(prefix="lmforge-test-home-")

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -71,15 +72,23 @@ def _tokenize_batch(batch: pa.Table, tokenizer_json: str) -> pa.Table:
     )
 
 
-def _unwrap(err: BaseException) -> BaseException:
-    """The CorpusError behind a Ray task failure, if there is one."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, CorpusError):
-            return CorpusError(str(err).splitlines()[-1].split("CorpusError: ")[-1])
-        err = err.__cause__ or err.__context__
-    return None
+def _unwrap(err: BaseException) -> CorpusError | None:
+    """The CorpusError behind a Ray Data task failure, as one line, if there is one.
+
+    Ray wraps a task's exception (RayTaskError around UserCodeException); the original may
+    sit in `__cause__`, in `.cause`, or only in the rendered traceback text.
+    """
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CorpusError):
+            return CorpusError(str(e).strip().splitlines()[-1].split("CorpusError: ")[-1])
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    found = re.findall(r"CorpusError: (.+)", str(err))
+    return CorpusError(found[-1].strip()) if found else None
 
 
 def split_and_write(

@@ -30,8 +30,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
                 "betas": [t.beta1, t.beta2],
                 "eps": 1e-8,
                 "weight_decay": t.weight_decay,
-                # torch's AdamW needs no compiled op; ZeRO-Offload uses DeepSpeedCPUAdam.
-                "torch_adam": not offload,
+                # torch's AdamW needs no compiled op and works with ZeRO and offload alike;
+                # on GPUs with offload, DeepSpeedCPUAdam (a compiled op) is much faster.
+                "torch_adam": not (offload and cfg.scaling.use_gpu),
             },
         },
         "scheduler": {

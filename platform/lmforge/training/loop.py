@@ -37,20 +37,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def consolidated_weights(engine, zero_stage: int, info: dist.DistInfo) -> dict[str, torch.Tensor]:
-    """Full weights on rank 0 (empty elsewhere). Collective under ZeRO-3: all ranks call it."""
-    import deepspeed
+def consolidated_weights(engine, info: dist.DistInfo) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on rank 0 (empty elsewhere). Collective: every rank calls it.
 
-    module = engine.module
-    if zero_stage == 3:
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if info.is_main:
-                return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-        return {}
-    if not info.is_main:
-        return {}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    Under ZeRO 1-3 the fp32 master copy is the truth (in bf16 the module holds rounded
+    weights); `safe_get_full_fp32_param` gathers it. Stage 0 has no partitioned master:
+    the module's own weights are the full ones.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():  # tied weights are listed once
+        full = safe_get_full_fp32_param(p)
+        if info.is_main:
+            out[name] = (p if full is None else full).detach().float().cpu().clone()
+    return out
 
 
 class Trainer:
@@ -83,6 +84,7 @@ class Trainer:
             t.micro_batch_size * t.grad_accum_steps * self.info.world * cfg.model.context_length
         )
         self.step, self.tokens_seen = 0, 0
+        self.evals: list[dict[str, float]] = []  # (step, val_loss) history, kept in checkpoints
         # Seeded per rank so dropout differs across ranks yet replays the same on resume.
         torch.manual_seed(cfg.train.seed + 1000 * self.info.rank)
         self.peak_flops = measure_peak_flops(self.info.device, t.precision)
@@ -99,6 +101,7 @@ class Trainer:
                 )
             self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.evals = state.get("evals", [])
             positions = state["data"]
             if len(positions) == self.info.world:
                 self.stream.load_state_dict(positions[self.info.rank])
@@ -148,6 +151,7 @@ class Trainer:
             total += loss.item()
         self.engine.train()
         val_loss = dist.all_reduce_mean(total / t.eval_steps, self.info)
+        self.evals.append({"step": self.step, "val_loss": val_loss})
         return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
 
     # -- checkpoint -------------------------------------------------------------------
@@ -157,7 +161,7 @@ class Trainer:
         tmp = Path(tempfile.mkdtemp(prefix="lmforge-ckpt-"))
         try:
             self.engine.save_checkpoint(str(tmp / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
-            weights = consolidated_weights(self.engine, self.cfg.zero.stage, self.info)
+            weights = consolidated_weights(self.engine, self.info)
             positions = dist.all_gather_object(self.stream.state_dict(), self.info)
             if self.info.is_main:
                 state = {
@@ -171,6 +175,7 @@ class Trainer:
                         "tokenizer_sha256": self.dataset.tokenizer_sha256,
                     },
                     "metrics": metrics,
+                    "evals": self.evals,
                 }
                 ckpt_io.save_servable(tmp, weights, self.cfg, self.dataset.tokenizer_path, state)
             name = f"checkpoint_{self.step:08d}"

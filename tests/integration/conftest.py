@@ -1,0 +1,58 @@
+"""A real local Ray cluster (started like `lmforge cluster up`) and a small prepared dataset,
+shared by every integration test in the session."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from lmforge import cluster, paths
+from lmforge.config import load_config
+
+from tests.conftest import CORPUS, REPO
+
+# Not Ray's defaults, so a developer's own cluster on 6379/8265 is left alone.
+GCS_PORT, DASHBOARD_PORT = 6390, 8299
+PLAYS = ["twelfth_night.txt", "as_you_like_it.txt", "henry_v.txt"]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    info = cluster.up(port=GCS_PORT, dashboard_port=DASHBOARD_PORT, num_cpus=4)
+    cluster.connect()
+    yield info
+    import ray
+
+    ray.shutdown()
+    cluster.down()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    for play in PLAYS:
+        shutil.copy(CORPUS / play, d / play)
+    return d
+
+
+@pytest.fixture(scope="session")
+def dataset(ray_cluster, corpus):
+    """Three plays, a 512-token vocab, 128-token rows: many row groups for 2 workers."""
+    from lmforge.data.prepare import PrepareOptions, prepare
+
+    out = paths.home() / "datasets" / "plays"
+    prepare([corpus], out, PrepareOptions(vocab_size=512, seq_tokens=128, rows_per_group=4))
+    return out
+
+
+def tiny_config(dataset, name, *overrides):
+    return load_config(
+        REPO / "jobs" / "configs" / "tiny.yaml",
+        [f"data.path={dataset}", f"run.name={name}", *overrides],
+    )

@@ -1,0 +1,86 @@
+"""`lmforge prepare` on a real local Ray: counts, determinism, input formats, bad input."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from lmforge.data.dataset import Dataset
+from lmforge.data.prepare import PrepareOptions, prepare
+from lmforge.data.readers import CorpusError
+from lmforge.tokenizer import load_tokenizer
+
+
+def test_manifest_counts_match_the_corpus(dataset, corpus):
+    ds = Dataset(dataset)
+    m = ds.manifest
+    tok = load_tokenizer(ds.tokenizer_path)
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    expected = sum(len(tok.encode(t, add_special_tokens=False).ids) + 1 for t in texts)
+    assert m["documents"] == len(texts)
+    assert m["tokens"] == expected == ds.tokens("train") + ds.tokens("val")
+    assert abs(ds.tokens("val") / m["tokens"] - 0.05) < 0.01
+    stored = sum(
+        len(row)
+        for split in ("train", "val")
+        for shard in m["splits"][split]["shards"]
+        for row in pq.read_table(dataset / shard["file"]).column("tokens").to_pylist()
+    )
+    assert stored == m["tokens"]
+    assert m["tokenizer"]["vocab_size"] == tok.get_vocab_size() <= 512
+
+
+def test_prepare_is_deterministic(ray_cluster, corpus, tmp_path):
+    a = prepare([corpus], tmp_path / "a", PrepareOptions(vocab_size=300, seq_tokens=128))
+    b = prepare([corpus], tmp_path / "b", PrepareOptions(vocab_size=300, seq_tokens=128))
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare([corpus], tmp_path / "a", PrepareOptions(vocab_size=300))
+
+
+def test_jsonl_parquet_and_tokenizer_reuse(ray_cluster, dataset, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = ["To be or not to be.", "床前明月光 🌙", "Once more unto the breach."]
+    (src / "a.jsonl").write_text(
+        "\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(docs))
+    )
+    pq.write_table(pa.table({"text": docs}), src / "b.parquet")
+    reuse = dataset / "tokenizer.json"
+    m = prepare([src], tmp_path / "out", PrepareOptions(tokenizer=reuse, val_fraction=0.0))
+    tok = load_tokenizer(reuse)
+    assert m["documents"] == 6
+    assert m["tokens"] == 2 * sum(len(tok.encode(t).ids) + 1 for t in docs)
+    assert m["tokenizer"]["sha256"] == Dataset(dataset).tokenizer_sha256
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.txt", b"", "corpus is empty"),
+        ("bad.jsonl", b'{"text": "ok"}\n{"body": "no text"}\n', r"bad.jsonl:2: no 'text' field"),
+        ("latin1.txt", "café".encode("latin-1"), r"latin1.txt: not UTF-8"),
+        ("broken.jsonl", b'{"text": "ok"}\n{oops\n', r"broken.jsonl:2: not valid JSON"),
+    ],
+)
+def test_bad_corpus_is_a_one_line_error_naming_the_file(
+    ray_cluster, tmp_path, name, content, message
+):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CorpusError, match=message) as err:
+        prepare([tmp_path / name], tmp_path / "out", PrepareOptions(vocab_size=300))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_bad_corpus_found_by_the_ray_tasks_is_named_too(ray_cluster, dataset, tmp_path):
+    # With a given tokenizer the driver never reads the text: the error comes from Ray Data.
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"body": 1}\n')
+    opts = PrepareOptions(tokenizer=dataset / "tokenizer.json")
+    with pytest.raises(CorpusError, match=r"bad.jsonl:2: no 'text' field"):
+        prepare([tmp_path / "bad.jsonl"], tmp_path / "out", opts)
+
+
+def test_missing_input_path(tmp_path):
+    with pytest.raises(CorpusError, match="nowhere: no such file"):
+        prepare([tmp_path / "nowhere"], tmp_path / "out", PrepareOptions())

@@ -1,0 +1,81 @@
+"""Training on a real local Ray cluster: 2 Ray Train workers, each a DeepSpeed engine."""
+
+import math
+
+import pytest
+import torch
+from lmforge.checkpoint import load_model, read_state
+from lmforge.config import ConfigError
+from lmforge.data.dataset import Dataset
+from lmforge.data.stream import TokenStream
+from lmforge.generation import SamplingParams, generate_tokens
+from lmforge.training.launch import run_training
+
+from tests.integration.conftest import tiny_config
+
+
+def val_loss_of(model, cfg, dataset) -> float:
+    """The loss the trainer's evaluation computes, recomputed from the saved weights."""
+    ds, losses = Dataset(dataset), []
+    for rank in range(cfg.scaling.num_workers):
+        val = TokenStream(ds, "val", cfg.model.context_length, cfg.train.micro_batch_size,
+                          rank, cfg.scaling.num_workers, seed=cfg.train.seed, shuffle=False)  # fmt: skip
+        batches = val.batches()
+        with torch.no_grad():
+            per_rank = [model(*next(batches))[1].item() for _ in range(cfg.train.eval_steps)]
+        losses.append(sum(per_rank) / len(per_rank))
+    return sum(losses) / len(losses)
+
+
+def test_zero_stages_1_2_3_learn_and_agree(ray_cluster, dataset):
+    finals = {}
+    for stage in (1, 2, 3):
+        cfg = tiny_config(dataset, f"zero{stage}", f"zero.stage={stage}", "train.max_steps=20",
+                          "train.eval_every=10", "train.checkpoint_every=20")  # fmt: skip
+        result = run_training(cfg)
+        state = read_state(result.checkpoint)
+        assert state["step"] == 20 and result.checkpoint.name == "checkpoint_00000020"
+        assert state["world_size"] == 2 and len(state["data"]) == 2
+        evals = {e["step"]: e["val_loss"] for e in state["evals"]}
+        assert sorted(evals) == [0, 10, 20]
+        assert evals[0] == pytest.approx(math.log(512), abs=0.3)  # an untrained model
+        assert evals[20] < evals[0] - 0.5, f"ZeRO {stage}: val loss did not drop: {evals}"
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_perplexity"):
+            assert math.isfinite(result.metrics[key]), key
+        # The consolidated safetensors weights are the engine's: same val loss from them.
+        model, tok, saved_cfg = load_model(result.checkpoint)
+        assert saved_cfg.zero.stage == stage and saved_cfg.model.vocab_size == 512
+        assert val_loss_of(model, saved_cfg, dataset) == pytest.approx(evals[20], abs=1e-4)
+        text = tok.decode(
+            list(generate_tokens(model, tok.encode("DUKE.").ids, SamplingParams(20, seed=0)))
+        )
+        assert isinstance(text, str)
+        finals[stage] = evals[20]
+    # Same seed, same data, fp32: the stages partition state differently, not the math.
+    assert max(finals.values()) - min(finals.values()) < 1e-3, finals
+
+
+def test_resume_continues_at_the_saved_step(ray_cluster, dataset):
+    common = ["zero.stage=2", "train.eval_every=100", "train.checkpoint_every=5"]
+    first = run_training(tiny_config(dataset, "resumable", "train.max_steps=10", *common))
+    assert read_state(first.checkpoint)["step"] == 10
+
+    with pytest.raises(ConfigError, match="--resume"):  # the name is taken
+        run_training(tiny_config(dataset, "resumable", "train.max_steps=16", *common))
+    with pytest.raises(ConfigError, match=r"model.d_model=32 \(checkpoint: 64\)"):
+        run_training(tiny_config(dataset, "resumable", "model.d_model=32", *common), resume=True)
+
+    second = run_training(
+        tiny_config(dataset, "resumable", "train.max_steps=16", *common), resume=True
+    )
+    state = read_state(second.checkpoint)
+    assert state["step"] == 16
+    tokens_per_step = 8 * 2 * 64
+    assert state["tokens_seen"] == 16 * tokens_per_step
+    names = sorted(p.name for p in second.run_dir.glob("checkpoint_*") if p.is_dir())
+    assert names == [f"checkpoint_{s:08d}" for s in (5, 10, 15, 16)]
+    # Each worker's stream moved on from where the first run stopped, not from the start.
+    before, after = read_state(first.checkpoint)["data"], state["data"]
+    assert [a["offset"] - b["offset"] for a, b in zip(after, before, strict=True)] == [
+        6 * 8 * 64
+    ] * 2
