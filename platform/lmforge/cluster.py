@@ -128,7 +128,9 @@ def up(
         cmd.append(f"--num-cpus={num_cpus}")
     log_file = paths.home() / "cluster" / "ray-head.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **LOCAL_ENV}
+    # Job entrypoints say `python ...`: make that this environment's Python, with lmforge.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, **LOCAL_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log_file, "w") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -219,7 +221,7 @@ def connect() -> str:
         ray.init(address=info.address, log_to_driver=True)
         return f"local Ray cluster at {info.address}"
     ensure_token()
-    ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", log_to_driver=True)
     return "a private local Ray (no `lmforge cluster up` running)"
 
 

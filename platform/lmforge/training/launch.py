@@ -136,6 +136,8 @@ def run_training(cfg: Config, resume: bool | str = False) -> TrainResult:
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            # Ray Train's per-report INFO lines would drown our progress lines in the job log.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
     )

@@ -11,6 +11,7 @@ import math
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ class Trainer:
         self.run_dir = run_dir
         self.info = dist.setup(cfg.scaling.use_gpu)
         import deepspeed  # after dist.setup chose the accelerator
+
+        # DeepSpeed calls torch.distributed APIs that torch has deprecated; not ours to fix.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
         if not cfg.scaling.use_gpu:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
