@@ -186,11 +186,17 @@ def _set_client_env(env: dict[str, str], override: bool) -> None:
         else:
             os.environ.setdefault(k, v)
     if "ray" in sys.modules:
-        # Ray's C++ config reads RAY_AUTH_MODE once, at import; Ray itself refreshes it
-        # this way when it turns token auth on (authentication_token_setup._enable_token_auth).
+        # Ray reads these once, at import: its C++ config (RAY_AUTH_MODE), which Ray itself
+        # refreshes this way when it turns token auth on (authentication_token_setup.py), and
+        # the single-host switch, which decides whether 127.0.0.1 is replaced by the host IP.
+        from ray._private import ray_constants
         from ray._raylet import Config
 
         Config.initialize("")
+        if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env:
+            ray_constants.ENABLE_RAY_CLUSTER = (
+                os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
+            )
 
 
 def connect() -> str:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
 from lmforge import cluster, paths
 from lmforge.config import load_config
-
 from tests.conftest import CORPUS, REPO
 
 # Not Ray's defaults, so a developer's own cluster on 6379/8265 is left alone.

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from lmforge.checkpoint import read_state
-
 from tests.conftest import REPO
 
 

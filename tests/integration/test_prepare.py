@@ -5,6 +5,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from lmforge.data.dataset import Dataset
 from lmforge.data.prepare import PrepareOptions, prepare
 from lmforge.data.readers import CorpusError

@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
+
 from lmforge.checkpoint import load_model, read_state
 from lmforge.config import ConfigError
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
 from lmforge.generation import SamplingParams, generate_tokens
 from lmforge.training.launch import run_training
-
 from tests.integration.conftest import tiny_config
 
 

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from lmforge.config import ConfigError, load_config, parse_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"

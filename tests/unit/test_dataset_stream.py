@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from lmforge.data.dataset import Dataset, DatasetError
 from lmforge.data.prepare import PrepareOptions, split_and_write
 from lmforge.data.stream import TokenStream, worker_units

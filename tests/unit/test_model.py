@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from lmforge.config import ModelConfig
 from lmforge.generation import SamplingParams, generate_tokens, sample_next
 from lmforge.model import GPT, KVCache

@@ -1,4 +1,5 @@
 import pytest
+
 from lmforge.tokenizer import EOT, eot_id, load_tokenizer, train_tokenizer
 
 ENGLISH = "To be, or not to be, that is the question:\n  Whether 'tis nobler in the mind to suffer"

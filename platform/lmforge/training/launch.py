@@ -114,13 +114,15 @@ def run_training(cfg: Config, resume: bool | str = False) -> TrainResult:
     if resume:
         check_resume_fits(cfg)
 
+    from lmforge.cluster import connect
+
+    where = connect()  # before importing ray.train: it sets how Ray finds the cluster
+
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lmforge.cluster import connect
     from lmforge.training.loop import train_loop
 
-    where = connect()
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     log.info("run %s on %s; checkpoints under %s", cfg.run.name, where, run_dir)
     s = cfg.scaling

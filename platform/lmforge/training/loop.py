@@ -7,6 +7,7 @@ group (gloo on CPU, NCCL on GPU) when this starts.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
@@ -240,10 +241,23 @@ def _eval_line(m: dict[str, float]) -> str:
     return f"eval step {m['step']:>6} | val_loss {m['val_loss']:.4f} | val_ppl {m['val_perplexity']:.2f}"
 
 
+def _quiet_ray_train_reports() -> None:
+    """Drop Ray Train's INFO line per `report()`, which would drown our progress lines.
+
+    Ray 2.60 names that logger by file path (`logging.getLogger(__file__)` in its
+    execution/context.py), so RunConfig's LoggingConfig, which filters `ray.train.*`
+    records, does not reach it.
+    """
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker entry point."""
     import ray.train
 
+    _quiet_ray_train_reports()
     cfg = config_from_dict(loop_config["config"])
     trainer = Trainer(cfg, loop_config["run_dir"])
     checkpoint = ray.train.get_checkpoint()

@@ -1,0 +1,37 @@
+"""The CLI as a user runs it: `lmforge train` joins the running cluster, then `generate`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+LMFORGE = str(Path(sys.executable).parent / "lmforge")
+
+
+def run(*args):
+    return subprocess.run([LMFORGE, *args], cwd=REPO, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+def test_train_then_generate_from_the_cli(ray_cluster, dataset):
+    out = run("train", "--config", "jobs/configs/tiny.yaml", "--set", f"data.path={dataset}",
+              "--set", "run.name=cli", "--set", "train.max_steps=8", "--set", "train.eval_every=4",
+              "--set", "train.checkpoint_every=8", "--set", "zero.stage=1")  # fmt: skip
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert f"local Ray cluster at {ray_cluster.address}" in log  # joined, did not start its own
+    assert "step      8/8 | loss" in log and "tok/s | mfu" in log
+    assert "eval step      4 | val_loss" in log
+    checkpoint = [line for line in out.stdout.splitlines() if line.startswith("latest checkpoint:")]
+    assert checkpoint and checkpoint[0].endswith("checkpoint_00000008")
+    assert log.count("Reporting training result") == 0  # Ray Train's chatter is kept out
+
+    gen = run("generate", "--checkpoint", checkpoint[0].split(": ", 1)[1], "--prompt", "KING.",
+              "--max-new-tokens", "30", "--seed", "1", "--temperature", "0")  # fmt: skip
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.startswith("KING.") and len(gen.stdout) > len("KING.\n")
+    again = run("generate", "--checkpoint", checkpoint[0].split(": ", 1)[1], "--prompt", "KING.",
+                "--max-new-tokens", "30", "--seed", "1", "--temperature", "0")  # fmt: skip
+    assert again.stdout == gen.stdout  # greedy is repeatable
