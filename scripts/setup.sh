@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Create .venv at the repo root and install lmforge with every dependency pinned by
 # constraints.txt. Safe to run again: it reinstalls only when the pins or pyproject change.
-#   bash scripts/setup.sh
+#   bash scripts/setup.sh            (PYTHON=/path/to/python3.11 to choose the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
-if [[ ! -x .venv/bin/python ]]; then
-  echo "setup: creating .venv with $($PY --version)"
+PY=${PYTHON:-$(command -v python3.11 || command -v python3 || true)}
+if [[ -z "$PY" ]] || ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: needs Python 3.11 or newer (found: ${PY:-none}); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  echo "setup: creating .venv with $("$PY" --version)"
+  rm -rf .venv
   "$PY" -m venv .venv
 fi
 stamp=.venv/.lmforge-installed

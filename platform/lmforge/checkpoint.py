@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import Config, config_from_dict
+from lmforge.config import Config, ConfigError, config_from_dict
 from lmforge.model import GPT
 from lmforge.tokenizer import load_tokenizer
 
@@ -30,6 +31,8 @@ TOKENIZER = "tokenizer.json"
 STATE = "trainer_state.json"
 ENGINE_DIR = "deepspeed"
 ENGINE_TAG = "state"
+log = logging.getLogger(__name__)
+
 # Tied to wte.weight; safetensors stores a tensor once, so the alias is dropped on save.
 TIED = ("lm_head.weight",)
 
@@ -63,17 +66,33 @@ def is_complete(path: Path) -> bool:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / STATE).read_text())
+    try:
+        return json.loads((path / STATE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path / STATE}: unreadable ({err})") from None
 
 
 def read_config(path: Path) -> Config:
-    return config_from_dict(yaml.safe_load((path / CONFIG).read_text()))
+    try:
+        raw = yaml.safe_load((path / CONFIG).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path / CONFIG}: unreadable ({err})".replace("\n", " ")) from None
+    try:
+        return config_from_dict(raw)
+    except ConfigError as err:
+        raise CheckpointError(f"{path / CONFIG}: {err}") from None
 
 
 def latest_in_run(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step under a run dir, if any."""
-    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and is_complete(p)]
-    return max(found, key=lambda p: read_state(p)["step"], default=None)
+    """The complete, readable checkpoint with the highest step under a run dir, if any."""
+    steps = {}
+    for p in run_dir.glob("checkpoint_*"):
+        if p.is_dir() and is_complete(p):
+            try:
+                steps[p] = int(read_state(p)["step"])
+            except (CheckpointError, KeyError, TypeError, ValueError):
+                log.warning("skipping %s: its %s is unreadable", p, STATE)
+    return max(steps, key=steps.get, default=None)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -94,7 +113,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
     model = GPT(cfg.model)
-    weights = load_file(str(ckpt / WEIGHTS), device=str(device))
+    try:
+        weights = load_file(str(ckpt / WEIGHTS), device=str(device))
+    except Exception as err:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{ckpt / WEIGHTS}: not readable safetensors ({err})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k not in TIED]
     if missing or unexpected:

@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 from lmforge import __version__
+from lmforge.cluster import ClusterError
 
-# Errors a user can fix: printed as one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+# Errors a user can fix (bad config, data, paths, an unreachable cluster): one line, no
+# traceback. ValueError covers ConfigError, CorpusError, DatasetError and CheckpointError.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ClusterError)
 
 
 def _add_prepare(sub) -> None:
@@ -106,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(args) -> None:
-    from lmforge.cluster import connect
     from lmforge.data.prepare import PrepareOptions, prepare
 
     opts = PrepareOptions(
@@ -118,11 +119,6 @@ def cmd_prepare(args) -> None:
         tokenizer=args.tokenizer,
         overwrite=args.overwrite,
     )
-    # Check what can be checked before starting Ray.
-    from lmforge.data.readers import discover
-
-    discover(args.input)
-    connect()
     m = prepare(args.input, args.output, opts)
     s = m["splits"]
     print(
@@ -211,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except USER_ERRORS as err:
-        print(f"lmforge {args.command}: error: {err}", file=sys.stderr)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"lmforge {args.command}: error: {first}", file=sys.stderr)
         return 2
     except Exception as err:
         message = _training_failure(err)

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ class ClusterInfo:
     address: str  # GCS address, for ray.init
     dashboard_url: str  # Jobs API, for ray job submit / JobSubmissionClient
     log_file: str
+    started: float  # the head process's start time: a reused pid is not our cluster
 
 
 def _state_file() -> Path:
@@ -77,14 +79,14 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> float | None:
+    """The process's start time, or None when there is no such process."""
+    import psutil  # a Ray dependency
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
 
 
 def running() -> ClusterInfo | None:
@@ -92,8 +94,11 @@ def running() -> ClusterInfo | None:
     f = _state_file()
     if not f.is_file():
         return None
-    info = ClusterInfo(**json.loads(f.read_text()))
-    return info if _alive(info.pid) else None
+    try:
+        info = ClusterInfo(**json.loads(f.read_text()))
+    except (json.JSONDecodeError, TypeError):
+        return None  # an unreadable or older state file: as good as none
+    return info if _started(info.pid) == info.started else None
 
 
 def _dashboard_ready(url: str) -> bool:
@@ -103,6 +108,12 @@ def _dashboard_ready(url: str) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def up(
@@ -123,6 +134,9 @@ def up(
         "--node-ip-address=127.0.0.1", f"--port={port}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
+        # Ray's fixed default (52365) would clash with a second cluster on this machine,
+        # whose job submissions then fail with "No available agent to submit job".
+        f"--dashboard-agent-listen-port={_free_port()}",
     ]  # fmt: skip
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
@@ -137,6 +151,7 @@ def up(
         )
     info = ClusterInfo(
         pid=proc.pid,
+        started=_started(proc.pid) or 0.0,
         address=f"127.0.0.1:{port}",
         dashboard_url=f"http://127.0.0.1:{dashboard_port}",
         log_file=str(log_file),

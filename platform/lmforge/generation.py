@@ -88,7 +88,9 @@ def generate_tokens(
     pending = torch.tensor([seq], dtype=torch.long, device=device)
     for _ in range(params.max_new_tokens):
         if use_cache:
-            if cache is None or cache.length + pending.size(1) > ctx:
+            if cache is None:
+                cache = KVCache(model.cfg, 1, device, dtype)
+            elif cache.length + pending.size(1) > ctx:  # full: refill from the recent tokens
                 cache = KVCache(model.cfg, 1, device, dtype)
                 pending = torch.tensor([seq[-(3 * ctx // 4) :]], dtype=torch.long, device=device)
             logits, _ = model(pending, cache=cache)

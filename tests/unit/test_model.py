@@ -71,6 +71,16 @@ def test_greedy_is_deterministic_and_stops_at_stop_token():
     assert stopped == out[: out.index(out[2])]
 
 
+def test_a_prompt_near_the_context_is_used_whole_with_the_cache():
+    model = tiny()
+    prompt = [int(t) for t in torch.randint(0, 50, (30,))]  # context is 32
+    greedy = SamplingParams(max_new_tokens=2, temperature=0)
+    cached = list(generate_tokens(model, prompt, greedy, use_cache=True))
+    logits, _ = model(torch.tensor([prompt]))
+    assert cached[0] == int(logits[0, -1].argmax())
+    assert cached == list(generate_tokens(model, prompt, greedy, use_cache=False))
+
+
 def test_long_prompt_is_truncated_not_an_error():
     model = tiny()
     out = list(generate_tokens(model, list(range(45)), SamplingParams(5, 0)))

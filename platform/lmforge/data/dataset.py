@@ -133,17 +133,23 @@ class Dataset:
             self.manifest: dict[str, Any] = json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DatasetError(f"{mpath}: corrupt manifest ({err})") from None
-        if self.manifest.get("format") != FORMAT:
-            raise DatasetError(f"{mpath}: unknown format {self.manifest.get('format')!r}")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            raise DatasetError(f"{mpath}: not an {FORMAT} manifest")
         tok = self.path / TOKENIZER
         if not tok.is_file():
             raise DatasetError(f"{tok}: tokenizer missing from the dataset dir")
-        if file_sha256(tok) != self.tokenizer_sha256:
-            raise DatasetError(f"{tok}: tokenizer differs from the one the manifest records")
-        for split in SPLITS:
-            for shard in self.manifest["splits"][split]["shards"]:
-                if not (self.path / shard["file"]).is_file():
-                    raise DatasetError(f"{self.path / shard['file']}: shard listed but missing")
+        try:
+            if file_sha256(tok) != self.tokenizer_sha256:
+                raise DatasetError(f"{tok}: tokenizer differs from the one the manifest records")
+            for split in SPLITS:
+                for shard in self.manifest["splits"][split]["shards"]:
+                    if not (self.path / shard["file"]).is_file():
+                        raise DatasetError(f"{self.path / shard['file']}: shard listed but missing")
+                    if len(shard["row_group_tokens"]) < 1:
+                        raise DatasetError(f"{mpath}: shard {shard['file']} has no row groups")
+            self.vocab_size  # noqa: B018 - must be present
+        except (KeyError, TypeError) as err:
+            raise DatasetError(f"{mpath}: corrupt manifest (missing {err})") from None
 
     @property
     def tokenizer_path(self) -> Path:

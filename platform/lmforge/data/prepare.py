@@ -27,6 +27,7 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 
 from lmforge import __version__
+from lmforge.cluster import connect
 from lmforge.data.dataset import FORMAT, MANIFEST, SPLITS, TOKENIZER, ShardWriter
 from lmforge.data.readers import CorpusError, discover, read_documents
 from lmforge.tokenizer import eot_id, file_sha256, load_tokenizer, train_tokenizer
@@ -50,6 +51,12 @@ class PrepareOptions:
             raise ValueError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         if self.seq_tokens < 2:
             raise ValueError(f"--seq-tokens must be >= 2 (got {self.seq_tokens})")
+        if self.vocab_size < 257:
+            raise ValueError(
+                f"--vocab-size must be >= 257 (256 bytes + EOT; got {self.vocab_size})"
+            )
+        if self.rows_per_group < 1 or self.groups_per_shard < 1:
+            raise ValueError("--rows-per-group and groups per shard must be >= 1")
 
 
 def _tokenize_batch(batch: pa.Table, tokenizer_json: str) -> pa.Table:
@@ -188,13 +195,13 @@ def _get_tokenizer(files: list[Path], opts: PrepareOptions, out: Path) -> Tokeni
 def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) -> dict:
     """Prepare `inputs` into the dataset dir `output`; returns the manifest."""
     output = Path(output).expanduser().resolve()
-    if (output / MANIFEST).exists() and not opts.overwrite:
-        raise FileExistsError(f"{output}: a dataset is already there (pass --overwrite)")
     files = discover(inputs)
+    check_output(output, files, opts.overwrite)
     total_bytes = sum(f.stat().st_size for f in files)
     if total_bytes == 0:
         raise CorpusError(f"the corpus is empty: {len(files)} file(s), 0 bytes")
     log.info("prepare: %d file(s), %.1f MB of raw text", len(files), total_bytes / 1e6)
+    connect()  # after every check that needs no Ray
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -214,6 +221,23 @@ def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) 
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output(output: Path, files: list[Path], overwrite: bool) -> None:
+    """Never clobber what is not ours: only an empty dir or a dataset (with --overwrite)."""
+    if any(f.is_relative_to(output) for f in files):
+        raise ValueError(f"--output {output}: holds input files; write the dataset elsewhere")
+    if output.is_file():
+        raise FileExistsError(f"--output {output}: is a file")
+    if (output / MANIFEST).exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"--output {output}: a dataset is already there (pass --overwrite)"
+            )
+    elif output.is_dir() and any(output.iterdir()):
+        raise FileExistsError(
+            f"--output {output}: not empty and not a dataset; refusing to replace it"
+        )
 
 
 def _swap_into_place(tmp: Path, output: Path) -> None:

@@ -1,7 +1,11 @@
-"""Our config -> DeepSpeed's JSON config. The only place that writes DeepSpeed settings."""
+"""Our config -> DeepSpeed's JSON config, and the learning-rate schedule.
+
+The only place that writes DeepSpeed settings.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lmforge.config import Config
@@ -35,16 +39,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
                 "torch_adam": not (offload and cfg.scaling.use_gpu),
             },
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": t.max_steps,
-                "warmup_num_steps": max(1, t.warmup_steps),
-                "warmup_min_ratio": 0.0,
-                "warmup_type": "linear",
-                "cos_min_ratio": t.min_lr / t.lr,
-            },
-        },
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
@@ -52,3 +46,18 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,  # our own progress lines replace DeepSpeed's
         "wall_clock_breakdown": False,
     }
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Multiplier of `train.lr` for optimizer step `step` (0-based): linear warm-up, then
+    cosine decay to `train.min_lr` at `train.max_steps`.
+
+    Our own rather than DeepSpeed's WarmupCosineLR, which spends its first two steps at
+    lr 0 and forces at least two warm-up steps.
+    """
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    floor = t.min_lr / t.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -73,19 +73,43 @@ def resolve_run(cfg: Config, resume: bool | str) -> Config:
 
 
 def check_dataset(cfg: Config) -> Config:
-    """Open the dataset (clear errors before Ray starts) and fill in model.vocab_size."""
+    """Open the dataset (clear errors before Ray starts); pin its absolute path and vocab.
+
+    The path is made absolute here so every worker reads the dataset the driver checked,
+    whatever LMFORGE_HOME each of them has.
+    """
+    if paths.is_uri(cfg.data.path):
+        raise ConfigError(
+            f"data.path={cfg.data.path}: remote datasets are not supported yet; "
+            "use a path on storage every node mounts"
+        )
     ds = Dataset(paths.resolve(cfg.data.path))
     if cfg.model.vocab_size not in (None, ds.vocab_size):
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} but the dataset's tokenizer has "
             f"{ds.vocab_size}; remove model.vocab_size or use a matching dataset"
         )
+    world, need = cfg.scaling.num_workers, cfg.model.context_length + 1
+    train_units = ds.units("train")
+    if len(train_units) < world:
+        raise ConfigError(
+            f"scaling.num_workers={world}: {ds.path} has only {len(train_units)} train row "
+            "groups to share; prepare it with a smaller --rows-per-group or use fewer workers"
+        )
+    if sum(u.tokens for u in train_units) // world < need:
+        raise ConfigError(f"model.context_length={need - 1}: too long for {ds.path}'s train split")
+    if sum(u.tokens for u in ds.units("val")) < need:
+        raise ConfigError(
+            f"data.path={ds.path}: its val split has fewer than model.context_length+1={need} "
+            "tokens; prepare it with a larger --val-fraction"
+        )
     model = cfg.model.model_copy(update={"vocab_size": ds.vocab_size})
-    return cfg.model_copy(update={"model": model})
+    data = cfg.data.model_copy(update={"path": str(ds.path.resolve())})
+    return cfg.model_copy(update={"model": model, "data": data})
 
 
 def check_resume_fits(cfg: Config) -> None:
-    """A resumed run must keep the model and tokenizer of its checkpoints."""
+    """A resumed run must keep the model, tokenizer and sharding of its checkpoints."""
     latest = ckpt_io.latest_in_run(Path(cfg.run.storage_path) / cfg.run.name)
     if latest is None:
         return
@@ -99,9 +123,14 @@ def check_resume_fits(cfg: Config) -> None:
         raise ConfigError(
             f"{latest}: the config's model does not fit the checkpoint: {', '.join(diff)}"
         )
-    ds = Dataset(paths.resolve(cfg.data.path))
     state = ckpt_io.read_state(latest)
-    if state["dataset"]["tokenizer_sha256"] != ds.tokenizer_sha256:
+    # DeepSpeed's optimizer state is partitioned per rank: it loads only into the same layout.
+    if (cfg.scaling.num_workers, cfg.zero.stage) != (state["world_size"], old.zero.stage):
+        raise ConfigError(
+            f"{latest}: saved with scaling.num_workers={state['world_size']} and "
+            f"zero.stage={old.zero.stage}; resume with the same values"
+        )
+    if state["dataset"]["tokenizer_sha256"] != Dataset(cfg.data.path).tokenizer_sha256:
         raise ConfigError(
             f"data.path={cfg.data.path}: its tokenizer differs from the one checkpoint "
             f"{latest} was trained with"

@@ -7,6 +7,7 @@ group (gloo on CPU, NCCL on GPU) when this starts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -25,7 +26,7 @@ from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
 from lmforge.model import GPT, flops_per_token
 from lmforge.perf import measure_peak_flops
-from lmforge.training.ds_config import deepspeed_config
+from lmforge.training.ds_config import deepspeed_config, lr_factor
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -79,6 +80,10 @@ class Trainer:
             model=model,
             model_parameters=param_groups(model, cfg.train.weight_decay),
             config=deepspeed_config(cfg, self.info.world),
+            # DeepSpeed steps it at each optimizer step and keeps its state in checkpoints.
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, functools.partial(lr_factor, cfg=cfg)
+            ),
         )
         t = cfg.train
         self.stream = TokenStream(
@@ -90,7 +95,7 @@ class Trainer:
         )
         self.step, self.tokens_seen = 0, 0
         self.evals: list[dict[str, float]] = []  # (step, val_loss) history, kept in checkpoints
-        # Seeded per rank so dropout differs across ranks yet replays the same on resume.
+        # Dropout differs across ranks; `restore` reseeds with the step so masks never repeat.
         torch.manual_seed(cfg.train.seed + 1000 * self.info.rank)
         self.peak_flops = measure_peak_flops(self.info.device, t.precision)
 
@@ -107,18 +112,15 @@ class Trainer:
             self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.evals = state.get("evals", [])
-            positions = state["data"]
-            if len(positions) == self.info.world:
-                self.stream.load_state_dict(positions[self.info.rank])
-            else:  # different worker count: restart the stream at the next epoch
-                self.stream.load_state_dict(
-                    {"epoch": max(p["epoch"] for p in positions) + 1, "offset": 0}
-                )
+            # The launcher checked that the worker count matches the checkpoint's.
+            self.stream.load_state_dict(state["data"][self.info.rank])
+            torch.manual_seed(self.cfg.train.seed + 1000 * self.info.rank + 7919 * self.step)
         dist.print0(self.info, f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
 
     # -- one optimizer step -----------------------------------------------------------
     def train_step(self, batches) -> dict[str, float]:
         t0 = time.perf_counter()
+        lr = self.engine.get_lr()[0]  # the rate this step uses; the scheduler moves on after it
         total = 0.0
         for _ in range(self.cfg.train.grad_accum_steps):
             x, y = next(batches)
@@ -134,7 +136,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "loss": loss,
-            "lr": self.engine.get_lr()[0],
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s / self.info.world * self.flops_per_token / self.peak_flops,

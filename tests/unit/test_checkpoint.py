@@ -1,0 +1,51 @@
+"""The servable half of a checkpoint: safetensors round trip, and damaged dirs named."""
+
+import pytest
+import torch
+
+from lmforge.checkpoint import CheckpointError, latest_in_run, load_model, save_servable
+from lmforge.config import load_config
+from lmforge.model import GPT
+from lmforge.tokenizer import train_tokenizer
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    tok = train_tokenizer(["to be or not to be"] * 5, vocab_size=300)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["model.vocab_size=300"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    for step in (5, 10):
+        save_servable(tmp_path / "run" / f"checkpoint_{step:08d}", model.state_dict(), cfg,
+                      tmp_path / "tokenizer.json", {"step": step})  # fmt: skip
+    return tmp_path / "run", model
+
+
+def test_weights_round_trip_through_safetensors(run_dir):
+    path, model = run_dir
+    loaded, tok, cfg = load_model(path)  # a run dir means its latest checkpoint
+    assert cfg.model.vocab_size == 300
+    assert loaded.lm_head.weight is loaded.wte.weight  # still tied after loading
+    x = torch.randint(0, 300, (2, 16))
+    torch.testing.assert_close(loaded(x)[0], model.eval()(x)[0])
+
+
+def test_latest_skips_incomplete_and_unreadable_checkpoints(run_dir):
+    path, _ = run_dir
+    assert latest_in_run(path).name == "checkpoint_00000010"
+    (path / "checkpoint_00000010" / "trainer_state.json").write_text("{truncated")
+    assert latest_in_run(path).name == "checkpoint_00000005"
+    (path / "checkpoint_00000005" / "trainer_state.json").unlink()  # never finished writing
+    assert latest_in_run(path) is None
+    with pytest.raises(CheckpointError, match="holds none"):
+        load_model(path)
+
+
+def test_corrupt_weights_are_named(run_dir):
+    path, _ = run_dir
+    weights = path / "checkpoint_00000010" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(CheckpointError, match="model.safetensors: not readable"):
+        load_model(path / "checkpoint_00000010")

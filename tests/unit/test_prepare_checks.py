@@ -1,0 +1,40 @@
+"""What `lmforge prepare` refuses before it starts Ray: nothing of the user's is clobbered."""
+
+import pytest
+
+from lmforge.data.prepare import PrepareOptions, check_output
+
+
+def test_an_existing_non_dataset_dir_is_never_replaced(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="not empty and not a dataset"):
+            check_output(out, [], overwrite)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_dataset_is_replaced_only_with_overwrite(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        check_output(tmp_path / "ds", [], overwrite=False)
+    check_output(tmp_path / "ds", [], overwrite=True)
+    check_output(tmp_path / "new", [], overwrite=False)  # a new dir is fine
+
+
+def test_output_holding_the_inputs_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds input files"):
+        check_output(tmp_path, [tmp_path / "a.txt"], overwrite=True)
+
+
+@pytest.mark.parametrize(
+    "kw, flag",
+    [({"vocab_size": 100}, "--vocab-size"), ({"val_fraction": 1.0}, "--val-fraction"),
+     ({"seq_tokens": 1}, "--seq-tokens"), ({"rows_per_group": 0}, "--rows-per-group")],
+)  # fmt: skip
+def test_bad_options_name_the_flag(kw, flag):
+    with pytest.raises(ValueError, match=flag):
+        PrepareOptions(**kw)
