@@ -8,6 +8,7 @@ its own.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,3 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "shakespeare"
 
 os.environ["LMFORGE_HOME"] = tempfile.mkdtemp(prefix="lmforge-test-home-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove this session's LMFORGE_HOME (datasets, runs, cluster logs)."""
+    shutil.rmtree(os.environ["LMFORGE_HOME"], ignore_errors=True)

@@ -71,10 +71,3 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return t.item() / info.world
-
-
-def barrier(info: DistInfo) -> None:
-    import torch.distributed as dist
-
-    if info.world > 1:
-        dist.barrier()
