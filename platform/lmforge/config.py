@@ -201,19 +201,30 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
         raise ConfigError(_one_line(err)) from None
 
 
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping, with its `base:` file (relative to it) merged underneath."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: `base:` files include each other")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _merge(_read_yaml(path.parent / str(base), (*chain, path.resolve())), raw)
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or only defaults when `path` is None), apply overrides, validate."""
-    raw: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML ({err})".replace("\n", " ")) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    """Read a YAML config (or only defaults when `path` is None), apply overrides, validate.
+
+    A config may start from another with `base: other.yaml` and change only what differs.
+    """
+    raw = _read_yaml(Path(path)) if path is not None else {}
     try:
         return config_from_dict(raw, overrides)
     except ConfigError as err:

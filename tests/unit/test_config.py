@@ -55,3 +55,17 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(None, ["train.lr"])
+
+
+def test_presets_derive_from_a_base(tmp_path):
+    tiny = load_config(CONFIGS / "tiny.yaml")
+    demo = load_config(CONFIGS / "demo.yaml")
+    assert demo.model.n_layer == 4 and demo.train.max_steps == 300
+    assert demo.zero == tiny.zero and demo.train.lr == tiny.train.lr  # inherited
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "c.yaml")
