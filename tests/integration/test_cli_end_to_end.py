@@ -35,3 +35,19 @@ def test_train_then_generate_from_the_cli(ray_cluster, dataset):
     again = run("generate", "--checkpoint", checkpoint[0].split(": ", 1)[1], "--prompt", "KING.",
                 "--max-new-tokens", "30", "--seed", "1", "--temperature", "0")  # fmt: skip
     assert again.stdout == gen.stdout  # greedy is repeatable
+
+
+def test_train_without_a_cluster_starts_a_private_ray(dataset, tmp_path):
+    # A home with no `lmforge cluster up` record and no RAY_ADDRESS: train brings its own Ray.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["LMFORGE_HOME"] = str(tmp_path / "home")
+    out = subprocess.run(
+        [LMFORGE, "train", "--config", "jobs/configs/tiny.yaml", "--set", f"data.path={dataset}",
+         "--set", "run.name=private", "--set", "train.max_steps=3", "--set", "train.eval_every=3",
+         "--set", "train.checkpoint_every=3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "a private local Ray" in log
+    assert (tmp_path / "home" / "runs" / "private" / "checkpoint_00000003").is_dir()
