@@ -151,7 +151,8 @@ def _one_line(err: ValidationError) -> str:
             msg = f"unknown key (known: {', '.join(known)})" if known else "unknown key"
         elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
-        lines.append(f"{key}: {msg}" if key else msg)
+        # A section's own checks already name their keys ("train.min_lr=... is above ...").
+        lines.append(msg if not key or msg.startswith(f"{key}.") else f"{key}: {msg}")
     return "; ".join(lines)
 
 

@@ -43,7 +43,7 @@ def test_train_without_a_cluster_starts_a_private_ray(dataset, tmp_path):
     env["LMFORGE_HOME"] = str(tmp_path / "home")
     out = subprocess.run(
         [LMFORGE, "train", "--config", "jobs/configs/tiny.yaml", "--set", f"data.path={dataset}",
-         "--set", "run.name=private", "--set", "train.max_steps=3", "--set", "train.eval_every=3",
+         "--set", "run.name=private", "--set", "train.max_steps=3", "--set", "train.warmup_steps=1", "--set", "train.eval_every=3",
          "--set", "train.checkpoint_every=3"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
