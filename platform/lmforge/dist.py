@@ -40,8 +40,12 @@ def setup(use_gpu: bool) -> DistInfo:
         rank, world = 0, 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # Ray shares the node's GPUs among its workers through CUDA_VISIBLE_DEVICES; which
+        # index is this worker's follows Ray's GPU assignment, not LOCAL_RANK order.
+        from ray.train.torch import get_device
+
+        device = get_device()
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local_rank, device)
