@@ -110,6 +110,11 @@ def _dashboard_ready(url: str) -> bool:
         return False
 
 
+def _ray_bin() -> str:
+    """The `ray` CLI of this environment (the one lmforge runs in)."""
+    return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -128,7 +133,7 @@ def up(
         log.info("a local Ray cluster is already running (pid %d)", info.pid)
         return info
     ensure_token()
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    ray_bin = _ray_bin()
     cmd = [
         ray_bin, "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -251,7 +256,7 @@ def status() -> str:
     if info is None:
         return "no local Ray cluster running (start one with `lmforge cluster up`)"
     env = {**os.environ, **LOCAL_ENV}
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    ray_bin = _ray_bin()
     out = subprocess.run(
         [ray_bin, "status", f"--address={info.address}"],
         capture_output=True, text=True, env=env, timeout=60,

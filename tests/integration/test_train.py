@@ -46,10 +46,8 @@ def test_zero_stages_1_2_3_learn_and_agree(ray_cluster, dataset):
         model, tok, saved_cfg = load_model(result.checkpoint)
         assert saved_cfg.zero.stage == stage and saved_cfg.model.vocab_size == 512
         assert val_loss_of(model, saved_cfg, dataset) == pytest.approx(evals[20], abs=1e-4)
-        text = tok.decode(
-            list(generate_tokens(model, tok.encode("DUKE.").ids, SamplingParams(20, seed=0)))
-        )
-        assert isinstance(text, str)
+        sample = list(generate_tokens(model, tok.encode("DUKE.").ids, SamplingParams(20, seed=0)))
+        assert 0 < len(sample) <= 20 and all(0 <= t < 512 for t in sample)
         finals[stage] = evals[20]
     # Same seed, same data, fp32: the stages partition state differently, not the math.
     assert max(finals.values()) - min(finals.values()) < 1e-3, finals

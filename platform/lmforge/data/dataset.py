@@ -8,6 +8,7 @@ group, so a reader can split work and seek to a token offset without reading dat
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,7 @@ class Dataset:
     def vocab_size(self) -> int:
         return int(self.manifest["tokenizer"]["vocab_size"])
 
-    @property
+    @functools.cached_property
     def manifest_sha256(self) -> str:
         return file_sha256(self.path / MANIFEST)
 

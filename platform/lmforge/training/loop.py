@@ -104,15 +104,10 @@ class Trainer:
         with checkpoint.as_directory() as d:
             d = Path(d)
             state = ckpt_io.read_state(d)
-            if state["dataset"]["tokenizer_sha256"] != self.dataset.tokenizer_sha256:
-                raise ValueError(
-                    f"{self.dataset.path}: tokenizer differs from the checkpoint's; "
-                    "train on a dataset prepared with the checkpoint's tokenizer.json"
-                )
+            # The launcher checked the model, tokenizer and worker layout before Ray started.
             self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.evals = state.get("evals", [])
-            # The launcher checked that the worker count matches the checkpoint's.
             self.stream.load_state_dict(state["data"][self.info.rank])
             torch.manual_seed(self.cfg.train.seed + 1000 * self.info.rank + 7919 * self.step)
         dist.print0(self.info, f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
