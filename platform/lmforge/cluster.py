@@ -16,13 +16,10 @@ environment, so this module sets it for every client it starts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmforge import paths
+from lmforge.services import free_port, kill_group, process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +77,6 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def _started(pid: int) -> float | None:
-    """The process's start time, or None when there is no such process."""
-    import psutil  # a Ray dependency
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return None
-
-
 def running() -> ClusterInfo | None:
     """The cluster `up` started, if its head process is still alive."""
     f = _state_file()
@@ -98,7 +86,7 @@ def running() -> ClusterInfo | None:
         info = ClusterInfo(**json.loads(f.read_text()))
     except (json.JSONDecodeError, TypeError):
         return None  # an unreadable or older state file: as good as none
-    return info if _started(info.pid) == info.started else None
+    return info if process_start_time(info.pid) == info.started else None
 
 
 def _dashboard_ready(url: str) -> bool:
@@ -113,12 +101,6 @@ def _dashboard_ready(url: str) -> bool:
 def _ray_bin() -> str:
     """The `ray` CLI of this environment (the one lmforge runs in)."""
     return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def up(
@@ -141,7 +123,7 @@ def up(
         f"--dashboard-port={dashboard_port}",
         # Ray's fixed default (52365) would clash with a second cluster on this machine,
         # whose job submissions then fail with "No available agent to submit job".
-        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
     ]  # fmt: skip
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
@@ -156,7 +138,7 @@ def up(
         )
     info = ClusterInfo(
         pid=proc.pid,
-        started=_started(proc.pid) or 0.0,
+        started=process_start_time(proc.pid) or 0.0,
         address=f"127.0.0.1:{port}",
         dashboard_url=f"http://127.0.0.1:{dashboard_port}",
         log_file=str(log_file),
@@ -164,28 +146,12 @@ def up(
     deadline = time.monotonic() + timeout_s
     while not _dashboard_ready(info.dashboard_url):
         if proc.poll() is not None or time.monotonic() > deadline:
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
             tail = log_file.read_text().strip().splitlines()[-5:]
             raise ClusterError(f"ray start failed (see {log_file}): {' | '.join(tail)}")
         time.sleep(1)
     _state_file().write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info
-
-
-def _kill_group(pid: int, timeout_s: float = 30) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 def down() -> bool:
@@ -194,7 +160,7 @@ def down() -> bool:
     _state_file().unlink(missing_ok=True)
     if info is None:
         return False
-    _kill_group(info.pid)
+    kill_group(info.pid)
     return True
 
 
