@@ -113,6 +113,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
     model = GPT(cfg.model)
+    load_weights(model, ckpt, device)
+    model.to(device).eval()
+    return model, load_tokenizer(ckpt / TOKENIZER), cfg
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
+    """Load a checkpoint's safetensors weights into `model` (shapes must match)."""
     try:
         weights = load_file(str(ckpt / WEIGHTS), device=str(device))
     except Exception as err:  # safetensors raises its own SafetensorError
@@ -124,5 +131,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
             f"{ckpt / WEIGHTS}: does not fit the config (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]})"
         )
-    model.to(device).eval()
-    return model, load_tokenizer(ckpt / TOKENIZER), cfg

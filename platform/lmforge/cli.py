@@ -1,9 +1,12 @@
-"""The `lmforge` command line: prepare data, train, generate, run a local cluster.
+"""The `lmforge` command line: prepare data, train, generate, evaluate, export, run services.
 
     lmforge cluster up
     lmforge prepare --input data/shakespeare --output ~/.lmforge/datasets/shakespeare
     lmforge train --config jobs/configs/tiny.yaml --set train.max_steps=50
-    lmforge generate --checkpoint ~/.lmforge/runs/RUN --prompt "ROMEO:"
+    lmforge generate --model models:/lmforge@best --prompt "ROMEO:"
+    lmforge evaluate --model models:/lmforge@best --data datasets/shakespeare
+    lmforge export-hf --model models:/lmforge@best --output ./gpt2-hf
+    lmforge tracking up
 
 Every subcommand calls the same library functions as `jobs/*.py` and the dashboard.
 """
@@ -21,6 +24,17 @@ from lmforge.cluster import ClusterError
 # Errors a user can fix (bad config, data, paths, an unreachable cluster): one line, no
 # traceback. ValueError covers ConfigError, CorpusError, DatasetError and CheckpointError.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ClusterError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS plus MLflow's own (an unknown model, a store that cannot be reached)."""
+    from lmforge.tracking.server import TrackingServerError
+
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:
+        return (*USER_ERRORS, TrackingServerError)
+    return (*USER_ERRORS, TrackingServerError, MlflowException)
 
 
 def _add_prepare(sub) -> None:
@@ -67,13 +81,33 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set train.max_steps=100 (repeatable)")  # fmt: skip
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
                    help="continue a run from its latest checkpoint: the run named by run.name, "
-                   "the given run name or run dir, or else the newest run in storage")  # fmt: skip
+                   "the given run name or run dir, the run that registered models:/NAME/VERSION, "
+                   "or else the newest run in storage")  # fmt: skip
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="start a new run (fine-tuning) from these weights: models:/NAME@ALIAS, "
+                   "models:/NAME/VERSION or a checkpoint dir; the model shape comes from it")  # fmt: skip
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    """--model URI | --checkpoint DIR, shared by generate, evaluate and export-hf."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="URI",
+                     help="a registered version: models:/NAME@ALIAS (latest, best) or "
+                     "models:/NAME/VERSION")  # fmt: skip
+    src.add_argument("--checkpoint", type=Path, metavar="DIR",
+                     help="a checkpoint dir, or a run dir (its latest checkpoint)")  # fmt: skip
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow to resolve --model in (default: MLFLOW_TRACKING_URI, the "
+                   "server of `lmforge tracking up`, else the SQLite store in LMFORGE_HOME)")  # fmt: skip
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
-                   help="a checkpoint dir, or a run dir (its latest checkpoint)")  # fmt: skip
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a registered model or a checkpoint",
+        description="Stream a continuation of the prompt to the terminal, token by token.",
+    )
+    _add_model_source(p)
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="(default 200)")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T",
@@ -81,6 +115,44 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=50, metavar="K", help="(default 50; 0 disables)")
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="for repeatable samples")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="loss and perplexity of a model on a dataset's val split",
+        description="Evaluate on the val split of a prepared dataset (same tokenizer as the "
+        "model); with --model, the figures are also logged to the MLflow run of that version.",
+    )
+    _add_model_source(p)
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="a dataset dir made by lmforge prepare (relative to LMFORGE_HOME or absolute)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="(default 8)")
+    p.add_argument("--max-batches", type=int, default=None, metavar="N",
+                   help="stop after N batches (default: the whole val split)")  # fmt: skip
+
+
+def _add_export_hf(sub) -> None:
+    p = sub.add_parser(
+        "export-hf",
+        help="write a Hugging Face transformers GPT-2 folder",
+        description="Write config.json, model.safetensors and tokenizer files that "
+        "transformers' AutoModelForCausalLM / AutoTokenizer load offline.",
+    )
+    _add_model_source(p)
+    p.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+
+
+def _add_tracking(sub) -> None:
+    p = sub.add_parser(
+        "tracking",
+        help="start, stop or inspect the local MLflow server",
+        description="Serve the embedded MLflow store (SQLite + artifacts in LMFORGE_HOME) on "
+        "127.0.0.1, for the MLflow UI, the dashboard and jobs submitted to the cluster.",
+    )
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--port", type=int, default=5000, help="(default 5000)")
 
 
 def _add_cluster(sub) -> None:
@@ -103,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_generate(sub)
+    _add_evaluate(sub)
+    _add_export_hf(sub)
+    _add_tracking(sub)
     _add_cluster(sub)
     return parser
 
@@ -134,9 +209,14 @@ def cmd_train(args) -> None:
     from lmforge.training.launch import run_training
 
     cfg = load_config(args.config, args.overrides)
-    result = run_training(cfg, resume=args.resume)
+    result = run_training(cfg, resume=args.resume, init_from=args.init_from)
     m = result.metrics
     print(f"run dir: {result.run_dir}")
+    if result.mlflow_run_id:
+        print(
+            f"MLflow run: {result.mlflow_run_id} (experiment {cfg.tracking.experiment!r}); "
+            f"models: models:/{cfg.registered_model}@latest, @best"
+        )
     if result.checkpoint:
         print(f"latest checkpoint: {result.checkpoint}")
     if "val_loss" in m:
@@ -145,12 +225,22 @@ def cmd_train(args) -> None:
         )
 
 
+def _checkpoint_of(args) -> Path:
+    """The local checkpoint dir of --model (fetched from the registry) or --checkpoint."""
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.tracking.registry import fetch_checkpoint
+
+    if args.model:
+        return fetch_checkpoint(args.model, args.tracking_uri)
+    return resolve_checkpoint(args.checkpoint)
+
+
 def cmd_generate(args) -> None:
     from lmforge.checkpoint import load_model
-    from lmforge.generation import SamplingParams, generate_tokens
+    from lmforge.generation import SamplingParams, stream_text
     from lmforge.tokenizer import eot_id
 
-    model, tok, _ = load_model(args.checkpoint)
+    model, tok, _ = load_model(_checkpoint_of(args))
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -159,18 +249,44 @@ def cmd_generate(args) -> None:
         seed=args.seed,
         stop_token=eot_id(tok),
     )
-    ids = tok.encode(args.prompt, add_special_tokens=False).ids
     sys.stdout.write(args.prompt)
-    out: list[int] = []
-    shown = ""
-    for token in generate_tokens(model, ids, params):
-        out.append(token)
-        text = tok.decode(out)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown) :])
-            sys.stdout.flush()
-            shown = text
-    sys.stdout.write(tok.decode(out)[len(shown) :] + "\n")
+    for piece in stream_text(model, tok, args.prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_evaluate(args) -> None:
+    from lmforge.evaluate import evaluate_checkpoint
+
+    m = evaluate_checkpoint(_checkpoint_of(args), args.data, args.batch_size, args.max_batches)
+    print(
+        f"val_loss {m['val_loss']:.4f} | val_perplexity {m['val_perplexity']:.2f} | "
+        f"{m['tokens']:,} tokens in {m['seconds']:.1f} s"
+    )
+    if args.model:
+        from lmforge.tracking.registry import log_evaluation
+
+        run_id = log_evaluation(args.model, args.tracking_uri, args.data, m)
+        print(f"logged to MLflow run {run_id}")
+
+
+def cmd_export_hf(args) -> None:
+    from lmforge.export_hf import export_hf
+
+    out = export_hf(_checkpoint_of(args), args.output, overwrite=args.overwrite)
+    print(f"wrote a transformers GPT-2 folder: {out}")
+
+
+def cmd_tracking(args) -> None:
+    from lmforge.tracking import server
+
+    if args.action == "up":
+        print(server.describe(server.up(port=args.port)))
+    elif args.action == "down":
+        print("stopped the MLflow server" if server.down() else "no MLflow server was running")
+    else:
+        print(server.status())
 
 
 def cmd_cluster(args) -> None:
@@ -193,6 +309,9 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
     "generate": cmd_generate,
+    "evaluate": cmd_evaluate,
+    "export-hf": cmd_export_hf,
+    "tracking": cmd_tracking,
     "cluster": cmd_cluster,
 }
 
@@ -206,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         COMMANDS[args.command](args)
-    except USER_ERRORS as err:
+    except _user_errors() as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         print(f"lmforge {args.command}: error: {first}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ raises `ConfigError` with one line naming the key and what to do.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +119,24 @@ class RunConfig(_Section):
     )
 
 
+class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="Log the run to MLflow and register checkpoints.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; when unset, MLFLOW_TRACKING_URI, else the server of "
+        "`lmforge tracking up`, else the SQLite store under LMFORGE_HOME.",
+    )
+    experiment: str = Field(
+        "lmforge", min_length=1, max_length=200, description="MLflow experiment of the run."
+    )
+    registered_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$",
+        description="Registered model that gets a version per checkpoint; the experiment "
+        "name when unset.",
+    )
+
+
 class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -125,12 +144,24 @@ class Config(_Section):
     zero: ZeroConfig = ZeroConfig()
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
+        if self.tracking.registered_model is None and not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.tracking.experiment
+        ):
+            raise ValueError(
+                f"tracking.experiment={self.tracking.experiment!r} is not a valid model name; "
+                "set tracking.registered_model (letters, digits, _ . -)"
+            )
         return self
+
+    @property
+    def registered_model(self) -> str:
+        return self.tracking.registered_model or self.tracking.experiment
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

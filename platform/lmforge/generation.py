@@ -103,3 +103,28 @@ def generate_tokens(
         seq.append(token)
         pending = nxt.view(1, 1)
         yield token
+
+
+def stream_text(model: GPT, tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text pieces, as soon as each one is whole.
+
+    A byte-level BPE token can end inside a multi-byte character; such a piece is held back
+    until the character is complete, so a caller can print every piece as it comes.
+    """
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    out: list[int] = []
+    shown = ""
+    for token in generate_tokens(model, ids, params):
+        out.append(token)
+        text = tokenizer.decode(out)
+        if not text.endswith("\ufffd"):
+            yield text[len(shown) :]
+            shown = text
+    rest = tokenizer.decode(out)[len(shown) :]
+    if rest:
+        yield rest
+
+
+def complete(model: GPT, tokenizer, prompt: str, params: SamplingParams) -> str:
+    """The whole continuation of `prompt` at once."""
+    return "".join(stream_text(model, tokenizer, prompt, params))

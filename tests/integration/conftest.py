@@ -34,6 +34,18 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def tracking_server():
+    """`lmforge tracking up` on a free port; while it runs it is every later test's default
+    MLflow (same store as the SQLite file, so assertions read the same runs either way)."""
+    from lmforge.services import free_port
+    from lmforge.tracking import server
+
+    info = server.up(port=free_port())
+    yield info
+    server.down()
+
+
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     for play in PLAYS:

@@ -16,7 +16,19 @@ def run(*args, timeout=60):
     )
 
 
-@pytest.mark.parametrize("cmd", [[], ["prepare"], ["train"], ["generate"], ["cluster"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        [],
+        ["prepare"],
+        ["train"],
+        ["generate"],
+        ["evaluate"],
+        ["export-hf"],
+        ["tracking"],
+        ["cluster"],
+    ],
+)
 def test_help(cmd):
     out = run(*cmd, "--help")
     assert out.returncode == 0 and "usage: lmforge" in out.stdout
@@ -43,6 +55,29 @@ def test_help(cmd):
             ["generate", "--checkpoint", "/nonexistent/ckpt", "--prompt", "hi"],
             "/nonexistent/ckpt: checkpoint dir not found",
         ),
+        (["generate", "--model", "tiny@best", "--prompt", "hi"], "expected models:/NAME@ALIAS"),
+        (
+            ["generate", "--model", "models:/no-such-model@best", "--prompt", "hi"],
+            "models:/no-such-model@best: not found in the registry",
+        ),
+        (
+            ["evaluate", "--checkpoint", "/nonexistent/ckpt", "--data", "datasets/x"],
+            "/nonexistent/ckpt: checkpoint dir not found",
+        ),
+        (
+            [
+                "train",
+                "--config",
+                "jobs/configs/tiny.yaml",
+                "--set",
+                "tracking.registered_model=a/b",
+            ],
+            "tracking.registered_model",
+        ),
+        (
+            ["train", "--config", "jobs/configs/tiny.yaml", "--resume", "models:/nope/1"],
+            "models:/nope/1: not found in the registry",
+        ),
     ],
 )
 def test_bad_input_is_one_line_before_ray_starts(args, needle):
@@ -51,3 +86,8 @@ def test_bad_input_is_one_line_before_ray_starts(args, needle):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], out.stderr
     assert "Started a local Ray instance" not in out.stdout + out.stderr
+
+
+def test_generate_needs_a_model_or_a_checkpoint():
+    out = run("generate", "--prompt", "hi")
+    assert out.returncode == 2 and "one of the arguments --model --checkpoint" in out.stderr

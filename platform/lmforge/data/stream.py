@@ -100,6 +100,13 @@ class TokenStream:
                 yield buf[: self.T + 1]
                 buf, pos = buf[self.T :], pos + self.T
 
+    def one_pass(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) batches over this worker's share of the split once (the last may be short)."""
+        it = self._epoch_windows(self.my_units(0), 0)
+        while block := [w for _, w in zip(range(self.batch_size), it, strict=False)]:
+            block = torch.from_numpy(np.stack(block))
+            yield block[:, :-1], block[:, 1:]
+
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(x, y) LongTensor batches of shape (batch_size, T)."""
         it = self.windows()

@@ -6,16 +6,22 @@ call `run_training`.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import lmforge
 from lmforge import checkpoint as ckpt_io
 from lmforge import paths
 from lmforge.config import Config, ConfigError
 from lmforge.data.dataset import Dataset
+from lmforge.tokenizer import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,7 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path | None
     metrics: dict[str, Any]
+    mlflow_run_id: str | None = None
 
 
 def storage_dir(cfg: Config) -> Path:
@@ -137,11 +144,155 @@ def check_resume_fits(cfg: Config) -> None:
         )
 
 
-def run_training(cfg: Config, resume: bool | str = False) -> TrainResult:
+def resolve_resume(resume: bool | str, tracking_uri: str | None) -> bool | str:
+    """`--resume models:/NAME/VERSION` -> the run dir of the run that registered it."""
+    if not (isinstance(resume, str) and resume.startswith("models:/")):
+        return resume
+    from lmforge.tracking import registry
+
+    version = registry.get_version(resume, tracking_uri)
+    run_dir = version.tags.get("run_dir")
+    if not run_dir:
+        raise ConfigError(f"--resume {resume}: the version has no run_dir tag to resume from")
+    log.info("resuming %s: the run that made it, %s", resume, run_dir)
+    return run_dir
+
+
+def prepare_init(cfg: Config, init_from: str | None) -> tuple[Config, Path | None]:
+    """`--init-from`: a registered version or checkpoint dir whose weights start a new run.
+
+    The model's shape comes from the checkpoint (fine-tuning keeps the architecture); its
+    tokenizer must be the dataset's. The servable files are copied into the run dir, where
+    every worker can read them.
+    """
+    if not init_from:
+        return cfg, None
+    from lmforge.tracking import registry
+
+    if registry.is_model_uri(init_from):
+        src = registry.fetch_checkpoint(init_from, cfg.tracking.tracking_uri)
+    else:
+        src = ckpt_io.resolve_checkpoint(init_from)
+    old = ckpt_io.read_config(src)
+    if file_sha256(src / ckpt_io.TOKENIZER) != Dataset(cfg.data.path).tokenizer_sha256:
+        raise ConfigError(
+            f"--init-from {init_from}: its tokenizer differs from data.path={cfg.data.path}'s; "
+            f"prepare the data with --tokenizer {src / ckpt_io.TOKENIZER}"
+        )
+    if old.model.model_dump(exclude={"dropout"}) != cfg.model.model_dump(exclude={"dropout"}):
+        log.info("--init-from: the model shape comes from the checkpoint (%s)", old.model)
+    model = old.model.model_copy(update={"dropout": cfg.model.dropout})
+    cfg = cfg.model_copy(update={"model": model})
+    dst = Path(cfg.run.storage_path) / cfg.run.name / "init_from"
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG, ckpt_io.TOKENIZER, ckpt_io.STATE):
+        shutil.copyfile(src / name, dst / name)
+    (dst / "SOURCE").write_text(f"{init_from}\n")
+    return cfg, dst
+
+
+def _git_commit() -> str | None:
+    """The commit of the code being run: LMFORGE_GIT_COMMIT (set it for `ray job submit`,
+    whose working dir has no .git), else `git rev-parse HEAD` in the working dir."""
+    if os.environ.get("LMFORGE_GIT_COMMIT"):
+        return os.environ["LMFORGE_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _ray_tags(where: str) -> dict[str, str]:
+    import ray
+
+    tags = {"ray.address": where, "ray.job_id": ray.get_runtime_context().get_job_id()}
+    # Set by Ray's job supervisor for `ray job submit` / JobSubmissionClient entrypoints.
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config:
+        try:
+            sub = json.loads(job_config).get("metadata", {}).get("job_submission_id")
+        except (json.JSONDecodeError, AttributeError):
+            sub = None
+        if sub:
+            tags["ray.submission_id"] = sub
+    return tags
+
+
+def tracking_settings(cfg: Config, where: str, init_from: str | None) -> dict[str, Any] | None:
+    """What rank 0 needs to log the run (None when tracking is off)."""
+    if not cfg.tracking.enabled:
+        return None
+    from lmforge.tracking import store
+    from lmforge.tracking.tracker import RUN_DIR_TAG, TrackingSettings, flatten
+
+    ds = Dataset(cfg.data.path)
+    run_dir = str(Path(cfg.run.storage_path) / cfg.run.name)
+    tags = {
+        RUN_DIR_TAG: run_dir,
+        "lmforge.version": lmforge.__version__,
+        "dataset.path": str(ds.path),
+        "dataset.manifest_sha256": ds.manifest_sha256,
+        **_ray_tags(where),
+    }
+    if commit := _git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    if init_from:
+        tags["lmforge.init_from"] = init_from
+    settings = TrackingSettings(
+        uri=cfg.tracking.tracking_uri or store.resolve_uri(),
+        experiment=cfg.tracking.experiment,
+        registered_model=cfg.registered_model,
+        run_name=cfg.run.name,
+        run_dir=run_dir,
+        tags=tags,
+        params=flatten(cfg.to_dict()),
+        artifacts={
+            "config.yaml": cfg.to_yaml(),
+            "dataset/manifest.json": (ds.path / "manifest.json").read_text(),
+        },
+    )
+    return asdict(settings)
+
+
+def pin_tracking_uri(cfg: Config) -> Config:
+    """Resolve the tracking URI once on the driver, so every worker uses the same store."""
+    if not cfg.tracking.enabled:
+        return cfg
+    from lmforge.tracking import store
+
+    uri = store.resolve_uri(cfg.tracking.tracking_uri)
+    try:  # creates the store and experiment once, here, not in several processes at once
+        if not store.reachable(uri):
+            raise ConnectionError("no answer to its health check")
+        store.ensure_experiment(store.client(uri), cfg.tracking.experiment, uri)
+    except Exception as err:  # tracking trouble never stops training
+        log.warning(
+            "MLflow at %s: %s; training goes on and rank 0 keeps retrying "
+            "(start it with `lmforge tracking up`, or set tracking.tracking_uri)",
+            uri,
+            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+        )
+    return cfg.model_copy(
+        update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": uri})}
+    )
+
+
+def run_training(
+    cfg: Config, resume: bool | str = False, init_from: str | None = None
+) -> TrainResult:
     """Validate, connect to Ray, train; returns where the checkpoints are."""
-    cfg = check_dataset(resolve_run(cfg, resume))
+    if resume and init_from:
+        raise ConfigError("--resume and --init-from exclude each other")
+    resume = resolve_resume(resume, cfg.tracking.tracking_uri)
+    cfg = pin_tracking_uri(check_dataset(resolve_run(cfg, resume)))
     if resume:
         check_resume_fits(cfg)
+    cfg, init_dir = prepare_init(cfg, init_from)
 
     from lmforge.cluster import connect
 
@@ -157,7 +308,12 @@ def run_training(cfg: Config, resume: bool | str = False) -> TrainResult:
     s = cfg.scaling
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "run_dir": str(run_dir),
+            "init_from": str(init_dir) if init_dir else None,
+            "tracking": tracking_settings(cfg, where, init_from),
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
@@ -174,4 +330,24 @@ def run_training(cfg: Config, resume: bool | str = False) -> TrainResult:
     )
     result = trainer.fit()
     checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
-    return TrainResult(run_dir=run_dir, checkpoint=checkpoint, metrics=result.metrics or {})
+    return TrainResult(
+        run_dir=run_dir,
+        checkpoint=checkpoint,
+        metrics=result.metrics or {},
+        mlflow_run_id=_tracked_run_id(cfg, run_dir),
+    )
+
+
+def _tracked_run_id(cfg: Config, run_dir: Path) -> str | None:
+    if not cfg.tracking.enabled:
+        return None
+    from lmforge.tracking import store
+    from lmforge.tracking.tracker import find_run_id
+
+    if not store.reachable(cfg.tracking.tracking_uri):
+        return None
+    try:
+        return find_run_id(cfg.tracking.tracking_uri, cfg.tracking.experiment, str(run_dir))
+    except Exception as err:  # the run trained; only the lookup failed
+        log.warning("could not look up the MLflow run (%s)", err)
+        return None

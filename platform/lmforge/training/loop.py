@@ -60,7 +60,13 @@ def consolidated_weights(engine, info: dist.DistInfo) -> dict[str, torch.Tensor]
 class Trainer:
     """The state of one worker's training run; small methods, one per phase."""
 
-    def __init__(self, cfg: Config, run_dir: str) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str,
+        init_from: str | None = None,
+        tracking: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.info = dist.setup(cfg.scaling.use_gpu)
@@ -74,6 +80,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical init on every rank
         self.dataset = Dataset(paths.resolve(cfg.data.path))
         model = GPT(cfg.model)
+        if init_from:  # fine-tuning: start from a checkpoint's weights, fresh optimizer
+            ckpt_io.load_weights(model, Path(init_from))
+            dist.print0(self.info, f"initialised the weights from {init_from}")
         self.n_params = model.num_params()
         self.flops_per_token = flops_per_token(cfg.model, self.n_params)
         self.engine, *_ = deepspeed.initialize(
@@ -98,6 +107,13 @@ class Trainer:
         # Dropout differs across ranks; `restore` reseeds with the step so masks never repeat.
         torch.manual_seed(cfg.train.seed + 1000 * self.info.rank)
         self.peak_flops = measure_peak_flops(self.info.device, t.precision)
+        self.tracker = None
+        if tracking and self.info.is_main:  # only rank 0 talks to MLflow
+            from lmforge.tracking.tracker import Tracker, TrackingSettings
+
+            settings = TrackingSettings(**tracking)
+            settings.params["model.n_params"] = str(self.n_params)
+            self.tracker = Tracker(settings)
 
     # -- resume -----------------------------------------------------------------------
     def restore(self, checkpoint) -> None:
@@ -158,8 +174,19 @@ class Trainer:
 
     # -- checkpoint -------------------------------------------------------------------
     def save(self, metrics: dict[str, float]) -> None:
+        """Write a checkpoint, hand it to Ray, then queue its registration (rank 0).
+
+        Every checkpoint carries a val loss (evaluated now if this step had none), which
+        the registry's `best` alias is chosen by. Registration starts only after
+        `ray.train.report` returned, i.e. once the checkpoint is persisted in the run dir.
+        """
         import ray.train
 
+        if "val_loss" not in metrics:
+            evaluation = self.evaluate()
+            metrics.update(evaluation)
+            dist.print0(self.info, _eval_line(metrics))
+            self._log({"step": self.step, **evaluation})
         tmp = Path(tempfile.mkdtemp(prefix="lmforge-ckpt-"))
         try:
             self.engine.save_checkpoint(str(tmp / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
@@ -180,12 +207,15 @@ class Trainer:
                     "evals": self.evals,
                 }
                 ckpt_io.save_servable(tmp, weights, self.cfg, self.dataset.tokenizer_path, state)
+                staged = self.tracker.stage(tmp, self.step) if self.tracker else None
             name = f"checkpoint_{self.step:08d}"
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                 checkpoint_dir_name=name,
             )  # fmt: skip
             dist.print0(self.info, f"checkpoint step {self.step} -> {self.run_dir}/{name}")
+            if self.tracker:
+                self.tracker.register(staged, Path(self.run_dir) / name, state)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -207,23 +237,32 @@ class Trainer:
         if self.step == 0:
             metrics = {"step": 0, **self.evaluate()}
             dist.print0(p, _eval_line(metrics))
+            self._log(metrics)
             ray.train.report(metrics)
         batches = self.stream.batches()
         started, first_step = time.perf_counter(), self.step
         while self.step < t.max_steps:
             metrics = {"step": self.step + 1, **self.train_step(batches)}
+            self._log(metrics)
             s = self.step
             last = s == t.max_steps
             if s % t.log_every == 0 or s == first_step + 1 or last:
                 eta = (time.perf_counter() - started) / (s - first_step) * (t.max_steps - s)
                 dist.print0(p, _step_line(metrics, t.max_steps, eta))
             if s % t.eval_every == 0 or last:
-                metrics.update(self.evaluate())
+                evaluation = self.evaluate()
+                metrics.update(evaluation)
                 dist.print0(p, _eval_line(metrics))
+                self._log({"step": s, **evaluation})
             if s % t.checkpoint_every == 0 or last:
                 self.save(metrics)
             elif s % t.log_every == 0 or "val_loss" in metrics:
                 ray.train.report(metrics)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        """Every step's numbers to MLflow (rank 0; queued, never blocks on the server)."""
+        if self.tracker:
+            self.tracker.log_metrics(int(metrics["step"]), metrics)
 
 
 def _step_line(m: dict[str, float], max_steps: int, eta_s: float) -> str:
@@ -256,8 +295,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     _quiet_ray_train_reports()
     cfg = config_from_dict(loop_config["config"])
-    trainer = Trainer(cfg, loop_config["run_dir"])
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-    trainer.fit()
+    trainer = Trainer(
+        cfg, loop_config["run_dir"], loop_config.get("init_from"), loop_config.get("tracking")
+    )
+    status = "FAILED"
+    try:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+        trainer.fit()
+        status = "FINISHED"
+    finally:
+        if trainer.tracker:
+            trainer.tracker.close(status)

@@ -1,0 +1,1 @@
+"""MLflow tracking and the model registry: where runs, metrics and model versions live."""

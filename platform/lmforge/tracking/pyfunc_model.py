@@ -1,0 +1,90 @@
+"""The registered model as an MLflow `pyfunc`: a prompt in, generated text out.
+
+Each model version holds the servable checkpoint (safetensors weights, config, tokenizer)
+as the artifact `checkpoint` and a copy of the `lmforge` package as code, so
+
+    mlflow.pyfunc.load_model("models:/NAME@best").predict(["ROMEO:"], params={"seed": 0})
+    mlflow models predict -m models:/NAME@best -i prompts.json -t json --env-manager local
+
+generate in any process that has torch, tokenizers and safetensors. The input is a list of
+prompts (or a one-column DataFrame); the output one continuation per prompt. MLflow reserves
+the alias `latest`: load the newest version as `models:/NAME/latest`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+
+# Sampling parameters the model accepts at predict time, with their defaults. top_k=0 and
+# top_p=1.0 switch those filters off; seed=-1 samples without a fixed seed.
+PARAMS: dict[str, Any] = {
+    "max_new_tokens": 64,
+    "temperature": 0.8,
+    "top_k": 50,
+    "top_p": 1.0,
+    "seed": -1,
+}
+
+
+def sampling_params(tokenizer, params: dict[str, Any] | None):
+    """SamplingParams from predict-time params (unknown keys are refused by the signature)."""
+    from lmforge.generation import SamplingParams
+    from lmforge.tokenizer import eot_id
+
+    p = {**PARAMS, **(params or {})}
+    return SamplingParams(
+        max_new_tokens=int(p["max_new_tokens"]),
+        temperature=float(p["temperature"]),
+        top_k=int(p["top_k"]) or None,
+        top_p=None if float(p["top_p"]) >= 1.0 else float(p["top_p"]),
+        seed=None if int(p["seed"]) < 0 else int(p["seed"]),
+        stop_token=eot_id(tokenizer),
+    )
+
+
+def _prompts(model_input) -> list[str]:
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):  # a pandas DataFrame: the prompts are its first column
+        return [str(v) for v in model_input.iloc[:, 0].tolist()]
+    return [str(v) for v in model_input]
+
+
+class TextGenerator(mlflow.pyfunc.PythonModel):
+    """Loads the checkpoint once; generates with lmforge's own sampler (KV cache).
+
+    The model's signature (list of prompts in, list of texts out, sampling params) is
+    given explicitly when logging, rather than by type hints on `predict`.
+    """
+
+    def load_context(self, context) -> None:
+        from lmforge.checkpoint import load_model
+
+        self.model, self.tokenizer, self.cfg = load_model(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        from lmforge.generation import complete
+
+        sp = sampling_params(self.tokenizer, params)
+        return [complete(self.model, self.tokenizer, p, sp) for p in _prompts(model_input)]
+
+    def predict_stream(self, context, model_input, params: dict[str, Any] | None = None):
+        """Text pieces of the first prompt's continuation, as they are generated."""
+        from lmforge.generation import stream_text
+
+        prompts = _prompts(model_input)
+        yield from stream_text(
+            self.model, self.tokenizer, prompts[0], sampling_params(self.tokenizer, params)
+        )
+
+
+def signature():
+    from mlflow.models import infer_signature
+
+    return infer_signature(
+        model_input=["ROMEO:"],
+        model_output=["a continuation"],
+        params=PARAMS,
+    )

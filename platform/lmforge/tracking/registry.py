@@ -1,0 +1,275 @@
+"""Checkpoints as versions of a registered model, and model URIs back to checkpoints.
+
+A version is logged as a pyfunc model (see `pyfunc_model.py`) whose artifact `checkpoint`
+holds the servable files of the checkpoint; its tags say where it came from:
+
+    step, tokens_seen, val_loss, run_id, ray_checkpoint_uri, run_dir, dataset_manifest_sha256
+
+Aliases: `best` is the version with the lowest val loss; `latest` is the newest version
+(MLflow reserves that alias and resolves `models:/NAME/latest` itself; lmforge accepts
+`models:/NAME@latest` too).
+`fetch_checkpoint("models:/NAME@best")` downloads a version once into the local cache and
+returns its checkpoint dir, which `checkpoint.load_model` reads like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import math
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge import checkpoint as ckpt_io
+from lmforge import paths
+from lmforge.tracking import store
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model"  # the logged model's name inside its run
+ARTIFACT = "checkpoint"  # the pyfunc artifact holding the servable files
+SERVABLE = (ckpt_io.WEIGHTS, ckpt_io.CONFIG, ckpt_io.TOKENIZER, ckpt_io.STATE)
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+_URI = re.compile(
+    rf"^models:/(?P<name>{NAME_PATTERN})(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))$"
+)
+
+
+class RegistryError(ValueError):
+    """A model URI that does not resolve; the message names it."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        return (
+            f"models:/{self.name}@{self.alias}"
+            if self.alias
+            else f"models:/{self.name}/{self.version}"
+        )
+
+
+def parse_model_uri(uri: str) -> ModelRef:
+    m = _URI.match(uri.strip())
+    if m is None:
+        raise RegistryError(
+            f"{uri!r}: expected models:/NAME@ALIAS (e.g. models:/tiny@best) or models:/NAME/VERSION"
+        )
+    if m["version"] == "latest":  # MLflow's own spelling of the newest version
+        return ModelRef(m["name"], alias="latest")
+    return ModelRef(m["name"], m["version"], m["alias"])
+
+
+def is_model_uri(text: str) -> bool:
+    return str(text).startswith("models:/")
+
+
+def _requirements() -> list[str]:
+    """What loading the pyfunc needs, pinned to the versions that logged it."""
+    pins = []
+    for dist in ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pyyaml", "pydantic"):
+        try:
+            pins.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            pins.append(dist)
+    return pins
+
+
+def stage_servable(checkpoint: Path, into: Path) -> Path:
+    """Hard-link (or copy) the servable files of a checkpoint into `into/checkpoint`.
+
+    The registration runs in the background after the checkpoint is persisted; staging
+    first means Ray's `num_to_keep` may delete the run's copy meanwhile without harm, and
+    the DeepSpeed optimizer state (large, only for resuming) stays out of the registry.
+    """
+    out = into / ARTIFACT
+    out.mkdir(parents=True)
+    for name in SERVABLE:
+        try:
+            (out / name).hardlink_to(checkpoint / name)
+        except OSError:
+            shutil.copyfile(checkpoint / name, out / name)
+    return out
+
+
+def register_checkpoint(
+    client,
+    run_id: str,
+    staged: Path,
+    model_name: str,
+    tags: dict[str, str],
+    description: str,
+    progress: dict[str, Any] | None = None,
+):
+    """Log `staged` (from `stage_servable`) as a pyfunc in the run and register a version.
+
+    Safe to call again after a failure with the same `progress` dict: steps already done
+    (the logged model, the version) are not repeated, so a retry never makes a second
+    version of one checkpoint. Uses MLflow's fluent API, whose active run is per thread;
+    the process's tracking URI must be the client's (`mlflow.set_tracking_uri`).
+    """
+    import mlflow
+
+    import lmforge
+
+    progress = {} if progress is None else progress
+    if "model_uri" not in progress:
+        with (
+            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None),
+            warnings.catch_warnings(),
+        ):
+            # MLflow's advice on input examples (one would make it load the model and generate
+            # while logging) and type hints (the signature is explicit): not for this model.
+            warnings.simplefilter("ignore", UserWarning)
+            from lmforge.tracking import pyfunc_entry
+            from lmforge.tracking.pyfunc_model import signature
+
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=pyfunc_entry.__file__,  # a model from code: nothing pickled
+                artifacts={ARTIFACT: str(staged)},
+                code_paths=[str(Path(lmforge.__file__).parent)],
+                signature=signature(),
+                pip_requirements=_requirements(),
+                step=int(tags.get("step", 0)),
+            )
+        progress["model_uri"] = info.model_uri
+    if "version" not in progress:
+        existing = [
+            v
+            for v in client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+            if v.tags.get("step") == tags.get("step")
+        ]
+        version = existing[0] if existing else None
+        if version is None:
+            version = mlflow.register_model(progress["model_uri"], model_name, tags=tags)
+        progress["version"] = version.version
+    client.update_model_version(model_name, progress["version"], description=description)
+    update_aliases(client, model_name)
+    return client.get_model_version(model_name, progress["version"])
+
+
+def update_aliases(client, model_name: str) -> None:
+    """`best` -> the version with the lowest val_loss tag (ties: the newer).
+
+    `latest` needs no alias: MLflow reserves that name and resolves `models:/NAME/latest`
+    to the newest version itself; lmforge reads `models:/NAME@latest` the same way.
+    """
+    best, best_loss = None, math.inf
+    for v in client.search_model_versions(f"name='{model_name}'"):
+        try:
+            loss = float(v.tags.get("val_loss", "nan"))
+        except ValueError:
+            continue
+        if loss < best_loss or (loss == best_loss and int(v.version) > int(best or 0)):
+            best, best_loss = v.version, loss
+    if best is not None:
+        client.set_registered_model_alias(model_name, "best", best)
+
+
+def newest_version(client, model_name: str) -> str:
+    versions = [int(v.version) for v in client.search_model_versions(f"name='{model_name}'")]
+    if not versions:
+        raise RegistryError(f"models:/{model_name}: the registered model has no versions")
+    return str(max(versions))
+
+
+def get_version(ref: ModelRef | str, tracking_uri: str | None = None):
+    """The MLflow ModelVersion a URI names."""
+    from mlflow.exceptions import MlflowException
+
+    ref = parse_model_uri(ref) if isinstance(ref, str) else ref
+    uri = store.resolve_uri(tracking_uri)
+    c = store.client(uri)
+    try:
+        if (ref.alias or "").lower() == "latest":
+            return c.get_model_version(ref.name, newest_version(c, ref.name))
+        if ref.alias:
+            return c.get_model_version_by_alias(ref.name, ref.alias)
+        return c.get_model_version(ref.name, ref.version)
+    except MlflowException as err:
+        raise RegistryError(f"{ref}: not found in the registry at {uri} ({err.message})") from None
+
+
+def fetch_checkpoint(model_uri: str, tracking_uri: str | None = None) -> Path:
+    """The local checkpoint dir of a registered version (downloaded once, then cached)."""
+    import mlflow.artifacts
+
+    version = get_version(model_uri, tracking_uri)
+    uri = store.resolve_uri(tracking_uri)
+    key = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    cache = paths.home() / "cache" / "models" / key / version.name / str(version.version)
+    if ckpt_io.is_complete(cache / ARTIFACT):
+        return cache / ARTIFACT
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache.parent))
+    try:
+        # The version's own storage location (the logged model's folder): resolving
+        # models:/ again would consult the process's default registry, not `uri`.
+        source = store.client(uri).get_model_version_download_uri(version.name, version.version)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{source.rstrip('/')}/artifacts/{ARTIFACT}",  # pyfunc keeps its artifacts there
+            dst_path=str(tmp),
+            tracking_uri=uri,
+        )
+        if not ckpt_io.is_complete(tmp / ARTIFACT):
+            raise RegistryError(
+                f"{model_uri}: version {version.version} holds no complete lmforge checkpoint"
+            )
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)  # atomic: a cache dir is always complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("fetched %s (version %s) into %s", model_uri, version.version, cache)
+    return cache / ARTIFACT
+
+
+def version_tags(state: dict[str, Any], run_id: str, checkpoint: Path) -> dict[str, str]:
+    m = state.get("metrics", {})
+    tags = {
+        "step": str(state["step"]),
+        "tokens_seen": str(state["tokens_seen"]),
+        "run_id": run_id,
+        "ray_checkpoint_uri": str(checkpoint),
+        "run_dir": str(checkpoint.parent),
+        "dataset_manifest_sha256": state["dataset"]["manifest_sha256"],
+    }
+    if "val_loss" in m:
+        tags["val_loss"] = f"{m['val_loss']:.6f}"
+    return tags
+
+
+def describe_version(state: dict[str, Any], checkpoint: Path) -> str:
+    m = state.get("metrics", {})
+    val = f"val loss {m['val_loss']:.4f}, " if "val_loss" in m else ""
+    return (
+        f"Step {state['step']} of run {checkpoint.parent.name}: {val}"
+        f"{state['tokens_seen']:,} tokens seen. Resume with "
+        f"`lmforge train --resume {checkpoint.parent}`."
+    )
+
+
+def log_evaluation(
+    model_uri: str, tracking_uri: str | None, data: str, metrics: dict[str, float]
+) -> str:
+    """Log `lmforge evaluate` figures to the run of the version they are about."""
+    version = get_version(model_uri, tracking_uri)
+    c = store.client(store.resolve_uri(tracking_uri))
+    step = int(version.tags.get("step", 0))
+    for key in ("val_loss", "val_perplexity"):
+        c.log_metric(version.run_id, f"evaluate.{key}", metrics[key], step=step)
+    c.set_model_version_tag(
+        version.name, version.version, "evaluate.val_loss", f"{metrics['val_loss']:.6f}"
+    )
+    c.set_model_version_tag(version.name, version.version, "evaluate.data", str(data))
+    return version.run_id

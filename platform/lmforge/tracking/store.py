@@ -1,0 +1,120 @@
+"""Which MLflow store a process talks to, and the embedded default.
+
+With no tracking URI configured, lmforge uses an embedded store inside the project data
+folder: a SQLite database (the model registry needs a database; MLflow's plain file
+store has none) and a local artifact folder:
+
+    $LMFORGE_HOME/mlflow/mlflow.db
+    $LMFORGE_HOME/mlflow/artifacts/<experiment>/
+
+`lmforge tracking up` serves that same store over HTTP on 127.0.0.1 (see `server.py`);
+while it runs, its URL is the default, so the dashboard and jobs share one writer.
+
+Resolution order: the config's `tracking.tracking_uri`, then MLFLOW_TRACKING_URI, then the
+running embedded server, then the SQLite file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from lmforge import paths
+
+
+def root() -> Path:
+    return paths.home() / "mlflow"
+
+
+def db_path() -> Path:
+    return root() / "mlflow.db"
+
+
+def sqlite_uri() -> str:
+    return f"sqlite:///{db_path()}"
+
+
+def artifact_root() -> Path:
+    return root() / "artifacts"
+
+
+def server_state_file() -> Path:
+    return paths.home() / "tracking.json"
+
+
+def embedded_server_url() -> str | None:
+    """The URL of the server `lmforge tracking up` started, if it is still running."""
+    from lmforge.tracking import server
+
+    info = server.running()
+    return info.url if info else None
+
+
+def resolve_uri(configured: str | None = None) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or embedded_server_url()
+    if uri:
+        return uri
+    root().mkdir(parents=True, exist_ok=True)
+    return sqlite_uri()
+
+
+def is_embedded(uri: str) -> bool:
+    """True for the embedded SQLite store, or the server over it."""
+    if uri == sqlite_uri():
+        return True
+    f = server_state_file()
+    with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
+        return json.loads(f.read_text()).get("url") == uri.rstrip("/")
+    return False
+
+
+def reachable(uri: str, timeout_s: float = 3.0) -> bool:
+    """Whether an HTTP tracking server answers its health check (other stores: True)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def client(uri: str):
+    """An MlflowClient for tracking and registry on `uri`.
+
+    MLflow's HTTP client retries a dead server for minutes by default; lmforge callers
+    retry on their own terms (or fail with a clear message), so one retry is enough here.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # noise in job logs
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(mlflow_client, name: str, uri: str) -> str:
+    """The experiment's id, creating it if needed.
+
+    In the embedded store, artifacts go to a plain folder, whether a process writes through
+    the server or straight to SQLite, so both ways of talking to it see the same files.
+    Elsewhere the server decides (e.g. proxied object storage).
+    """
+    from mlflow.exceptions import MlflowException
+
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (artifact_root() / name).as_uri() if is_embedded(uri) else None
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another process
+        exp = mlflow_client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id

@@ -1,0 +1,243 @@
+"""Rank 0's MLflow writer: metrics per step, the run's params and artifacts, registrations.
+
+Everything goes through one background thread, so a slow or unreachable tracking server
+never stalls or fails training: each call is retried with back-off, then reported and
+dropped (a checkpoint stays safe in the run dir whatever happens to its registration).
+
+The MLflow run of a training run is found by its tag `lmforge.run_dir`, so a resumed job
+logs into the same MLflow run instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge.tracking import registry, store
+
+log = logging.getLogger(__name__)
+
+RUN_DIR_TAG = "lmforge.run_dir"
+
+
+@dataclass
+class TrackingSettings:
+    """What rank 0 needs to track a run; built by the launcher, sent to the workers."""
+
+    uri: str
+    experiment: str
+    registered_model: str
+    run_name: str
+    run_dir: str
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> text content
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 0.001}} -> {"train.lr": "0.001"}."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = "" if v is None else str(v)
+    return out
+
+
+def find_run(client, experiment_id: str, run_dir: str):
+    quoted = run_dir.replace("'", "\\'")
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{quoted}'", max_results=1
+    )
+    return runs[0] if runs else None
+
+
+def find_run_id(uri: str, experiment: str, run_dir: str) -> str | None:
+    """The MLflow run id of a training run dir, if it was tracked."""
+    c = store.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    run = find_run(c, exp.experiment_id, run_dir) if exp else None
+    return run.info.run_id if run else None
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+class Tracker:
+    """Queue MLflow work on rank 0; `close()` waits (bounded) for it to finish."""
+
+    def __init__(
+        self,
+        settings: TrackingSettings,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        flush_every_s: float = 2.0,
+    ) -> None:
+        self.s = settings
+        self.retries, self.backoff_s, self.flush_every_s = retries, backoff_s, flush_every_s
+        self.run_id: str | None = None
+        self.failures: list[str] = []
+        self._degraded = False
+        self.registered: list[tuple[int, str]] = []  # (step, version)
+        self._metrics: list[tuple[int, dict[str, float], int]] = []  # (step, values, ms)
+        self._lock = threading.Lock()
+        self._tasks: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
+        self._stage = Path(tempfile.mkdtemp(prefix="lmforge-register-"))
+        self.client = store.client(settings.uri)  # first: it bounds MLflow's own HTTP retries
+        import mlflow
+
+        mlflow.set_tracking_uri(settings.uri)  # registration uses the fluent API
+        mlflow.set_registry_uri(settings.uri)
+        self._thread = threading.Thread(target=self._work, name="lmforge-mlflow", daemon=True)
+        self._thread.start()
+        self._tasks.put(("start the MLflow run", self._start_run))
+
+    # -- called from the training loop (never blocks on MLflow) ---------------------------
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        values = {k: float(v) for k, v in metrics.items() if k != "step"}
+        with self._lock:
+            self._metrics.append((step, values, int(time.time() * 1000)))
+
+    def stage(self, checkpoint: Path, step: int) -> Path:
+        """Keep a copy of a checkpoint's servable files for `register` (call before Ray
+        persists the checkpoint; hard links when the filesystem allows)."""
+        return registry.stage_servable(checkpoint, self._stage / f"step-{step}")
+
+    def register(self, staged: Path, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Queue the registration of the persisted `checkpoint` (its files in `staged`)."""
+
+        progress: dict[str, Any] = {}  # survives retries: nothing is registered twice
+
+        def task() -> None:
+            tags = registry.version_tags(state, self.run_id, checkpoint)
+            version = registry.register_checkpoint(
+                self.client, self.run_id, staged, self.s.registered_model, tags,
+                registry.describe_version(state, checkpoint), progress,
+            )  # fmt: skip
+            self.registered.append((state["step"], version.version))
+            print(
+                f"registered models:/{self.s.registered_model}/{version.version} "
+                f"(step {state['step']})",
+                flush=True,
+            )
+            shutil.rmtree(staged.parent, ignore_errors=True)
+
+        self._tasks.put((f"register the checkpoint of step {state['step']}", task))
+
+    def close(self, status: str = "FINISHED", timeout_s: float = 120.0) -> None:
+        """Flush everything (at most `timeout_s`), mark the run ended, report what failed."""
+
+        def end() -> None:
+            self._flush_metrics()
+            self.client.set_terminated(self.run_id, status)
+
+        self._tasks.put(("end the MLflow run", end))
+        self._tasks.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self.failures.append(f"gave up after {timeout_s:.0f} s; MLflow work left undone")
+        with self._lock:
+            if self._metrics:
+                self.failures.append(f"{len(self._metrics)} steps of metrics not logged")
+        for f in self.failures:
+            log.warning("MLflow (%s): %s", self.s.uri, f)
+        if not self._thread.is_alive():
+            shutil.rmtree(self._stage, ignore_errors=True)
+
+    # -- the background thread ------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            try:
+                item = self._tasks.get(timeout=self.flush_every_s)
+            except queue.Empty:
+                self._attempt("log metrics", self._flush_metrics)
+                continue
+            if item is None:
+                return
+            what, fn = item
+            if what != "start the MLflow run":
+                self._attempt("log metrics", self._flush_metrics)
+            self._attempt(what, fn)
+
+    def _attempt(self, what: str, fn: Callable[[], None]) -> bool:
+        needs_run = self.run_id is None and fn != self._start_run
+        if needs_run and not self._attempt("start the MLflow run", self._start_run):
+            self.failures.append(f"could not {what}: no MLflow run")
+            return False
+        # Once MLflow has failed a whole series of retries, try each later call once until
+        # one succeeds, so a server that stays down costs seconds, not minutes per call.
+        retries = 0 if self._degraded else self.retries
+        delay = self.backoff_s
+        for attempt in range(retries + 1):
+            try:
+                fn()
+                self._degraded = False
+                return True
+            except Exception as err:  # MLflow raises many types; none may reach training
+                last = _one_line(err)
+                if attempt < retries:
+                    log.warning("MLflow: could not %s (%s); retrying in %.0f s", what, last, delay)
+                    time.sleep(delay)
+                    delay *= 2
+        self._degraded = True
+        self.failures.append(f"could not {what}: {last}")
+        print(f"warning: MLflow at {self.s.uri}: could not {what}: {last}", flush=True)
+        return False
+
+    def _start_run(self) -> None:
+        if self.run_id is not None:
+            return
+        c, s = self.client, self.s
+        exp_id = store.ensure_experiment(c, s.experiment, s.uri)
+        run = find_run(c, exp_id, s.run_dir)
+        if run is None:
+            run = c.create_run(exp_id, run_name=s.run_name, tags={RUN_DIR_TAG: s.run_dir, **s.tags})
+            params = s.params
+        else:  # a resumed job: keep the run; params are immutable in MLflow, log only new ones
+            c.set_terminated(run.info.run_id, "RUNNING")
+            for k, v in s.tags.items():
+                c.set_tag(run.info.run_id, k, v)
+            old = run.data.params
+            changed = sorted(k for k, v in s.params.items() if k in old and old[k] != v)
+            if changed:
+                c.set_tag(
+                    run.info.run_id, "lmforge.resumed_with_changes", ", ".join(changed)[:5000]
+                )
+            params = {k: v for k, v in s.params.items() if k not in old}
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            c.log_batch(self.run_id, params=items[i : i + 100])
+        for name, text in s.artifacts.items():
+            c.log_text(self.run_id, text, name)
+        print(f"MLflow run {self.run_id} (experiment {s.experiment!r}) at {s.uri}", flush=True)
+
+    def _flush_metrics(self) -> None:
+        from mlflow.entities import Metric
+
+        with self._lock:
+            batch, self._metrics = self._metrics, []
+        try:
+            items = [
+                Metric(k, v, ts, step) for step, values, ts in batch for k, v in values.items()
+            ]
+            for i in range(0, len(items), 1000):  # MLflow's batch limit
+                self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        except Exception:
+            with self._lock:  # keep them for the next try
+                self._metrics = batch + self._metrics
+            raise

@@ -1,0 +1,129 @@
+"""Rank 0's MLflow writer against a real SQLite store: batching, registration that is never
+doubled by a retry, and a dead server that costs bounded time and raises nothing."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+
+from lmforge.checkpoint import save_servable
+from lmforge.config import load_config
+from lmforge.model import GPT
+from lmforge.tokenizer import train_tokenizer
+from lmforge.tracking import registry, store
+from lmforge.tracking.registry import ModelRef, RegistryError, parse_model_uri
+from lmforge.tracking.tracker import Tracker, TrackingSettings, find_run_id, flatten
+from tests.conftest import REPO
+
+
+def test_model_uris_parse_and_bad_ones_are_named():
+    assert parse_model_uri("models:/tiny@best") == ModelRef("tiny", alias="best")
+    assert parse_model_uri("models:/tiny/3") == ModelRef("tiny", version="3")
+    assert parse_model_uri("models:/tiny/latest") == ModelRef("tiny", alias="latest")
+    for bad in ("tiny@best", "models:/tiny", "models:/a b@best", "models:/tiny/x1"):
+        with pytest.raises(RegistryError, match="expected models:/NAME@ALIAS"):
+            parse_model_uri(bad)
+
+
+def test_flatten_config():
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml")
+    flat = flatten(cfg.to_dict())
+    assert flat["train.lr"] == "0.003" and flat["model.vocab_size"] == ""
+    assert flat["tracking.experiment"] == "lmforge"
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """Three servable checkpoints of a tiny model, with val losses 3.0, 2.5, 2.7."""
+    tok = train_tokenizer(["to be or not to be, that is the question"] * 20, vocab_size=300)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["model.vocab_size=300"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    out = []
+    for step, val in ((5, 3.0), (10, 2.5), (15, 2.7)):
+        d = tmp_path / "run" / f"checkpoint_{step:08d}"
+        state = {
+            "step": step, "tokens_seen": step * 100, "metrics": {"val_loss": val},
+            "dataset": {"manifest_sha256": "m" * 64},
+        }  # fmt: skip
+        save_servable(d, model.state_dict(), cfg, tmp_path / "tokenizer.json", state)
+        out.append((d, state))
+    return out
+
+
+def _settings(uri, run_dir, name="unit"):
+    return TrackingSettings(
+        uri=uri, experiment=name, registered_model=name, run_name="r", run_dir=str(run_dir),
+        tags={"t": "1"}, params={"a.b": "1"}, artifacts={"config.yaml": "x: 1\n"},
+    )  # fmt: skip
+
+
+def test_metrics_and_registrations_reach_the_store(tmp_path, checkpoints):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(_settings(uri, tmp_path / "run"))
+    for step in range(1, 16):
+        tracker.log_metrics(step, {"step": step, "loss": 10.0 / step})
+    for d, state in checkpoints:
+        tracker.register(tracker.stage(d, state["step"]), d, state)
+    tracker.close()
+    assert tracker.failures == []
+    c = store.client(uri)
+    run_id = find_run_id(uri, "unit", str(tmp_path / "run"))
+    assert [m.step for m in c.get_metric_history(run_id, "loss")] == list(range(1, 16))
+    assert c.get_run(run_id).data.params == {"a.b": "1"}
+    versions = c.search_model_versions("name='unit'")
+    assert sorted(int(v.tags["step"]) for v in versions) == [5, 10, 15]
+    assert c.get_model_version_by_alias("unit", "best").tags["step"] == "10"
+    # A second tracker for the same run dir (a resumed job) continues the same run.
+    again = Tracker(_settings(uri, tmp_path / "run"))
+    again.log_metrics(16, {"loss": 0.5})
+    again.close()
+    assert find_run_id(uri, "unit", str(tmp_path / "run")) == run_id
+    assert len(c.get_metric_history(run_id, "loss")) == 16
+
+
+def test_a_retried_registration_makes_one_version(tmp_path, checkpoints, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    calls = []
+    real = registry.update_aliases
+
+    def flaky(client, name):  # fails once after the version exists
+        calls.append(name)
+        if len(calls) == 1:
+            raise ConnectionError("server went away")
+        return real(client, name)
+
+    monkeypatch.setattr(registry, "update_aliases", flaky)
+    tracker = Tracker(_settings(uri, tmp_path / "run", "flaky"), backoff_s=0.01)
+    d, state = checkpoints[0]
+    tracker.register(tracker.stage(d, state["step"]), d, state)
+    tracker.close()
+    assert tracker.failures == [] and len(calls) == 2
+    assert len(store.client(uri).search_model_versions("name='flaky'")) == 1
+
+
+def test_a_dead_server_costs_bounded_time_and_raises_nothing(tmp_path, checkpoints):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    tracker = Tracker(_settings(f"http://127.0.0.1:{port}", tmp_path / "run"), backoff_s=0.01)
+    tracker.log_metrics(1, {"loss": 1.0})
+    d, state = checkpoints[0]
+    tracker.register(tracker.stage(d, state["step"]), d, state)
+    tracker.close(timeout_s=60)
+    assert time.monotonic() - t0 < 60
+    assert any("could not start the MLflow run" in f for f in tracker.failures)
+    assert any("register the checkpoint of step 5" in f for f in tracker.failures)
+    assert d.is_dir()  # the checkpoint itself is untouched
+
+
+def test_tracking_disabled_sends_nothing_to_the_workers():
+    from lmforge.training.launch import tracking_settings
+
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["tracking.enabled=false"])
+    assert tracking_settings(cfg, "127.0.0.1:6379", None) is None
