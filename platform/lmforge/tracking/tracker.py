@@ -26,6 +26,7 @@ from lmforge.tracking import registry, store
 log = logging.getLogger(__name__)
 
 RUN_DIR_TAG = "lmforge.run_dir"
+MAX_QUEUED_METRICS = 200_000  # values held while MLflow is unreachable (about 40 MB)
 
 
 @dataclass
@@ -70,6 +71,25 @@ def find_run_id(uri: str, experiment: str, run_dir: str) -> str | None:
     return run.info.run_id if run else None
 
 
+class NullTracker:
+    """What ranks other than 0, and runs with tracking off, log through: nothing."""
+
+    run_id = None
+    failures: list[str] = []
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def stage(self, checkpoint: Path, step: int) -> None:
+        return None
+
+    def register(self, staged: Path | None, checkpoint: Path, state: dict[str, Any]) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED", timeout_s: float = 0.0) -> None:
+        pass
+
+
 def _one_line(err: Exception) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
@@ -90,8 +110,9 @@ class Tracker:
         self.run_id: str | None = None
         self.failures: list[str] = []
         self._degraded = False
+        self._dropped = 0
         self.registered: list[tuple[int, str]] = []  # (step, version)
-        self._metrics: list[tuple[int, dict[str, float], int]] = []  # (step, values, ms)
+        self._metrics: list = []  # mlflow.entities.Metric, oldest first, not yet logged
         self._lock = threading.Lock()
         self._tasks: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
         self._stage = Path(tempfile.mkdtemp(prefix="lmforge-register-"))
@@ -106,9 +127,16 @@ class Tracker:
 
     # -- called from the training loop (never blocks on MLflow) ---------------------------
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        values = {k: float(v) for k, v in metrics.items() if k != "step"}
+        from mlflow.entities import Metric
+
+        ms = int(time.time() * 1000)
+        points = [Metric(k, float(v), ms, step) for k, v in metrics.items() if k != "step"]
         with self._lock:
-            self._metrics.append((step, values, int(time.time() * 1000)))
+            self._metrics.extend(points)
+            if len(self._metrics) > MAX_QUEUED_METRICS:  # MLflow down for long: keep the newest
+                drop = len(self._metrics) - MAX_QUEUED_METRICS
+                del self._metrics[:drop]
+                self._dropped += drop
 
     def stage(self, checkpoint: Path, step: int) -> Path:
         """Keep a copy of a checkpoint's servable files for `register` (call before Ray
@@ -136,7 +164,7 @@ class Tracker:
 
         self._tasks.put((f"register the checkpoint of step {state['step']}", task))
 
-    def close(self, status: str = "FINISHED", timeout_s: float = 120.0) -> None:
+    def close(self, status: str = "FINISHED", timeout_s: float = 600.0) -> None:
         """Flush everything (at most `timeout_s`), mark the run ended, report what failed."""
 
         def end() -> None:
@@ -149,8 +177,9 @@ class Tracker:
         if self._thread.is_alive():
             self.failures.append(f"gave up after {timeout_s:.0f} s; MLflow work left undone")
         with self._lock:
-            if self._metrics:
-                self.failures.append(f"{len(self._metrics)} steps of metrics not logged")
+            if self._metrics or self._dropped:
+                lost = len(self._metrics) + self._dropped
+                self.failures.append(f"{lost} metric values not logged")
         for f in self.failures:
             log.warning("MLflow (%s): %s", self.s.uri, f)
         if not self._thread.is_alive():
@@ -227,17 +256,15 @@ class Tracker:
         print(f"MLflow run {self.run_id} (experiment {s.experiment!r}) at {s.uri}", flush=True)
 
     def _flush_metrics(self) -> None:
-        from mlflow.entities import Metric
-
+        """Log what is queued, in MLflow-sized batches; on failure keep what was not sent."""
         with self._lock:
             batch, self._metrics = self._metrics, []
+        sent = 0
         try:
-            items = [
-                Metric(k, v, ts, step) for step, values, ts in batch for k, v in values.items()
-            ]
-            for i in range(0, len(items), 1000):  # MLflow's batch limit
-                self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+            while sent < len(batch):
+                self.client.log_batch(self.run_id, metrics=batch[sent : sent + 1000])
+                sent += 1000  # MLflow's batch limit
         except Exception:
-            with self._lock:  # keep them for the next try
-                self._metrics = batch + self._metrics
+            with self._lock:
+                self._metrics = batch[sent:] + self._metrics
             raise

@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import shutil
+import statistics
 import tempfile
 import time
 import warnings
@@ -27,6 +28,8 @@ from lmforge.data.stream import TokenStream
 from lmforge.model import GPT, flops_per_token
 from lmforge.perf import measure_peak_flops
 from lmforge.training.ds_config import deepspeed_config, lr_factor
+
+WARMUP_STEPS = 3  # left out of the steady-state throughput at the end of a run
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -55,6 +58,18 @@ def consolidated_weights(engine, info: dist.DistInfo) -> dict[str, torch.Tensor]
         if info.is_main:
             out[name] = (p if full is None else full).detach().float().cpu().clone()
     return out
+
+
+def make_tracker(tracking: dict[str, Any] | None, is_main: bool, n_params: int):
+    """Rank 0 talks to MLflow; every other rank (and a run with tracking off) gets a
+    tracker that does nothing, so the loop never asks which rank it is to log."""
+    from lmforge.tracking.tracker import NullTracker, Tracker, TrackingSettings
+
+    if not (tracking and is_main):
+        return NullTracker()
+    settings = TrackingSettings(**tracking)
+    settings.params["model.n_params"] = str(n_params)
+    return Tracker(settings)
 
 
 class Trainer:
@@ -107,13 +122,8 @@ class Trainer:
         # Dropout differs across ranks; `restore` reseeds with the step so masks never repeat.
         torch.manual_seed(cfg.train.seed + 1000 * self.info.rank)
         self.peak_flops = measure_peak_flops(self.info.device, t.precision)
-        self.tracker = None
-        if tracking and self.info.is_main:  # only rank 0 talks to MLflow
-            from lmforge.tracking.tracker import Tracker, TrackingSettings
-
-            settings = TrackingSettings(**tracking)
-            settings.params["model.n_params"] = str(self.n_params)
-            self.tracker = Tracker(settings)
+        self.tracker = make_tracker(tracking, self.info.is_main, self.n_params)
+        self.startup: dict[str, float] = {}  # wall-clock marks, set by train_loop
 
     # -- resume -----------------------------------------------------------------------
     def restore(self, checkpoint) -> None:
@@ -132,9 +142,11 @@ class Trainer:
     def train_step(self, batches) -> dict[str, float]:
         t0 = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the rate this step uses; the scheduler moves on after it
-        total = 0.0
+        total, wait = 0.0, 0.0
         for _ in range(self.cfg.train.grad_accum_steps):
+            t_data = time.perf_counter()
             x, y = next(batches)
+            wait += time.perf_counter() - t_data
             _, loss = self.engine(x.to(self.info.device), y.to(self.info.device))
             self.engine.backward(loss)
             self.engine.step()
@@ -152,6 +164,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s / self.info.world * self.flops_per_token / self.peak_flops,
             "step_time_s": dt,
+            "data_wait_s": wait,  # this worker's time waiting for its next batch
         }
 
     @torch.no_grad()
@@ -192,6 +205,7 @@ class Trainer:
             self.engine.save_checkpoint(str(tmp / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
             weights = consolidated_weights(self.engine, self.info)
             positions = dist.all_gather_object(self.stream.state_dict(), self.info)
+            state, staged = None, None  # written by rank 0 only
             if self.info.is_main:
                 state = {
                     "step": self.step,
@@ -207,15 +221,14 @@ class Trainer:
                     "evals": self.evals,
                 }
                 ckpt_io.save_servable(tmp, weights, self.cfg, self.dataset.tokenizer_path, state)
-                staged = self.tracker.stage(tmp, self.step) if self.tracker else None
+                staged = self.tracker.stage(tmp, self.step)
             name = f"checkpoint_{self.step:08d}"
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                 checkpoint_dir_name=name,
             )  # fmt: skip
             dist.print0(self.info, f"checkpoint step {self.step} -> {self.run_dir}/{name}")
-            if self.tracker:
-                self.tracker.register(staged, Path(self.run_dir) / name, state)
+            self.tracker.register(staged, Path(self.run_dir) / name, state)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -241,11 +254,18 @@ class Trainer:
             ray.train.report(metrics)
         batches = self.stream.batches()
         started, first_step = time.perf_counter(), self.step
+        steps: list[dict[str, float]] = []
         while self.step < t.max_steps:
             metrics = {"step": self.step + 1, **self.train_step(batches)}
             self._log(metrics)
+            steps.append(metrics)
             s = self.step
             last = s == t.max_steps
+            if last:
+                metrics.update(self.throughput(steps))
+                dist.print0(p, _throughput_line(metrics))
+            if s == first_step + 1:
+                dist.print0(p, _startup_line(self.startup, time.time()))
             if s % t.log_every == 0 or s == first_step + 1 or last:
                 eta = (time.perf_counter() - started) / (s - first_step) * (t.max_steps - s)
                 dist.print0(p, _step_line(metrics, t.max_steps, eta))
@@ -259,10 +279,22 @@ class Trainer:
             elif s % t.log_every == 0 or "val_loss" in metrics:
                 ray.train.report(metrics)
 
+    def throughput(self, steps: list[dict[str, float]]) -> dict[str, float]:
+        """Steady-state figures of this (re)start: the median step after a short warm-up
+        (the first steps include kernel warm-up and allocator growth)."""
+        warm = steps[WARMUP_STEPS:] or steps
+        step_time = statistics.median(m["step_time_s"] for m in warm)
+        tokens_per_s = self.tokens_per_step / step_time
+        return {
+            "steady_tokens_per_s": tokens_per_s,
+            "steady_mfu": tokens_per_s / self.info.world * self.flops_per_token / self.peak_flops,
+            "data_wait_fraction": sum(m["data_wait_s"] for m in warm)
+            / sum(m["step_time_s"] for m in warm),
+        }
+
     def _log(self, metrics: dict[str, float]) -> None:
         """Every step's numbers to MLflow (rank 0; queued, never blocks on the server)."""
-        if self.tracker:
-            self.tracker.log_metrics(int(metrics["step"]), metrics)
+        self.tracker.log_metrics(int(metrics["step"]), metrics)
 
 
 def _step_line(m: dict[str, float], max_steps: int, eta_s: float) -> str:
@@ -270,6 +302,25 @@ def _step_line(m: dict[str, float], max_steps: int, eta_s: float) -> str:
         f"step {m['step']:>6}/{max_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
         f"grad {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | mfu {m['mfu']:.1%} | "
         f"{m['step_time_s'] * 1000:.0f} ms/step | eta {time.strftime('%H:%M:%S', time.gmtime(eta_s))}"
+    )
+
+
+def _startup_line(startup: dict[str, float], first_step_done: float) -> str:
+    """Where the time to the first step went, with the worker's wall-clock start (for the
+    job-start benchmark, which compares it with the submit time)."""
+    began = startup.get("worker_began", first_step_done)
+    ready = startup.get("engine_ready", began)
+    return (
+        f"startup | worker began at unix {began:.3f} | engine ready +{ready - began:.2f} s "
+        f"(data, model, DeepSpeed init) | first step done +{first_step_done - began:.2f} s"
+    )
+
+
+def _throughput_line(m: dict[str, float]) -> str:
+    return (
+        f"throughput {m['steady_tokens_per_s']:,.0f} tok/s (median step after {WARMUP_STEPS} "
+        f"warm-up steps) | mfu {m['steady_mfu']:.1%} | data wait "
+        f"{m['data_wait_fraction']:.2%} of step time"
     )
 
 
@@ -293,11 +344,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker entry point."""
     import ray.train
 
+    began = time.time()
     _quiet_ray_train_reports()
     cfg = config_from_dict(loop_config["config"])
     trainer = Trainer(
         cfg, loop_config["run_dir"], loop_config.get("init_from"), loop_config.get("tracking")
     )
+    trainer.startup = {"worker_began": began, "engine_ready": time.time()}
     status = "FAILED"
     try:
         checkpoint = ray.train.get_checkpoint()
@@ -306,5 +359,4 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         trainer.fit()
         status = "FINISHED"
     finally:
-        if trainer.tracker:
-            trainer.tracker.close(status)
+        trainer.tracker.close(status)
