@@ -71,6 +71,9 @@ def test_each_checkpoint_is_a_version_with_its_tags_and_best_alias(tracked, data
 
 def test_run_has_params_per_step_metrics_tags_and_artifacts(tracked):
     cfg, result = tracked
+    # The end of a run sums up its speed (what the benchmarks read too).
+    assert result.metrics["steady_tokens_per_s"] > 0 and result.metrics["steady_mfu"] > 0
+    assert 0 <= result.metrics["data_wait_fraction"] < 1
     c = _client()
     run = c.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
@@ -84,7 +87,7 @@ def test_run_has_params_per_step_metrics_tags_and_artifacts(tracked):
     assert len(tags["dataset.manifest_sha256"]) == 64
     loss = c.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in loss) == list(range(1, STEPS + 1))  # every step, once
-    for key in ("lr", "grad_norm", "tokens_per_s", "mfu"):
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s"):
         assert len(c.get_metric_history(run.info.run_id, key)) == STEPS
     val = c.get_metric_history(run.info.run_id, "val_loss")
     assert sorted(m.step for m in val) == [0, 10, 20, 30]

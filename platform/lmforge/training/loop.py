@@ -261,14 +261,14 @@ class Trainer:
             steps.append(metrics)
             s = self.step
             last = s == t.max_steps
-            if last:
-                metrics.update(self.throughput(steps))
-                dist.print0(p, _throughput_line(metrics))
             if s == first_step + 1:
                 dist.print0(p, _startup_line(self.startup, time.time()))
             if s % t.log_every == 0 or s == first_step + 1 or last:
                 eta = (time.perf_counter() - started) / (s - first_step) * (t.max_steps - s)
                 dist.print0(p, _step_line(metrics, t.max_steps, eta))
+            if last:
+                metrics.update(self.throughput(steps))
+                dist.print0(p, _throughput_line(metrics))
             if s % t.eval_every == 0 or last:
                 evaluation = self.evaluate()
                 metrics.update(evaluation)
