@@ -32,6 +32,7 @@ def setup(use_gpu: bool) -> DistInfo:
     accelerator once, on first use, from DS_ACCELERATOR.
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    _prefer_own_tools()
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -49,6 +50,20 @@ def setup(use_gpu: bool) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local_rank, device)
+
+
+def _prefer_own_tools() -> None:
+    """Put this environment's bin dir first on PATH, for the `ninja` DeepSpeed builds with.
+
+    DeepSpeed JIT-compiles a small op into ~/.cache/torch_extensions. Two ninja versions (the
+    pip one in the venv, a system one) each judge the other's build log stale, so processes
+    with different PATHs (a Ray worker of `lmforge cluster up`, a plain `python`) would
+    rebuild it in turn, a minute each time.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
 
 
 def print0(info: DistInfo, *args) -> None:

@@ -313,6 +313,7 @@ def run_training(
             "run_dir": str(run_dir),
             "init_from": str(init_dir) if init_dir else None,
             "tracking": tracking_settings(cfg, where, init_from),
+            "launched_at": time.time(),  # for the startup breakdown rank 0 prints
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers,

@@ -309,10 +309,12 @@ def _startup_line(startup: dict[str, float], first_step_done: float) -> str:
     """Where the time to the first step went, with the worker's wall-clock start (for the
     job-start benchmark, which compares it with the submit time)."""
     began = startup.get("worker_began", first_step_done)
+    launched = startup.get("launched", began)
     ready = startup.get("engine_ready", began)
     return (
-        f"startup | worker began at unix {began:.3f} | engine ready +{ready - began:.2f} s "
-        f"(data, model, DeepSpeed init) | first step done +{first_step_done - began:.2f} s"
+        f"startup | Ray Train workers up {began - launched:.2f} s after the launcher | worker "
+        f"began at unix {began:.3f} | engine ready +{ready - began:.2f} s (data, model, "
+        f"DeepSpeed init) | first step done +{first_step_done - began:.2f} s"
     )
 
 
@@ -350,7 +352,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     trainer = Trainer(
         cfg, loop_config["run_dir"], loop_config.get("init_from"), loop_config.get("tracking")
     )
-    trainer.startup = {"worker_began": began, "engine_ready": time.time()}
+    trainer.startup = {
+        "launched": loop_config.get("launched_at", began),
+        "worker_began": began,
+        "engine_ready": time.time(),
+    }
     status = "FAILED"
     try:
         checkpoint = ray.train.get_checkpoint()
