@@ -29,6 +29,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
 STATE = "trainer_state.json"
+SERVABLE = (WEIGHTS, CONFIG, TOKENIZER, STATE)  # all a model needs, without the engine state
 ENGINE_DIR = "deepspeed"
 ENGINE_TAG = "state"
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def save_servable(
 
 
 def is_complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in (WEIGHTS, CONFIG, TOKENIZER, STATE))
+    return all((path / f).is_file() for f in SERVABLE)
 
 
 def read_state(path: Path) -> dict[str, Any]:

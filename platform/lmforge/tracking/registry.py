@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the logged model's name inside its run
 ARTIFACT = "checkpoint"  # the pyfunc artifact holding the servable files
-SERVABLE = (ckpt_io.WEIGHTS, ckpt_io.CONFIG, ckpt_io.TOKENIZER, ckpt_io.STATE)
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _URI = re.compile(
     rf"^models:/(?P<name>{NAME_PATTERN})(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))$"
@@ -94,7 +93,7 @@ def stage_servable(checkpoint: Path, into: Path) -> Path:
     """
     out = into / ARTIFACT
     out.mkdir(parents=True)
-    for name in SERVABLE:
+    for name in ckpt_io.SERVABLE:
         try:
             (out / name).hardlink_to(checkpoint / name)
         except OSError:

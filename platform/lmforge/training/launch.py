@@ -187,7 +187,7 @@ def prepare_init(cfg: Config, init_from: str | None) -> tuple[Config, Path | Non
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG, ckpt_io.TOKENIZER, ckpt_io.STATE):
+    for name in ckpt_io.SERVABLE:
         shutil.copyfile(src / name, dst / name)
     (dst / "SOURCE").write_text(f"{init_from}\n")
     return cfg, dst
