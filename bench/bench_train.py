@@ -1,0 +1,365 @@
+"""Training throughput: lmforge's train job (Ray Train, 2 workers, DeepSpeed ZeRO 0-3, fp32
+and bf16) against a plain single-process PyTorch loop (`bench/plain_loop.py`) on the same
+model, data, global batch and number of CPU threads; its MFU; and bf16 against fp32.
+
+    .venv/bin/python bench/bench_train.py                 # ~14M params, ZeRO 0-3: ~15 min
+    .venv/bin/python bench/bench_train.py --tiny          # 2-layer model, ZeRO 1 fp32: checks it runs
+    .venv/bin/python -m bench.bench_train --repeats 3 --stages 1,2 --precisions fp32
+
+Model (full size): n_layer 6, d_model 384, n_head 6, context 256 on the bundled Shakespeare
+(21 plays) with a vocab of 8192: 13.8M parameters counted as in 6N (the tied token
+embedding included, positions not), 10.6M of them in the blocks. Global batch 2 workers x
+micro-batch 2 x 256 tokens = 1024 tokens a step, each worker with 1 CPU thread; the plain
+loop trains the same 4 sequences a step in one forward/backward with 2 threads.
+
+What is measured: tokens/s of the median step after 3 warm-up steps, on both sides
+(lmforge's trainer reports it as `steady_tokens_per_s`; the plain loop times its steps the
+same way, data loading included). Ray Train's start-up (~20-30 s a run), the final
+evaluation and checkpoint are not measured. MFU = tokens/s x `flops_per_token` (6N +
+12·L·d·T) over the FLOP/s of a large matmul in the same dtype (`lmforge.perf`), measured
+once here with 2 threads before anything else starts. In bf16 the plain loop uses
+`torch.autocast` (fp32 weights, bf16 matmuls), lmforge DeepSpeed's bf16 (bf16 weights,
+fp32 master copy).
+
+Runs alternate (lmforge ZeRO 0..3, plain, then the reverse) so machine noise lands on both.
+On a CPU without avx512_bf16, bf16 matmuls fall back to slow kernels (a bf16 step takes
+~25x an fp32 step at full size): bf16 then runs at ZeRO 1 only, 1 repeat, 5 steps, and
+the result says so.
+
+The dataset is prepared once (Ray needed: a private local Ray starts if no cluster runs)
+and cached under `$LMFORGE_HOME/bench/`; runs write under a temp dir, with tracking off.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import REPO, Figure, alternate, bench_args, machine_info, report, spread  # noqa: E402
+
+TINY_YAML = REPO / "jobs" / "configs" / "tiny.yaml"
+THREADS = 2  # lmforge: 2 workers x 1 CPU; the plain loop: 2 torch threads
+FULL_MODEL = ["model.n_layer=6", "model.d_model=384", "model.n_head=6", "model.context_length=256"]
+FULL_BATCH = ["train.micro_batch_size=2", "train.grad_accum_steps=1"]
+THROUGHPUT_TARGET = 0.90  # lmforge / plain, ZeRO 1-2 fp32
+MFU_TARGET = 50.0  # %, ZeRO 1-2 fp32
+BF16_TARGET = 1.5  # bf16 / fp32 tokens/s
+TARGET_STAGES = (1, 2)
+STARTUP_S = 50.0  # Ray Train workers + DeepSpeed init + final eval, checkpoint and teardown
+SLOW_BF16_STEPS = 5  # 3 warm-up + 2 measured, where a bf16 step takes half a minute
+
+
+def prepared_dataset(tiny: bool) -> Path:
+    """The benchmark's dataset dir, prepared on first use and reused afterwards."""
+    from lmforge import paths
+
+    n_plays, vocab = (3, 512) if tiny else (21, 8192)
+    out = paths.home() / "bench" / f"train-plays{n_plays}-v{vocab}"
+    if (out / "manifest.json").is_file():
+        return out
+    from lmforge.cluster import connect
+    from lmforge.data.prepare import PrepareOptions, prepare
+
+    plays = sorted((REPO / "data" / "shakespeare").glob("*.txt"))[:n_plays]
+    print(f"preparing {len(plays)} plays (vocab {vocab}) into {out} ...", flush=True)
+    connect()
+    # 8 rows of 1024 tokens a row group: enough row groups for 2 workers even at 3 plays.
+    opts = PrepareOptions(vocab_size=vocab, seq_tokens=1024, rows_per_group=8, overwrite=True)
+    prepare(plays, out, opts)
+    return out
+
+
+def build_config(dataset: Path, tiny: bool, steps: int, storage: Path, stage: int, precision: str):
+    from lmforge.config import load_config
+
+    sizes = [] if tiny else FULL_MODEL + FULL_BATCH
+    return load_config(
+        TINY_YAML,
+        [
+            *sizes,
+            f"data.path={dataset}",
+            f"zero.stage={stage}",
+            f"train.precision={precision}",
+            f"train.max_steps={steps}",
+            f"train.warmup_steps={min(5, steps)}",
+            f"train.eval_every={steps}",  # one evaluation and one checkpoint, at the end
+            f"train.checkpoint_every={steps}",
+            f"train.log_every={steps}",
+            "train.eval_steps=2",
+            "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1",
+            "tracking.enabled=false",  # benchmarks do not fill the registry
+            f"run.storage_path={storage}",
+            f"run.name=bench-z{stage}-{precision}-{uuid.uuid4().hex[:8]}",
+        ],
+    )
+
+
+def model_flops_per_token(cfg, vocab_size: int) -> tuple[float, int]:
+    import torch
+
+    from lmforge.model import GPT, flops_per_token
+
+    model_cfg = cfg.model.model_copy(update={"vocab_size": vocab_size})
+    with torch.device("meta"):
+        n_params = GPT(model_cfg).num_params()
+    return flops_per_token(model_cfg, n_params), n_params
+
+
+class Runs:
+    """The run functions `alternate` calls; each returns tokens/s and keeps its details."""
+
+    def __init__(self, dataset: Path, tiny: bool, storage: Path, total: int) -> None:
+        self.dataset, self.tiny, self.storage = dataset, tiny, storage
+        self.details: dict[str, list[dict[str, float]]] = {}
+        self.done, self.total, self.started = 0, total, time.perf_counter()
+
+    def _progress(self, name: str, tokens_per_s: float, extra: str, began: float) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.started
+        print(
+            f"[{self.done}/{self.total}] {name}: {tokens_per_s:,.0f} tokens/s{extra} "
+            f"({time.perf_counter() - began:.0f} s; {elapsed / 60:.1f} min so far)",
+            flush=True,
+        )
+
+    def lmforge(self, stage: int, precision: str, steps: int):
+        name = f"lmforge ZeRO {stage} {precision}"
+
+        def run() -> float:
+            from lmforge.training.launch import run_training
+
+            began = time.perf_counter()
+            cfg = build_config(self.dataset, self.tiny, steps, self.storage, stage, precision)
+            result = run_training(cfg)
+            shutil.rmtree(result.run_dir, ignore_errors=True)  # checkpoints: ~0.2 GB a run
+            m = result.metrics
+            if "steady_tokens_per_s" not in m:
+                raise RuntimeError(f"{name}: the run reported no steady_tokens_per_s ({m})")
+            keep = ("steady_tokens_per_s", "steady_mfu", "data_wait_fraction")
+            self.details.setdefault(name, []).append({k: float(m[k]) for k in keep})
+            extra = f", data wait {m['data_wait_fraction']:.1%}"
+            self._progress(name, m["steady_tokens_per_s"], extra, began)
+            return float(m["steady_tokens_per_s"])
+
+        return name, run
+
+    def plain(self, precision: str, steps: int):
+        name = f"plain {precision}"
+
+        def run() -> float:
+            from bench import plain_loop
+
+            began = time.perf_counter()
+            cfg = build_config(self.dataset, self.tiny, steps, self.storage, 1, precision)
+            r = plain_loop.train(cfg, THREADS)
+            self._progress(name, r.steady_tokens_per_s, f", last loss {r.losses[-1]:.3f}", began)
+            return r.steady_tokens_per_s
+
+        return name, run
+
+
+def measure_peaks(precisions: list[str]) -> dict[str, float]:
+    """FLOP/s of a large matmul per dtype, with this benchmark's 2 threads, on an idle
+    machine (before Ray starts): the MFU denominator."""
+    import torch
+
+    from lmforge.perf import measure_peak_flops
+
+    torch.set_num_threads(THREADS)
+    peaks = {}
+    for p in precisions:
+        peaks[p] = measure_peak_flops(torch.device("cpu"), p, seconds=1.0)
+        print(f"matmul peak {p}, {THREADS} threads: {peaks[p] / 1e9:,.1f} GFLOP/s", flush=True)
+    return peaks
+
+
+def mfu_figure(name: str, pct: list[float], plain_pct: list[float], peak: float, target: bool):
+    note = f"plain loop {statistics.median(plain_pct):.0f}%; peak {peak / 1e9:,.1f} GFLOP/s"
+    if max(pct) > 100:
+        note += (
+            "; above 100%: this CPU's matmul kernel for the dtype is slower than the ones "
+            "nn.Linear uses, so the peak understates it"
+        )
+    med = statistics.median(pct)
+    return Figure(
+        name=name, unit="% of matmul peak", value=spread(pct),
+        target=f">= {MFU_TARGET:g}%" if target else "",
+        met=(med >= MFU_TARGET) if target else None, note=note,
+    )  # fmt: skip
+
+
+def plan(args, fast_bf16: bool) -> tuple[list[tuple[int, str, int]], dict[str, int]]:
+    """(stage, precision, steps) of the lmforge runs, and each precision's repeats."""
+    stages = [int(s) for s in args.stages.split(",")] if args.stages else None
+    precisions = args.precisions.split(",") if args.precisions else None
+    if args.tiny:
+        stages, precisions = stages or [1], precisions or ["fp32"]
+    stages, precisions = stages or [0, 1, 2, 3], precisions or ["fp32", "bf16"]
+    steps = args.steps or (8 if args.tiny else 20)
+    runs, repeats = [], {}
+    for p in precisions:
+        if p == "bf16" and not fast_bf16 and not args.tiny and not args.stages:
+            # Without avx512_bf16 a full-size bf16 step takes ~25 s: one short run at ZeRO 1.
+            runs += [(1, p, min(steps, SLOW_BF16_STEPS))] if 1 in stages else []
+            repeats[p] = 1
+        else:
+            runs += [(s, p, steps) for s in stages]
+            repeats[p] = 1 if args.tiny else args.repeats
+    return runs, repeats
+
+
+def estimate_s(runs, repeats, step_flops: float, peaks: dict[str, float], fast_bf16: bool):
+    """A rough duration: start-up per lmforge run plus steps at ~60% of the fp32 peak
+    (~25x slower in bf16 without avx512_bf16), for lmforge and the plain loop alike."""
+    total = 0.0
+    for precision in repeats:
+        mine = [(s, st) for s, p, st in runs if p == precision]
+        if not mine:
+            continue
+        slow = 1 if fast_bf16 or precision == "fp32" else 25
+        step_s = step_flops / (0.6 * peaks.get("fp32", peaks[precision])) * slow
+        steps = mine[0][1]
+        per_round = sum(STARTUP_S + st * step_s for _, st in mine) + steps * step_s + 5
+        total += repeats[precision] * per_round
+    return total
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = bench_args(__doc__.splitlines()[0])
+    p.set_defaults(repeats=2)  # a round of ZeRO 0-3 + plain takes ~5 min on 2 cores
+    p.add_argument("--stages", help="ZeRO stages to run, e.g. 1,2 (default 0,1,2,3; --tiny: 1)")
+    p.add_argument("--precisions", help="fp32,bf16 (default both; --tiny: fp32)")
+    p.add_argument(
+        "--steps", type=int, help="steps a run, 3 of them warm-up (default 20; --tiny 8)"
+    )
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    machine = machine_info()
+    fast_bf16 = machine["avx512_bf16"]
+    runs, repeats = plan(args, fast_bf16)
+    precisions = list(repeats)
+    peaks = measure_peaks(precisions)  # first: nothing else runs yet
+
+    from lmforge.cluster import connect
+    from lmforge.data.dataset import Dataset
+    from lmforge.training.loop import WARMUP_STEPS
+
+    dataset_dir = prepared_dataset(args.tiny)
+    dataset = Dataset(dataset_dir)
+    where = connect()  # once; every run_training reuses it
+    storage = Path(tempfile.mkdtemp(prefix="lmforge-bench-train-"))
+    probe = build_config(dataset_dir, args.tiny, 8, storage, 1, "fp32")
+    fpt, n_params = model_flops_per_token(probe, dataset.vocab_size)
+    m, t = probe.model, probe.train
+    tokens_per_step = t.micro_batch_size * 2 * t.grad_accum_steps * m.context_length
+    n_runs = sum(repeats[pr] * (1 + sum(1 for _, q, _ in runs if q == pr)) for pr in repeats)
+    print(
+        f"model: n_layer {m.n_layer}, d_model {m.d_model}, n_head {m.n_head}, context "
+        f"{m.context_length}, vocab {dataset.vocab_size}: {n_params / 1e6:.2f}M params "
+        f"({fpt / 1e6:.1f} MFLOP/token); {tokens_per_step:,} tokens/step; Ray: {where}",
+        flush=True,
+    )
+    if "bf16" in repeats and not fast_bf16:
+        print("this CPU has no avx512_bf16: bf16 matmuls run on slow fallback kernels", flush=True)
+    est = estimate_s(runs, repeats, tokens_per_step * fpt, peaks, fast_bf16)
+    print(f"{n_runs} runs, expected to take about {est / 60:.0f} min", flush=True)
+
+    bench = Runs(dataset_dir, args.tiny, storage, n_runs)
+    fns = {}
+    for stage, precision, steps in runs:
+        name, fn = bench.lmforge(stage, precision, steps)
+        fns[name] = (precision, fn)
+    for precision in precisions:
+        steps = next(st for _, q, st in runs if q == precision)
+        name, fn = bench.plain(precision, steps)
+        fns[name] = (precision, fn)
+    try:
+        # Each precision's repeats alternate (A B .. B A ..); fewer bf16 repeats where slow.
+        tps: dict[str, list[float]] = {}
+        for i in range(max(repeats.values())):
+            live = {n: fn for n, (pr, fn) in fns.items() if i < repeats[pr]}
+            order = list(live) if i % 2 == 0 else list(reversed(live))
+            for name, values in alternate({n: live[n] for n in order}, 1).items():
+                tps.setdefault(name, []).extend(values)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+
+    figures, mfu = [], {}
+    for name, values in tps.items():
+        precision = fns[name][0]
+        mfu[name] = [v * fpt / peaks[precision] * 100 for v in values]
+    for stage, precision, _ in runs:
+        name, plain = f"lmforge ZeRO {stage} {precision}", f"plain {precision}"
+        n = len(tps[name])
+        target = precision == "fp32" and stage in TARGET_STAGES
+        waits = [d["data_wait_fraction"] for d in bench.details[name]]
+        baseline = "plain PyTorch loop" + (" (autocast bf16)" if precision == "bf16" else "")
+        figures.append(Figure.ratio_of(
+            f"ZeRO {stage} {precision}", "tokens/s", tps[name], tps[plain][:n], baseline=baseline,
+            target=THROUGHPUT_TARGET if target else None,
+            note=f"data wait {statistics.median(waits):.1%} of step time",
+        ))  # fmt: skip
+    for stage, precision, _ in runs:
+        name, plain = f"lmforge ZeRO {stage} {precision}", f"plain {precision}"
+        target = precision == "fp32" and stage in TARGET_STAGES
+        figures.append(mfu_figure(
+            f"MFU ZeRO {stage} {precision}", mfu[name], mfu[plain], peaks[precision], target
+        ))  # fmt: skip
+    for stage, precision, _ in runs:
+        fp32 = f"lmforge ZeRO {stage} fp32"
+        if precision != "bf16" or fp32 not in tps:
+            continue
+        bf16 = tps[f"lmforge ZeRO {stage} bf16"]
+        note = "" if fast_bf16 else (
+            "this CPU has no avx512_bf16: bf16 matmuls use slow fallback kernels; "
+            f"{len(bf16)} run of {runs_steps(runs, stage, 'bf16')} steps"
+        )  # fmt: skip
+        figures.append(Figure.ratio_of(
+            f"bf16 vs fp32, ZeRO {stage}", "tokens/s", bf16, tps[fp32][: len(bf16)],
+            baseline="lmforge fp32", target=BF16_TARGET, note=note,
+        ))  # fmt: skip
+
+    report(
+        "train",
+        figures,
+        config={
+            "model": {
+                "n_layer": m.n_layer,
+                "d_model": m.d_model,
+                "n_head": m.n_head,
+                "context_length": m.context_length,
+                "vocab_size": dataset.vocab_size,
+            },  # fmt: skip
+            "n_params": n_params,
+            "flops_per_token": fpt,
+            "tokens_per_step": tokens_per_step,
+            "workers": 2,
+            "threads": THREADS,
+            "runs": [{"stage": s, "precision": pr, "steps": st} for s, pr, st in runs],
+            "warmup_steps": WARMUP_STEPS,
+            "repeats": repeats,
+            "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
+            "lmforge_reported_mfu": {
+                n: statistics.median(d["steady_mfu"] for d in v) for n, v in bench.details.items()
+            },
+            "dataset": str(dataset_dir),
+            "seconds": round(time.perf_counter() - started),
+            "machine": machine,
+        },
+    )
+
+
+def runs_steps(runs, stage: int, precision: str) -> int:
+    return next(st for s, p, st in runs if s == stage and p == precision)
+
+
+if __name__ == "__main__":
+    main()
