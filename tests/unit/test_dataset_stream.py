@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from lmforge.data.dataset import Dataset, DatasetError
 from lmforge.data.prepare import PrepareOptions, split_and_write
@@ -86,6 +87,45 @@ def test_windows_cover_each_share_once_per_epoch(tmp_path):
         assert s.state_dict()["epoch"] == 0
         next(it)
         assert s.state_dict()["epoch"] == 1  # rolled over into the next epoch
+
+
+def epoch_stream(s: TokenStream, epoch: int) -> np.ndarray:
+    """This worker's token stream for an epoch, read straight from the shards."""
+    return np.concatenate([pq.ParquetFile(u.file).read_row_group(u.row_group).column(0)
+                           .combine_chunks().flatten().to_numpy() for u in s.my_units(epoch)])  # fmt: skip
+
+
+def test_batches_are_the_windows_in_order_across_epochs(tmp_path):
+    """Batches are cut from whole runs of windows at once: the same windows, in the same
+    order, as the stream read by hand, with the position after each batch exact."""
+    ds, _, _ = make_dataset(tmp_path / "ds", n_docs=80)
+    T, B = 16, 5
+    s = TokenStream(ds, "train", T, batch_size=B, rank=0, world=2, seed=3)
+    windows = []
+    for epoch in (0, 1, 2):
+        stream = epoch_stream(s, epoch)
+        n = (len(stream) - 1) // T
+        windows += [(epoch, (i + 1) * T, stream[i * T : i * T + T + 1]) for i in range(n)]
+    it = s.batches()
+    for b in range(len(windows) // B - 1):
+        x, y = next(it)
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (B, T)
+        want = windows[b * B : (b + 1) * B]
+        np.testing.assert_array_equal(x.numpy(), np.stack([w[:-1] for _, _, w in want]))
+        np.testing.assert_array_equal(y.numpy(), np.stack([w[1:] for _, _, w in want]))
+        assert s.state_dict() == {"epoch": want[-1][0], "offset": want[-1][1]}
+
+
+def test_one_pass_reads_the_share_once_and_leaves_the_position(tmp_path):
+    ds, _, _ = make_dataset(tmp_path / "ds", n_docs=80)
+    T, B = 16, 4
+    s = TokenStream(ds, "val", T, batch_size=B, shuffle=False)
+    stream = epoch_stream(s, 0)
+    n = (len(stream) - 1) // T
+    got = list(s.one_pass())
+    assert [len(x) for x, _ in got] == [B] * (n // B) + ([n % B] if n % B else [])
+    np.testing.assert_array_equal(torch.cat([x for x, _ in got]).flatten().numpy(), stream[: n * T])
+    assert s.state_dict() == {"epoch": 0, "offset": 0}
 
 
 def test_resume_continues_at_the_same_batch(tmp_path):
