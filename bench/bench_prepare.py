@@ -13,15 +13,15 @@ training is not timed. The baseline reads the same files and calls
 thread pool on every core (its default): what a user would write without Ray.
 
 Ray is a private local instance with every core of this machine, started here (one first
-prepare warms its workers up and is not counted). The 1-CPU runs cap Ray Data with
-`DataContext.execution_options.resource_limits = ExecutionResources(cpu=1)` in the same
-Ray instance, so they alternate with the others; the driver's own work is not capped by
-either setting. Targets: prepare >= 0.7x `encode_batch`; the scaling figure is reported
+prepare warms its workers up and is not counted). The 1-CPU runs cap prepare at one tokenize task at a time
+(`PrepareOptions(max_tasks=1)`, Ray Data's `TaskPoolStrategy(size=1)`) in the same Ray
+instance, so they alternate with the others; the driver's own work is not capped. Targets: prepare >= 0.7x `encode_batch`; the scaling figure is reported
 (ideal: the number of CPUs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -82,18 +82,11 @@ def main(argv: list[str] | None = None) -> None:
 
     out = paths.home() / "bench" / "prepare-out"
     opts = PrepareOptions(vocab_size=vocab, tokenizer=tok_path, overwrite=True)
-    exec_opts = ray.data.DataContext.get_current().execution_options
-    unlimited = exec_opts.resource_limits
 
-    def run_prepare(cpu_limit: int | None) -> float:
-        if cpu_limit is not None:
-            exec_opts.resource_limits = ray.data.ExecutionResources(cpu=cpu_limit)
-        try:
-            t0 = time.perf_counter()
-            prepare(plays, out, opts)
-            return mb / (time.perf_counter() - t0)
-        finally:
-            exec_opts.resource_limits = unlimited
+    def run_prepare(max_tasks: int | None) -> float:
+        t0 = time.perf_counter()
+        prepare(plays, out, dataclasses.replace(opts, max_tasks=max_tasks))
+        return mb / (time.perf_counter() - t0)
 
     tok = load_tokenizer(tok_path)
 
@@ -127,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
         Figure.ratio_of(
             f"prepare scaling, {cpus} CPUs vs 1", "MB/s", runs["prepare"], runs["prepare_1cpu"],
-            baseline="prepare capped at 1 CPU",
+            baseline="prepare, 1 task at a time",
             note=f"ideal {cpus}x; 1 CPU via Ray Data resource_limits",
         ),
     ]  # fmt: skip

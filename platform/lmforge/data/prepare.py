@@ -33,6 +33,8 @@ from lmforge.data.readers import CorpusError, discover, read_documents
 from lmforge.tokenizer import eot_id, file_sha256, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
+TASKS_PER_CPU = 2  # enough to even out unequal files
+TASK_BYTES = 32 << 20  # raw text a tokenize task takes at most, roughly
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class PrepareOptions:
     groups_per_shard: int = 64
     tokenizer: Path | None = None  # reuse this tokenizer.json instead of training one
     overwrite: bool = False
+    max_tasks: int | None = None  # concurrent tokenize tasks at most (default: as CPUs allow)
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -57,6 +60,8 @@ class PrepareOptions:
             )
         if self.rows_per_group < 1 or self.groups_per_shard < 1:
             raise ValueError("--rows-per-group and groups per shard must be >= 1")
+        if self.max_tasks is not None and self.max_tasks < 1:
+            raise ValueError(f"max_tasks must be >= 1 (got {self.max_tasks})")
 
 
 def _tokenize_batch(batch: pa.Table, tokenizer_json: str) -> pa.Table:
@@ -151,20 +156,40 @@ def split_and_write(
     return manifest
 
 
-def _tokenized_docs(files: list[Path], tok: Tokenizer) -> Iterator[np.ndarray]:
+def _n_tasks(files: list[Path]) -> int:
+    """How many tokenize tasks: a few per CPU of the cluster, more for a big corpus (about
+    TASK_BYTES of text each), never more than the files. A task costs ~70 ms besides its
+    text (tokenizer load, scheduling); one task per small file made prepare 0.6x of a
+    single-process `encode_batch` on 21 plays (bench/bench_prepare.py), 2 per CPU 0.9x."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    total = sum(f.stat().st_size for f in files)
+    return max(1, min(len(files), max(TASKS_PER_CPU * cpus, -(-total // TASK_BYTES)), 2000))
+
+
+def _tokenized_docs(
+    files: list[Path], tok: Tokenizer, max_tasks: int | None = None
+) -> Iterator[np.ndarray]:
     """Each document's token ids (+ EOT), in input order; Ray Data does the tokenizing."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # determinism: output follows input order
     ds = ray.data.from_items(
-        [{"path": str(f)} for f in files], override_num_blocks=min(len(files), 200)
+        [{"path": str(f)} for f in files], override_num_blocks=_n_tasks(files)
     ).map_batches(
         _tokenize_batch,
-        batch_size=1,
+        batch_size=None,  # a task tokenizes its whole block: one tokenizer load per task
         batch_format="pyarrow",
         fn_kwargs={"tokenizer_json": tok.to_str()},
+        compute=ray.data.TaskPoolStrategy(size=max_tasks),
     )
+    ctx = ds.context  # this dataset's own copy: the process-wide DataContext is left alone
+    ctx.execution_options.preserve_order = True  # determinism: output follows input order
+    # Ray Data reserves a share of the cluster per operator; with one map operator behind
+    # an in-memory input that share only throttles it: on 2 CPUs the tokenize tasks ran
+    # mostly one at a time ("backpressured: ResourceBudget"). bench/bench_prepare.py: 0.43x
+    # -> 0.9x of encode_batch with the reservation off. Nothing else runs in this dataset.
+    ctx.op_resource_reservation_enabled = False
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for ids in batch.column("ids").chunks:
@@ -209,7 +234,9 @@ def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) 
         tok = _get_tokenizer(files, opts, tmp)
         t0 = time.perf_counter()
         sources = [{"path": str(f), "bytes": f.stat().st_size} for f in files]
-        manifest = split_and_write(_tokenized_docs(files, tok), tmp, tok, opts, sources)
+        manifest = split_and_write(
+            _tokenized_docs(files, tok, opts.max_tasks), tmp, tok, opts, sources
+        )
         dt = time.perf_counter() - t0
         s = manifest["splits"]
         log.info(
