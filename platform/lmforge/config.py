@@ -117,6 +117,12 @@ class RunConfig(_Section):
     checkpoints_to_keep: int | None = Field(
         None, ge=1, description="Keep only the newest N checkpoints; all when unset."
     )
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="Restart the workers after a worker or node dies (or raises) up to N "
+        "times, from the latest checkpoint; -1: no limit.",
+    )
 
 
 class TrackingConfig(_Section):

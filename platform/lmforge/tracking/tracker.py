@@ -113,6 +113,9 @@ class Tracker:
         self._dropped = 0
         self.registered: list[tuple[int, str]] = []  # (step, version)
         self._metrics: list = []  # mlflow.entities.Metric, oldest first, not yet logged
+        # A resumed run (after a crash, or a restart by Ray Train) replays the steps since
+        # its checkpoint; the points MLflow already has are not logged twice.
+        self._logged_through: dict[str, int] = {}
         self._lock = threading.Lock()
         self._tasks: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
         self._stage = Path(tempfile.mkdtemp(prefix="lmforge-register-"))
@@ -245,6 +248,10 @@ class Tracker:
                     run.info.run_id, "lmforge.resumed_with_changes", ", ".join(changed)[:5000]
                 )
             params = {k: v for k, v in s.params.items() if k not in old}
+            self._logged_through = {
+                k: max((m.step for m in c.get_metric_history(run.info.run_id, k)), default=-1)
+                for k in run.data.metrics
+            }
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
@@ -259,6 +266,8 @@ class Tracker:
         """Log what is queued, in MLflow-sized batches; on failure keep what was not sent."""
         with self._lock:
             batch, self._metrics = self._metrics, []
+        if self._logged_through:
+            batch = [m for m in batch if m.step > self._logged_through.get(m.key, -1)]
         sent = 0
         try:
             while sent < len(batch):

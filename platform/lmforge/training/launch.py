@@ -324,6 +324,9 @@ def run_training(
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            # A dead worker (or node) restarts the worker group, which resumes from the
+            # latest checkpoint Ray has persisted (`ray.train.get_checkpoint()`).
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             # Ray Train's per-report INFO lines would drown our progress lines in the job log.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),

@@ -8,6 +8,7 @@ group (gloo on CPU, NCCL on GPU) when this starts.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import shutil
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from lmforge import checkpoint as ckpt_io
-from lmforge import dist, paths
+from lmforge import dist, faults, paths
 from lmforge.config import Config, config_from_dict
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
@@ -58,6 +59,12 @@ def consolidated_weights(engine, info: dist.DistInfo) -> dict[str, torch.Tensor]
         if info.is_main:
             out[name] = (p if full is None else full).detach().float().cpu().clone()
     return out
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The RNG seed of one worker's optimizer step (distinct per rank and step)."""
+    digest = hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # manual_seed takes < 2**63
 
 
 def make_tracker(tracking: dict[str, Any] | None, is_main: bool, n_params: int):
@@ -119,8 +126,6 @@ class Trainer:
         )
         self.step, self.tokens_seen = 0, 0
         self.evals: list[dict[str, float]] = []  # (step, val_loss) history, kept in checkpoints
-        # Dropout differs across ranks; `restore` reseeds with the step so masks never repeat.
-        torch.manual_seed(cfg.train.seed + 1000 * self.info.rank)
         self.peak_flops = measure_peak_flops(self.info.device, t.precision)
         self.tracker = make_tracker(tracking, self.info.is_main, self.n_params)
         self.startup: dict[str, float] = {}  # wall-clock marks, set by train_loop
@@ -135,12 +140,14 @@ class Trainer:
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.evals = state.get("evals", [])
             self.stream.load_state_dict(state["data"][self.info.rank])
-            torch.manual_seed(self.cfg.train.seed + 1000 * self.info.rank + 7919 * self.step)
         dist.print0(self.info, f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
 
     # -- one optimizer step -----------------------------------------------------------
     def train_step(self, batches) -> dict[str, float]:
         t0 = time.perf_counter()
+        # Dropout's randomness is a function of (seed, rank, step), not of the history of
+        # the process: a run resumed at any step draws the masks an uninterrupted run does.
+        torch.manual_seed(step_seed(self.cfg.train.seed, self.info.rank, self.step))
         lr = self.engine.get_lr()[0]  # the rate this step uses; the scheduler moves on after it
         total, wait = 0.0, 0.0
         for _ in range(self.cfg.train.grad_accum_steps):
@@ -203,6 +210,7 @@ class Trainer:
         tmp = Path(tempfile.mkdtemp(prefix="lmforge-ckpt-"))
         try:
             self.engine.save_checkpoint(str(tmp / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
+            faults.maybe_kill("checkpoint", self.step, self.info.rank)
             weights = consolidated_weights(self.engine, self.info)
             positions = dist.all_gather_object(self.stream.state_dict(), self.info)
             state, staged = None, None  # written by rank 0 only
@@ -260,6 +268,7 @@ class Trainer:
             self._log(metrics)
             steps.append(metrics)
             s = self.step
+            faults.maybe_kill("step", s, p.rank)
             last = s == t.max_steps
             if s == first_step + 1:
                 dist.print0(p, _startup_line(self.startup, time.time()))

@@ -1,0 +1,106 @@
+"""Workers SIGKILLed in the middle of a job (between checkpoints, and while a checkpoint is
+being written): Ray Train restarts the worker group from the latest checkpoint, the job
+finishes, and it ends with the weights of an uninterrupted run and one metric history."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lmforge.checkpoint import WEIGHTS, read_state
+from lmforge.tracking import store
+from lmforge.tracking.tracker import find_run
+from tests.conftest import REPO
+
+STEPS, EVERY = 12, 4
+EXPERIMENT = "it-resilience"
+
+
+def submit(ray_cluster, dataset, storage: Path, name: str, env: dict[str, str]):
+    """Submit jobs/train.py through the Jobs API (as `ray job submit` does); wait for it."""
+    from ray.job_submission import JobSubmissionClient
+
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["working_dir"] = str(REPO)
+    runtime_env["py_modules"] = [str(REPO / m) for m in runtime_env["py_modules"]]
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+    overrides = {
+        "data.path": dataset, "run.storage_path": storage, "run.name": name,
+        "train.max_steps": STEPS, "train.eval_every": EVERY, "train.checkpoint_every": EVERY,
+        "train.log_every": 1, "run.max_failures": 2, "zero.stage": 2,
+        "tracking.tracking_uri": store.resolve_uri(None), "tracking.experiment": EXPERIMENT,
+    }  # fmt: skip
+    args = ["python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml"]
+    for k, v in overrides.items():
+        args += ["--set", f"{k}={v}"]
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    job = client.submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env)
+    deadline = time.time() + 600
+    while not (status := client.get_job_status(job)).is_terminal():
+        assert time.time() < deadline, f"job {job} still {status} after 10 min"
+        time.sleep(1)
+    return str(status), client.get_job_logs(job)
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, dataset, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("resilience")
+    once = storage / "fault-fired"
+    ref = submit(ray_cluster, dataset, storage, "uninterrupted", {})
+    faults = {
+        "LMFORGE_FAULT": f"step:6:1,checkpoint:{2 * EVERY}:0",
+        "LMFORGE_FAULT_ONCE": str(once),
+    }
+    hit = submit(ray_cluster, dataset, storage, "killed", faults)
+    return storage, ref, hit, once
+
+
+def test_killed_workers_are_restarted_and_the_job_finishes(runs):
+    storage, (ref_status, ref_log), (status, log), once = runs
+    assert ref_status == "SUCCEEDED", ref_log[-3000:]
+    assert status == "SUCCEEDED", log[-4000:]
+    # Both faults fired: rank 1 after step 6, rank 0 while writing checkpoint 8.
+    assert (Path(f"{once}.step-6-1")).exists() and (Path(f"{once}.checkpoint-8-0")).exists()
+    assert log.count("fault injection: SIGKILL") == 2
+    # Each restart resumed from checkpoint 4: the half-written checkpoint 8 was never used.
+    assert log.count(f"resumed from step {EVERY}") == 2, log[-4000:]
+    final = storage / "killed" / f"checkpoint_{STEPS:08d}"
+    assert read_state(final)["step"] == STEPS
+
+
+def test_resumed_run_ends_with_the_uninterrupted_weights(runs):
+    storage, *_ = runs
+    name = f"checkpoint_{STEPS:08d}"
+    ref = load_file(str(storage / "uninterrupted" / name / WEIGHTS))
+    got = load_file(str(storage / "killed" / name / WEIGHTS))
+    assert ref.keys() == got.keys()
+    diff = max((ref[k] - got[k]).abs().max().item() for k in ref)
+    assert diff < 1e-5, f"max abs weight difference {diff}"
+    assert not all(torch.equal(ref[k], torch.zeros_like(ref[k])) for k in ref)
+    # Same data seen: the token count and each worker's stream position agree.
+    a, b = read_state(storage / "uninterrupted" / name), read_state(storage / "killed" / name)
+    assert a["tokens_seen"] == b["tokens_seen"] and a["data"] == b["data"]
+    assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], abs=1e-5)
+
+
+def test_one_metric_history_and_one_version_per_checkpoint(runs):
+    storage, *_ = runs
+    client = store.client(store.resolve_uri(None))
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    ref = find_run(client, exp.experiment_id, str(storage / "uninterrupted"))
+    run = find_run(client, exp.experiment_id, str(storage / "killed"))
+    assert run is not None and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    steps = sorted(m.step for m in history)
+    assert steps == list(range(1, STEPS + 1)), steps  # each step once, none missing
+    ref_loss = {m.step: m.value for m in client.get_metric_history(ref.info.run_id, "loss")}
+    for m in history:  # the replayed steps logged nothing twice, and match the reference
+        assert m.value == pytest.approx(ref_loss[m.step], abs=1e-5)
+    versions = client.search_model_versions(f"run_id='{run.info.run_id}'")
+    assert sorted(int(v.tags["step"]) for v in versions) == [EVERY, 2 * EVERY, STEPS]
