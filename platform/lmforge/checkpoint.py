@@ -62,6 +62,46 @@ def save_servable(
     (out / STATE).write_text(json.dumps(state, indent=2) + "\n")
 
 
+# The classes (besides tensors and plain containers) DeepSpeed 0.19's engine state holds, for
+# ZeRO 0-3 in fp32, bf16 and fp16 (found by loading each kind with the restricted unpickler).
+ENGINE_STATE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def check_engine_state(path: Path) -> None:
+    """Refuse a DeepSpeed engine state that would run code when unpickled.
+
+    DeepSpeed loads its state with `torch.load(weights_only=False)`, i.e. full pickle. So
+    every file is first read here with torch's restricted unpickler (`weights_only=True`,
+    memory-mapped: the tensors are not read) allowing only the few DeepSpeed classes its
+    checkpoints hold; a file that needs anything else is refused, named, before DeepSpeed
+    opens it. Call it after `import deepspeed` (the allowed classes are looked up).
+    """
+    import importlib
+
+    allowed = []
+    for dotted in ENGINE_STATE_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue  # another DeepSpeed version: that class cannot be in its files either
+    files = sorted((path / ENGINE_DIR / ENGINE_TAG).glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{path / ENGINE_DIR / ENGINE_TAG}: no DeepSpeed engine state")
+    for f in files:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # UnpicklingError, RuntimeError for a non-torch file, ...
+            why = str(err).split("WeightsUnpickler error: ")[-1].splitlines()[0]
+            raise CheckpointError(f"{f}: refused, not a plain DeepSpeed state ({why})") from None
+
+
 def is_complete(path: Path) -> bool:
     return all((path / f).is_file() for f in SERVABLE)
 

@@ -49,3 +49,41 @@ def test_corrupt_weights_are_named(run_dir):
     weights.write_bytes(weights.read_bytes()[:64])
     with pytest.raises(CheckpointError, match="model.safetensors: not readable"):
         load_model(path / "checkpoint_00000010")
+
+
+class _RunsCode:
+    """What a tampered engine state could hold: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_engine_state_that_would_run_code_is_refused_unopened(tmp_path, monkeypatch):
+    from lmforge.checkpoint import ENGINE_DIR, ENGINE_TAG, check_engine_state
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the allowlist imports DeepSpeed classes
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    state = tmp_path / "ckpt" / ENGINE_DIR / ENGINE_TAG
+    state.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no DeepSpeed engine state"):
+        check_engine_state(tmp_path / "ckpt")
+    torch.save({"module": {"w": torch.ones(3)}, "ds_version": "0.19"},
+               state / "mp_rank_00_model_states.pt")  # fmt: skip
+    torch.save({"loss_scaler": LossScaler(1.0), "state": {0: {"exp_avg": torch.zeros(3)}}},
+               state / "zero_pp_rank_0_mp_rank_00_optim_states.pt")  # fmt: skip
+    check_engine_state(tmp_path / "ckpt")  # tensors, containers and DeepSpeed's own types
+    marker = tmp_path / "code-ran"
+    bad = state / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torch.save({"state": _RunsCode(marker)}, bad)
+    with pytest.raises(CheckpointError, match=f"{bad.name}: refused"):
+        check_engine_state(tmp_path / "ckpt")
+    assert not marker.exists()
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=bad.name):
+        check_engine_state(tmp_path / "ckpt")

@@ -136,6 +136,7 @@ class Trainer:
             d = Path(d)
             state = ckpt_io.read_state(d)
             # The launcher checked the model, tokenizer and worker layout before Ray started.
+            ckpt_io.check_engine_state(d)  # DeepSpeed unpickles it: nothing but state, first
             self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.evals = state.get("evals", [])
