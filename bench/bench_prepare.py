@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         Figure.ratio_of(
             f"prepare scaling, {cpus} CPUs vs 1", "MB/s", runs["prepare"], runs["prepare_1cpu"],
             baseline="prepare, 1 task at a time",
-            note=f"ideal {cpus}x; 1 CPU via Ray Data resource_limits",
+            note=f"ideal {cpus}x; 1 CPU: max_tasks=1",
         ),
     ]  # fmt: skip
     report(
