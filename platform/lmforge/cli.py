@@ -7,6 +7,7 @@
     lmforge evaluate --model models:/lmforge@best --data datasets/shakespeare
     lmforge export-hf --model models:/lmforge@best --output ./gpt2-hf
     lmforge tracking up
+    lmforge dashboard                  # http://127.0.0.1:8501
 
 Every subcommand calls the same library functions as `jobs/*.py` and the dashboard.
 """
@@ -164,6 +165,25 @@ def _add_cluster(sub) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs to offer (default: all)")
 
 
+def _add_dashboard(sub) -> None:
+    p = sub.add_parser(
+        "dashboard",
+        help="start the web dashboard (launch, watch, compare, try)",
+        description="Run the Streamlit dashboard: launch jobs through the Ray Jobs API, "
+        "watch their logs and curves, browse registered versions and generate from them.",
+    )
+    p.add_argument("--port", type=int, default=8501, help="(default 8501)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; see cluster/README.md "
+                   "before exposing it: the dashboard has no login of its own)")  # fmt: skip
+    p.add_argument("--ray-address", metavar="URL",
+                   help="Ray Jobs API (default: RAY_JOBS_ADDRESS, an http RAY_ADDRESS, the "
+                   "cluster of `lmforge cluster up`, else http://127.0.0.1:8265)")  # fmt: skip
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow (default: MLFLOW_TRACKING_URI, the server of `lmforge tracking "
+                   "up`, else the SQLite store in LMFORGE_HOME)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
@@ -179,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_hf(sub)
     _add_tracking(sub)
     _add_cluster(sub)
+    _add_dashboard(sub)
     return parser
 
 
@@ -305,6 +326,42 @@ def cmd_cluster(args) -> None:
         print(cluster.status())
 
 
+def dashboard_command(args) -> tuple[list[str], dict[str, str]]:
+    """The `streamlit run` command line and environment of `lmforge dashboard`."""
+    import os
+
+    from lmforge.jobclient import jobs_address
+    from lmforge.jobspec import repo_root
+    from lmforge.tracking import store
+
+    app = repo_root() / "dashboard" / "app.py"
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(app),
+        "--server.address", args.host, "--server.port", str(args.port),
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--server.fileWatcherType", "none",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_JOBS_ADDRESS": jobs_address(args.ray_address),
+        "MLFLOW_TRACKING_URI": store.resolve_uri(args.tracking_uri),
+        "RAY_AUTH_MODE": "token",
+    }
+    return cmd, env
+
+
+def cmd_dashboard(args) -> None:
+    import os
+
+    cmd, env = dashboard_command(args)
+    print(
+        f"lmforge dashboard on http://{args.host}:{args.port}\n"
+        f"  Ray Jobs API: {env['RAY_JOBS_ADDRESS']}\n  MLflow: {env['MLFLOW_TRACKING_URI']}",
+        flush=True,
+    )
+    os.execve(cmd[0], cmd, env)  # Streamlit takes over this process (Ctrl-C stops it)
+
+
 COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
@@ -313,6 +370,7 @@ COMMANDS = {
     "export-hf": cmd_export_hf,
     "tracking": cmd_tracking,
     "cluster": cmd_cluster,
+    "dashboard": cmd_dashboard,
 }
 
 

@@ -176,9 +176,9 @@ class Config(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _one_line(err: ValidationError) -> str:
-    """Pydantic's report as one line per problem: `key: message (got value)`."""
-    lines = []
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    """(key, message) per problem; a cross-key check is filed under the first key it names."""
+    out = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
@@ -188,9 +188,34 @@ def _one_line(err: ValidationError) -> str:
             msg = f"unknown key (known: {', '.join(known)})" if known else "unknown key"
         elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
-        # A section's own checks already name their keys ("train.min_lr=... is above ...").
-        lines.append(msg if not key or msg.startswith(f"{key}.") else f"{key}: {msg}")
-    return "; ".join(lines)
+        named = re.search(r"\b([a-z]+\.[a-z_0-9]+)=", msg)
+        if named and (not key or "." not in key):
+            key = named.group(1)
+        out.append((key, msg))
+    return out
+
+
+def _one_line(err: ValidationError) -> str:
+    """Pydantic's report as one line: `key: message (got value)` per problem."""
+    # A section's own checks already name their keys ("train.min_lr=... is above ...").
+    return "; ".join(
+        msg if not key or msg.startswith(f"{key}") else f"{key}: {msg}"
+        for key, msg in _problems(err)
+    )
+
+
+def field_errors(raw: dict[str, Any]) -> tuple[Config | None, dict[str, str]]:
+    """Validate a config mapping; the config, or each problem under its dotted key.
+
+    For forms that show an error next to its field (the dashboard's launch page).
+    """
+    try:
+        return Config.model_validate(raw), {}
+    except ValidationError as err:
+        errors: dict[str, str] = {}
+        for key, msg in _problems(err):
+            errors.setdefault(key, msg)
+        return None, errors
 
 
 def _known_keys(section: str) -> list[str]:

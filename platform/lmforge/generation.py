@@ -112,6 +112,11 @@ def stream_text(model: GPT, tokenizer, prompt: str, params: SamplingParams) -> I
     until the character is complete, so a caller can print every piece as it comes.
     """
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    yield from stream_ids(model, tokenizer, ids, params)
+
+
+def stream_ids(model: GPT, tokenizer, ids: list[int], params: SamplingParams) -> Iterator[str]:
+    """`stream_text` for a prompt already encoded (e.g. cut to fit the context)."""
     out: list[int] = []
     shown = ""
     for token in generate_tokens(model, ids, params):

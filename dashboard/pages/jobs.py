@@ -1,0 +1,72 @@
+"""Jobs: every job on the Ray cluster, its log tail while it runs, stop, its MLflow run."""
+
+import pandas as pd
+import streamlit as st
+import ui
+
+from lmforge.tracking import browse
+
+st.title("Jobs")
+client = ui.job_client()
+with ui.guard("Ray"):
+    jobs = client.jobs()
+if not jobs:
+    st.info(f"No jobs on the cluster at {client.address} yet. Start one on the Launch page.")
+    st.stop()
+
+table = pd.DataFrame(
+    [
+        {
+            "job": j.submission_id or j.job_id,
+            "status": j.status,
+            "kind": j.metadata.get("lmforge.kind", j.kind.lower()),
+            "run": j.metadata.get("lmforge.run_name", ""),
+            "started": ui.when(j.start),
+            "duration": ui.duration(j.duration_s),
+            "entrypoint": j.entrypoint,
+        }
+        for j in jobs
+    ]
+)
+st.dataframe(table, hide_index=True)
+
+ids = [j.submission_id or j.job_id for j in jobs]
+wanted = st.session_state.get("jobs_selected")
+selected = st.selectbox("Job", ids, index=ids.index(wanted) if wanted in ids else 0, key="job_pick")
+st.session_state["jobs_selected"] = selected
+
+
+def job_detail(sid: str) -> None:
+    """Status, log tail, stop, MLflow run; re-run every 3 s while the job is live."""
+    with ui.guard(f"Job {sid}"):
+        job = client.job(sid)
+        log = (
+            client.tail(sid, 200)
+            if job.submission_id
+            else "(a driver, not a submitted job: no log)"
+        )
+    icon = {"SUCCEEDED": "✅", "FAILED": "❌", "STOPPED": "⏹️", "RUNNING": "🏃", "PENDING": "⏳"}
+    st.subheader(f"{icon.get(job.status, '')} {job.status}")
+    st.caption(
+        f"started {ui.when(job.start)} · duration {ui.duration(job.duration_s)}"
+        + (f" · {job.message}" if job.message else "")
+    )
+    cols = st.columns([1, 1, 3])
+    if not job.finished and job.submission_id and cols[0].button("Stop job", key=f"stop_{sid}"):
+        with ui.guard(f"Stopping {sid}"):
+            client.stop(sid)
+        st.toast(f"Asked Ray to stop {sid}")
+    with ui.guard("MLflow"):
+        run = browse.run_for_submission(ui.tracking_uri(), sid) if job.submission_id else None
+    if run is not None:
+        link = browse.run_link(ui.tracking_uri(), run)
+        if link:
+            cols[2].markdown(f"MLflow run: [{run.name}]({link})")
+        if cols[1].button("Open its curves", key=f"curves_{sid}"):
+            st.session_state["runs_selected"] = [run.run_id]
+            st.switch_page("pages/runs.py")
+    st.code(log or "(no output yet)", language="text", height=420)
+
+
+live = not next(j for j in jobs if selected in (j.submission_id, j.job_id)).finished
+st.fragment(job_detail, run_every=3 if live else None)(selected)

@@ -1,0 +1,253 @@
+"""Launch: a training job from a form, validated by the config schema, sent to the Jobs API."""
+
+import streamlit as st
+import ui
+
+from lmforge import jobspec
+from lmforge.data.dataset import Dataset
+from lmforge.estimate import GIB, estimate
+
+st.title("Launch a training job")
+presets = jobspec.presets()
+source = st.session_state.get("launch_from")  # (mode, uri), set by the Models page
+
+
+def clear_fields() -> None:
+    """A new base (preset or version): the fields take its values again."""
+    for k in [k for k in st.session_state if str(k).startswith("f_") and k != "f_preset"]:
+        del st.session_state[k]
+
+
+if source:
+    mode, uri = source
+    with ui.guard(f"Cannot start from {uri}"):
+        base = ui.version_config(uri)
+    if mode == "init":  # a new run: not the source's name
+        base = {**base, "run": {**base.get("run", {}), "name": None}}
+    st.info(
+        f"{'Resuming' if mode == 'resume' else 'Fine-tuning from'} `{uri}`: "
+        + (
+            "the job continues the run that registered it (same model, data and ZeRO stage); "
+            "raise Steps to train further."
+            if mode == "resume"
+            else "a new run starts from its weights; the model shape comes from the checkpoint."
+        )
+    )
+    if st.button("Start from a preset instead"):
+        del st.session_state["launch_from"]
+        clear_fields()
+        st.rerun()
+else:
+    names = list(presets)
+    preset = st.selectbox(
+        "Preset",
+        names,
+        index=names.index("tiny") if "tiny" in names else 0,
+        key="f_preset",
+        on_change=clear_fields,
+        help="A config from jobs/configs/; the fields below start from it.",
+    )
+    base = jobspec.preset_config(presets[preset])
+
+base_cfg, _ = jobspec.form_config(base, {})
+defaults = base_cfg.to_dict() if base_cfg else {}
+datasets = [str(p) for p in jobspec.known_datasets()]
+if not datasets:
+    roots = ", ".join(str(r) for r in jobspec.data_roots())
+    st.info(
+        f"No prepared dataset in the data roots ({roots}). Prepare one with "
+        "`lmforge prepare --output ~/.lmforge/datasets/NAME`, or upload a corpus below."
+    )
+
+fields: dict[str, object] = {}
+slots: dict[str, object] = {}
+
+
+def d(key: str, fallback=None):
+    section, leaf = key.split(".")
+    value = defaults.get(section, {}).get(leaf)
+    return fallback if value is None else value
+
+
+def field(key: str, widget, label: str, *args, **kwargs):
+    """A widget whose value goes to config key `key`, with a slot below it for its error."""
+    fields[key] = widget(label, *args, key=f"f_{key}", **kwargs)
+    slots[key] = st.empty()
+
+
+def choice(key: str, label: str, options: list, **kwargs):
+    current = d(key, options[0])
+    field(key, st.selectbox, label, options, index=options.index(current), **kwargs)
+
+
+left, mid, right = st.columns(3)
+with left:
+    st.subheader("Model")
+    field("model.n_layer", st.number_input, "Layers", 1, 256, d("model.n_layer", 2))
+    field("model.n_head", st.number_input, "Heads", 1, 256, d("model.n_head", 2))
+    field("model.d_model", st.number_input, "Width (d_model)", 8, 65536, d("model.d_model", 128))
+    field(
+        "model.context_length",
+        st.number_input,
+        "Context",
+        8,
+        131072,
+        d("model.context_length", 128),
+    )
+    st.subheader("Data")
+    data_default = str(jobspec.paths.resolve(d("data.path", "")))
+    if st.session_state.get("f_data.path") not in datasets:  # new or vanished datasets
+        st.session_state.pop("f_data.path", None)
+    field(
+        "data.path",
+        st.selectbox,
+        "Dataset",
+        datasets,
+        index=datasets.index(data_default) if data_default in datasets else 0 if datasets else None,
+        help="Prepared datasets inside the data roots (LMFORGE_DATA_ROOTS).",
+    )
+with mid:
+    st.subheader("Training")
+    field("train.max_steps", st.number_input, "Steps", 1, 10**8, d("train.max_steps", 200))
+    field(
+        "train.micro_batch_size",
+        st.number_input,
+        "Micro-batch per worker",
+        1,
+        4096,
+        d("train.micro_batch_size", 8),
+    )
+    field(
+        "train.grad_accum_steps",
+        st.number_input,
+        "Gradient accumulation",
+        1,
+        4096,
+        d("train.grad_accum_steps", 1),
+    )
+    field(
+        "train.lr",
+        st.number_input,
+        "Learning rate",
+        0.0,
+        1.0,
+        float(d("train.lr", 1e-3)),
+        format="%.2e",
+        step=1e-4,
+    )
+    field(
+        "train.min_lr",
+        st.number_input,
+        "Final learning rate",
+        0.0,
+        1.0,
+        float(d("train.min_lr", 1e-4)),
+        format="%.2e",
+        step=1e-5,
+    )
+    field(
+        "train.warmup_steps",
+        st.number_input,
+        "Warm-up steps",
+        0,
+        10**8,
+        d("train.warmup_steps", 20),
+    )
+    choice("train.precision", "Precision", ["fp32", "bf16", "fp16"])
+    field(
+        "train.eval_every",
+        st.number_input,
+        "Evaluate every (steps)",
+        1,
+        10**8,
+        d("train.eval_every", 50),
+    )
+    field(
+        "train.checkpoint_every",
+        st.number_input,
+        "Checkpoint every (steps)",
+        1,
+        10**8,
+        d("train.checkpoint_every", 100),
+    )
+with right:
+    st.subheader("Distribution")
+    choice("zero.stage", "ZeRO stage", [0, 1, 2, 3])
+    choice("zero.offload_optimizer", "Offload optimizer", ["none", "cpu"])
+    choice("zero.offload_params", "Offload parameters (ZeRO 3)", ["none", "cpu"])
+    field("scaling.num_workers", st.number_input, "Workers", 1, 4096, d("scaling.num_workers", 2))
+    field("scaling.use_gpu", st.toggle, "One GPU per worker", d("scaling.use_gpu", False))
+    field(
+        "scaling.cpus_per_worker",
+        st.number_input,
+        "CPUs per worker",
+        0.1,
+        512.0,
+        float(d("scaling.cpus_per_worker", 1.0)),
+        step=0.5,
+    )
+    st.subheader("Tracking")
+    field("tracking.experiment", st.text_input, "Experiment", d("tracking.experiment", "lmforge"))
+    field("run.name", st.text_input, "Run name (optional)", "", placeholder="generated when empty")
+
+values = {k: v for k, v in fields.items() if v not in ("", None)}
+if source and source[0] == "resume":
+    values.pop("run.name", None)  # the resumed run keeps its name
+cfg, errors = jobspec.form_config(base, values)
+for key, msg in errors.items():
+    slots.get(key, st).error(f"`{key}`: {msg}")
+
+if cfg is not None:
+    vocab = None
+    if values.get("data.path"):
+        with ui.guard("Dataset"):
+            vocab = Dataset(values["data.path"]).vocab_size
+    est = estimate(cfg, vocab_size=vocab or 8192)
+    mem = est.per_worker_bytes
+    st.subheader("Estimate")
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Parameters", f"{est.n_params / 1e6:,.2f} M")
+    c2.metric("Tokens per step", f"{est.tokens_per_step:,}")
+    c3.metric(f"Memory per worker, ZeRO {cfg.zero.stage}", f"{mem['total'] / GIB:,.3f} GiB")
+    c4.metric("Offloaded to host, per worker", f"{est.offloaded_bytes / GIB:,.3f} GiB")
+    st.caption(
+        " | ".join(f"{k} {v / GIB:,.3f} GiB" for k, v in mem.items() if k != "total")
+        + ("" if vocab else " (vocab 8192 assumed until a dataset is chosen)")
+        + " | activations are approximate"
+    )
+
+if st.button("Submit job", type="primary", disabled=cfg is None or not datasets):
+    mode, uri = source or (None, None)
+    with ui.guard("Not submitted"):
+        spec = jobspec.train_job(
+            cfg,
+            tracking_uri=ui.tracking_uri(),
+            resume=uri if mode == "resume" else None,
+            init_from=uri if mode == "init" else None,
+        )
+        sid = ui.job_client().submit(spec)
+    st.session_state["jobs_selected"] = sid
+    st.success(f"Submitted job `{sid}` (run {spec.metadata['lmforge.run_name']})")
+    st.code(spec.entrypoint, language="bash", wrap_lines=True)
+    st.page_link("pages/jobs.py", label="Watch it on the Jobs page", icon=":material/list_alt:")
+
+st.divider()
+with st.expander("Upload a small text corpus and prepare a dataset from it"):
+    files = st.file_uploader(
+        "Text files (.txt, one document each) or .jsonl (a `text` field per line)",
+        type=["txt", "jsonl"],
+        accept_multiple_files=True,
+    )
+    name = st.text_input("Dataset name", placeholder="my-corpus")
+    vocab_size = st.number_input("Vocabulary size", 257, 65536, 2048)
+    seq_tokens = st.number_input("Tokens per packed row", 2, 8192, 256)
+    if st.button("Prepare dataset", disabled=not files or not name):
+        with ui.guard("Not prepared"):
+            corpus, out = jobspec.save_upload(name, [(f.name, f.getvalue()) for f in files])
+            spec = jobspec.prepare_job(
+                [corpus], out, vocab_size=vocab_size, seq_tokens=seq_tokens, rows_per_group=4
+            )
+            sid = ui.job_client().submit(spec)
+        st.session_state["jobs_selected"] = sid
+        size = sum(len(f.getvalue()) for f in files)
+        st.success(f"Submitted prepare job `{sid}`: {size:,} bytes -> `{out}`")

@@ -1,0 +1,69 @@
+"""Models: registered models and their versions; aliases; generate, fine-tune or resume."""
+
+import pandas as pd
+import streamlit as st
+import ui
+
+from lmforge.tracking import browse
+
+st.title("Models")
+uri = ui.tracking_uri()
+with ui.guard(f"MLflow at {uri}"):
+    names = browse.models(uri)
+if not names:
+    st.info(f"No registered models in MLflow at {uri} yet: every checkpoint of a run becomes one.")
+    st.stop()
+
+name = st.selectbox("Registered model", names, key="models_name")
+with ui.guard(f"Versions of {name}"):
+    versions = browse.versions(uri, name)
+if not versions:
+    st.info(f"{name} has no versions yet.")
+    st.stop()
+
+newest = versions[0].version
+st.dataframe(
+    pd.DataFrame(
+        [
+            {
+                "version": v.version,
+                "aliases": ", ".join(v.aliases + (("latest",) if v.version == newest else ())),
+                "step": v.step,
+                "val_loss": v.val_loss,
+                "tokens_seen": v.tokens_seen,
+                "registered": ui.when(v.created),
+                "run": v.run_dir.rsplit("/", 1)[-1] if v.run_dir else v.run_id[:8],
+            }
+            for v in versions
+        ]
+    ),
+    hide_index=True,
+)
+st.caption(
+    "`latest` is always the newest version (MLflow reserves that alias); `best` follows the lowest val loss."
+)
+
+numbers = [v.version for v in versions]
+version = st.selectbox("Version", numbers, key="models_version")
+uri_of = f"models:/{name}/{version}"
+
+c1, c2 = st.columns([2, 3])
+with c1:
+    alias = st.text_input("Alias", placeholder="e.g. prod, candidate", key="models_alias")
+    if st.button("Set alias", disabled=not alias):
+        with ui.guard("Alias not set"):
+            browse.set_alias(uri, name, alias, version)
+        st.success(f"models:/{name}@{alias.strip()} -> version {version}")
+        st.rerun()
+with c2:
+    st.write(f"`{uri_of}`")
+    b1, b2, b3 = st.columns(3)
+    if b1.button("Generate from it", key="models_gen"):
+        st.session_state["play_a"] = uri_of
+        st.switch_page("pages/playground.py")
+    if b2.button("Fine-tune from it", key="models_init"):
+        st.session_state["launch_from"] = ("init", uri_of)
+        st.switch_page("pages/launch.py")
+    if b3.button("Resume its run", key="models_resume"):
+        st.session_state["launch_from"] = ("resume", uri_of)
+        st.switch_page("pages/launch.py")

@@ -1,0 +1,89 @@
+"""What a config will cost before it runs: parameters, memory per worker, tokens per step.
+
+    est = estimate(cfg)
+    est.n_params, est.per_worker_bytes["total"], est.tokens_per_step
+
+Model-state memory follows the ZeRO paper (Rajbhandari et al. 2020, sec. 3 and 5): with
+mixed precision each parameter costs 2 bytes of weights, 2 of gradients and 12 of fp32
+optimizer state (master weights, Adam m and v); in fp32 it is 4 + 4 + 8. Stage 1
+partitions the optimizer state over the workers, stage 2 the gradients too, stage 3 the
+weights as well. Activations use the per-layer estimate of Korthikanti et al. 2022
+(`sbh(34 + 5as/h)` bytes at 16 bits) plus the logits; they are approximate by nature.
+The dashboard's launch form shows these figures live; `lmforge train` prints none of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.config import Config
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Estimate:
+    n_params: int
+    tokens_per_step: int  # all workers, all micro-steps of one optimizer step
+    flops_per_step: float
+    per_worker_bytes: dict[str, float]  # weights, gradients, optimizer, activations, total
+    offloaded_bytes: float  # per worker, held in host memory by ZeRO-Offload
+
+    def summary(self) -> str:
+        gib = self.per_worker_bytes["total"] / GIB
+        return (
+            f"{self.n_params / 1e6:.2f}M parameters | {self.tokens_per_step:,} tokens/step | "
+            f"~{gib:.2f} GiB per worker"
+        )
+
+
+def n_params(cfg: Config, vocab_size: int | None = None) -> int:
+    """Parameters of the GPT the config describes (tied embeddings counted once).
+
+    Needs the vocab size: `model.vocab_size`, else `vocab_size` (from the dataset).
+    """
+    v = cfg.model.vocab_size or vocab_size
+    if v is None:
+        raise ValueError("n_params needs model.vocab_size or the dataset's vocab size")
+    d, t, n = cfg.model.d_model, cfg.model.context_length, cfg.model.n_layer
+    block = (
+        2 * 2 * d  # two LayerNorms
+        + 3 * d * d + 3 * d  # qkv
+        + d * d + d  # attention projection
+        + 4 * d * d + 4 * d  # MLP up
+        + 4 * d * d + d  # MLP down
+    )  # fmt: skip
+    return v * d + t * d + n * block + 2 * d
+
+
+def estimate(cfg: Config, vocab_size: int | None = None) -> Estimate:
+    p = n_params(cfg, vocab_size)
+    v = cfg.model.vocab_size or vocab_size or 0
+    world, stage = cfg.scaling.num_workers, cfg.zero.stage
+    mixed = cfg.train.precision != "fp32"
+    weight_b, grad_b, optim_b = (2.0, 2.0, 12.0) if mixed else (4.0, 4.0, 8.0)
+    weights = p * weight_b / (world if stage >= 3 else 1)
+    grads = p * grad_b / (world if stage >= 2 else 1)
+    optim = p * optim_b / (world if stage >= 1 else 1)
+    offloaded = 0.0
+    if cfg.zero.offload_optimizer == "cpu":
+        offloaded += optim
+        optim = 0.0
+    if cfg.zero.offload_params == "cpu":
+        offloaded += weights
+        weights = 0.0
+    b, s, h = cfg.train.micro_batch_size, cfg.model.context_length, cfg.model.d_model
+    a, n_layer = cfg.model.n_head, cfg.model.n_layer
+    act_scale = 1.0 if mixed else 2.0  # the formula counts 16-bit activations
+    activations = n_layer * s * b * h * (34 + 5 * a * s / h) * act_scale
+    activations += b * s * v * 4 * 2  # fp32 logits and their gradient
+    tokens = b * s * cfg.train.grad_accum_steps * world
+    flops = (6 * p + 12 * n_layer * h * s) * tokens
+    per_worker = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optim,
+        "activations": activations,
+    }
+    per_worker["total"] = sum(per_worker.values())
+    return Estimate(p, tokens, flops, per_worker, offloaded)

@@ -1,0 +1,261 @@
+"""Job specs for the Ray Jobs API, built only from validated values.
+
+The dashboard (and anything else that submits on a person's behalf) never puts text a
+person typed into a shell line. A training job's entrypoint is
+
+    python jobs/train.py --set model.n_layer=4 --set data.path=/abs/dataset ...
+
+rendered from a validated `Config`: every value must survive a round trip through the
+YAML parser the job uses for `--set`, and every token must consist of characters that
+mean nothing to a shell (`SAFE_TOKEN`); anything else is refused with `JobSpecError`
+naming the key. Dataset paths (and uploaded corpora) must stay inside the allowed data
+roots: `LMFORGE_DATA_ROOTS` (paths joined by `:`) or, by default, `$LMFORGE_HOME/datasets`
+and `$LMFORGE_HOME/uploads`. The runtime env is `cluster/runtime_env.yaml`, the same one
+`ray job submit` users pass, with its paths made absolute.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import lmforge
+from lmforge import paths
+from lmforge.config import Config
+
+# Letters, digits and _ . , : / @ % + = - only: no spaces, quotes, $, `, ;, |, &, <, >, etc.
+SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.,:/@%+=-]+$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class JobSpecError(ValueError):
+    """A value that cannot go into a job safely; the message names the key."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def argv(self) -> list[str]:
+        return shlex.split(self.entrypoint)
+
+
+def repo_root() -> Path:
+    """The checkout that holds `jobs/` and `cluster/` (lmforge is installed editable from it)."""
+    root = Path(lmforge.__file__).resolve().parents[2]
+    if not (root / "jobs" / "train.py").is_file():
+        raise JobSpecError(f"{root}: no jobs/train.py; run the dashboard from an lmforge checkout")
+    return root
+
+
+def data_roots() -> list[Path]:
+    """Folders that datasets and uploads must live in."""
+    raw = os.environ.get("LMFORGE_DATA_ROOTS")
+    if raw:
+        return [paths.resolve(p).resolve() for p in raw.split(os.pathsep) if p.strip()]
+    return [(paths.home() / "datasets").resolve(), (paths.home() / "uploads").resolve()]
+
+
+def inside_roots(path: str | os.PathLike, key: str) -> Path:
+    """`path` resolved (symlinks, `..`), refused unless it lies inside a data root."""
+    if paths.is_uri(str(path)):
+        raise JobSpecError(f"{key}={path}: remote paths are not allowed here")
+    p = paths.resolve(path).resolve()
+    roots = data_roots()
+    if not any(p == r or p.is_relative_to(r) for r in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise JobSpecError(f"{key}={path}: outside the allowed data roots ({allowed})")
+    return p
+
+
+def safe_token(key: str, value: Any) -> str:
+    """`key=value` as one shell-inert token that `--set` parses back to `value`."""
+    text = _render(value)
+    token = f"{key}={text}"
+    if not SAFE_TOKEN.match(token):
+        bad = "".join(sorted({c for c in text if not SAFE_TOKEN.match(c)}))
+        raise JobSpecError(f"{key}: {text!r} holds characters not allowed in a job ({bad!r})")
+    if yaml.safe_load(text) != value:
+        raise JobSpecError(f"{key}: {text!r} would be read back as a different value")
+    return token
+
+
+def _render(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        mantissa, e, exp = text.partition("e")
+        # PyYAML reads 1e-05 as a string; 1.0e-05 as a float.
+        return f"{mantissa}.0e{exp}" if e and "." not in mantissa else text
+    return str(value)
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.extend(_leaves(v, f"{key}.") if isinstance(v, dict) else [(key, v)])
+    return out
+
+
+def runtime_env(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """cluster/runtime_env.yaml with absolute paths (the client uploads them)."""
+    root = repo_root()
+    env = yaml.safe_load((root / "cluster" / "runtime_env.yaml").read_text())
+    env["working_dir"] = str(root)
+    env["py_modules"] = [str(root / m) for m in env.get("py_modules", [])]
+    env["env_vars"] = {**env.get("env_vars", {}), **(extra_env or {})}
+    return env
+
+
+def train_job(
+    cfg: Config,
+    tracking_uri: str | None = None,
+    resume: str | None = None,
+    init_from: str | None = None,
+) -> JobSpec:
+    """A training job for a validated config: every non-default key as a `--set`.
+
+    `data.path` must lie inside the data roots and is passed absolute, so the job reads
+    the dataset the form showed, whatever its working dir. `resume` and `init_from` take
+    registered versions (`models:/NAME/VERSION` or `models:/NAME@ALIAS`) only.
+    """
+    data = inside_roots(cfg.data.path, "data.path")
+    name = cfg.run.name or (None if resume else time.strftime("run-%Y%m%d-%H%M%S"))
+    updates: dict[str, Any] = {
+        "data": cfg.data.model_copy(update={"path": str(data)}),
+        "run": cfg.run.model_copy(update={"name": name}),
+    }
+    if tracking_uri:
+        updates["tracking"] = cfg.tracking.model_copy(update={"tracking_uri": tracking_uri})
+    cfg = cfg.model_copy(update=updates)
+    default = Config().to_dict()
+    default_leaves = dict(_leaves(default))
+    args = ["python", "jobs/train.py"]
+    for key, value in _leaves(cfg.to_dict()):
+        if key in default_leaves and default_leaves[key] == value:
+            continue
+        args += ["--set", safe_token(key, value)]
+    for flag, uri in (("--resume", resume), ("--init-from", init_from)):
+        if uri:
+            from lmforge.tracking.registry import parse_model_uri
+
+            parse_model_uri(uri)  # RegistryError (a ValueError) names a malformed URI
+            args += [flag, safe_token(flag.lstrip("-"), uri).split("=", 1)[1]]
+    meta = {
+        "lmforge.kind": "train",
+        "lmforge.run_name": name or "(resumed)",
+        "lmforge.experiment": cfg.tracking.experiment,
+    }
+    if resume or init_from:
+        meta["lmforge.from"] = str(resume or init_from)
+    return JobSpec(shlex.join(args), runtime_env(), meta)
+
+
+def prepare_job(
+    inputs: list[str | os.PathLike],
+    output: str | os.PathLike,
+    vocab_size: int = 8192,
+    val_fraction: float = 0.05,
+    seq_tokens: int = 1024,
+    rows_per_group: int = 16,
+) -> JobSpec:
+    """A `jobs/prepare.py` job: every path inside the data roots, every number checked."""
+    from lmforge.data.prepare import PrepareOptions
+
+    PrepareOptions(  # the same checks as `lmforge prepare`
+        vocab_size=vocab_size,
+        val_fraction=val_fraction,
+        seq_tokens=seq_tokens,
+        rows_per_group=rows_per_group,
+    )
+    args = ["python", "jobs/prepare.py", "--input"]
+    args += [_path_arg(p, "input") for p in inputs]
+    out = inside_roots(output, "output")
+    args += ["--output", _path_arg(out, "output")]
+    args += ["--vocab-size", str(int(vocab_size)), "--val-fraction", repr(float(val_fraction))]
+    args += ["--seq-tokens", str(int(seq_tokens)), "--rows-per-group", str(int(rows_per_group))]
+    meta = {"lmforge.kind": "prepare", "lmforge.dataset": out.name}
+    return JobSpec(shlex.join(args), runtime_env(), meta)
+
+
+def _path_arg(path: str | os.PathLike, key: str) -> str:
+    p = str(inside_roots(path, key))
+    return safe_token(key, p).split("=", 1)[1]
+
+
+def presets() -> dict[str, Path]:
+    """The example configs in jobs/configs/, by name (tiny, demo, gpt2-small, ...)."""
+    return {p.stem: p for p in sorted((repo_root() / "jobs" / "configs").glob("*.yaml"))}
+
+
+def known_datasets() -> list[Path]:
+    """Prepared dataset dirs (with a manifest) inside the data roots, newest first."""
+    from lmforge.data.dataset import MANIFEST
+
+    found = {
+        m.parent.resolve()
+        for root in data_roots()
+        if root.is_dir()
+        for m in [*root.glob(MANIFEST), *root.glob(f"*/{MANIFEST}"), *root.glob(f"*/*/{MANIFEST}")]
+    }
+    return sorted(found, key=lambda p: (p / MANIFEST).stat().st_mtime, reverse=True)
+
+
+def preset_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A preset's raw mapping (its `base:` chain merged), not yet validated."""
+    from lmforge.config import _read_yaml
+
+    return _read_yaml(Path(path))
+
+
+def form_config(base: dict[str, Any], values: dict[str, Any]):
+    """(Config or None, {dotted key: error}) for a base mapping with form values on top."""
+    from lmforge.config import _merge, field_errors
+
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        node = nested
+        *sections, leaf = key.split(".")
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return field_errors(_merge(base, nested))
+
+
+UPLOAD_FILE = re.compile(r"^[A-Za-z0-9][\w.-]{0,99}\.(txt|jsonl)$")
+
+
+def save_upload(name: str, files: list[tuple[str, bytes]]) -> tuple[Path, Path]:
+    """Write uploaded corpus files under the first data root; (corpus dir, dataset dir).
+
+    Names are checked (letters, digits, _ . -), so nothing lands outside the data roots.
+    """
+    if not NAME.match(name):
+        raise JobSpecError(f"dataset name {name!r}: use letters, digits, _ . - only")
+    if not files:
+        raise JobSpecError("no files uploaded")
+    roots = data_roots()
+    by_name = {r.name: r for r in roots}
+    corpus = by_name.get("uploads", roots[0] / "_uploads") / name
+    dataset = by_name.get("datasets", roots[0]) / name
+    for fname, _ in files:
+        if not UPLOAD_FILE.match(Path(fname).name) or Path(fname).name != fname:
+            raise JobSpecError(f"{fname!r}: a .txt or .jsonl file name of letters, digits, _ . -")
+    corpus.mkdir(parents=True, exist_ok=True)
+    for fname, data in files:
+        (corpus / fname).write_bytes(data)
+    return corpus, dataset

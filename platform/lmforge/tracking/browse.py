@@ -1,0 +1,237 @@
+"""Reading MLflow for people: runs, metric curves, configs, registered versions, aliases.
+
+The dashboard's Runs, Models and Playground pages call these; each takes the tracking URI
+(`store.resolve_uri()` picks the default) and returns plain rows, so pages stay thin and
+the logic is tested without a browser. MLflow errors (store down, unknown run) become
+`BrowseError` with one line.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.tracking import store
+from lmforge.tracking.registry import NAME_PATTERN
+
+CURVES = ("loss", "val_loss", "lr", "tokens_per_s", "grad_norm", "mfu")
+ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+RESERVED_ALIASES = {"latest"}  # MLflow resolves models:/NAME/latest itself and refuses it
+
+
+class BrowseError(RuntimeError):
+    """MLflow could not answer; one line naming the store or the object."""
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    name: str
+    experiment: str
+    status: str
+    start: float | None  # seconds since the epoch
+    end: float | None
+    metrics: dict[str, float]
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def submission_id(self) -> str | None:
+        return self.tags.get("ray.submission_id")
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    name: str
+    version: int
+    step: int | None
+    val_loss: float | None
+    tokens_seen: int | None
+    aliases: tuple[str, ...]
+    run_id: str
+    created: float
+    run_dir: str | None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def _client(uri: str | None):
+    return store.client(store.resolve_uri(uri))
+
+
+def _guard(what: str, fn, *args, **kwargs):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn(*args, **kwargs)
+    except MlflowException as err:
+        raise BrowseError(f"{what}: {err.message.strip().splitlines()[0]}") from None
+    except Exception as err:  # requests' ConnectionError, SQLAlchemy's OperationalError, ...
+        text = str(err).strip().splitlines()
+        raise BrowseError(f"{what}: {text[0] if text else type(err).__name__}") from None
+
+
+def check(uri: str | None = None) -> str:
+    """The resolved URI if MLflow answers; BrowseError otherwise."""
+    resolved = store.resolve_uri(uri)
+    if not store.reachable(resolved):
+        raise BrowseError(f"MLflow at {resolved} is not reachable")
+    _guard(f"MLflow at {resolved}", store.client(resolved).search_experiments, max_results=1)
+    return resolved
+
+
+def experiments(uri: str | None = None) -> list[str]:
+    c = _client(uri)
+    exps = _guard("listing experiments", c.search_experiments)
+    return sorted(e.name for e in exps if e.name != "Default")
+
+
+def runs(uri: str | None = None, experiments_: list[str] | None = None, limit: int = 200):
+    """Runs of the given experiments (all when None), newest first."""
+    c = _client(uri)
+    exps = _guard("listing experiments", c.search_experiments)
+    by_id = {e.experiment_id: e.name for e in exps}
+    ids = [i for i, n in by_id.items() if experiments_ is None or n in experiments_]
+    if not ids:
+        return []
+    found = _guard(
+        "listing runs",
+        c.search_runs,
+        ids,
+        max_results=limit,
+        order_by=["attributes.start_time DESC"],
+    )
+    return [_run_row(r, by_id) for r in found]
+
+
+def _run_row(r, by_id: dict[str, str]) -> RunRow:
+    return RunRow(
+        run_id=r.info.run_id,
+        name=r.info.run_name or r.info.run_id[:8],
+        experiment=by_id.get(r.info.experiment_id, r.info.experiment_id),
+        status=r.info.status,
+        start=r.info.start_time / 1000 if r.info.start_time else None,
+        end=r.info.end_time / 1000 if r.info.end_time else None,
+        metrics=dict(r.data.metrics),
+        tags=dict(r.data.tags),
+    )
+
+
+def run(uri: str | None, run_id: str) -> RunRow:
+    c = _client(uri)
+    r = _guard(f"run {run_id}", c.get_run, run_id)
+    exp = _guard("experiment", c.get_experiment, r.info.experiment_id)
+    return _run_row(r, {exp.experiment_id: exp.name})
+
+
+def run_for_submission(uri: str | None, submission_id: str) -> RunRow | None:
+    """The MLflow run a Ray job logged to (its `ray.submission_id` tag), if any yet."""
+    c = _client(uri)
+    exps = _guard("listing experiments", c.search_experiments)
+    by_id = {e.experiment_id: e.name for e in exps}
+    if not by_id or not re.fullmatch(r"[\w.-]+", submission_id):
+        return None
+    found = _guard(
+        "searching runs",
+        c.search_runs,
+        list(by_id),
+        filter_string=f"tags.`ray.submission_id` = '{submission_id}'",
+        max_results=1,
+    )
+    return _run_row(found[0], by_id) if found else None
+
+
+def history(uri: str | None, run_id: str, keys=CURVES) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) points of each metric the run has, in step order."""
+    c = _client(uri)
+    out = {}
+    for key in keys:
+        points = _guard(f"metric {key} of run {run_id}", c.get_metric_history, run_id, key)
+        if points:
+            out[key] = sorted((int(p.step), float(p.value)) for p in points)
+    return out
+
+
+def run_config(uri: str | None, run_id: str) -> str:
+    """The run's resolved config.yaml (the artifact every training run logs)."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _guard(
+            f"config of run {run_id}",
+            mlflow.artifacts.download_artifacts,
+            run_id=run_id,
+            artifact_path="config.yaml",
+            dst_path=tmp,
+            tracking_uri=store.resolve_uri(uri),
+        )
+        return Path(path).read_text()
+
+
+def run_link(uri: str | None, row: RunRow, experiment_id: str | None = None) -> str | None:
+    """The run's page in the MLflow UI, when the store is a server."""
+    resolved = store.resolve_uri(uri)
+    if not resolved.startswith(("http://", "https://")):
+        return None
+    if experiment_id is None:
+        c = store.client(resolved)
+        exp = _guard("experiment", c.get_experiment_by_name, row.experiment)
+        experiment_id = exp.experiment_id if exp else "0"
+    return f"{resolved.rstrip('/')}/#/experiments/{experiment_id}/runs/{row.run_id}"
+
+
+def models(uri: str | None = None) -> list[str]:
+    c = _client(uri)
+    return sorted(m.name for m in _guard("listing registered models", c.search_registered_models))
+
+
+def versions(uri: str | None, name: str) -> list[VersionRow]:
+    """Versions of a registered model, newest first, with their aliases and tags."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise BrowseError(f"{name!r}: not a registered model name")
+    c = _client(uri)
+    model = _guard(f"registered model {name}", c.get_registered_model, name)
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in _guard(f"versions of {name}", c.search_model_versions, f"name='{name}'"):
+        t = v.tags or {}
+        rows.append(
+            VersionRow(
+                name=name,
+                version=int(v.version),
+                step=_num(t.get("step"), int),
+                val_loss=_num(t.get("val_loss"), float),
+                tokens_seen=_num(t.get("tokens_seen"), int),
+                aliases=tuple(sorted(aliases.get(str(v.version), []))),
+                run_id=v.run_id,
+                created=(v.creation_timestamp or 0) / 1000,
+                run_dir=t.get("run_dir"),
+            )
+        )
+    return sorted(rows, key=lambda r: r.version, reverse=True)
+
+
+def set_alias(uri: str | None, name: str, alias: str, version: int) -> None:
+    alias = alias.strip()
+    if alias.lower() in RESERVED_ALIASES:
+        raise BrowseError(
+            f"alias {alias!r} is reserved by MLflow: it always means the newest version"
+        )
+    if not ALIAS.match(alias) or re.fullmatch(r"v\d+", alias, re.IGNORECASE):
+        raise BrowseError(
+            f"alias {alias!r}: use letters, digits, _ and - (starting with a letter; not v<number>)"
+        )
+    c = _client(uri)
+    _guard(f"setting {name}@{alias}", c.set_registered_model_alias, name, alias, str(version))
+
+
+def _num(text: str | None, kind):
+    try:
+        return kind(text) if text is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,140 @@
+"""Every dashboard page in Streamlit's AppTest against the real local Ray (Jobs API) and MLflow.
+
+One job is launched from the Launch page's form and followed through Jobs, Runs, Models
+and the Playground, as a person would.
+"""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from lmforge.jobclient import JobClient
+from lmforge.tracking import browse, store
+from tests.conftest import REPO
+
+APP = str(REPO / "dashboard" / "app.py")
+EXPERIMENT = "dash-pages"
+
+
+def by_label(widgets, label):
+    (w,) = [w for w in widgets if w.label == label]
+    return w
+
+
+@pytest.fixture(scope="module")
+def launched(ray_cluster, dataset):
+    """Submit a 6-step job from the Launch page; wait for it; (AppTest, submission id)."""
+    mp = pytest.MonkeyPatch()
+    mp.syspath_prepend(str(REPO / "dashboard"))
+    mp.setenv("RAY_JOBS_ADDRESS", ray_cluster.dashboard_url)
+    mp.setenv("MLFLOW_TRACKING_URI", store.resolve_uri())
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    by_label(at.selectbox, "Dataset").set_value(str(dataset))
+    for label, value in [("Steps", 6), ("Evaluate every (steps)", 3), ("Checkpoint every (steps)", 3), ("Warm-up steps", 1)]:  # fmt: skip
+        by_label(at.number_input, label).set_value(value)
+    by_label(at.text_input, "Experiment").set_value(EXPERIMENT)
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    by_label(at.button, "Submit job").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    sid = at.session_state["jobs_selected"]
+    assert any(sid in s.value for s in at.success)
+    (code,) = at.code
+    assert (
+        code.value.startswith("python jobs/train.py --set") and f"data.path={dataset}" in code.value
+    )
+    status = JobClient(ray_cluster.dashboard_url).wait(sid, timeout_s=600)
+    assert status == "SUCCEEDED", JobClient(ray_cluster.dashboard_url).tail(sid, 60)
+    yield at, sid
+    mp.undo()
+
+
+def test_jobs_page_lists_the_job_with_its_log_and_run(launched):
+    at, sid = launched
+    at.switch_page("pages/jobs.py")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value
+    row = table[table["job"] == sid].iloc[0]
+    assert row["status"] == "SUCCEEDED" and row["kind"] == "train"
+    assert any("SUCCEEDED" in h.value for h in at.subheader)
+    (log,) = at.code
+    assert "step      6/6" in log.value and "checkpoint step 6" in log.value
+    assert any(b.label == "Open its curves" for b in at.button)  # its MLflow run was found
+    assert not any(b.label == "Stop job" for b in at.button)  # finished: nothing to stop
+
+
+def test_runs_page_draws_the_runs_curves_and_config(launched):
+    at, sid = launched
+    run = browse.run_for_submission(store.resolve_uri(), sid)
+    assert run is not None and run.experiment == EXPERIMENT
+    at.session_state["runs_selected"] = [run.run_id]
+    at.switch_page("pages/runs.py")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert by_label(at.multiselect, "Runs").value == [run.run_id]
+    chart = at.get("plotly_chart")[0]
+    import json
+
+    fig = json.loads(chart.proto.spec)
+    losses = [
+        t for t in fig["data"] if "loss" in t["hovertemplate"] and "val" not in t["hovertemplate"]
+    ]
+    assert losses and losses[0]["x"] == list(range(1, 7))  # one point per step 1..6
+    assert any("train:\n  max_steps: 6" in c.value for c in at.code)
+
+
+def test_models_page_lists_versions_and_sets_an_alias(launched):
+    at, _ = launched
+    at.switch_page("pages/models.py")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    by_label(at.selectbox, "Registered model").set_value(EXPERIMENT)
+    at.run()
+    table = at.dataframe[0].value
+    assert sorted(table["step"]) == [3, 6]
+    assert "latest" in table[table["step"] == 6].iloc[0]["aliases"]
+    by_label(at.selectbox, "Version").set_value(int(table[table["step"] == 3].iloc[0]["version"]))
+    by_label(at.text_input, "Alias").set_value("candidate")
+    at.run()
+    by_label(at.button, "Set alias").click()
+    at.run()
+    assert not at.exception
+    rows = {v.step: v for v in browse.versions(store.resolve_uri(), EXPERIMENT)}
+    assert "candidate" in rows[3].aliases
+    by_label(at.text_input, "Alias").set_value("latest")
+    at.run()
+    by_label(at.button, "Set alias").click()
+    at.run()
+    assert any("reserved" in e.value for e in at.error)
+
+
+def test_playground_generates_and_compares_and_cuts_a_long_prompt(launched):
+    at, _ = launched
+    at.switch_page("pages/playground.py")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    by_label(at.selectbox, "A: model").set_value(EXPERIMENT)
+    at.run()
+    by_label(at.toggle, "Compare two versions side by side").set_value(True)
+    at.run()
+    by_label(at.selectbox, "B: model").set_value(EXPERIMENT)
+    by_label(at.selectbox, "B: version").set_value("@latest")
+    by_label(at.number_input, "Max new tokens").set_value(20)
+    by_label(at.text_area, "Prompt").set_value("ROMEO: " * 100)  # far over the 64-token context
+    by_label(at.button, "Generate").click()
+    at.run(timeout=120)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    notices = [i.value for i in at.info if "kept its last 63 tokens" in i.value]
+    assert len(notices) == 2  # one per side
+    texts = [t.value for t in at.text]
+    assert len(texts) == 2 and all(t.startswith("ROMEO: ROMEO:") for t in texts)
+    assert all(len(t) > len("ROMEO: " * 100) for t in texts)
+    # Same seed, and @best and @latest are versions of one run: each side says which it used.
+    assert any("@best" in m.value for m in at.markdown) and any(
+        "@latest" in m.value for m in at.markdown
+    )

@@ -1,0 +1,122 @@
+"""The dashboard's Launch page in Streamlit's AppTest (no Ray needed until Submit)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from lmforge import paths
+from lmforge.config import load_config
+from lmforge.model import GPT
+from tests.conftest import REPO
+
+APP = str(REPO / "dashboard" / "app.py")
+
+
+@pytest.fixture
+def app(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "dashboard"))
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("RAY_JOBS_ADDRESS", "http://127.0.0.1:9")  # nothing listens there
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def fake_dataset(root, vocab=512):
+    """Just enough of a dataset dir for the form to list it and read its vocab."""
+    import json
+
+    from lmforge.tokenizer import file_sha256, train_tokenizer
+
+    d = root / "datasets" / "mini"
+    d.mkdir(parents=True)
+    train_tokenizer(["to be or not to be"] * 50, vocab).save(str(d / "tokenizer.json"))
+    manifest = {
+        "format": "lmforge-dataset/1",
+        "tokenizer": {"sha256": file_sha256(d / "tokenizer.json"), "vocab_size": vocab},
+        "splits": {"train": {"shards": [], "tokens": 0}, "val": {"shards": [], "tokens": 0}},
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def by_label(widgets, label):
+    (w,) = [w for w in widgets if w.label == label]
+    return w
+
+
+def test_an_invalid_value_is_shown_next_to_its_field_and_nothing_can_be_submitted(app):
+    by_label(app.number_input, "Heads").set_value(3)  # 64 is not divisible by 3
+    app.run()
+    assert not app.exception
+    errors = [e.value for e in app.error]
+    assert any("model.d_model" in e and "not divisible by model.n_head=3" in e for e in errors)
+    assert by_label(app.button, "Submit job").disabled
+    assert not app.metric  # no estimate for a config that does not validate
+
+
+def test_the_estimate_follows_the_form(app, tmp_path):
+    fake_dataset(tmp_path)
+    app.run()
+    assert by_label(app.selectbox, "Dataset").value == str(tmp_path / "datasets" / "mini")
+    mem = {m.label: m.value for m in app.metric}
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["model.vocab_size=512"])
+    n = GPT(cfg.model).num_params(non_embedding=False)  # the model the job would build
+    assert mem["Parameters"] == f"{n / 1e6:,.2f} M"
+    before = mem["Memory per worker, ZeRO 2"]
+    by_label(app.selectbox, "ZeRO stage").set_value(3)
+    app.run()
+    after = {m.label: m.value for m in app.metric}["Memory per worker, ZeRO 3"]
+    assert float(after.split()[0]) < float(before.split()[0]) or before == after == "0.000 GiB"
+    by_label(app.number_input, "Workers").set_value(4)
+    app.run()
+    assert {m.label: m.value for m in app.metric}["Tokens per step"] == f"{8 * 64 * 4:,}"
+
+
+def test_submit_against_an_unreachable_ray_shows_one_line_not_a_traceback(app, tmp_path):
+    fake_dataset(tmp_path)
+    app.run()
+    by_label(app.button, "Submit job").click()
+    app.run()
+    assert not app.exception
+    (err,) = [e.value for e in app.error]
+    assert "not reachable" in err and "127.0.0.1:9" in err
+    assert paths.home() == tmp_path
+
+
+def test_every_page_loads_without_a_traceback_when_nothing_is_there(app):
+    for page in ("jobs", "runs", "models", "playground"):
+        app.switch_page(f"pages/{page}.py")
+        app.run()
+        assert not app.exception, (page, app.exception)
+        shown = [e.value for e in app.error] + [i.value for i in app.info]
+        assert shown, page  # an explanation, not a blank page
+
+
+def test_the_dashboard_imports_no_deepspeed_or_ray_train():
+    """Layering: pages talk to the Jobs API and MLflow only."""
+    import subprocess
+
+    code = (
+        "import sys; sys.path.insert(0, 'dashboard');"
+        "import lmforge.jobclient, lmforge.jobspec, lmforge.tracking.browse, lmforge.playground;"
+        "import charts, ui;"
+        "bad = [m for m in ('deepspeed', 'ray.train') if m in sys.modules]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_pages_say_when_mlflow_or_ray_is_down(app, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    for page in ("jobs", "runs", "models", "playground"):
+        app.switch_page(f"pages/{page}.py")
+        app.run()
+        assert not app.exception, (page, app.exception)
+        (err,) = [e.value for e in app.error]
+        assert "127.0.0.1:9" in err, (page, err)
