@@ -6,47 +6,48 @@ import ui
 
 from lmforge.tracking import browse
 
+ICONS = {
+    "SUCCEEDED": ":material/check_circle:",
+    "FAILED": ":material/error:",
+    "STOPPED": ":material/stop_circle:",
+    "RUNNING": ":material/directions_run:",
+    "PENDING": ":material/hourglass_top:",
+}
+
 st.title("Jobs")
 client = ui.job_client()
 with ui.guard("Ray"):
-    jobs = client.jobs()
-if not jobs:
-    st.info(f"No jobs on the cluster at {client.address} yet. Start one on the Launch page.")
-    st.stop()
-
-table = pd.DataFrame(
-    [
-        {
-            "job": j.submission_id or j.job_id,
-            "status": j.status,
-            "kind": j.metadata.get("lmforge.kind", j.kind.lower()),
-            "run": j.metadata.get("lmforge.run_name", ""),
-            "started": ui.when(j.start),
-            "duration": ui.duration(j.duration_s),
-            "entrypoint": j.entrypoint,
-        }
-        for j in jobs
-    ]
-)
-st.dataframe(table, hide_index=True)
-
-ids = [j.submission_id or j.job_id for j in jobs]
-wanted = st.session_state.get("jobs_selected")
-selected = st.selectbox("Job", ids, index=ids.index(wanted) if wanted in ids else 0, key="job_pick")
-st.session_state["jobs_selected"] = selected
+    any_live = any(not j.finished for j in client.jobs())
 
 
-def job_detail(sid: str) -> None:
-    """Status, log tail, stop, MLflow run; re-run every 3 s while the job is live."""
-    with ui.guard(f"Job {sid}"):
-        job = client.job(sid)
-        log = (
-            client.tail(sid, 200)
-            if job.submission_id
-            else "(a driver, not a submitted job: no log)"
-        )
-    icon = {"SUCCEEDED": "✅", "FAILED": "❌", "STOPPED": "⏹️", "RUNNING": "🏃", "PENDING": "⏳"}
-    st.subheader(f"{icon.get(job.status, '')} {job.status}")
+def body() -> None:
+    """The table and the chosen job; re-run every 3 s while any job is live."""
+    with ui.guard("Ray"):
+        jobs = client.jobs()
+    if not jobs:
+        st.info(f"No jobs on the cluster at {client.address} yet. Start one on the Launch page.")
+        return
+    table = pd.DataFrame(
+        [
+            {
+                "job": j.submission_id or j.job_id,
+                "status": j.status,
+                "kind": j.metadata.get("lmforge.kind", j.kind.lower()),
+                "run": j.metadata.get("lmforge.run_name", ""),
+                "started": ui.when(j.start),
+                "duration": ui.duration(j.duration_s),
+                "entrypoint": j.entrypoint,
+            }
+            for j in jobs
+        ]
+    )
+    st.dataframe(table, hide_index=True)
+    ids = [j.submission_id or j.job_id for j in jobs]
+    wanted = st.session_state.get("jobs_selected")
+    sid = st.selectbox("Job", ids, index=ids.index(wanted) if wanted in ids else 0)
+    st.session_state["jobs_selected"] = sid
+    job = jobs[ids.index(sid)]
+    st.subheader(f"{ICONS.get(job.status, '')} {job.status}")
     st.caption(
         f"started {ui.when(job.start)} · duration {ui.duration(job.duration_s)}"
         + (f" · {job.message}" if job.message else "")
@@ -65,8 +66,13 @@ def job_detail(sid: str) -> None:
         if cols[1].button("Open its curves", key=f"curves_{sid}"):
             st.session_state["runs_selected"] = [run.run_id]
             st.switch_page("pages/runs.py")
-    st.code(log or "(no output yet)", language="text", height=420)
+    if job.submission_id:
+        with ui.guard(f"Log of {sid}"):
+            log = client.tail(sid, 200)
+        st.caption("last 200 lines of the job's log" + (", live" if not job.finished else ""))
+        st.code(log or "(no output yet)", language="text", height=420)
+    else:
+        st.caption("a driver that connected to the cluster, not a submitted job: no log here")
 
 
-live = not next(j for j in jobs if selected in (j.submission_id, j.job_id)).finished
-st.fragment(job_detail, run_every=3 if live else None)(selected)
+st.fragment(body, run_every=3 if any_live else None)()

@@ -5,7 +5,7 @@ import ui
 
 from lmforge import jobspec
 from lmforge.data.dataset import Dataset
-from lmforge.estimate import GIB, estimate
+from lmforge.estimate import estimate, human_bytes
 
 st.title("Launch a training job")
 presets = jobspec.presets()
@@ -208,10 +208,10 @@ if cfg is not None:
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Parameters", f"{est.n_params / 1e6:,.2f} M")
     c2.metric("Tokens per step", f"{est.tokens_per_step:,}")
-    c3.metric(f"Memory per worker, ZeRO {cfg.zero.stage}", f"{mem['total'] / GIB:,.3f} GiB")
-    c4.metric("Offloaded to host, per worker", f"{est.offloaded_bytes / GIB:,.3f} GiB")
+    c3.metric(f"Memory per worker, ZeRO {cfg.zero.stage}", human_bytes(mem["total"]))
+    c4.metric("Offloaded to host, per worker", human_bytes(est.offloaded_bytes))
     st.caption(
-        " | ".join(f"{k} {v / GIB:,.3f} GiB" for k, v in mem.items() if k != "total")
+        " | ".join(f"{k} {human_bytes(v)}" for k, v in mem.items() if k != "total")
         + ("" if vocab else " (vocab 8192 assumed until a dataset is chosen)")
         + " | activations are approximate"
     )

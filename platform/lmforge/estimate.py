@@ -21,6 +21,15 @@ from lmforge.config import Config
 GIB = 1024**3
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; what the launch form shows."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 @dataclass(frozen=True)
 class Estimate:
     n_params: int
@@ -30,10 +39,9 @@ class Estimate:
     offloaded_bytes: float  # per worker, held in host memory by ZeRO-Offload
 
     def summary(self) -> str:
-        gib = self.per_worker_bytes["total"] / GIB
         return (
             f"{self.n_params / 1e6:.2f}M parameters | {self.tokens_per_step:,} tokens/step | "
-            f"~{gib:.2f} GiB per worker"
+            f"~{human_bytes(self.per_worker_bytes['total'])} per worker"
         )
 
 
@@ -56,15 +64,24 @@ def n_params(cfg: Config, vocab_size: int | None = None) -> int:
     return v * d + t * d + n * block + 2 * d
 
 
+def model_state_bytes(
+    n: float, world: int, stage: int, mixed: bool = True
+) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) bytes per worker under ZeRO `stage`."""
+    weight_b, grad_b, optim_b = (2.0, 2.0, 12.0) if mixed else (4.0, 4.0, 8.0)
+    return (
+        n * weight_b / (world if stage >= 3 else 1),
+        n * grad_b / (world if stage >= 2 else 1),
+        n * optim_b / (world if stage >= 1 else 1),
+    )
+
+
 def estimate(cfg: Config, vocab_size: int | None = None) -> Estimate:
     p = n_params(cfg, vocab_size)
     v = cfg.model.vocab_size or vocab_size or 0
     world, stage = cfg.scaling.num_workers, cfg.zero.stage
     mixed = cfg.train.precision != "fp32"
-    weight_b, grad_b, optim_b = (2.0, 2.0, 12.0) if mixed else (4.0, 4.0, 8.0)
-    weights = p * weight_b / (world if stage >= 3 else 1)
-    grads = p * grad_b / (world if stage >= 2 else 1)
-    optim = p * optim_b / (world if stage >= 1 else 1)
+    weights, grads, optim = model_state_bytes(p, world, stage, mixed)
     offloaded = 0.0
     if cfg.zero.offload_optimizer == "cpu":
         offloaded += optim

@@ -14,6 +14,7 @@ unknown job, refused) becomes a `JobClientError` with one line saying what and w
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from lmforge.jobspec import JobSpec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class JobClientError(RuntimeError):
@@ -126,7 +128,9 @@ class JobClient:
         return str(getattr(s, "value", s))
 
     def logs(self, submission_id: str) -> str:
-        return self._call(f"logs of {submission_id}", self._client.get_job_logs, submission_id)
+        """The job's whole log, without the terminal colour codes Ray puts in worker lines."""
+        text = self._call(f"logs of {submission_id}", self._client.get_job_logs, submission_id)
+        return ANSI.sub("", text)
 
     def tail(self, submission_id: str, lines: int = 200) -> str:
         return "\n".join(self.logs(submission_id).splitlines()[-lines:])

@@ -4,11 +4,17 @@ shared by every integration test in the session."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
 from lmforge import cluster, paths
 from lmforge.config import load_config
+from lmforge.services import free_port, kill_group
+from lmforge.tracking import store
 from tests.conftest import CORPUS, REPO
 
 # Not Ray's defaults, so a developer's own cluster on 6379/8265 is left alone.
@@ -68,3 +74,27 @@ def tiny_config(dataset, name, *overrides):
         REPO / "jobs" / "configs" / "tiny.yaml",
         [f"data.path={dataset}", f"run.name={name}", *overrides],
     )
+
+
+@pytest.fixture(scope="session")
+def dashboard_server(ray_cluster, tmp_path_factory):
+    """`lmforge dashboard` on a free port against the test cluster, as a user starts it; its URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("dashboard") / "streamlit.log"
+    cmd = [sys.executable, "-m", "lmforge.cli", "dashboard", "--port", str(port),
+           "--ray-address", ray_cluster.dashboard_url, "--tracking-uri", store.resolve_uri()]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.5)
+    yield url
+    kill_group(proc.pid)

@@ -27,6 +27,7 @@ def run(*args, timeout=60):
         ["export-hf"],
         ["tracking"],
         ["cluster"],
+        ["dashboard"],
     ],
 )
 def test_help(cmd):
@@ -91,3 +92,18 @@ def test_bad_input_is_one_line_before_ray_starts(args, needle):
 def test_generate_needs_a_model_or_a_checkpoint():
     out = run("generate", "--prompt", "hi")
     assert out.returncode == 2 and "one of the arguments --model --checkpoint" in out.stderr
+
+
+def test_dashboard_listens_on_loopback_and_points_at_ray_and_mlflow(monkeypatch, tmp_path):
+    from lmforge.cli import build_parser, dashboard_command
+
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = build_parser().parse_args(["dashboard", "--ray-address", "http://127.0.0.1:8299"])
+    cmd, env = dashboard_command(args)
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8501"
+    assert cmd[cmd.index("run") + 1] == str(REPO / "dashboard" / "app.py")
+    assert env["RAY_JOBS_ADDRESS"] == "http://127.0.0.1:8299"
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    assert env["RAY_AUTH_MODE"] == "token"

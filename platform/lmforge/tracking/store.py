@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -94,6 +95,9 @@ def client(uri: str):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # noise in job logs
     from mlflow import MlflowClient
+
+    # "Creating initial MLflow database tables..." on a new SQLite store: not news to a user.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 

@@ -1,0 +1,142 @@
+"""The dashboard in a real browser: headless Chromium (Debian's) driven by Playwright.
+
+A person's path through it: fill the launch form for a tiny config and submit, watch the
+job succeed on the Jobs page, see its loss curve on the Runs page, find its versions on the
+Models page and generate text from one in the Playground. A screenshot of each page goes
+to $LMFORGE_SCREENSHOTS (default: test-artifacts/screenshots in the repo); the test prints
+the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from lmforge.jobclient import JobClient
+from lmforge.tracking import browse, store
+from tests.conftest import REPO
+
+CHROMIUM = os.environ.get("LMFORGE_CHROMIUM", "/usr/bin/chromium")
+EXPERIMENT = "browser-e2e"
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+)
+
+
+@pytest.fixture(scope="module")
+def shots():
+    d = Path(os.environ.get("LMFORGE_SCREENSHOTS", REPO / "test-artifacts" / "screenshots"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],  # fmt: skip
+        )
+        yield b
+        b.close()
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the Streamlit selectbox labelled `label` (type to filter, click)."""
+    box = page.locator('[data-testid="stSelectbox"]').filter(has_text=label)
+    box.locator("input").click()
+    box.locator("input").fill(option)
+    page.get_by_role("option", name=option, exact=True).first.click()
+
+
+def number(page, label: str, value) -> None:
+    field = page.get_by_label(label, exact=True)
+    field.fill(str(value))
+    field.press("Enter")
+
+
+def nav(page, name: str) -> None:
+    page.get_by_test_id("stSidebarNavLink").filter(has_text=name).click()
+
+
+def settle(page) -> None:
+    """Wait until Streamlit has finished re-running the script."""
+    page.wait_for_timeout(300)
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=60_000)
+
+
+def test_launch_watch_curves_models_playground_in_chromium(
+    dashboard_server, browser, dataset, ray_cluster, shots, capsys
+):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.set_default_timeout(60_000)
+    page.goto(dashboard_server)
+    page.get_by_role("heading", name="Launch a training job").wait_for()
+
+    choose(page, "Dataset", str(dataset))
+    for label, value in [("Steps", 6), ("Evaluate every (steps)", 3),
+                         ("Checkpoint every (steps)", 3), ("Warm-up steps", 1)]:  # fmt: skip
+        number(page, label, value)
+        settle(page)
+    exp = page.get_by_label("Experiment", exact=True)
+    exp.fill(EXPERIMENT)
+    exp.press("Enter")
+    settle(page)
+    page.get_by_text("Tokens per step").wait_for()  # the live estimate
+    page.get_by_role("button", name="Submit job").click()
+    page.get_by_text("Submitted job").wait_for()
+    page.screenshot(path=shots / "1-launch.png", full_page=True)
+    sid = re.search(r"raysubmit_\w+", page.get_by_text("Submitted job").inner_text()).group(0)
+
+    nav(page, "Jobs")
+    page.get_by_role("heading", name="Jobs").wait_for()
+    page.get_by_text("SUCCEEDED", exact=False).first.wait_for()  # the table lists it
+    assert JobClient(ray_cluster.dashboard_url).wait(sid, timeout_s=600) == "SUCCEEDED"
+    page.get_by_role("heading", name=re.compile("SUCCEEDED")).wait_for(timeout=30_000)
+    page.get_by_text("checkpoint step 6").first.wait_for()  # the log tail
+    page.screenshot(path=shots / "2-jobs.png", full_page=True)
+
+    page.get_by_role("button", name="Open its curves").click()
+    page.get_by_role("heading", name="Runs").wait_for()
+    page.locator(".js-plotly-plot").first.wait_for()
+    assert page.locator(".js-plotly-plot .scatterlayer .trace").count() >= 2  # loss, val loss...
+    page.screenshot(path=shots / "3-runs.png", full_page=True)
+
+    nav(page, "Models")
+    page.get_by_role("heading", name="Models").wait_for()
+    choose(page, "Registered model", EXPERIMENT)
+    settle(page)
+    page.get_by_text(f"models:/{EXPERIMENT}/", exact=False).first.wait_for()
+    page.screenshot(path=shots / "4-models.png", full_page=True)
+    page.get_by_role("button", name="Generate from it").click()
+
+    page.get_by_role("heading", name="Playground").wait_for()
+    number(page, "Max new tokens", 40)
+    settle(page)
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text("characters generated").wait_for(timeout=120_000)
+    text = page.locator('[data-testid="stText"]').first.inner_text()
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+    page.screenshot(path=shots / "5-playground.png", full_page=True)
+
+    versions = browse.versions(store.resolve_uri(), EXPERIMENT)
+    assert sorted(v.step for v in versions) == [3, 6]
+    with capsys.disabled():
+        print(f"\ndashboard screenshots: {shots}")
+    assert sorted(p.name for p in shots.glob("*.png")) >= [
+        "1-launch.png", "2-jobs.png", "3-runs.png", "4-models.png", "5-playground.png"
+    ]  # fmt: skip
