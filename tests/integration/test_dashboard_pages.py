@@ -23,15 +23,27 @@ def by_label(widgets, label):
 
 
 @pytest.fixture(scope="module")
-def launched(ray_cluster, dataset):
-    """Submit a 6-step job from the Launch page; wait for it; (AppTest, submission id)."""
+def dashboard_env(ray_cluster):
+    """The environment `lmforge dashboard` gives the app, for AppTest in this process."""
     mp = pytest.MonkeyPatch()
     mp.syspath_prepend(str(REPO / "dashboard"))
     mp.setenv("RAY_JOBS_ADDRESS", ray_cluster.dashboard_url)
     mp.setenv("MLFLOW_TRACKING_URI", store.resolve_uri())
+    yield
+    mp.undo()
+
+
+def new_app() -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
     assert not at.exception, at.exception
+    return at
+
+
+@pytest.fixture(scope="module")
+def launched(dashboard_env, ray_cluster, dataset):
+    """Submit a 6-step job from the Launch page; wait for it; (AppTest, submission id)."""
+    at = new_app()
     by_label(at.selectbox, "Dataset").set_value(str(dataset))
     for label, value in [("Steps", 6), ("Evaluate every (steps)", 3), ("Checkpoint every (steps)", 3), ("Warm-up steps", 1)]:  # fmt: skip
         by_label(at.number_input, label).set_value(value)
@@ -49,8 +61,7 @@ def launched(ray_cluster, dataset):
     )
     status = JobClient(ray_cluster.dashboard_url).wait(sid, timeout_s=600)
     assert status == "SUCCEEDED", JobClient(ray_cluster.dashboard_url).tail(sid, 60)
-    yield at, sid
-    mp.undo()
+    return at, sid
 
 
 def test_jobs_page_lists_the_job_with_its_log_and_run(launched):
@@ -138,3 +149,63 @@ def test_playground_generates_and_compares_and_cuts_a_long_prompt(launched):
     assert any("@best" in m.value for m in at.markdown) and any(
         "@latest" in m.value for m in at.markdown
     )
+
+
+def test_fine_tune_from_a_version_then_stop_the_job(launched, ray_cluster):
+    at, _ = launched
+    at.switch_page("pages/models.py")
+    at.run()
+    by_label(at.selectbox, "Registered model").set_value(EXPERIMENT)
+    at.run()
+    version = by_label(at.selectbox, "Version").value
+    by_label(at.button, "Fine-tune from it").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any(f"Fine-tuning from `models:/{EXPERIMENT}/{version}`" in i.value for i in at.info)
+    at.switch_page("pages/launch.py")  # AppTest stays on the page it was told, unlike a browser
+    by_label(at.number_input, "Steps").set_value(100_000)
+    by_label(at.number_input, "Warm-up steps").set_value(1)
+    at.run()
+    by_label(at.button, "Submit job").click()
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    code = at.code[0].value
+    assert code.endswith(f"--init-from models:/{EXPERIMENT}/{version}")
+    assert "run.name=run-" in code  # a new run, not the source's
+    sid = at.session_state["jobs_selected"]
+
+    at.switch_page("pages/jobs.py")
+    at.run()
+    assert by_label(at.selectbox, "Job").value == sid
+    by_label(at.button, "Stop job").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    client = JobClient(ray_cluster.dashboard_url)
+    assert client.wait(sid, timeout_s=120) == "STOPPED"
+    at.run()
+    assert not any(b.label == "Stop job" for b in at.button)
+    assert any("STOPPED" in h.value for h in at.subheader)
+    at.session_state["launch_from"] = None  # leave the Launch page as it was
+
+
+def test_an_uploaded_corpus_becomes_a_dataset_the_form_offers(dashboard_env, ray_cluster):
+    from lmforge import paths
+    from tests.conftest import CORPUS
+
+    at = new_app()
+    play = (CORPUS / "twelfth_night.txt").read_bytes()
+    at.file_uploader[0].set_value([("twelfth_night.txt", play, "text/plain")])
+    by_label(at.text_input, "Dataset name").set_value("uploaded-play")
+    by_label(at.number_input, "Vocabulary size").set_value(512)
+    by_label(at.number_input, "Tokens per packed row").set_value(64)
+    at.run()
+    by_label(at.button, "Prepare dataset").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    sid = at.session_state["jobs_selected"]
+    client = JobClient(ray_cluster.dashboard_url)
+    assert client.wait(sid, timeout_s=300) == "SUCCEEDED", client.tail(sid, 40)
+    out = paths.home() / "datasets" / "uploaded-play"
+    assert (paths.home() / "uploads" / "uploaded-play" / "twelfth_night.txt").read_bytes() == play
+    at.run()
+    assert str(out) in by_label(at.selectbox, "Dataset").options
