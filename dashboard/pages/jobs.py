@@ -52,6 +52,8 @@ def body() -> None:
         f"started {ui.when(job.start)} · duration {ui.duration(job.duration_s)}"
         + (f" · {job.message}" if job.message else "")
     )
+    if job.status == "FAILED":
+        st.error(f"The job failed: {ui.failure_line(job.message)}")
     cols = st.columns([1, 1, 3])
     if not job.finished and job.submission_id and cols[0].button("Stop job", key=f"stop_{sid}"):
         with ui.guard(f"Stopping {sid}"):

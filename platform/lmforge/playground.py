@@ -11,6 +11,7 @@ failing; an empty prompt starts from the end-of-text token (an unconditional sam
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +70,6 @@ def fit_prompt(loaded: Loaded, text: str, max_new_tokens: int) -> Prompt:
 
 
 def stream(loaded: Loaded, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
-    params = SamplingParams(
-        max_new_tokens=params.max_new_tokens,
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        seed=params.seed,
-        stop_token=eot_id(loaded.tokenizer),
-    )
+    """The continuation as text pieces, stopping at the end-of-text token."""
+    params = dataclasses.replace(params, stop_token=eot_id(loaded.tokenizer))
     yield from stream_ids(loaded.model, loaded.tokenizer, prompt.ids, params)

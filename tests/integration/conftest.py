@@ -17,8 +17,9 @@ from lmforge.services import free_port, kill_group
 from lmforge.tracking import store
 from tests.conftest import CORPUS, REPO
 
-# Not Ray's defaults, so a developer's own cluster on 6379/8265 is left alone.
-GCS_PORT, DASHBOARD_PORT = 6390, 8299
+# Free ports, not Ray's defaults: a developer's own cluster (6379/8265) and another test
+# session on the same machine are left alone.
+GCS_PORT, DASHBOARD_PORT = free_port(), free_port()
 PLAYS = ["twelfth_night.txt", "as_you_like_it.txt", "henry_v.txt"]
 
 

@@ -79,10 +79,18 @@ def settle(page) -> None:
     page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=60_000)
 
 
+@pytest.fixture
+def page(browser, shots):
+    """A browser tab; its last state is saved as last.png (the page a failure left)."""
+    tab = browser.new_page(viewport={"width": 1400, "height": 1100})
+    yield tab
+    tab.screenshot(path=shots / "last.png", full_page=True)
+    tab.close()
+
+
 def test_launch_watch_curves_models_playground_in_chromium(
-    dashboard_server, browser, dataset, ray_cluster, shots, capsys
+    dashboard_server, page, dataset, ray_cluster, shots, capsys
 ):
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
     page.set_default_timeout(60_000)
     page.goto(dashboard_server)
     page.get_by_role("heading", name="Launch a training job").wait_for()
@@ -104,7 +112,9 @@ def test_launch_watch_curves_models_playground_in_chromium(
 
     nav(page, "Jobs")
     page.get_by_role("heading", name="Jobs").wait_for()
-    page.get_by_text("SUCCEEDED", exact=False).first.wait_for()  # the table lists it
+    # The submitted job is the one shown: its log names it (the table is a canvas grid and
+    # the select box keeps its value in an input, neither is visible text).
+    page.get_by_text(f"Running entrypoint for job {sid}").wait_for()
     assert JobClient(ray_cluster.dashboard_url).wait(sid, timeout_s=600) == "SUCCEEDED"
     page.get_by_role("heading", name=re.compile("SUCCEEDED")).wait_for(timeout=30_000)
     page.get_by_text("checkpoint step 6").first.wait_for()  # the log tail

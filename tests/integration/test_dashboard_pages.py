@@ -209,3 +209,21 @@ def test_an_uploaded_corpus_becomes_a_dataset_the_form_offers(dashboard_env, ray
     assert (paths.home() / "uploads" / "uploaded-play" / "twelfth_night.txt").read_bytes() == play
     at.run()
     assert str(out) in by_label(at.selectbox, "Dataset").options
+
+
+def test_a_job_that_fails_says_why_on_the_jobs_page(dashboard_env, ray_cluster, dataset):
+    """Valid by the schema, refused by the job's own checks: the dataset is too short."""
+    at = new_app()
+    by_label(at.selectbox, "Dataset").set_value(str(dataset))
+    by_label(at.number_input, "Context").set_value(100_000)
+    at.run()
+    by_label(at.button, "Submit job").click()
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    sid = at.session_state["jobs_selected"]
+    assert JobClient(ray_cluster.dashboard_url).wait(sid, timeout_s=300) == "FAILED"
+    at.switch_page("pages/jobs.py")
+    at.run()
+    assert not at.exception
+    (err,) = [e.value for e in at.error]
+    assert err.startswith("The job failed: model.context_length=100000: too long for"), err

@@ -14,7 +14,6 @@ import psutil
 import pytest
 
 from lmforge import cluster
-from tests.integration.conftest import GCS_PORT
 
 
 def listening(port: int) -> set[str]:
@@ -35,7 +34,7 @@ SERVICES = ["ray dashboard and Jobs API", "ray GCS", "mlflow server", "lmforge d
 def test_services_listen_on_loopback_only(service, request):
     url = {
         "ray dashboard and Jobs API": lambda: request.getfixturevalue("ray_cluster").dashboard_url,
-        "ray GCS": lambda: f"tcp://127.0.0.1:{GCS_PORT}",
+        "ray GCS": lambda: f"tcp://{request.getfixturevalue('ray_cluster').address}",
         "mlflow server": lambda: request.getfixturevalue("tracking_server").url,
         "lmforge dashboard": lambda: request.getfixturevalue("dashboard_server"),
     }[service]()
