@@ -85,7 +85,8 @@ def _requirements() -> list[str]:
 
 
 def stage_servable(checkpoint: Path, into: Path) -> Path:
-    """Hard-link (or copy) the servable files of a checkpoint into `into/checkpoint`.
+    """Hard-link (or copy) the servable files of a checkpoint into `into/checkpoint`, with
+    a `files.json` that lists them (so the registered copy is a complete checkpoint).
 
     The registration runs in the background after the checkpoint is persisted; staging
     first means Ray's `num_to_keep` may delete the run's copy meanwhile without harm, and
@@ -98,6 +99,7 @@ def stage_servable(checkpoint: Path, into: Path) -> Path:
             (out / name).hardlink_to(checkpoint / name)
         except OSError:
             shutil.copyfile(checkpoint / name, out / name)
+    ckpt_io.seal(out)  # its own list of files: the servable ones
     return out
 
 

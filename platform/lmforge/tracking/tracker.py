@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge import checkpoint as ckpt_io
 from lmforge.tracking import registry, store
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,15 @@ class Tracker:
         return registry.stage_servable(checkpoint, self._stage / f"step-{step}")
 
     def register(self, staged: Path, checkpoint: Path, state: dict[str, Any]) -> None:
-        """Queue the registration of the persisted `checkpoint` (its files in `staged`)."""
-
+        """Queue the registration of the persisted `checkpoint` (its files in `staged`);
+        an incomplete one (a copy cut short, see `checkpoint.incomplete`) is never registered."""
+        if why := ckpt_io.incomplete(checkpoint):
+            self.failures.append(f"not registered: {checkpoint} is incomplete ({why})")
+            log.warning(
+                "MLflow: not registering %s: an incomplete checkpoint (%s)", checkpoint, why
+            )
+            shutil.rmtree(staged.parent, ignore_errors=True)
+            return
         progress: dict[str, Any] = {}  # survives retries: nothing is registered twice
 
         def task() -> None:

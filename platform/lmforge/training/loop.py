@@ -134,6 +134,8 @@ class Trainer:
     def restore(self, checkpoint) -> None:
         with checkpoint.as_directory() as d:
             d = Path(d)
+            if why := ckpt_io.incomplete(d):  # Ray records a checkpoint once all ranks copied it
+                raise ckpt_io.CheckpointError(f"{d}: an incomplete checkpoint ({why})")
             state = ckpt_io.read_state(d)
             # The launcher checked the model, tokenizer and worker layout before Ray started.
             ckpt_io.check_engine_state(d)  # DeepSpeed unpickles it: nothing but state, first
@@ -198,8 +200,9 @@ class Trainer:
         """Write a checkpoint, hand it to Ray, then queue its registration (rank 0).
 
         Every checkpoint carries a val loss (evaluated now if this step had none), which
-        the registry's `best` alias is chosen by. Registration starts only after
-        `ray.train.report` returned, i.e. once the checkpoint is persisted in the run dir.
+        the registry's `best` alias is chosen by. Registration starts only once every rank's
+        `ray.train.report` returned, i.e. the whole checkpoint is persisted in the run dir,
+        and checks that it is complete there (`checkpoint.incomplete`).
         """
         import ray.train
 
@@ -213,14 +216,17 @@ class Trainer:
             self.engine.save_checkpoint(str(tmp / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
             faults.maybe_kill("checkpoint", self.step, self.info.rank)
             weights = consolidated_weights(self.engine, self.info)
-            positions = dist.all_gather_object(self.stream.state_dict(), self.info)
+            # Each rank's data position, and the engine files it adds to the checkpoint dir.
+            ranks = dist.all_gather_object(
+                (self.stream.state_dict(), ckpt_io.file_sizes(tmp)), self.info
+            )
             state, staged = None, None  # written by rank 0 only
             if self.info.is_main:
                 state = {
                     "step": self.step,
                     "tokens_seen": self.tokens_seen,
                     "world_size": self.info.world,
-                    "data": positions,
+                    "data": [position for position, _ in ranks],
                     "dataset": {
                         "path": str(self.dataset.path),
                         "manifest_sha256": self.dataset.manifest_sha256,
@@ -228,14 +234,19 @@ class Trainer:
                     },
                     "metrics": metrics,
                     "evals": self.evals,
+                    "files": ckpt_io.FILES,
                 }
                 ckpt_io.save_servable(tmp, weights, self.cfg, self.dataset.tokenizer_path, state)
+                ckpt_io.seal(tmp, [files for _, files in ranks[1:]])
                 staged = self.tracker.stage(tmp, self.step)
             name = f"checkpoint_{self.step:08d}"
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                 checkpoint_dir_name=name,
             )  # fmt: skip
+            # `report` returns once this rank's files are copied; after the barrier every
+            # rank's are. A rank that dies copying never gets here: neither does rank 0.
+            dist.barrier(self.info)
             dist.print0(self.info, f"checkpoint step {self.step} -> {self.run_dir}/{name}")
             self.tracker.register(staged, Path(self.run_dir) / name, state)
         finally:
