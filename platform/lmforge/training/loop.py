@@ -143,6 +143,8 @@ class Trainer:
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.evals = state.get("evals", [])
             self.stream.load_state_dict(state["data"][self.info.rank])
+            # Rank 0 may have died before this checkpoint's registration finished.
+            self.tracker.register_restored(Path(checkpoint.path), state)
         dist.print0(self.info, f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
 
     # -- one optimizer step -----------------------------------------------------------
