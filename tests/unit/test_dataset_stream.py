@@ -165,3 +165,54 @@ def test_truncated_shard_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match=shard.name):
         for _ in range(100):
             next(s.batches())
+
+
+def _one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+def test_truncated_shard_is_named_before_training(tmp_path):
+    """The launcher's dataset check reads every shard's footer before Ray starts."""
+    from lmforge.config import load_config
+    from lmforge.training.launch import check_dataset
+    from tests.conftest import REPO
+
+    ds, m, _ = make_dataset(tmp_path / "ds")
+    Dataset(ds.path).check_shards()
+    shard = ds.path / m["splits"]["train"]["shards"][1]["file"]
+    shard.write_bytes(shard.read_bytes()[:-200])
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", [f"data.path={ds.path}"])
+    with pytest.raises(DatasetError, match=f"{shard}: cannot read it as Parquet") as err:
+        check_dataset(cfg)
+    assert "truncated or corrupt shard" in _one_line(err)
+
+
+def test_corrupt_shard_is_named_when_read(tmp_path):
+    """Bytes changed inside a data page (footer intact): the page checksum catches it."""
+    ds, m, _ = make_dataset(tmp_path / "ds")
+    shard = ds.path / m["splits"]["train"]["shards"][0]["file"]
+    col = pq.ParquetFile(shard).metadata.row_group(0).column(0)
+    start = col.dictionary_page_offset or col.data_page_offset
+    middle = start + col.total_compressed_size // 2
+    data = bytearray(shard.read_bytes())
+    data[middle : middle + 8] = bytes(b ^ 0x5A for b in data[middle : middle + 8])
+    shard.write_bytes(bytes(data))
+    Dataset(ds.path).check_shards()  # the footer is intact: only reading finds it
+    s = TokenStream(Dataset(ds.path), "train", 16, batch_size=2, world=1, shuffle=False)
+    with pytest.raises(DatasetError, match=f"{shard}: cannot read row group 0") as err:
+        for _ in range(100):
+            next(s.batches())
+    assert "a corrupt shard" in _one_line(err)
+
+
+def test_shard_from_another_tokenizer_is_named(tmp_path):
+    ds, m, _ = make_dataset(tmp_path / "ds")
+    shard = ds.path / m["splits"]["val"]["shards"][0]["file"]
+    table = pq.read_table(shard)
+    other = {b"lmforge.tokenizer_sha256": b"f" * 64}  # as a shard of another dataset has
+    pq.write_table(table.replace_schema_metadata(other), shard)
+    with pytest.raises(DatasetError, match=f"{shard}: tokenized with tokenizer sha256 ffff") as e:
+        Dataset(ds.path).check_shards()
+    assert ds.tokenizer_sha256[:12] in _one_line(e)

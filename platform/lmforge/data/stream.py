@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from lmforge.data.dataset import Dataset, DatasetError, Unit
+from lmforge.data.dataset import Dataset, DatasetError, Unit, open_shard
 
 OPEN_FILES = 8  # shards a stream keeps open (a ParquetFile re-reads the footer when opened)
 
@@ -164,10 +164,7 @@ class TokenStream:
     def _read(self, unit: Unit) -> np.ndarray:
         pf = self._files.get(unit.file)
         if pf is None:
-            try:
-                pf = pq.ParquetFile(unit.file)
-            except Exception as err:  # pyarrow's errors for corrupt or truncated files vary
-                raise DatasetError(f"{unit.file}: cannot read it as Parquet ({err})") from None
+            pf = open_shard(unit.file)
             if len(self._files) >= OPEN_FILES:  # the oldest goes: bounded file handles
                 self._files.pop(next(iter(self._files))).close()
             self._files[unit.file] = pf
@@ -180,7 +177,10 @@ def _read_unit(pf: pq.ParquetFile, unit: Unit) -> np.ndarray:
     try:
         table = pf.read_row_group(unit.row_group, columns=["tokens"])
     except Exception as err:  # pyarrow's errors for corrupt or truncated files vary
-        raise DatasetError(f"{unit.file}: cannot read row group {unit.row_group} ({err})") from None
+        raise DatasetError(
+            f"{unit.file}: cannot read row group {unit.row_group}, a corrupt shard ({err}); "
+            "prepare the dataset again"
+        ) from None
     col = table.column(0).combine_chunks()
     tokens = col.flatten().to_numpy()
     if len(tokens) != unit.tokens:

@@ -91,6 +91,7 @@ def check_dataset(cfg: Config) -> Config:
             "use a path on storage every node mounts"
         )
     ds = Dataset(paths.resolve(cfg.data.path))
+    ds.check_shards()  # footers only: a truncated or foreign shard is named before Ray starts
     if cfg.model.vocab_size not in (None, ds.vocab_size):
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} but the dataset's tokenizer has "
