@@ -158,6 +158,53 @@ def incomplete(path: Path) -> str | None:
     return wrong[0] + more
 
 
+UNIVERSAL_TAG = "universal"  # DeepSpeed's universal checkpoint of an engine state
+
+
+def is_partitioned(path: Path) -> bool:
+    """Whether the engine state is split per rank (ZeRO 1-3): one optimizer file a rank."""
+    return any((path / ENGINE_DIR / ENGINE_TAG).glob("*optim_states.pt"))
+
+
+def to_universal(path: Path, out: Path) -> Path:
+    """Convert a checkpoint's per-rank engine state into DeepSpeed's universal checkpoint
+    (one file per parameter and state), which loads into any number of workers: made once
+    at `out/UNIVERSAL_TAG` (written aside, then renamed). Returns `out`, the `load_dir` of
+    `engine.load_checkpoint(load_dir, tag=UNIVERSAL_TAG)` under the config key
+    `checkpoint.load_universal`. Call `check_engine_state(path)` first: DeepSpeed unpickles.
+    """
+    import contextlib
+    import io
+    import os
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    if (out / UNIVERSAL_TAG).is_dir():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{UNIVERSAL_TAG}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = Namespace(
+        input_folder=str(path / ENGINE_DIR / ENGINE_TAG), output_folder=str(tmp),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        # lmforge's checkpoints hold no Megatron-style layout hints: a plain model needs none.
+        inject_missing_state=True,
+    )  # fmt: skip
+    noise = io.StringIO()  # its progress bars and banners
+    try:
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            convert(args)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{path / ENGINE_DIR}: DeepSpeed could not make a universal checkpoint of it "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+        ) from err
+    tmp.rename(out / UNIVERSAL_TAG)
+    return out
+
+
 def is_complete(path: Path) -> bool:
     return incomplete(path) is None
 

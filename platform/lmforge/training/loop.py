@@ -137,15 +137,40 @@ class Trainer:
             if why := ckpt_io.incomplete(d):  # Ray records a checkpoint once all ranks copied it
                 raise ckpt_io.CheckpointError(f"{d}: an incomplete checkpoint ({why})")
             state = ckpt_io.read_state(d)
-            # The launcher checked the model, tokenizer and worker layout before Ray started.
+            # The launcher checked the model, tokenizer and ZeRO stage before Ray started.
             ckpt_io.check_engine_state(d)  # DeepSpeed unpickles it: nothing but state, first
-            self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
+            saved_on = len(state["data"])
+            if saved_on != self.info.world and ckpt_io.is_partitioned(d):
+                self._load_resharded(d)
+            else:
+                self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.evals = state.get("evals", [])
-            self.stream.load_state_dict(state["data"][self.info.rank])
+            self.stream.resume(state["data"])  # re-dealt when saved_on != world
             # Rank 0 may have died before this checkpoint's registration finished.
             self.tracker.register_restored(Path(checkpoint.path), state)
         dist.print0(self.info, f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
+        if saved_on != self.info.world:
+            dist.print0(
+                self.info,
+                f"re-sharded: the checkpoint was saved by {saved_on} worker(s), this run has "
+                f"{self.info.world}; the optimizer state is re-partitioned and the unread "
+                f"rest of the epoch dealt to the {self.info.world} worker(s)",
+            )
+
+    def _load_resharded(self, d: Path) -> None:
+        """Load a per-rank engine state saved by another number of workers, through
+        DeepSpeed's universal checkpoint of it (rank 0 makes it once, in the run dir)."""
+        out = Path(self.run_dir) / "resharded" / d.name
+        if self.info.is_main:
+            ckpt_io.to_universal(d, out)
+        dist.barrier(self.info)
+        # DeepSpeed reads `checkpoint.load_universal` from its config when it loads.
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            self.engine.load_checkpoint(str(out), tag=ckpt_io.UNIVERSAL_TAG)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
 
     # -- one optimizer step -----------------------------------------------------------
     def train_step(self, batches) -> dict[str, float]:
