@@ -88,6 +88,11 @@ def check_engine_state(path: Path) -> None:
     checkpoints hold; a file that needs anything else is refused, named, before DeepSpeed
     opens it. Call it after `import deepspeed` (the allowed classes are looked up).
     """
+    check_engine_files(path / ENGINE_DIR / ENGINE_TAG)
+
+
+def check_engine_files(folder: Path) -> None:
+    """`check_engine_state` for every `*.pt` under `folder` (e.g. a universal checkpoint)."""
     import importlib
 
     allowed = []
@@ -97,9 +102,9 @@ def check_engine_state(path: Path) -> None:
             allowed.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             continue  # another DeepSpeed version: that class cannot be in its files either
-    files = sorted((path / ENGINE_DIR / ENGINE_TAG).glob("*.pt"))
+    files = sorted(folder.rglob("*.pt"))
     if not files:
-        raise CheckpointError(f"{path / ENGINE_DIR / ENGINE_TAG}: no DeepSpeed engine state")
+        raise CheckpointError(f"{folder}: no DeepSpeed engine state")
     for f in files:
         try:
             with torch.serialization.safe_globals(allowed):
@@ -171,7 +176,8 @@ def to_universal(path: Path, out: Path) -> Path:
     (one file per parameter and state), which loads into any number of workers: made once
     at `out/UNIVERSAL_TAG` (written aside, then renamed). Returns `out`, the `load_dir` of
     `engine.load_checkpoint(load_dir, tag=UNIVERSAL_TAG)` under the config key
-    `checkpoint.load_universal`. Call `check_engine_state(path)` first: DeepSpeed unpickles.
+    `checkpoint.load_universal`. Check the files DeepSpeed unpickles, before and after:
+    `check_engine_state(path)`, `check_engine_files(out / UNIVERSAL_TAG)`.
     """
     import contextlib
     import io

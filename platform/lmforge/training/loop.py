@@ -165,6 +165,7 @@ class Trainer:
         if self.info.is_main:
             ckpt_io.to_universal(d, out)
         dist.barrier(self.info)
+        ckpt_io.check_engine_files(out / ckpt_io.UNIVERSAL_TAG)  # unpickled too: same check
         # DeepSpeed reads `checkpoint.load_universal` from its config when it loads.
         self.engine._config.load_universal_checkpoint = True
         try:
