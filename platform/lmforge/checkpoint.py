@@ -5,8 +5,13 @@
     tokenizer.json       the dataset's tokenizer
     trainer_state.json   step, tokens seen, each worker's data position, dataset hashes
     deepspeed/           DeepSpeed engine state (model, optimizer, LR schedule) to resume
+    files.json           every file above (all ranks' engine shards too) with its size
 
-`trainer_state.json` is written last, so a dir without it is an incomplete checkpoint.
+`files.json` is written last, just before Ray copies the dir into the run dir; that copy
+(one per rank, files in no set order) can be cut short by a dead worker, so a checkpoint
+is complete only when every file it lists is there with its size (`incomplete` says what
+is not). Checkpoints from before that listing name no `files` in their trainer state; for
+them the servable files must be there.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
 STATE = "trainer_state.json"
 SERVABLE = (WEIGHTS, CONFIG, TOKENIZER, STATE)  # all a model needs, without the engine state
+FILES = "files.json"  # {"files": {relative path: size in bytes}}, the last file written
 ENGINE_DIR = "deepspeed"
 ENGINE_TAG = "state"
 log = logging.getLogger(__name__)
@@ -81,6 +88,11 @@ def check_engine_state(path: Path) -> None:
     checkpoints hold; a file that needs anything else is refused, named, before DeepSpeed
     opens it. Call it after `import deepspeed` (the allowed classes are looked up).
     """
+    check_engine_files(path / ENGINE_DIR / ENGINE_TAG)
+
+
+def check_engine_files(folder: Path) -> None:
+    """`check_engine_state` for every `*.pt` under `folder` (e.g. a universal checkpoint)."""
     import importlib
 
     allowed = []
@@ -90,9 +102,9 @@ def check_engine_state(path: Path) -> None:
             allowed.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             continue  # another DeepSpeed version: that class cannot be in its files either
-    files = sorted((path / ENGINE_DIR / ENGINE_TAG).glob("*.pt"))
+    files = sorted(folder.rglob("*.pt"))
     if not files:
-        raise CheckpointError(f"{path / ENGINE_DIR / ENGINE_TAG}: no DeepSpeed engine state")
+        raise CheckpointError(f"{folder}: no DeepSpeed engine state")
     for f in files:
         try:
             with torch.serialization.safe_globals(allowed):
@@ -102,8 +114,105 @@ def check_engine_state(path: Path) -> None:
             raise CheckpointError(f"{f}: refused, not a plain DeepSpeed state ({why})") from None
 
 
+def file_sizes(path: Path) -> dict[str, int]:
+    """Every file under `path` but its FILES listing: relative POSIX path -> size in bytes."""
+    return {
+        rel: f.stat().st_size
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and (rel := f.relative_to(path).as_posix()) != FILES
+    }
+
+
+def seal(path: Path, others: Iterable[dict[str, int]] = ()) -> None:
+    """Write FILES: the sizes of `path`'s files and of `others` (what the other ranks add to
+    the same checkpoint dir, from their `file_sizes`). Call it after the last file is written
+    and its trainer state says `"files": FILES`."""
+    files: dict[str, int] = {}
+    for part in others:
+        files.update(part)
+    files.update(file_sizes(path))
+    (path / FILES).write_text(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+
+
+def incomplete(path: Path) -> str | None:
+    """What makes `path` an incomplete checkpoint (a file missing or cut short), or None."""
+    missing = [f for f in SERVABLE if not (path / f).is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    if not (path / FILES).is_file():
+        try:
+            sealed = read_state(path).get("files") == FILES
+        except (CheckpointError, AttributeError):
+            return f"{STATE} is unreadable"
+        # A checkpoint from before FILES existed: its servable files are all it is checked for.
+        return f"{FILES}, its list of files, is missing" if sealed else None
+    try:
+        files = json.loads((path / FILES).read_text())["files"]
+        wrong = []
+        for rel, size in files.items():
+            f = path / rel
+            if not f.is_file():
+                wrong.append(f"{rel} is missing")
+            elif f.stat().st_size != size:
+                wrong.append(f"{rel} has {f.stat().st_size} bytes, {FILES} says {size}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{FILES} is unreadable ({type(err).__name__}: {err})"
+    if not wrong:
+        return None
+    more = f" (and {len(wrong) - 1} more files missing or cut short)" if len(wrong) > 1 else ""
+    return wrong[0] + more
+
+
+UNIVERSAL_TAG = "universal"  # DeepSpeed's universal checkpoint of an engine state
+
+
+def is_partitioned(path: Path) -> bool:
+    """Whether the engine state is split per rank (ZeRO 1-3): one optimizer file a rank."""
+    return any((path / ENGINE_DIR / ENGINE_TAG).glob("*optim_states.pt"))
+
+
+def to_universal(path: Path, out: Path) -> Path:
+    """Convert a checkpoint's per-rank engine state into DeepSpeed's universal checkpoint
+    (one file per parameter and state), which loads into any number of workers: made once
+    at `out/UNIVERSAL_TAG` (written aside, then renamed). Returns `out`, the `load_dir` of
+    `engine.load_checkpoint(load_dir, tag=UNIVERSAL_TAG)` under the config key
+    `checkpoint.load_universal`. Check the files DeepSpeed unpickles, before and after:
+    `check_engine_state(path)`, `check_engine_files(out / UNIVERSAL_TAG)`.
+    """
+    import contextlib
+    import io
+    import os
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    if (out / UNIVERSAL_TAG).is_dir():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{UNIVERSAL_TAG}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = Namespace(
+        input_folder=str(path / ENGINE_DIR / ENGINE_TAG), output_folder=str(tmp),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        # lmforge's checkpoints hold no Megatron-style layout hints: a plain model needs none.
+        inject_missing_state=True,
+    )  # fmt: skip
+    noise = io.StringIO()  # its progress bars and banners
+    try:
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            convert(args)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{path / ENGINE_DIR}: DeepSpeed could not make a universal checkpoint of it "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+        ) from err
+    tmp.rename(out / UNIVERSAL_TAG)
+    return out
+
+
 def is_complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in SERVABLE)
+    return incomplete(path) is None
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -125,14 +234,19 @@ def read_config(path: Path) -> Config:
 
 
 def latest_in_run(run_dir: Path) -> Path | None:
-    """The complete, readable checkpoint with the highest step under a run dir, if any."""
+    """The complete, readable checkpoint with the highest step under a run dir, if any;
+    each incomplete one is skipped with a warning that names it and what is wrong."""
     steps = {}
-    for p in run_dir.glob("checkpoint_*"):
-        if p.is_dir() and is_complete(p):
-            try:
-                steps[p] = int(read_state(p)["step"])
-            except (CheckpointError, KeyError, TypeError, ValueError):
-                log.warning("skipping %s: its %s is unreadable", p, STATE)
+    for p in sorted(run_dir.glob("checkpoint_*")):
+        if not p.is_dir():
+            continue
+        if why := incomplete(p):
+            log.warning("skipping %s: an incomplete checkpoint (%s)", p, why)
+            continue
+        try:
+            steps[p] = int(read_state(p)["step"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            log.warning("skipping %s: its %s is unreadable", p, STATE)
     return max(steps, key=steps.get, default=None)
 
 
@@ -141,8 +255,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"{p}: checkpoint dir not found")
-    if is_complete(p):
+    why = incomplete(p)
+    if why is None:
         return p
+    if any((p / f).exists() for f in (*SERVABLE, FILES, ENGINE_DIR)):  # a checkpoint dir
+        raise CheckpointError(f"{p}: an incomplete checkpoint ({why})")
     latest = latest_in_run(p)
     if latest is None:
         raise CheckpointError(f"{p}: not a complete checkpoint and holds none (no {STATE})")

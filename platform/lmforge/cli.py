@@ -381,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # MLflow announces, at INFO, each new SQLite store it sets up: noise before the one line
+    # a refused command prints (e.g. a model URI looked up in a store not made yet).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         COMMANDS[args.command](args)
     except _user_errors() as err:

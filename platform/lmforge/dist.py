@@ -82,6 +82,13 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
+def barrier(info: DistInfo) -> None:
+    import torch.distributed as dist
+
+    if info.world > 1:
+        dist.barrier()
+
+
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     import torch.distributed as dist
 

@@ -58,7 +58,7 @@ def test_jsonl_parquet_and_tokenizer_reuse(ray_cluster, dataset, tmp_path):
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("empty.txt", b"", "corpus is empty"),
+        ("empty.txt", b"", r"empty.txt: the corpus is empty"),
         ("bad.jsonl", b'{"text": "ok"}\n{"body": "no text"}\n', r"bad.jsonl:2: no 'text' field"),
         ("latin1.txt", "café".encode("latin-1"), r"latin1.txt: not UTF-8"),
         ("broken.jsonl", b'{"text": "ok"}\n{oops\n', r"broken.jsonl:2: not valid JSON"),

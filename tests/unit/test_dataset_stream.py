@@ -9,7 +9,7 @@ import torch
 
 from lmforge.data.dataset import Dataset, DatasetError
 from lmforge.data.prepare import PrepareOptions, split_and_write
-from lmforge.data.stream import TokenStream, worker_units
+from lmforge.data.stream import TokenStream, redeal, worker_units
 from lmforge.tokenizer import train_tokenizer
 
 
@@ -165,3 +165,140 @@ def test_truncated_shard_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match=shard.name):
         for _ in range(100):
             next(s.batches())
+
+
+def _one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+def test_truncated_shard_is_named_before_training(tmp_path):
+    """The launcher's dataset check reads every shard's footer before Ray starts."""
+    from lmforge.config import load_config
+    from lmforge.training.launch import check_dataset
+    from tests.conftest import REPO
+
+    ds, m, _ = make_dataset(tmp_path / "ds")
+    Dataset(ds.path).check_shards()
+    shard = ds.path / m["splits"]["train"]["shards"][1]["file"]
+    shard.write_bytes(shard.read_bytes()[:-200])
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", [f"data.path={ds.path}"])
+    with pytest.raises(DatasetError, match=f"{shard}: cannot read it as Parquet") as err:
+        check_dataset(cfg)
+    assert "truncated or corrupt shard" in _one_line(err)
+
+
+def test_corrupt_shard_is_named_when_read(tmp_path):
+    """Bytes changed inside a data page (footer intact): the page checksum catches it."""
+    ds, m, _ = make_dataset(tmp_path / "ds")
+    shard = ds.path / m["splits"]["train"]["shards"][0]["file"]
+    col = pq.ParquetFile(shard).metadata.row_group(0).column(0)
+    start = col.dictionary_page_offset or col.data_page_offset
+    middle = start + col.total_compressed_size // 2
+    data = bytearray(shard.read_bytes())
+    data[middle : middle + 8] = bytes(b ^ 0x5A for b in data[middle : middle + 8])
+    shard.write_bytes(bytes(data))
+    Dataset(ds.path).check_shards()  # the footer is intact: only reading finds it
+    s = TokenStream(Dataset(ds.path), "train", 16, batch_size=2, world=1, shuffle=False)
+    with pytest.raises(DatasetError, match=f"{shard}: cannot read row group 0") as err:
+        for _ in range(100):
+            next(s.batches())
+    assert "a corrupt shard" in _one_line(err)
+
+
+def test_shard_from_another_tokenizer_is_named(tmp_path):
+    ds, m, _ = make_dataset(tmp_path / "ds")
+    shard = ds.path / m["splits"]["val"]["shards"][0]["file"]
+    table = pq.read_table(shard)
+    other = {b"lmforge.tokenizer_sha256": b"f" * 64}  # as a shard of another dataset has
+    pq.write_table(table.replace_schema_metadata(other), shard)
+    with pytest.raises(DatasetError, match=f"{shard}: tokenized with tokenizer sha256 ffff") as e:
+        Dataset(ds.path).check_shards()
+    assert ds.tokenizer_sha256[:12] in _one_line(e)
+
+
+def unique_dataset(path, n_docs=60):
+    """Every token of the corpus a distinct id, so a target names its place in the data."""
+    tok = train_tokenizer(["a b c d e"] * 5, vocab_size=300)
+    path.mkdir(parents=True)
+    tok.save(str(path / "tokenizer.json"))
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(40, 300, n_docs)
+    ids = np.arange(1, int(lengths.sum()) + 1)
+    docs = np.split(ids, np.cumsum(lengths)[:-1])
+    opts = PrepareOptions(val_fraction=0.1, seq_tokens=64, rows_per_group=2, groups_per_shard=3)
+    split_and_write(iter(docs), path, tok, opts, sources=[])
+    ds = Dataset(path)
+    every = epoch_stream(TokenStream(ds, "train", 16, 1), 0)
+    assert len(set(every.tolist())) == len(every)
+    return ds, set(every.tolist())
+
+
+def read_targets(stream: TokenStream, n: int | None, epoch: int) -> list[int]:
+    """The targets of the next `n` windows (or all windows left in `epoch`)."""
+    out, it = [], stream.windows()
+    while n is None or len(out) < n * stream.T:
+        w = next(it)
+        if stream.epoch > epoch:
+            break
+        out += w[1:].tolist()
+    return out
+
+
+@pytest.mark.parametrize("worlds", [(2, 3), (3, 2), (2, 1), (1, 2), (2, 3, 2)])
+def test_resuming_on_another_number_of_workers_reads_each_target_once(tmp_path, worlds):
+    """Workers stopped mid-epoch, resumed on another number of workers (and again): the
+    targets of the rest of the epoch are read once each, none twice, few left out."""
+    ds, every = unique_dataset(tmp_path / "ds")
+    T, read = 16, []
+    streams = [TokenStream(ds, "train", T, 2, r, worlds[0], seed=5) for r in range(worlds[0])]
+    for world in worlds[1:]:
+        for s in streams:
+            read += read_targets(s, 7, epoch=0)
+        positions = json.loads(json.dumps([s.state_dict() for s in streams]))
+        streams = [TokenStream(ds, "train", T, 2, r, world, seed=5) for r in range(world)]
+        for s in streams:
+            s.resume(positions)
+            assert s.state_dict()["epoch"] == 0 and "pieces" in s.state_dict()
+    for s in streams:
+        read += read_targets(s, None, epoch=0)
+        assert s.state_dict() == {"epoch": 1, "offset": T}  # then epochs dealt as usual
+    assert len(read) == len(set(read))  # no target read twice
+    missed = every - set(read)
+    passes = sum(worlds)  # each pass's first token is never a target; its tail is dropped
+    assert len(missed) <= passes * (T + 1), len(missed)
+
+
+def test_a_dealt_pass_resumes_exactly_from_a_checkpoint(tmp_path):
+    ds, _ = unique_dataset(tmp_path / "ds")
+    old = [TokenStream(ds, "train", 16, 2, r, 2, seed=5) for r in range(2)]
+    for s in old:
+        read_targets(s, 5, epoch=0)
+    positions = [s.state_dict() for s in old]
+    a = TokenStream(ds, "train", 16, 4, 1, 3, seed=5)
+    a.resume(positions)
+    it = a.batches()
+    next(it)
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = [next(it) for _ in range(4)]
+    b = TokenStream(ds, "train", 16, 4, 1, 3, seed=5)
+    b.resume([state] * 3)  # as many positions as workers: each takes its own as it is
+    it_b = b.batches()
+    for x, y in expected:
+        bx, by = next(it_b)
+        assert (bx == x).all() and (by == y).all()
+
+
+def test_workers_an_epoch_apart_leave_no_share_unread(tmp_path):
+    """Rank 0 began epoch 1 while rank 1 still reads epoch 0: rank 1's epoch-1 share is
+    dealt too, so the new pass holds every token the old workers had yet to read."""
+    ds, _ = unique_dataset(tmp_path / "ds")
+    tokens = [u.tokens for u in ds.units("train")]
+    old = [TokenStream(ds, "train", 16, 1, r, 2, seed=5) for r in range(2)]
+    share = [[sum(u.tokens for u in s.my_units(e)) for e in (0, 1)] for s in old]
+    positions = [{"epoch": 1, "offset": 32}, {"epoch": 0, "offset": share[1][0] - 40}]
+    new = redeal(positions, tokens, seed=5, world=3)
+    dealt = sum(tokens[i] - t for p in new for i, t in p["pieces"])
+    assert dealt == (share[0][1] - 33) + (40 - 1) + share[1][1]
+    assert all(p["epoch"] == 1 for p in new)

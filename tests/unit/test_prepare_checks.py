@@ -38,3 +38,28 @@ def test_output_holding_the_inputs_is_refused(tmp_path):
 def test_bad_options_name_the_flag(kw, flag):
     with pytest.raises(ValueError, match=flag):
         PrepareOptions(**kw)
+
+
+@pytest.mark.parametrize(
+    "name, content, where",
+    [("latin1.txt", "café".encode("latin-1"), "latin1.txt"),
+     ("lines.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "lines.jsonl:2")],
+)  # fmt: skip
+def test_non_utf8_text_is_named_with_its_file(tmp_path, name, content, where):
+    from lmforge.data.readers import CorpusError, read_documents
+
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CorpusError, match=f"{tmp_path / where}: not UTF-8 text") as err:
+        list(read_documents(tmp_path / name))
+    assert "\n" not in str(err.value)
+
+
+def test_a_zero_length_corpus_is_named_before_ray_starts(tmp_path):
+    from lmforge.data.prepare import prepare
+    from lmforge.data.readers import CorpusError
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "empty.txt").write_bytes(b"")
+    with pytest.raises(CorpusError, match=f"--input {tmp_path / 'corpus'}: the corpus is empty"):
+        prepare([tmp_path / "corpus"], tmp_path / "out", PrepareOptions())
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from lmforge.checkpoint import save_servable
+from lmforge.checkpoint import is_complete, save_servable, seal
 from lmforge.config import load_config
 from lmforge.model import GPT
 from lmforge.tokenizer import train_tokenizer
@@ -104,6 +104,61 @@ def test_a_retried_registration_makes_one_version(tmp_path, checkpoints, monkeyp
     tracker.close()
     assert tracker.failures == [] and len(calls) == 2
     assert len(store.client(uri).search_model_versions("name='flaky'")) == 1
+
+
+def test_a_restored_checkpoint_without_a_version_is_registered(tmp_path, checkpoints, capsys):
+    """Rank 0 died after `ray.train.report` of step 10, before its registration ran; the
+    restarted job restores step 10 and registers it. Step 5, registered already, is not
+    logged again."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (d5, s5), (d10, s10), _ = checkpoints
+    first = Tracker(_settings(uri, tmp_path / "run", "restored"))
+    first.register(first.stage(d5, 5), d5, s5)
+    first.close()  # and the job dies: step 10 is in the run dir, not in the registry
+    c = store.client(uri)
+    run_id = find_run_id(uri, "restored", str(tmp_path / "run"))
+    assert [v.tags["step"] for v in c.search_model_versions("name='restored'")] == ["5"]
+    capsys.readouterr()
+    for d, state in ((d10, s10), (d5, s5)):  # two restarts: from step 10, then from step 5
+        again = Tracker(_settings(uri, tmp_path / "run", "restored"))
+        again.register_restored(d, state)
+        again.close()
+        assert again.failures == []
+    versions = {v.tags["step"]: v for v in c.search_model_versions("name='restored'")}
+    assert sorted(versions) == ["10", "5"]
+    assert versions["10"].run_id == run_id and versions["10"].tags["ray_checkpoint_uri"] == str(d10)
+    assert versions["10"].tags["val_loss"] == "2.500000"
+    assert c.get_model_version_by_alias("restored", "best").tags["step"] == "10"
+    out = capsys.readouterr().out
+    assert "registered models:/restored/2 (step 10)" in out and "(step 5)" not in out
+    logged = {m.model_id for m in c.search_logged_models([c.get_run(run_id).info.experiment_id])}
+    assert len(logged) == 2  # one logged model per checkpoint: step 5's was not logged twice
+
+
+def test_an_incomplete_checkpoint_is_never_registered(tmp_path, checkpoints):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(_settings(uri, tmp_path / "run", "partial"))
+    (d5, s5), (d10, s10), _ = checkpoints
+    for d in (d5, d10):
+        seal(d)  # as the training loop lists a checkpoint's files
+    staged = [tracker.stage(d, s["step"]) for d, s in ((d5, s5), (d10, s10))]
+    assert all(is_complete(s) for s in staged)  # the registered copy lists its own files
+    # Ray's copy of checkpoint 10 into the run dir was cut short (a new file: the staged
+    # copy holds hard links to the old one).
+    weights = d10 / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data[:100])
+    tracker.register(staged[0], d5, s5)
+    tracker.register(staged[1], d10, s10)
+    tracker.close()
+    versions = store.client(uri).search_model_versions("name='partial'")
+    assert [v.tags["step"] for v in versions] == ["5"]
+    assert tracker.failures == [
+        f"not registered: {d10} is incomplete (model.safetensors has 100 bytes, files.json "
+        f"says {len(data)})"
+    ]
+    assert not staged[1].exists()
 
 
 def test_a_dead_server_costs_bounded_time_and_raises_nothing(tmp_path, checkpoints):

@@ -4,6 +4,8 @@ Each shard is a Parquet file with one column, `tokens` (list of uint16/uint32), 
 packed token sequences: documents joined by `<|endoftext|>` and cut into rows of
 `seq_tokens` tokens. The manifest records every shard with its token count per row
 group, so a reader can split work and seek to a token offset without reading data.
+Shards carry page checksums (verified as they are read) and, in their schema metadata,
+the sha256 of the tokenizer that made them (`SHARD_TOKENIZER_KEY`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ FORMAT = "lmforge-dataset/1"
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 SPLITS = ("train", "val")
+SHARD_TOKENIZER_KEY = b"lmforge.tokenizer_sha256"
 
 
 class DatasetError(ValueError):
@@ -43,9 +46,16 @@ class ShardWriter:
     """Packs token arrays into fixed-length rows and writes them as numbered shards."""
 
     def __init__(
-        self, out_dir: Path, dtype: str, seq_tokens: int, rows_per_group: int, groups_per_shard: int
+        self,
+        out_dir: Path,
+        dtype: str,
+        seq_tokens: int,
+        rows_per_group: int,
+        groups_per_shard: int,
+        tokenizer_sha256: str,
     ) -> None:
         self.out_dir = out_dir
+        self.tokenizer_sha256 = tokenizer_sha256
         self.dtype = np.dtype(dtype)
         self.seq_tokens = seq_tokens
         self.rows_per_group = rows_per_group
@@ -93,8 +103,11 @@ class ShardWriter:
         if self._writer is None:
             name = f"shard-{len(self.shards):05d}.parquet"
             self.shards.append({"file": f"{self.out_dir.name}/{name}", "sequences": 0})
-            schema = pa.schema([("tokens", pa.list_(pa.from_numpy_dtype(self.dtype)))])
-            self._writer = pq.ParquetWriter(self.out_dir / name, schema)
+            schema = pa.schema(
+                [("tokens", pa.list_(pa.from_numpy_dtype(self.dtype)))],
+                metadata={SHARD_TOKENIZER_KEY: self.tokenizer_sha256},
+            )
+            self._writer = pq.ParquetWriter(self.out_dir / name, schema, write_page_checksum=True)
         lengths = np.fromiter((len(r) for r in self._rows), dtype=np.int32)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         values = pa.array(np.concatenate(self._rows))
@@ -152,6 +165,13 @@ class Dataset:
         except (KeyError, TypeError) as err:
             raise DatasetError(f"{mpath}: corrupt manifest (missing {err})") from None
 
+    def check_shards(self) -> None:
+        """Read every shard's footer (not its data) and check it against the manifest: a
+        truncated or corrupt shard, or one tokenized with another tokenizer, is named."""
+        for split in SPLITS:
+            for shard in self.manifest["splits"][split]["shards"]:
+                check_shard(self.path / shard["file"], shard, self.tokenizer_sha256)
+
     @property
     def tokenizer_path(self) -> Path:
         return self.path / TOKENIZER
@@ -178,3 +198,38 @@ class Dataset:
             for shard in self.manifest["splits"][split]["shards"]
             for i, n in enumerate(shard["row_group_tokens"])
         ]
+
+
+def open_shard(path: Path) -> pq.ParquetFile:
+    """A shard opened for reading, its page checksums verified as pages are read."""
+    try:
+        return pq.ParquetFile(path, page_checksum_verification=True)
+    except Exception as err:  # pyarrow's errors for corrupt or truncated files vary
+        raise DatasetError(
+            f"{path}: cannot read it as Parquet, a truncated or corrupt shard ({err}); "
+            "prepare the dataset again"
+        ) from None
+
+
+def check_shard(path: Path, entry: dict[str, Any], tokenizer_sha256: str) -> None:
+    """One shard's footer against its manifest entry and the dataset's tokenizer."""
+    with open_shard(path) as pf:
+        meta = pf.metadata
+        # Shards from before lmforge recorded it carry no tokenizer hash: nothing to compare.
+        made_with = (pf.schema_arrow.metadata or {}).get(SHARD_TOKENIZER_KEY)
+        if made_with is not None and made_with.decode() != tokenizer_sha256:
+            raise DatasetError(
+                f"{path}: tokenized with tokenizer sha256 {made_with.decode()[:12]}..., not "
+                f"the manifest's {tokenizer_sha256[:12]}...; a shard from another dataset?"
+            )
+        groups = entry["row_group_tokens"]
+        if meta.num_row_groups != len(groups):
+            raise DatasetError(
+                f"{path}: {meta.num_row_groups} row groups, the manifest lists {len(groups)}"
+            )
+        for i, tokens in enumerate(groups):
+            found = meta.row_group(i).column(0).num_values  # the list's values: its tokens
+            if found != tokens:
+                raise DatasetError(
+                    f"{path}: row group {i} has {found} tokens, the manifest says {tokens}"
+                )

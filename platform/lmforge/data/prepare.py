@@ -115,9 +115,15 @@ def split_and_write(
     """
     vocab = tok.get_vocab_size()
     dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+    tokenizer_sha256 = file_sha256(out / TOKENIZER)
     writers = {
         split: ShardWriter(
-            out / split, dtype, opts.seq_tokens, opts.rows_per_group, opts.groups_per_shard
+            out / split,
+            dtype,
+            opts.seq_tokens,
+            opts.rows_per_group,
+            opts.groups_per_shard,
+            tokenizer_sha256,
         )
         for split in SPLITS
     }
@@ -131,10 +137,11 @@ def split_and_write(
             chunk += 1
     splits = {split: w.close() for split, w in writers.items()}
     n_tokens = sum(s["tokens"] for s in splits.values())
+    where = _named([s["path"] for s in sources]) or "the corpus"
     if n_tokens == n_docs:  # only end-of-text markers: every document was empty
-        raise CorpusError(f"the corpus is empty: {n_docs} document(s) with no text")
+        raise CorpusError(f"{where}: the corpus is empty ({n_docs} document(s) with no text)")
     if splits["train"]["tokens"] == 0:
-        raise CorpusError("the corpus is too small: no tokens left for the train split")
+        raise CorpusError(f"{where}: the corpus is too small, no tokens left for the train split")
     manifest = {
         "format": FORMAT,
         "created_by": f"lmforge {__version__}",
@@ -145,7 +152,7 @@ def split_and_write(
         "seq_tokens": opts.seq_tokens,
         "tokenizer": {
             "file": TOKENIZER,
-            "sha256": file_sha256(out / TOKENIZER),
+            "sha256": tokenizer_sha256,
             "vocab_size": vocab,
             "eot_id": eot_id(tok),
         },
@@ -224,7 +231,9 @@ def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) 
     check_output(output, files, opts.overwrite)
     total_bytes = sum(f.stat().st_size for f in files)
     if total_bytes == 0:
-        raise CorpusError(f"the corpus is empty: {len(files)} file(s), 0 bytes")
+        raise CorpusError(
+            f"--input {_named(inputs)}: the corpus is empty ({len(files)} file(s), 0 bytes)"
+        )
     log.info("prepare: %d file(s), %.1f MB of raw text", len(files), total_bytes / 1e6)
     connect()  # after every check that needs no Ray
     tmp = output.with_name(f".{output.name}.tmp")
@@ -248,6 +257,12 @@ def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) 
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _named(paths: list, most: int = 3) -> str:
+    """The first few paths, for a message: `a, b, c and 4 more`."""
+    names = ", ".join(str(p) for p in paths[:most])
+    return f"{names} and {len(paths) - most} more" if len(paths) > most else names
 
 
 def check_output(output: Path, files: list[Path], overwrite: bool) -> None:

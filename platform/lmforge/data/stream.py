@@ -10,28 +10,78 @@ is a target exactly once. The stream never ends; it moves on to the next epoch.
 Its position is `{"epoch", "offset"}` (the token offset of the next window in this
 worker's stream for that epoch): cheap to save in a checkpoint and exact to resume from,
 since the manifest knows every row group's token count.
+
+Resumed on another number of workers (`resume`), the unread rest of every old worker's
+epoch is cut into pieces (a row group from a token on) and dealt round-robin to the new
+workers; that pass is their epoch, spelled out in the position as `"pieces"`, and the
+epochs after it are dealt as usual. No token is a target twice; only the edges of the new
+passes (a first token, a tail shorter than a window) go unread.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from lmforge.data.dataset import Dataset, DatasetError, Unit
+from lmforge.data.dataset import Dataset, DatasetError, Unit, open_shard
 
 OPEN_FILES = 8  # shards a stream keeps open (a ParquetFile re-reads the footer when opened)
 
 
-def worker_units(units: list[Unit], rank: int, world: int, seed: int, epoch: int) -> list[Unit]:
+Piece = tuple[int, int]  # (index of a unit in the split, its first token to read)
+
+
+def worker_units(units: Sequence, rank: int, world: int, seed: int, epoch: int) -> list:
     """This worker's units for an epoch: a seeded shuffle dealt round-robin."""
     order = list(units)
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return order[rank::world]
+
+
+def redeal(
+    positions: list[dict], unit_tokens: list[int], seed: int, world: int
+) -> list[dict[str, Any]]:
+    """The positions of `world` workers that take over from `len(positions)` others.
+
+    Every old worker's unread tokens (the rest of its epoch, and its whole share of any
+    epoch up to the furthest one that a worker ahead of it has begun) are cut into pieces
+    and dealt round-robin; that pass is the new workers' epoch, the later ones as usual.
+    No token is a target twice; the first token of each new pass and the tail after its
+    last whole window go unread, as at any epoch's end.
+    """
+    old_world, last = len(positions), max(int(p["epoch"]) for p in positions)
+    units = range(len(unit_tokens))
+
+    def share(rank: int, epoch: int) -> list[Piece]:
+        return [(i, 0) for i in worker_units(units, rank, old_world, seed, epoch)]
+
+    rest: list[Piece] = []
+    for rank, p in enumerate(positions):
+        epoch, offset = int(p["epoch"]), int(p["offset"])
+        dealt = p.get("pieces")  # a worker that was itself dealt its pass
+        current = share(rank, epoch) if dealt is None else [(i, t) for i, t in dealt]
+        # Token `offset` was the last target read (windows overlap by one): from the next.
+        rest += _after(current, offset + 1 if offset else 0, unit_tokens)
+        for later in range(epoch + 1, last + 1):
+            rest += share(rank, later)
+    return [{"epoch": last, "offset": 0, "pieces": rest[r::world]} for r in range(world)]
+
+
+def _after(pieces: list[Piece], offset: int, unit_tokens: list[int]) -> list[Piece]:
+    """The pieces of a pass from its token `offset` on."""
+    out, pos = [], 0
+    for i, start in pieces:
+        n = unit_tokens[i] - start
+        if pos + n > offset:
+            out.append((i, start + max(0, offset - pos)))
+        pos += n
+    return out
 
 
 class TokenStream:
@@ -59,6 +109,8 @@ class TokenStream:
                 "prepare with a smaller --rows-per-group or use fewer workers"
             )
         self.epoch, self.offset = 0, 0
+        self.pieces: list[Piece] | None = None  # epoch `pieces_epoch` spelled out (`redeal`)
+        self.pieces_epoch = -1
         self._files: dict[Path, pq.ParquetFile] = {}  # open shards, oldest first
 
     def my_units(self, epoch: int) -> list[Unit]:
@@ -68,11 +120,31 @@ class TokenStream:
             return self.units[self.rank :: self.world]
         return worker_units(self.units, self.rank, self.world, self.seed, epoch)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "offset": self.offset}
+        if self.pieces is not None and self.epoch == self.pieces_epoch:
+            state["pieces"] = [list(p) for p in self.pieces]
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        pieces = state.get("pieces")
+        self.pieces = None if pieces is None else [(int(i), int(t)) for i, t in pieces]
+        self.pieces_epoch = self.epoch
+
+    def resume(self, positions: list[dict[str, Any]]) -> None:
+        """Continue from every worker's saved position; saved by another number of workers,
+        their unread rest is dealt anew (`redeal`)."""
+        if len(positions) != self.world:
+            tokens = [u.tokens for u in self.units]
+            positions = redeal(positions, tokens, self.seed, self.world)
+        self.load_state_dict(positions[self.rank])
+
+    def _pass(self, epoch: int) -> list[tuple[Unit, int]]:
+        """(unit, first token) for this worker's pass over an epoch."""
+        if self.pieces is not None and epoch == self.pieces_epoch:
+            return [(self.units[i], start) for i, start in self.pieces]
+        return [(u, 0) for u in self.my_units(epoch)]
 
     def windows(self) -> Iterator[np.ndarray]:
         """Windows of T+1 tokens, forever, starting at the saved position."""
@@ -88,7 +160,9 @@ class TokenStream:
 
     def one_pass(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(x, y) batches over this worker's share of the split once (the last may be short)."""
-        runs = ((0, off, run) for off, run in self._epoch_runs(self.my_units(0), 0))
+        runs = (
+            (0, off, run) for off, run in self._epoch_runs([(u, 0) for u in self.my_units(0)], 0)
+        )
         return self._assemble(runs, partial=True, track=False)
 
     def _n_windows(self, run: np.ndarray) -> int:
@@ -132,27 +206,31 @@ class TokenStream:
         that start at token `offset` of that epoch's stream, as n*T + 1 tokens."""
         epoch, offset = self.epoch, self.offset
         while True:
-            units = self.my_units(epoch)
-            total = sum(u.tokens for u in units)
-            if total <= self.T:
+            pieces = self._pass(epoch)
+            total = sum(u.tokens - start for u, start in pieces)
+            dealt = self.pieces is not None and epoch == self.pieces_epoch
+            if total <= self.T and not dealt:  # a dealt rest may be short: on to the next
                 raise DatasetError(
                     f"worker {self.rank}'s share of the {self.split} split has {total} tokens, "
                     f"not enough for one window of {self.T + 1}; use a smaller context_length"
                 )
-            for off, run in self._epoch_runs(units, offset):
+            for off, run in self._epoch_runs(pieces, offset):
                 yield epoch, off, run
             epoch, offset = epoch + 1, 0
 
-    def _epoch_runs(self, units: list[Unit], offset: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(offset, run) over one epoch's units from `offset`, one row group read at a time;
-        the tokens after the last whole window of the epoch are dropped."""
+    def _epoch_runs(
+        self, pieces: list[tuple[Unit, int]], offset: int
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset, run) over one epoch's pieces from `offset`, one row group read at a
+        time; the tokens after the last whole window of the epoch are dropped."""
         buf = np.zeros(0, dtype=np.int64)
         pos = 0  # stream offset of buf[0]
-        for unit in units:
-            if pos + unit.tokens <= offset:  # entirely before the resume point: skip unread
-                pos += unit.tokens
+        for unit, start in pieces:
+            n = unit.tokens - start
+            if pos + n <= offset:  # entirely before the resume point: skip unread
+                pos += n
                 continue
-            tokens = self._read(unit)
+            tokens = self._read(unit)[start:]
             buf = np.concatenate([buf, tokens]) if len(buf) else tokens
             if pos < offset:
                 buf, pos = buf[offset - pos :], offset
@@ -164,10 +242,7 @@ class TokenStream:
     def _read(self, unit: Unit) -> np.ndarray:
         pf = self._files.get(unit.file)
         if pf is None:
-            try:
-                pf = pq.ParquetFile(unit.file)
-            except Exception as err:  # pyarrow's errors for corrupt or truncated files vary
-                raise DatasetError(f"{unit.file}: cannot read it as Parquet ({err})") from None
+            pf = open_shard(unit.file)
             if len(self._files) >= OPEN_FILES:  # the oldest goes: bounded file handles
                 self._files.pop(next(iter(self._files))).close()
             self._files[unit.file] = pf
@@ -180,7 +255,10 @@ def _read_unit(pf: pq.ParquetFile, unit: Unit) -> np.ndarray:
     try:
         table = pf.read_row_group(unit.row_group, columns=["tokens"])
     except Exception as err:  # pyarrow's errors for corrupt or truncated files vary
-        raise DatasetError(f"{unit.file}: cannot read row group {unit.row_group} ({err})") from None
+        raise DatasetError(
+            f"{unit.file}: cannot read row group {unit.row_group}, a corrupt shard ({err}); "
+            "prepare the dataset again"
+        ) from None
     col = table.column(0).combine_chunks()
     tokens = col.flatten().to_numpy()
     if len(tokens) != unit.tokens:

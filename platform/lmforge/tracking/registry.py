@@ -85,7 +85,8 @@ def _requirements() -> list[str]:
 
 
 def stage_servable(checkpoint: Path, into: Path) -> Path:
-    """Hard-link (or copy) the servable files of a checkpoint into `into/checkpoint`.
+    """Hard-link (or copy) the servable files of a checkpoint into `into/checkpoint`, with
+    a `files.json` that lists them (so the registered copy is a complete checkpoint).
 
     The registration runs in the background after the checkpoint is persisted; staging
     first means Ray's `num_to_keep` may delete the run's copy meanwhile without harm, and
@@ -98,6 +99,7 @@ def stage_servable(checkpoint: Path, into: Path) -> Path:
             (out / name).hardlink_to(checkpoint / name)
         except OSError:
             shutil.copyfile(checkpoint / name, out / name)
+    ckpt_io.seal(out)  # its own list of files: the servable ones
     return out
 
 
@@ -112,50 +114,64 @@ def register_checkpoint(
 ):
     """Log `staged` (from `stage_servable`) as a pyfunc in the run and register a version.
 
-    Safe to call again after a failure with the same `progress` dict: steps already done
-    (the logged model, the version) are not repeated, so a retry never makes a second
-    version of one checkpoint. Uses MLflow's fluent API, whose active run is per thread;
-    the process's tracking URI must be the client's (`mlflow.set_tracking_uri`).
+    A checkpoint (run id and step) that has a version already keeps it: nothing is logged,
+    and `progress["created"]` stays unset. Safe to call again after a failure with the same
+    `progress` dict: steps already done (the logged model, the version) are not repeated,
+    so a retry never makes a second version of one checkpoint. Uses MLflow's fluent API,
+    whose active run is per thread; the process's tracking URI must be the client's
+    (`mlflow.set_tracking_uri`).
     """
+    import mlflow
+
+    progress = {} if progress is None else progress
+    if "version" not in progress:
+        existing = find_version(client, model_name, run_id, tags["step"])
+        if existing is not None:  # a retry, or a checkpoint registered before a restart
+            progress["version"] = existing.version
+        else:
+            if "model_uri" not in progress:
+                progress["model_uri"] = _log_model(run_id, staged, tags)
+            version = mlflow.register_model(progress["model_uri"], model_name, tags=tags)
+            progress["version"], progress["created"] = version.version, True
+    client.update_model_version(model_name, progress["version"], description=description)
+    update_aliases(client, model_name)
+    return client.get_model_version(model_name, progress["version"])
+
+
+def find_version(client, model_name: str, run_id: str, step: str | int):
+    """The version registered for the checkpoint of `step` in MLflow run `run_id`, if any."""
+    for v in client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'"):
+        if v.tags.get("step") == str(step):
+            return v
+    return None
+
+
+def _log_model(run_id: str, staged: Path, tags: dict[str, str]) -> str:
+    """Log `staged` as a pyfunc model in the run; its model URI."""
     import mlflow
 
     import lmforge
 
-    progress = {} if progress is None else progress
-    if "model_uri" not in progress:
-        with (
-            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None),
-            warnings.catch_warnings(),
-        ):
-            # MLflow's advice on input examples (one would make it load the model and generate
-            # while logging) and type hints (the signature is explicit): not for this model.
-            warnings.simplefilter("ignore", UserWarning)
-            from lmforge.tracking import pyfunc_entry
-            from lmforge.tracking.pyfunc_model import signature
+    with (
+        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None),
+        warnings.catch_warnings(),
+    ):
+        # MLflow's advice on input examples (one would make it load the model and generate
+        # while logging) and type hints (the signature is explicit): not for this model.
+        warnings.simplefilter("ignore", UserWarning)
+        from lmforge.tracking import pyfunc_entry
+        from lmforge.tracking.pyfunc_model import signature
 
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
-                python_model=pyfunc_entry.__file__,  # a model from code: nothing pickled
-                artifacts={ARTIFACT: str(staged)},
-                code_paths=[str(Path(lmforge.__file__).parent)],
-                signature=signature(),
-                pip_requirements=_requirements(),
-                step=int(tags.get("step", 0)),
-            )
-        progress["model_uri"] = info.model_uri
-    if "version" not in progress:
-        existing = [
-            v
-            for v in client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
-            if v.tags.get("step") == tags.get("step")
-        ]
-        version = existing[0] if existing else None
-        if version is None:
-            version = mlflow.register_model(progress["model_uri"], model_name, tags=tags)
-        progress["version"] = version.version
-    client.update_model_version(model_name, progress["version"], description=description)
-    update_aliases(client, model_name)
-    return client.get_model_version(model_name, progress["version"])
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=pyfunc_entry.__file__,  # a model from code: nothing pickled
+            artifacts={ARTIFACT: str(staged)},
+            code_paths=[str(Path(lmforge.__file__).parent)],
+            signature=signature(),
+            pip_requirements=_requirements(),
+            step=int(tags.get("step", 0)),
+        )
+    return info.model_uri
 
 
 def update_aliases(client, model_name: str) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge import checkpoint as ckpt_io
 from lmforge.tracking import registry, store
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class NullTracker:
     def register(self, staged: Path | None, checkpoint: Path, state: dict[str, Any]) -> None:
         pass
 
+    def register_restored(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        pass
+
     def close(self, status: str = "FINISHED", timeout_s: float = 0.0) -> None:
         pass
 
@@ -147,8 +151,15 @@ class Tracker:
         return registry.stage_servable(checkpoint, self._stage / f"step-{step}")
 
     def register(self, staged: Path, checkpoint: Path, state: dict[str, Any]) -> None:
-        """Queue the registration of the persisted `checkpoint` (its files in `staged`)."""
-
+        """Queue the registration of the persisted `checkpoint` (its files in `staged`);
+        an incomplete one (a copy cut short, see `checkpoint.incomplete`) is never registered."""
+        if why := ckpt_io.incomplete(checkpoint):
+            self.failures.append(f"not registered: {checkpoint} is incomplete ({why})")
+            log.warning(
+                "MLflow: not registering %s: an incomplete checkpoint (%s)", checkpoint, why
+            )
+            shutil.rmtree(staged.parent, ignore_errors=True)
+            return
         progress: dict[str, Any] = {}  # survives retries: nothing is registered twice
 
         def task() -> None:
@@ -158,14 +169,20 @@ class Tracker:
                 registry.describe_version(state, checkpoint), progress,
             )  # fmt: skip
             self.registered.append((state["step"], version.version))
-            print(
-                f"registered models:/{self.s.registered_model}/{version.version} "
-                f"(step {state['step']})",
-                flush=True,
-            )
+            if progress.get("created"):
+                print(
+                    f"registered models:/{self.s.registered_model}/{version.version} "
+                    f"(step {state['step']})",
+                    flush=True,
+                )
             shutil.rmtree(staged.parent, ignore_errors=True)
 
         self._tasks.put((f"register the checkpoint of step {state['step']}", task))
+
+    def register_restored(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Register the checkpoint a run resumes from unless it has a version already: a job
+        that died between `ray.train.report` and the end of its registration left none."""
+        self.register(self.stage(checkpoint, state["step"]), checkpoint, state)
 
     def close(self, status: str = "FINISHED", timeout_s: float = 600.0) -> None:
         """Flush everything (at most `timeout_s`), mark the run ended, report what failed."""

@@ -91,6 +91,7 @@ def check_dataset(cfg: Config) -> Config:
             "use a path on storage every node mounts"
         )
     ds = Dataset(paths.resolve(cfg.data.path))
+    ds.check_shards()  # footers only: a truncated or foreign shard is named before Ray starts
     if cfg.model.vocab_size not in (None, ds.vocab_size):
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} but the dataset's tokenizer has "
@@ -131,12 +132,20 @@ def check_resume_fits(cfg: Config) -> None:
             f"{latest}: the config's model does not fit the checkpoint: {', '.join(diff)}"
         )
     state = ckpt_io.read_state(latest)
-    # DeepSpeed's optimizer state is partitioned per rank: it loads only into the same layout.
-    if (cfg.scaling.num_workers, cfg.zero.stage) != (state["world_size"], old.zero.stage):
+    if cfg.zero.stage != old.zero.stage:
         raise ConfigError(
-            f"{latest}: saved with scaling.num_workers={state['world_size']} and "
-            f"zero.stage={old.zero.stage}; resume with the same values"
+            f"{latest}: saved with zero.stage={old.zero.stage}; resume with the same value"
         )
+    if cfg.scaling.num_workers != state["world_size"]:
+        t = cfg.train
+        log.warning(
+            "resuming %s, saved by %d workers, on scaling.num_workers=%d: the optimizer state "
+            "is re-partitioned, the rest of the epoch re-dealt, and a step is now %d "
+            "sequences (was %d)",
+            latest, state["world_size"], cfg.scaling.num_workers,
+            t.micro_batch_size * t.grad_accum_steps * cfg.scaling.num_workers,
+            t.micro_batch_size * t.grad_accum_steps * state["world_size"],
+        )  # fmt: skip
     if state["dataset"]["tokenizer_sha256"] != Dataset(cfg.data.path).tokenizer_sha256:
         raise ConfigError(
             f"data.path={cfg.data.path}: its tokenizer differs from the one checkpoint "

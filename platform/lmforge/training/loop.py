@@ -134,14 +134,44 @@ class Trainer:
     def restore(self, checkpoint) -> None:
         with checkpoint.as_directory() as d:
             d = Path(d)
+            if why := ckpt_io.incomplete(d):  # Ray records a checkpoint once all ranks copied it
+                raise ckpt_io.CheckpointError(f"{d}: an incomplete checkpoint ({why})")
             state = ckpt_io.read_state(d)
-            # The launcher checked the model, tokenizer and worker layout before Ray started.
+            # The launcher checked the model, tokenizer and ZeRO stage before Ray started.
             ckpt_io.check_engine_state(d)  # DeepSpeed unpickles it: nothing but state, first
-            self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
+            saved_on = len(state["data"])
+            if saved_on != self.info.world and ckpt_io.is_partitioned(d):
+                self._load_resharded(d)
+            else:
+                self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.evals = state.get("evals", [])
-            self.stream.load_state_dict(state["data"][self.info.rank])
+            self.stream.resume(state["data"])  # re-dealt when saved_on != world
+            # Rank 0 may have died before this checkpoint's registration finished.
+            self.tracker.register_restored(Path(checkpoint.path), state)
         dist.print0(self.info, f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
+        if saved_on != self.info.world:
+            dist.print0(
+                self.info,
+                f"re-sharded: the checkpoint was saved by {saved_on} worker(s), this run has "
+                f"{self.info.world}; the optimizer state is re-partitioned and the unread "
+                f"rest of the epoch dealt to the {self.info.world} worker(s)",
+            )
+
+    def _load_resharded(self, d: Path) -> None:
+        """Load a per-rank engine state saved by another number of workers, through
+        DeepSpeed's universal checkpoint of it (rank 0 makes it once, in the run dir)."""
+        out = Path(self.run_dir) / "resharded" / d.name
+        if self.info.is_main:
+            ckpt_io.to_universal(d, out)
+        dist.barrier(self.info)
+        ckpt_io.check_engine_files(out / ckpt_io.UNIVERSAL_TAG)  # unpickled too: same check
+        # DeepSpeed reads `checkpoint.load_universal` from its config when it loads.
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            self.engine.load_checkpoint(str(out), tag=ckpt_io.UNIVERSAL_TAG)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
 
     # -- one optimizer step -----------------------------------------------------------
     def train_step(self, batches) -> dict[str, float]:
@@ -198,8 +228,9 @@ class Trainer:
         """Write a checkpoint, hand it to Ray, then queue its registration (rank 0).
 
         Every checkpoint carries a val loss (evaluated now if this step had none), which
-        the registry's `best` alias is chosen by. Registration starts only after
-        `ray.train.report` returned, i.e. once the checkpoint is persisted in the run dir.
+        the registry's `best` alias is chosen by. Registration starts only once every rank's
+        `ray.train.report` returned, i.e. the whole checkpoint is persisted in the run dir,
+        and checks that it is complete there (`checkpoint.incomplete`).
         """
         import ray.train
 
@@ -213,14 +244,17 @@ class Trainer:
             self.engine.save_checkpoint(str(tmp / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
             faults.maybe_kill("checkpoint", self.step, self.info.rank)
             weights = consolidated_weights(self.engine, self.info)
-            positions = dist.all_gather_object(self.stream.state_dict(), self.info)
+            # Each rank's data position, and the engine files it adds to the checkpoint dir.
+            ranks = dist.all_gather_object(
+                (self.stream.state_dict(), ckpt_io.file_sizes(tmp)), self.info
+            )
             state, staged = None, None  # written by rank 0 only
             if self.info.is_main:
                 state = {
                     "step": self.step,
                     "tokens_seen": self.tokens_seen,
                     "world_size": self.info.world,
-                    "data": positions,
+                    "data": [position for position, _ in ranks],
                     "dataset": {
                         "path": str(self.dataset.path),
                         "manifest_sha256": self.dataset.manifest_sha256,
@@ -228,14 +262,19 @@ class Trainer:
                     },
                     "metrics": metrics,
                     "evals": self.evals,
+                    "files": ckpt_io.FILES,
                 }
                 ckpt_io.save_servable(tmp, weights, self.cfg, self.dataset.tokenizer_path, state)
+                ckpt_io.seal(tmp, [files for _, files in ranks[1:]])
                 staged = self.tracker.stage(tmp, self.step)
             name = f"checkpoint_{self.step:08d}"
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                 checkpoint_dir_name=name,
             )  # fmt: skip
+            # `report` returns once this rank's files are copied; after the barrier every
+            # rank's are. A rank that dies copying never gets here: neither does rank 0.
+            dist.barrier(self.info)
             dist.print0(self.info, f"checkpoint step {self.step} -> {self.run_dir}/{name}")
             self.tracker.register(staged, Path(self.run_dir) / name, state)
         finally:
