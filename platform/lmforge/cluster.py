@@ -124,6 +124,7 @@ def up(
         # Ray's fixed default (52365) would clash with a second cluster on this machine,
         # whose job submissions then fail with "No available agent to submit job".
         f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",  # likewise for Ray Client's 10001
     ]  # fmt: skip
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
