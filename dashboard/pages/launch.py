@@ -213,7 +213,7 @@ if cfg is not None:
     st.caption(
         " | ".join(f"{k} {human_bytes(v)}" for k, v in mem.items() if k != "total")
         + ("" if vocab else " (vocab 8192 assumed until a dataset is chosen)")
-        + " | activations are approximate"
+        + f" | {est.flops_per_step / 1e12:,.3g} TFLOP per step | activations are approximate"
     )
 
 if st.button("Submit job", type="primary", disabled=cfg is None or not datasets):

@@ -38,12 +38,6 @@ class Estimate:
     per_worker_bytes: dict[str, float]  # weights, gradients, optimizer, activations, total
     offloaded_bytes: float  # per worker, held in host memory by ZeRO-Offload
 
-    def summary(self) -> str:
-        return (
-            f"{self.n_params / 1e6:.2f}M parameters | {self.tokens_per_step:,} tokens/step | "
-            f"~{human_bytes(self.per_worker_bytes['total'])} per worker"
-        )
-
 
 def n_params(cfg: Config, vocab_size: int | None = None) -> int:
     """Parameters of the GPT the config describes (tied embeddings counted once).

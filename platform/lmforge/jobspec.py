@@ -45,10 +45,6 @@ class JobSpec:
     runtime_env: dict[str, Any]
     metadata: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def argv(self) -> list[str]:
-        return shlex.split(self.entrypoint)
-
 
 def repo_root() -> Path:
     """The checkout that holds `jobs/` and `cluster/` (lmforge is installed editable from it)."""

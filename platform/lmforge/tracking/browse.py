@@ -74,15 +74,6 @@ def _guard(what: str, fn, *args, **kwargs):
         raise BrowseError(f"{what}: {text[0] if text else type(err).__name__}") from None
 
 
-def check(uri: str | None = None) -> str:
-    """The resolved URI if MLflow answers; BrowseError otherwise."""
-    resolved = store.resolve_uri(uri)
-    if not store.reachable(resolved):
-        raise BrowseError(f"MLflow at {resolved} is not reachable")
-    _guard(f"MLflow at {resolved}", store.client(resolved).search_experiments, max_results=1)
-    return resolved
-
-
 def experiments(uri: str | None = None) -> list[str]:
     c = _client(uri)
     exps = _guard("listing experiments", c.search_experiments)
@@ -118,13 +109,6 @@ def _run_row(r, by_id: dict[str, str]) -> RunRow:
         metrics=dict(r.data.metrics),
         tags=dict(r.data.tags),
     )
-
-
-def run(uri: str | None, run_id: str) -> RunRow:
-    c = _client(uri)
-    r = _guard(f"run {run_id}", c.get_run, run_id)
-    exp = _guard("experiment", c.get_experiment, r.info.experiment_id)
-    return _run_row(r, {exp.experiment_id: exp.name})
 
 
 def run_for_submission(uri: str | None, submission_id: str) -> RunRow | None:
