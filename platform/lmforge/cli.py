@@ -339,7 +339,7 @@ def dashboard_command(args) -> tuple[list[str], dict[str, str]]:
         sys.executable, "-m", "streamlit", "run", str(app),
         "--server.address", args.host, "--server.port", str(args.port),
         "--server.headless", "true", "--browser.gatherUsageStats", "false",
-        "--server.fileWatcherType", "none",
+        "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal",
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -381,9 +381,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # MLflow announces, at INFO, each new SQLite store it sets up: noise before the one line
-    # a refused command prints (e.g. a model URI looked up in a store not made yet).
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         COMMANDS[args.command](args)
     except _user_errors() as err:
