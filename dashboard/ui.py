@@ -14,27 +14,32 @@ import os
 
 import streamlit as st
 
-from lmforge.jobclient import JobClient, JobClientError
+from lmforge.errors import LmforgeError, first_line
+from lmforge.jobclient import JobClient
 from lmforge.tracking import store
-from lmforge.tracking.browse import BrowseError
 
 try:  # MLflow's own errors reach pages through registry/playground calls
     from mlflow.exceptions import MlflowException
 except ImportError:  # pragma: no cover - mlflow is a dependency
-    MlflowException = RuntimeError
+    MlflowException = LmforgeError
 
-# Errors a person can act on: one line on the page.
-SHOWN = (JobClientError, BrowseError, MlflowException, ValueError, OSError, RuntimeError)
+# Errors a person can act on (lmforge's own, files, MLflow's): one line on the page.
+SHOWN = (LmforgeError, MlflowException, OSError)
 
 
 @contextlib.contextmanager
 def guard(what: str):
-    """Run a block; on a known failure show `what: <one line>` and stop the page."""
+    """Run a block; on a known failure show `what: <one line>` and stop the page. Anything
+    else is a bug: one line too, with its traceback folded underneath for the report."""
     try:
         yield
     except SHOWN as err:
-        text = str(err).strip().splitlines()
-        st.error(f"{what}: {text[0] if text else type(err).__name__}")
+        st.error(f"{what}: {first_line(err)}")
+        st.stop()
+    except Exception as err:
+        st.error(f"{what}: an internal error ({type(err).__name__}: {first_line(err)})")
+        with st.expander("traceback (please report it)"):
+            st.exception(err)
         st.stop()
 
 

@@ -28,6 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from lmforge.config import Config, ConfigError, config_from_dict
+from lmforge.errors import LmforgeError, first_line
 from lmforge.model import GPT
 from lmforge.tokenizer import load_tokenizer
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 TIED = ("lm_head.weight",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LmforgeError, ValueError):
     """A checkpoint that cannot be used; the message names the dir or file."""
 
 
@@ -205,7 +206,7 @@ def to_universal(path: Path, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"{path / ENGINE_DIR}: DeepSpeed could not make a universal checkpoint of it "
-            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+            f"({type(err).__name__}: {first_line(err)})"
         ) from err
     tmp.rename(out / UNIVERSAL_TAG)
     return out

@@ -17,25 +17,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from lmforge import __version__
-from lmforge.cluster import ClusterError
-
-# Errors a user can fix (bad config, data, paths, an unreachable cluster): one line, no
-# traceback. ValueError covers ConfigError, CorpusError, DatasetError and CheckpointError.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ClusterError)
+from lmforge.errors import LmforgeError, first_line
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """USER_ERRORS plus MLflow's own (an unknown model, a store that cannot be reached)."""
-    from lmforge.tracking.server import TrackingServerError
-
+    """What a user can fix: lmforge's own errors, files (OSError) and MLflow's (an unknown
+    model, a store that cannot be reached). Anything else is a bug and keeps its traceback."""
     try:
         from mlflow.exceptions import MlflowException
     except ImportError:
-        return (*USER_ERRORS, TrackingServerError)
-    return (*USER_ERRORS, TrackingServerError, MlflowException)
+        return (LmforgeError, OSError)
+    return (LmforgeError, OSError, MlflowException)
 
 
 def _add_prepare(sub) -> None:
@@ -190,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Transformer language models on Ray with DeepSpeed ZeRO.",
     )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an error")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_train(sub)
@@ -384,13 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except _user_errors() as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        print(f"lmforge {args.command}: error: {first}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"lmforge {args.command}: error: {first_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:
         message = _training_failure(err)
         if message is None:
             raise
+        if args.verbose:
+            traceback.print_exc()
         print(f"lmforge {args.command}: error: {message}", file=sys.stderr)
         return 1
     return 0

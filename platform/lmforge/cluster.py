@@ -6,7 +6,7 @@
 
 The head runs as `ray start --head --block` in its own session, so `down` stops exactly
 this cluster (never `ray stop`, which kills every Ray process on the machine). Its pid and
-addresses are kept in `$LMFORGE_HOME/cluster.json`.
+addresses are kept in `$LMFORGE_HOME/cluster.json` (see `services.ManagedProcess`).
 
 Everything listens on 127.0.0.1: Ray's single-host mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
 keeps GCS, raylet and workers on loopback, and the dashboard/Jobs API is bound there too.
@@ -16,20 +16,17 @@ environment, so this module sets it for every client it starts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge import paths
-from lmforge.services import free_port, kill_group, process_start_time
+from lmforge.errors import LmforgeError
+from lmforge.services import ManagedProcess, ServiceRecord, free_port, http_ok
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +34,17 @@ log = logging.getLogger(__name__)
 LOCAL_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-class ClusterError(RuntimeError):
+class ClusterError(LmforgeError):
     pass
 
 
-@dataclass
-class ClusterInfo:
-    pid: int
+@dataclass(frozen=True)
+class ClusterInfo(ServiceRecord):
     address: str  # GCS address, for ray.init
     dashboard_url: str  # Jobs API, for ray job submit / JobSubmissionClient
-    log_file: str
-    started: float  # the head process's start time: a reused pid is not our cluster
 
 
-def _state_file() -> Path:
-    return paths.home() / "cluster.json"
+HEAD = ManagedProcess("cluster", "the Ray head", ClusterInfo)
 
 
 def token_path() -> Path:
@@ -79,23 +72,7 @@ def auth_headers() -> dict[str, str]:
 
 def running() -> ClusterInfo | None:
     """The cluster `up` started, if its head process is still alive."""
-    f = _state_file()
-    if not f.is_file():
-        return None
-    try:
-        info = ClusterInfo(**json.loads(f.read_text()))
-    except (json.JSONDecodeError, TypeError):
-        return None  # an unreadable or older state file: as good as none
-    return info if process_start_time(info.pid) == info.started else None
-
-
-def _dashboard_ready(url: str) -> bool:
-    req = urllib.request.Request(f"{url}/api/version", headers=auth_headers())
-    try:
-        with urllib.request.urlopen(req, timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    return HEAD.running()
 
 
 def _ray_bin() -> str:
@@ -128,45 +105,31 @@ def up(
     ]  # fmt: skip
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    log_file = paths.home() / "cluster" / "ray-head.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     # Job entrypoints say `python ...`: make that this environment's Python, with lmforge.
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, **LOCAL_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with open(log_file, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    info = ClusterInfo(
-        pid=proc.pid,
-        started=process_start_time(proc.pid) or 0.0,
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    return HEAD.start(
+        cmd,
+        env=env,
+        log_file=paths.home() / "cluster" / "ray-head.log",
+        ready=lambda: http_ok(f"{dashboard_url}/api/version", headers=auth_headers()),
+        timeout_s=timeout_s,
+        error=ClusterError,
+        poll_s=1,
         address=f"127.0.0.1:{port}",
-        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
-        log_file=str(log_file),
+        dashboard_url=dashboard_url,
     )
-    deadline = time.monotonic() + timeout_s
-    while not _dashboard_ready(info.dashboard_url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            kill_group(proc.pid)
-            tail = log_file.read_text().strip().splitlines()[-5:]
-            raise ClusterError(f"ray start failed (see {log_file}): {' | '.join(tail)}")
-        time.sleep(1)
-    _state_file().write_text(json.dumps(asdict(info), indent=2) + "\n")
-    return info
 
 
 def down() -> bool:
     """Stop the cluster `up` started; False when none was running."""
-    info = running()
-    _state_file().unlink(missing_ok=True)
-    if info is None:
-        return False
-    kill_group(info.pid)
-    return True
+    return HEAD.stop()
 
 
-def _set_client_env(env: dict[str, str], override: bool) -> None:
-    """Set Ray client env vars; re-read by Ray's C++ config if Ray is already imported."""
+def set_client_env(env: dict[str, str], override: bool) -> None:
+    """Set Ray client env vars (e.g. RAY_AUTH_MODE=token, so the token is sent); re-read by
+    Ray's C++ config if Ray is already imported."""
     for k, v in env.items():
         if override:
             os.environ[k] = v
@@ -201,13 +164,13 @@ def connect() -> str:
         if ray.is_initialized():
             return "the Ray instance this process already uses"
     if os.environ.get("RAY_ADDRESS"):
-        _set_client_env({"RAY_AUTH_MODE": "token"}, override=False)
+        set_client_env({"RAY_AUTH_MODE": "token"}, override=False)
         import ray
 
         ray.init(log_to_driver=True)
         return f"Ray cluster at {os.environ['RAY_ADDRESS']}"
     info = running()
-    _set_client_env(LOCAL_ENV, override=True)
+    set_client_env(LOCAL_ENV, override=True)
     import ray
 
     if info is not None:

@@ -18,8 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmforge.errors import LmforgeError
 
-class ConfigError(ValueError):
+
+class ConfigError(LmforgeError, ValueError):
     """A config that cannot run; the message names the key."""
 
 
@@ -249,22 +251,23 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, section by section (neither is changed)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    merged = _merge(raw, parse_overrides(overrides or []))
+    merged = merge(raw, parse_overrides(overrides or []))
     try:
         return Config.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_one_line(err)) from None
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file's mapping, with its `base:` file (relative to it) merged underneath."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -279,7 +282,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    return _merge(_read_yaml(path.parent / str(base), (*chain, path.resolve())), raw)
+    return merge(read_yaml(path.parent / str(base), (*chain, path.resolve())), raw)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
@@ -287,7 +290,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
     A config may start from another with `base: other.yaml` and change only what differs.
     """
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = read_yaml(Path(path)) if path is not None else {}
     try:
         return config_from_dict(raw, overrides)
     except ConfigError as err:

@@ -15,10 +15,11 @@ import torch
 
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
+from lmforge.errors import LmforgeError
 from lmforge.tokenizer import file_sha256
 
 
-class EvaluationError(ValueError):
+class EvaluationError(LmforgeError, ValueError):
     pass
 
 

@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.checkpoint import TOKENIZER, load_model, resolve_checkpoint
+from lmforge.errors import UsageError
 from lmforge.model import GPT
 from lmforge.tokenizer import EOT, eot_id
 
@@ -109,9 +110,9 @@ def export_hf(checkpoint: str | Path, output: str | Path, overwrite: bool = Fals
     """
     out = Path(output).expanduser().resolve()
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
+        raise UsageError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out}: output dir is not empty; pass overwrite=True to replace it")
+        raise UsageError(f"{out}: output dir is not empty; pass overwrite=True to replace it")
     ckpt = resolve_checkpoint(checkpoint)
     model, tok, cfg = load_model(ckpt)  # CheckpointError names the file that is wrong
     eot = eot_id(tok)

@@ -19,6 +19,8 @@ import os
 import signal
 from pathlib import Path
 
+from lmforge.errors import UsageError
+
 POINTS = ("step", "checkpoint")
 
 
@@ -31,7 +33,7 @@ def parse(spec: str) -> list[tuple[str, int, int]]:
                 raise ValueError
             faults.append((point, int(step), int(rank)))
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"LMFORGE_FAULT={spec!r}: expected <point>:<step>:<rank>[,...], point one of "
                 f"{', '.join(POINTS)}"
             ) from None

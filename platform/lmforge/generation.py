@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.errors import UsageError
 from lmforge.model import GPT, KVCache
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0 (got {self.max_new_tokens})")
+            raise UsageError(f"max_new_tokens must be >= 0 (got {self.max_new_tokens})")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
+            raise UsageError(f"temperature must be >= 0 (got {self.temperature})")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (got {self.top_k})")
+            raise UsageError(f"top_k must be >= 1 (got {self.top_k})")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+            raise UsageError(f"top_p must be in (0, 1] (got {self.top_p})")
 
 
 def sample_next(
@@ -72,7 +73,7 @@ def generate_tokens(
     generations go on at a small cost instead of failing.
     """
     if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise UsageError("the prompt is empty: give at least one token")
     model.eval()
     ctx = model.cfg.context_length
     device = next(model.parameters()).device

@@ -18,6 +18,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from lmforge.errors import LmforgeError, first_line
 from lmforge.jobspec import JobSpec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -25,7 +26,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-class JobClientError(RuntimeError):
+class JobClientError(LmforgeError):
     """The Jobs API could not do what was asked; one line, naming the address or job."""
 
 
@@ -72,21 +73,21 @@ class JobClient:
         from lmforge import cluster
 
         self.address = jobs_address(address)
-        cluster._set_client_env({"RAY_AUTH_MODE": "token"}, override=True)
+        cluster.set_client_env({"RAY_AUTH_MODE": "token"}, override=True)
         from ray.job_submission import JobSubmissionClient
 
         try:
             self._client = JobSubmissionClient(self.address)
         except Exception as err:  # ConnectionError, auth errors, RuntimeError(version)
             raise JobClientError(
-                f"Ray Jobs API at {self.address} is not reachable: {_first_line(err)}"
+                f"Ray Jobs API at {self.address} is not reachable: {first_line(err)}"
             ) from None
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            raise JobClientError(f"{what} ({self.address}): {_first_line(err)}") from None
+            raise JobClientError(f"{what} ({self.address}): {first_line(err)}") from None
 
     def submit(self, spec: JobSpec, submission_id: str | None = None) -> str:
         return self._call(
@@ -146,8 +147,3 @@ class JobClient:
                 raise JobClientError(f"job {submission_id} still {status} after {timeout_s:.0f} s")
             time.sleep(poll_s)
         return status
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -29,13 +29,13 @@ import yaml
 import lmforge
 from lmforge import paths
 from lmforge.config import Config
+from lmforge.errors import LmforgeError
 
 # Letters, digits and _ . , : / @ % + = - only: no spaces, quotes, $, `, ;, |, &, <, >, etc.
 SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.,:/@%+=-]+$")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
-class JobSpecError(ValueError):
+class JobSpecError(LmforgeError, ValueError):
     """A value that cannot go into a job safely; the message names the key."""
 
 
@@ -192,66 +192,3 @@ def _path_arg(path: str | os.PathLike, key: str) -> str:
     p = str(inside_roots(path, key))
     return safe_token(key, p).split("=", 1)[1]
 
-
-def presets() -> dict[str, Path]:
-    """The example configs in jobs/configs/, by name (tiny, demo, gpt2-small, ...)."""
-    return {p.stem: p for p in sorted((repo_root() / "jobs" / "configs").glob("*.yaml"))}
-
-
-def known_datasets() -> list[Path]:
-    """Prepared dataset dirs (with a manifest) inside the data roots, newest first."""
-    from lmforge.data.dataset import MANIFEST
-
-    found = {
-        m.parent.resolve()
-        for root in data_roots()
-        if root.is_dir()
-        for m in [*root.glob(MANIFEST), *root.glob(f"*/{MANIFEST}"), *root.glob(f"*/*/{MANIFEST}")]
-    }
-    return sorted(found, key=lambda p: (p / MANIFEST).stat().st_mtime, reverse=True)
-
-
-def preset_config(path: str | os.PathLike) -> dict[str, Any]:
-    """A preset's raw mapping (its `base:` chain merged), not yet validated."""
-    from lmforge.config import _read_yaml
-
-    return _read_yaml(Path(path))
-
-
-def form_config(base: dict[str, Any], values: dict[str, Any]):
-    """(Config or None, {dotted key: error}) for a base mapping with form values on top."""
-    from lmforge.config import _merge, field_errors
-
-    nested: dict[str, Any] = {}
-    for key, value in values.items():
-        node = nested
-        *sections, leaf = key.split(".")
-        for part in sections:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return field_errors(_merge(base, nested))
-
-
-UPLOAD_FILE = re.compile(r"^[A-Za-z0-9][\w.-]{0,99}\.(txt|jsonl)$")
-
-
-def save_upload(name: str, files: list[tuple[str, bytes]]) -> tuple[Path, Path]:
-    """Write uploaded corpus files under the first data root; (corpus dir, dataset dir).
-
-    Names are checked (letters, digits, _ . -), so nothing lands outside the data roots.
-    """
-    if not NAME.match(name):
-        raise JobSpecError(f"dataset name {name!r}: use letters, digits, _ . - only")
-    if not files:
-        raise JobSpecError("no files uploaded")
-    roots = data_roots()
-    by_name = {r.name: r for r in roots}
-    corpus = by_name.get("uploads", roots[0] / "_uploads") / name
-    dataset = by_name.get("datasets", roots[0]) / name
-    for fname, _ in files:
-        if not UPLOAD_FILE.match(Path(fname).name) or Path(fname).name != fname:
-            raise JobSpecError(f"{fname!r}: a .txt or .jsonl file name of letters, digits, _ . -")
-    corpus.mkdir(parents=True, exist_ok=True)
-    for fname, data in files:
-        (corpus / fname).write_bytes(data)
-    return corpus, dataset

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lmforge.errors import UsageError
+
 EOT = "<|endoftext|>"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE with `vocab_size` entries (256 bytes + merges + EOT)."""
     if vocab_size < 257:
-        raise ValueError(f"vocab_size must be at least 257 (256 bytes + {EOT}); got {vocab_size}")
+        raise UsageError(f"vocab_size must be at least 257 (256 bytes + {EOT}); got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -40,9 +42,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(str(p))
     except Exception as err:  # tokenizers raises a bare Exception on bad JSON
-        raise ValueError(f"{p}: not a Hugging Face tokenizer.json ({err})") from None
+        raise UsageError(f"{p}: not a Hugging Face tokenizer.json ({err})") from None
     if tok.token_to_id(EOT) is None:
-        raise ValueError(f"{p}: tokenizer has no {EOT} token")
+        raise UsageError(f"{p}: tokenizer has no {EOT} token")
     return tok
 
 

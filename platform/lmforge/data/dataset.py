@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lmforge.errors import LmforgeError
 from lmforge.tokenizer import file_sha256
 
 FORMAT = "lmforge-dataset/1"
@@ -29,7 +30,7 @@ SPLITS = ("train", "val")
 SHARD_TOKENIZER_KEY = b"lmforge.tokenizer_sha256"
 
 
-class DatasetError(ValueError):
+class DatasetError(LmforgeError, ValueError):
     """A dataset dir that cannot be used; the message names the file."""
 
 

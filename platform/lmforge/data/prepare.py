@@ -30,6 +30,7 @@ from lmforge import __version__
 from lmforge.cluster import connect
 from lmforge.data.dataset import FORMAT, MANIFEST, SPLITS, TOKENIZER, ShardWriter
 from lmforge.data.readers import CorpusError, discover, read_documents
+from lmforge.errors import UsageError
 from lmforge.tokenizer import eot_id, file_sha256, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,17 @@ class PrepareOptions:
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+            raise UsageError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         if self.seq_tokens < 2:
-            raise ValueError(f"--seq-tokens must be >= 2 (got {self.seq_tokens})")
+            raise UsageError(f"--seq-tokens must be >= 2 (got {self.seq_tokens})")
         if self.vocab_size < 257:
-            raise ValueError(
+            raise UsageError(
                 f"--vocab-size must be >= 257 (256 bytes + EOT; got {self.vocab_size})"
             )
         if self.rows_per_group < 1 or self.groups_per_shard < 1:
-            raise ValueError("--rows-per-group and groups per shard must be >= 1")
+            raise UsageError("--rows-per-group and groups per shard must be >= 1")
         if self.max_tasks is not None and self.max_tasks < 1:
-            raise ValueError(f"max_tasks must be >= 1 (got {self.max_tasks})")
+            raise UsageError(f"max_tasks must be >= 1 (got {self.max_tasks})")
 
 
 def _tokenize_batch(batch: pa.Table, tokenizer_json: str) -> pa.Table:
@@ -268,7 +269,7 @@ def _named(paths: list, most: int = 3) -> str:
 def check_output(output: Path, files: list[Path], overwrite: bool) -> None:
     """Never clobber what is not ours: only an empty dir or a dataset (with --overwrite)."""
     if any(f.is_relative_to(output) for f in files):
-        raise ValueError(f"--output {output}: holds input files; write the dataset elsewhere")
+        raise UsageError(f"--output {output}: holds input files; write the dataset elsewhere")
     if output.is_file():
         raise FileExistsError(f"--output {output}: is a file")
     if (output / MANIFEST).exists():

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from lmforge.errors import LmforgeError
+
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-class CorpusError(ValueError):
+class CorpusError(LmforgeError, ValueError):
     """Raw input that cannot be prepared; the message names the file."""
 
 

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.errors import LmforgeError, first_line
 from lmforge.tracking import store
 from lmforge.tracking.registry import NAME_PATTERN
 
@@ -21,7 +22,7 @@ ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 RESERVED_ALIASES = {"latest"}  # MLflow resolves models:/NAME/latest itself and refuses it
 
 
-class BrowseError(RuntimeError):
+class BrowseError(LmforgeError):
     """MLflow could not answer; one line naming the store or the object."""
 
 
@@ -68,10 +69,9 @@ def _guard(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except MlflowException as err:
-        raise BrowseError(f"{what}: {err.message.strip().splitlines()[0]}") from None
+        raise BrowseError(f"{what}: {first_line(err.message)}") from None
     except Exception as err:  # requests' ConnectionError, SQLAlchemy's OperationalError, ...
-        text = str(err).strip().splitlines()
-        raise BrowseError(f"{what}: {text[0] if text else type(err).__name__}") from None
+        raise BrowseError(f"{what}: {first_line(err)}") from None
 
 
 def experiments(uri: str | None = None) -> list[str]:

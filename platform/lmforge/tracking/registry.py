@@ -28,6 +28,7 @@ from typing import Any
 
 from lmforge import checkpoint as ckpt_io
 from lmforge import paths
+from lmforge.errors import LmforgeError
 from lmforge.tracking import store
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ _URI = re.compile(
 )
 
 
-class RegistryError(ValueError):
+class RegistryError(LmforgeError, ValueError):
     """A model URI that does not resolve; the message names it."""
 
 

@@ -14,54 +14,26 @@ in `$LMFORGE_HOME/tracking.json` by pid and start time.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmforge.services import kill_group, port_in_use, process_start_time
+from lmforge.errors import LmforgeError
+from lmforge.services import http_ok, port_in_use
 from lmforge.tracking import store
+from lmforge.tracking.store import SERVER, TrackingServerInfo
 
 log = logging.getLogger(__name__)
 
-
-class TrackingServerError(RuntimeError):
+class TrackingServerError(LmforgeError):
     pass
-
-
-@dataclass
-class TrackingServerInfo:
-    pid: int
-    url: str
-    log_file: str
-    started: float  # the server process's start time: a reused pid is not our server
 
 
 def running() -> TrackingServerInfo | None:
     """The server `up` started, if it is still alive."""
-    f = store.server_state_file()
-    if not f.is_file():
-        return None
-    try:
-        info = TrackingServerInfo(**json.loads(f.read_text()))
-    except (json.JSONDecodeError, TypeError):
-        return None
-    return info if process_start_time(info.pid) == info.started else None
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    return SERVER.running()
 
 
 def _mlflow_bin() -> str:
@@ -75,9 +47,7 @@ def up(port: int = 5000, host: str = "127.0.0.1", timeout_s: float = 120) -> Tra
     if info is not None:
         log.info("the MLflow server is already running at %s (pid %d)", info.url, info.pid)
         return info
-    info = _start(port, host, timeout_s)
-    store.server_state_file().write_text(json.dumps(asdict(info), indent=2) + "\n")
-    return info
+    return _start(port, host, timeout_s)
 
 
 def _start(port: int, host: str, timeout_s: float) -> TrackingServerInfo:
@@ -94,40 +64,24 @@ def _start(port: int, host: str, timeout_s: float) -> TrackingServerInfo:
         "--host", host, "--port", str(port),
         "--workers", "1",
     ]  # fmt: skip
-    log_file = store.root() / "server.log"
     # MLflow 3's server also starts a job runner with several huey worker pools (GenAI
     # evaluation, prompt optimisation): ~2 GB of processes lmforge never uses.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(log_file, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    info = TrackingServerInfo(
-        pid=proc.pid,
-        url=f"http://{host}:{port}",
-        log_file=str(log_file),
-        started=process_start_time(proc.pid) or 0.0,
+    url = f"http://{host}:{port}"
+    return SERVER.start(
+        cmd,
+        env=env,
+        log_file=store.root() / "server.log",
+        ready=lambda: http_ok(f"{url}/health"),
+        timeout_s=timeout_s,
+        error=TrackingServerError,
+        url=url,
     )
-    deadline = time.monotonic() + timeout_s
-    while not _healthy(info.url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            kill_group(proc.pid)
-            tail = log_file.read_text().strip().splitlines()[-3:]
-            raise TrackingServerError(
-                f"mlflow server did not start (see {log_file}): {' | '.join(tail)}"
-            )
-        time.sleep(0.5)
-    return info
 
 
 def down() -> bool:
     """Stop the server `up` started; False when none was running."""
-    info = running()
-    store.server_state_file().unlink(missing_ok=True)
-    if info is None:
-        return False
-    kill_group(info.pid)
-    return True
+    return SERVER.stop()
 
 
 def describe(info: TrackingServerInfo) -> str:

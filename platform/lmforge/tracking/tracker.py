@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import checkpoint as ckpt_io
+from lmforge.errors import first_line
 from lmforge.tracking import registry, store
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,6 @@ class NullTracker:
 
     def close(self, status: str = "FINISHED", timeout_s: float = 0.0) -> None:
         pass
-
-
-def _one_line(err: Exception) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 class Tracker:
@@ -235,7 +231,7 @@ class Tracker:
                 self._degraded = False
                 return True
             except Exception as err:  # MLflow raises many types; none may reach training
-                last = _one_line(err)
+                last = f"{type(err).__name__}: {first_line(err, 300)}"
                 if attempt < retries:
                     log.warning("MLflow: could not %s (%s); retrying in %.0f s", what, last, delay)
                     time.sleep(delay)

@@ -21,6 +21,7 @@ from lmforge import checkpoint as ckpt_io
 from lmforge import paths
 from lmforge.config import Config, ConfigError
 from lmforge.data.dataset import Dataset
+from lmforge.errors import first_line
 from lmforge.tokenizer import file_sha256
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ def pin_tracking_uri(cfg: Config) -> Config:
             "MLflow at %s: %s; training goes on and rank 0 keeps retrying "
             "(start it with `lmforge tracking up`, or set tracking.tracking_uri)",
             uri,
-            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+            first_line(err),
         )
     return cfg.model_copy(
         update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": uri})}
