@@ -8,7 +8,9 @@ store has none) and a local artifact folder:
     $LMFORGE_HOME/mlflow/artifacts/<experiment>/
 
 `lmforge tracking up` serves that same store over HTTP on 127.0.0.1 (see `server.py`);
-while it runs, its URL is the default, so the dashboard and jobs share one writer.
+while it runs, its URL is the default, so the dashboard and jobs share one writer. Its
+record (`SERVER`, `$LMFORGE_HOME/tracking.json`) lives here, where the default is chosen;
+`server.py` starts and stops it.
 
 Resolution order: the config's `tracking.tracking_uri`, then MLFLOW_TRACKING_URI, then the
 running embedded server, then the SQLite file.
@@ -16,13 +18,21 @@ running embedded server, then the SQLite file.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge import paths
+from lmforge.services import ManagedProcess, ServiceRecord, http_ok
+
+
+@dataclass(frozen=True)
+class TrackingServerInfo(ServiceRecord):
+    url: str
+
+
+SERVER = ManagedProcess("tracking", "the MLflow server", TrackingServerInfo)
 
 
 def root() -> Path:
@@ -41,15 +51,9 @@ def artifact_root() -> Path:
     return root() / "artifacts"
 
 
-def server_state_file() -> Path:
-    return paths.home() / "tracking.json"
-
-
 def embedded_server_url() -> str | None:
     """The URL of the server `lmforge tracking up` started, if it is still running."""
-    from lmforge.tracking import server
-
-    info = server.running()
+    info = SERVER.running()
     return info.url if info else None
 
 
@@ -65,24 +69,15 @@ def is_embedded(uri: str) -> bool:
     """True for the embedded SQLite store, or the server over it."""
     if uri == sqlite_uri():
         return True
-    f = server_state_file()
-    with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
-        return json.loads(f.read_text()).get("url") == uri.rstrip("/")
-    return False
+    info = SERVER.recorded()
+    return info is not None and info.url == uri.rstrip("/")
 
 
 def reachable(uri: str, timeout_s: float = 3.0) -> bool:
     """Whether an HTTP tracking server answers its health check (other stores: True)."""
     if not uri.startswith(("http://", "https://")):
         return True
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    return http_ok(f"{uri.rstrip('/')}/health", timeout_s=timeout_s)
 
 
 def client(uri: str):
