@@ -1,14 +1,18 @@
-"""Launch: a training job from a form, validated by the config schema, sent to the Jobs API."""
+"""Launch: a training job from a form, validated by the config schema, sent to the Jobs API.
+
+Every field takes its bounds, starting value, help text and choices from the config schema
+(`lmforge.launch_form.form_field`); only labels and layout live here.
+"""
 
 import streamlit as st
 import ui
 
-from lmforge import jobspec
+from lmforge import jobspec, launch_form, paths
 from lmforge.data.dataset import Dataset
 from lmforge.estimate import estimate, human_bytes
 
 st.title("Launch a training job")
-presets = jobspec.presets()
+presets = launch_form.presets()
 source = st.session_state.get("launch_from")  # (mode, uri), set by the Models page
 
 
@@ -47,11 +51,11 @@ else:
         on_change=clear_fields,
         help="A config from jobs/configs/; the fields below start from it.",
     )
-    base = jobspec.preset_config(presets[preset])
+    base = launch_form.preset_config(presets[preset])
 
-base_cfg, _ = jobspec.form_config(base, {})
+base_cfg, _ = launch_form.form_config(base, {})
 defaults = base_cfg.to_dict() if base_cfg else {}
-datasets = [str(p) for p in jobspec.known_datasets()]
+datasets = [str(p) for p in launch_form.known_datasets()]
 if not datasets:
     roots = ", ".join(str(r) for r in jobspec.data_roots())
     st.info(
@@ -63,39 +67,44 @@ fields: dict[str, object] = {}
 slots: dict[str, object] = {}
 
 
-def d(key: str, fallback=None):
+def start(key: str):
+    """The value a field starts from: the base config's, else the schema's default."""
     section, leaf = key.split(".")
     value = defaults.get(section, {}).get(leaf)
-    return fallback if value is None else value
+    return launch_form.form_field(key).default if value is None else value
 
 
 def field(key: str, widget, label: str, *args, **kwargs):
-    """A widget whose value goes to config key `key`, with a slot below it for its error."""
+    """A widget whose value goes to config key `key`, with a slot below it for its error.
+    Its help text is the config field's description."""
+    kwargs.setdefault("help", launch_form.form_field(key).help)
     fields[key] = widget(label, *args, key=f"f_{key}", **kwargs)
     slots[key] = st.empty()
 
 
-def choice(key: str, label: str, options: list, **kwargs):
-    current = d(key, options[0])
-    field(key, st.selectbox, label, options, index=options.index(current), **kwargs)
+def number(key: str, label: str, **kwargs):
+    """A number input bounded as the schema bounds `key`."""
+    f = launch_form.form_field(key)
+    value = f.type(start(key))
+    field(key, st.number_input, label, min_value=f.min, max_value=f.max, value=value, **kwargs)
+
+
+def choice(key: str, label: str):
+    """A select box of the values the schema allows for `key` (a Literal, or an int range)."""
+    f = launch_form.form_field(key)
+    options = list(f.choices or range(f.min, f.max + 1))
+    field(key, st.selectbox, label, options, index=options.index(start(key)))
 
 
 left, mid, right = st.columns(3)
 with left:
     st.subheader("Model")
-    field("model.n_layer", st.number_input, "Layers", 1, 256, d("model.n_layer", 2))
-    field("model.n_head", st.number_input, "Heads", 1, 256, d("model.n_head", 2))
-    field("model.d_model", st.number_input, "Width (d_model)", 8, 65536, d("model.d_model", 128))
-    field(
-        "model.context_length",
-        st.number_input,
-        "Context",
-        8,
-        131072,
-        d("model.context_length", 128),
-    )
+    number("model.n_layer", "Layers")
+    number("model.n_head", "Heads")
+    number("model.d_model", "Width (d_model)")
+    number("model.context_length", "Context")
     st.subheader("Data")
-    data_default = str(jobspec.paths.resolve(d("data.path", "")))
+    data_default = str(paths.resolve(start("data.path")))
     if st.session_state.get("f_data.path") not in datasets:  # new or vanished datasets
         st.session_state.pop("f_data.path", None)
     field(
@@ -104,96 +113,36 @@ with left:
         "Dataset",
         datasets,
         index=datasets.index(data_default) if data_default in datasets else 0 if datasets else None,
-        help="Prepared datasets inside the data roots (LMFORGE_DATA_ROOTS).",
+        help=launch_form.form_field("data.path").help
+        + " Listed: the prepared datasets inside the data roots (LMFORGE_DATA_ROOTS).",
     )
 with mid:
     st.subheader("Training")
-    field("train.max_steps", st.number_input, "Steps", 1, 10**8, d("train.max_steps", 200))
-    field(
-        "train.micro_batch_size",
-        st.number_input,
-        "Micro-batch per worker",
-        1,
-        4096,
-        d("train.micro_batch_size", 8),
-    )
-    field(
-        "train.grad_accum_steps",
-        st.number_input,
-        "Gradient accumulation",
-        1,
-        4096,
-        d("train.grad_accum_steps", 1),
-    )
-    field(
-        "train.lr",
-        st.number_input,
-        "Learning rate",
-        0.0,
-        1.0,
-        float(d("train.lr", 1e-3)),
-        format="%.2e",
-        step=1e-4,
-    )
-    field(
-        "train.min_lr",
-        st.number_input,
-        "Final learning rate",
-        0.0,
-        1.0,
-        float(d("train.min_lr", 1e-4)),
-        format="%.2e",
-        step=1e-5,
-    )
-    field(
-        "train.warmup_steps",
-        st.number_input,
-        "Warm-up steps",
-        0,
-        10**8,
-        d("train.warmup_steps", 20),
-    )
-    choice("train.precision", "Precision", ["fp32", "bf16", "fp16"])
-    field(
-        "train.eval_every",
-        st.number_input,
-        "Evaluate every (steps)",
-        1,
-        10**8,
-        d("train.eval_every", 50),
-    )
-    field(
-        "train.checkpoint_every",
-        st.number_input,
-        "Checkpoint every (steps)",
-        1,
-        10**8,
-        d("train.checkpoint_every", 100),
-    )
+    number("train.max_steps", "Steps")
+    number("train.micro_batch_size", "Micro-batch per worker")
+    number("train.grad_accum_steps", "Gradient accumulation")
+    number("train.lr", "Learning rate", format="%.2e", step=1e-4)
+    number("train.min_lr", "Final learning rate", format="%.2e", step=1e-5)
+    number("train.warmup_steps", "Warm-up steps")
+    choice("train.precision", "Precision")
+    number("train.eval_every", "Evaluate every (steps)")
+    number("train.checkpoint_every", "Checkpoint every (steps)")
 with right:
     st.subheader("Distribution")
-    choice("zero.stage", "ZeRO stage", [0, 1, 2, 3])
-    choice("zero.offload_optimizer", "Offload optimizer", ["none", "cpu"])
-    choice("zero.offload_params", "Offload parameters (ZeRO 3)", ["none", "cpu"])
-    field("scaling.num_workers", st.number_input, "Workers", 1, 4096, d("scaling.num_workers", 2))
-    field("scaling.use_gpu", st.toggle, "One GPU per worker", d("scaling.use_gpu", False))
-    field(
-        "scaling.cpus_per_worker",
-        st.number_input,
-        "CPUs per worker",
-        0.1,
-        512.0,
-        float(d("scaling.cpus_per_worker", 1.0)),
-        step=0.5,
-    )
+    choice("zero.stage", "ZeRO stage")
+    choice("zero.offload_optimizer", "Offload optimizer")
+    choice("zero.offload_params", "Offload parameters (ZeRO 3)")
+    number("scaling.num_workers", "Workers")
+    field("scaling.use_gpu", st.toggle, "One GPU per worker", value=start("scaling.use_gpu"))
+    number("scaling.cpus_per_worker", "CPUs per worker", step=0.5)
     st.subheader("Tracking")
-    field("tracking.experiment", st.text_input, "Experiment", d("tracking.experiment", "lmforge"))
+    field("tracking.experiment", st.text_input, "Experiment", value=start("tracking.experiment"))
     field("run.name", st.text_input, "Run name (optional)", "", placeholder="generated when empty")
 
 values = {k: v for k, v in fields.items() if v not in ("", None)}
 if source and source[0] == "resume":
     values.pop("run.name", None)  # the resumed run keeps its name
-cfg, errors = jobspec.form_config(base, values)
+cfg, errors = launch_form.form_config(base, values)
 for key, msg in errors.items():
     slots.get(key, st).error(f"`{key}`: {msg}")
 
@@ -243,7 +192,7 @@ with st.expander("Upload a small text corpus and prepare a dataset from it"):
     seq_tokens = st.number_input("Tokens per packed row", 2, 8192, 256)
     if st.button("Prepare dataset", disabled=not files or not name):
         with ui.guard("Not prepared"):
-            corpus, out = jobspec.save_upload(name, [(f.name, f.getvalue()) for f in files])
+            corpus, out = launch_form.save_upload(name, [(f.name, f.getvalue()) for f in files])
             spec = jobspec.prepare_job(
                 [corpus], out, vocab_size=vocab_size, seq_tokens=seq_tokens, rows_per_group=4
             )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+import typing
 
 import pytest
+from pydantic import TypeAdapter, ValidationError
 from streamlit.testing.v1 import AppTest
 
 from lmforge import paths
-from lmforge.config import load_config
+from lmforge.config import Config, load_config
 from lmforge.estimate import estimate, human_bytes
 from lmforge.model import GPT
 from tests.conftest import REPO
@@ -61,6 +63,57 @@ def test_an_invalid_value_is_shown_next_to_its_field_and_nothing_can_be_submitte
     assert not app.metric  # no estimate for a config that does not validate
 
 
+def schema_field(key):
+    section, leaf = key.split(".")
+    return Config.model_fields[section].annotation.model_fields[leaf]
+
+
+def accepts(key, value) -> bool:
+    """Whether the schema's own check of field `key` (its type and bounds) takes `value`."""
+    f = schema_field(key)
+    try:
+        TypeAdapter(typing.Annotated[(f.annotation, *f.metadata)]).validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def test_the_form_takes_bounds_help_and_choices_from_the_schema(app):
+    """Nothing of the schema is copied into the page: a number field's bounds are where the
+    schema starts refusing, every field's help is its description, a choice's options are
+    the schema's Literal."""
+    widgets = [*app.number_input, *app.selectbox, *app.text_input, *app.toggle]
+    keyed = {w.key[2:]: w for w in widgets if (w.key or "").startswith("f_")}
+    numbers = [w for w in keyed.values() if w.type == "number_input"]
+    assert len(numbers) >= 14 and "train.precision" in keyed
+    for key, w in keyed.items():
+        if key not in ("preset", "data.path"):
+            assert w.help == schema_field(key).description, key
+    assert keyed["data.path"].help.startswith(schema_field("data.path").description)
+    for w in numbers:
+        key = w.key[2:]
+        eps = 1 if schema_field(key).annotation is int else 1e-6
+        assert not accepts(key, w.min - eps) and accepts(key, w.min + eps), key
+        if w.max is None:
+            assert accepts(key, 10**9), key
+        else:
+            assert not accepts(key, w.max + eps) and accepts(key, w.max - eps), key
+    precision = typing.get_args(schema_field("train.precision").annotation)
+    assert keyed["train.precision"].options == list(precision)
+    assert [int(s) for s in keyed["zero.stage"].options] == [
+        s for s in range(-1, 5) if accepts("zero.stage", s)
+    ]
+
+
+def test_a_value_the_schema_refuses_is_shown_as_an_error(app):
+    by_label(app.number_input, "Learning rate").set_value(0.0)  # the schema wants lr > 0
+    app.run()
+    assert not app.exception
+    errors = [e.value for e in app.error]
+    assert any(e.startswith("`train.lr`") and "greater than 0" in e for e in errors), errors
+    assert by_label(app.button, "Submit job").disabled
+
+
 def test_the_estimate_follows_the_form(app, tmp_path):
     fake_dataset(tmp_path)
     app.run()
@@ -109,7 +162,8 @@ def test_the_dashboard_imports_no_deepspeed_or_ray_train():
 
     code = (
         "import sys; sys.path.insert(0, 'dashboard');"
-        "import lmforge.jobclient, lmforge.jobspec, lmforge.tracking.browse, lmforge.playground;"
+        "import lmforge.jobclient, lmforge.jobspec, lmforge.launch_form, lmforge.tracking.browse,"
+        " lmforge.playground;"
         "import charts, ui;"
         "bad = [m for m in ('deepspeed', 'ray.train') if m in sys.modules]; print(bad)"
     )

@@ -8,17 +8,7 @@ import pytest
 
 from lmforge.cli import build_parser
 from lmforge.config import load_config
-from lmforge.jobspec import (
-    JobSpecError,
-    form_config,
-    inside_roots,
-    prepare_job,
-    preset_config,
-    presets,
-    safe_token,
-    save_upload,
-    train_job,
-)
+from lmforge.jobspec import JobSpecError, inside_roots, prepare_job, safe_token, train_job
 from lmforge.tracking.registry import RegistryError
 from tests.conftest import REPO
 
@@ -137,26 +127,3 @@ def test_prepare_job_paths_stay_inside_the_roots(home):
         prepare_job(["/etc"], "datasets/c")
     with pytest.raises(ValueError, match="--vocab-size"):
         prepare_job([home / "uploads" / "c"], "datasets/c", vocab_size=10)
-
-
-def test_uploads_keep_to_their_folder(home):
-    corpus, out = save_upload("mine", [("a.txt", b"to be"), ("b.jsonl", b'{"text": "x"}\n')])
-    assert corpus == home / "uploads" / "mine" and out == home / "datasets" / "mine"
-    assert (corpus / "a.txt").read_bytes() == b"to be"
-    for bad in ["../evil.txt", "a b.txt", "x.sh", ".hidden.txt"]:
-        with pytest.raises(JobSpecError):
-            save_upload("mine", [(bad, b"")])
-    with pytest.raises(JobSpecError, match="dataset name"):
-        save_upload("../up", [("a.txt", b"")])
-
-
-def test_form_errors_are_filed_under_their_keys():
-    base = preset_config(presets()["tiny"])
-    cfg, errors = form_config(base, {"model.n_head": 3, "train.lr": 0, "zero.stage": 7})
-    assert cfg is None
-    assert set(errors) == {"model.d_model", "train.lr", "zero.stage"}
-    cfg, errors = form_config(base, {"model.n_head": 3})
-    assert cfg is None and set(errors) == {"model.d_model"}
-    assert "not divisible by model.n_head=3" in errors["model.d_model"]
-    cfg, errors = form_config(base, {"train.max_steps": 7})
-    assert errors == {} and cfg.train.max_steps == 7
