@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(args) -> None:
-    from lmforge.data.prepare import PrepareOptions, prepare
+    from lmforge.cluster import connect
+    from lmforge.data.prepare import PrepareOptions, check_inputs, prepare
 
     opts = PrepareOptions(
         vocab_size=args.vocab_size,
@@ -212,6 +213,9 @@ def cmd_prepare(args) -> None:
         tokenizer=args.tokenizer,
         overwrite=args.overwrite,
     )
+    check_inputs(args.input, args.output, opts)  # before Ray: a mistake costs no Ray start
+    where = connect()  # RAY_ADDRESS, else `lmforge cluster up`'s cluster, else a private Ray
+    logging.getLogger("lmforge.data.prepare").info("prepare: on %s", where)
     m = prepare(args.input, args.output, opts)
     s = m["splits"]
     print(

@@ -10,6 +10,7 @@ from lmforge.data.dataset import Dataset
 from lmforge.data.prepare import PrepareOptions, prepare
 from lmforge.data.readers import CorpusError
 from lmforge.tokenizer import load_tokenizer
+from tests.integration.conftest import PLAYS
 
 
 def test_manifest_counts_match_the_corpus(dataset, corpus):
@@ -85,3 +86,23 @@ def test_bad_corpus_found_by_the_ray_tasks_is_named_too(ray_cluster, dataset, tm
 def test_missing_input_path(tmp_path):
     with pytest.raises(CorpusError, match="nowhere: no such file"):
         prepare([tmp_path / "nowhere"], tmp_path / "out", PrepareOptions())
+
+
+def test_prepare_job_without_a_cluster_starts_a_private_ray(corpus, tmp_path):
+    """jobs/prepare.py (`lmforge prepare`'s code path) where no cluster runs: the entry point
+    connects, to a private local Ray, and the library uses it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["LMFORGE_HOME"] = str(tmp_path / "home")  # no `lmforge cluster up` recorded here
+    out = tmp_path / "out"
+    cmd = [sys.executable, "jobs/prepare.py", "--input", str(corpus / PLAYS[0]),
+           "--output", str(out), "--vocab-size", "300", "--seq-tokens", "128"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "a private local Ray" in run.stderr + run.stdout
+    assert f"dataset: {out}" in run.stdout and Dataset(out).tokens("train") > 0

@@ -63,3 +63,30 @@ def test_a_zero_length_corpus_is_named_before_ray_starts(tmp_path):
     with pytest.raises(CorpusError, match=f"--input {tmp_path / 'corpus'}: the corpus is empty"):
         prepare([tmp_path / "corpus"], tmp_path / "out", PrepareOptions())
     assert not (tmp_path / "out").exists()
+
+
+def test_prepare_uses_the_callers_ray_and_starts_none(tmp_path):
+    """The library never decides how to connect: without a connected Ray it refuses (Ray
+    Data would otherwise start a Ray of its own, without the cluster's address or token)."""
+    import sys
+
+    from lmforge.data.prepare import prepare
+
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("to be or not to be")
+    with pytest.raises(RuntimeError, match=r"lmforge\.cluster\.connect\(\)"):
+        prepare([tmp_path / "corpus"], tmp_path / "out", PrepareOptions())
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tmp").exists()
+
+
+def test_lmforge_prepare_checks_its_input_before_it_connects(tmp_path, monkeypatch):
+    from lmforge import cli, cluster
+
+    calls = []
+    monkeypatch.setattr(cluster, "connect", lambda: calls.append("connect"))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "empty.txt").write_bytes(b"")
+    out = tmp_path / "out"
+    assert cli.main(["prepare", "--input", str(tmp_path / "corpus"), "--output", str(out)]) == 2
+    assert calls == [] and not out.exists()

@@ -6,7 +6,8 @@ Ray Data reads and tokenizes the files in parallel (the costly part); the driver
 the token arrays in input order and packs them into shards, so the output is byte-for-byte
 the same for the same input, tokenizer and seed however many workers ran. The dataset is
 written to a temporary sibling dir and renamed into place at the end: a crash never leaves
-a half-written dataset behind.
+a half-written dataset behind. It runs on the Ray this process is connected to; the entry
+points (`lmforge prepare`, jobs/prepare.py) connect with `lmforge.cluster.connect()`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,9 +29,9 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 
 from lmforge import __version__
-from lmforge.cluster import connect
-from lmforge.data.dataset import FORMAT, MANIFEST, SPLITS, TOKENIZER, ShardWriter
+from lmforge.data.dataset import FORMAT, MANIFEST, SPLITS, TOKENIZER
 from lmforge.data.readers import CorpusError, discover, read_documents
+from lmforge.data.writer import ShardWriter
 from lmforge.errors import UsageError
 from lmforge.tokenizer import eot_id, file_sha256, load_tokenizer, train_tokenizer
 
@@ -225,18 +227,31 @@ def _get_tokenizer(files: list[Path], opts: PrepareOptions, out: Path) -> Tokeni
     return tok
 
 
-def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) -> dict:
-    """Prepare `inputs` into the dataset dir `output`; returns the manifest."""
+def check_inputs(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) -> list[Path]:
+    """Every check that needs no Ray (input files, their size, the output dir); the files.
+
+    Entry points call it before they connect to Ray, so a mistake costs no cluster start.
+    """
     output = Path(output).expanduser().resolve()
     files = discover(inputs)
     check_output(output, files, opts.overwrite)
-    total_bytes = sum(f.stat().st_size for f in files)
-    if total_bytes == 0:
+    if sum(f.stat().st_size for f in files) == 0:
         raise CorpusError(
             f"--input {_named(inputs)}: the corpus is empty ({len(files)} file(s), 0 bytes)"
         )
+    return files
+
+
+def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) -> dict:
+    """Prepare `inputs` into the dataset dir `output` on the Ray this process is connected
+    to (the caller connects: `lmforge.cluster.connect()`); returns the manifest."""
+    output = Path(output).expanduser().resolve()
+    files = check_inputs(inputs, output, opts)
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        # Ray Data would start a Ray of its own here, without the cluster's address or token.
+        raise RuntimeError("prepare() needs a connected Ray: call lmforge.cluster.connect()")
+    total_bytes = sum(f.stat().st_size for f in files)
     log.info("prepare: %d file(s), %.1f MB of raw text", len(files), total_bytes / 1e6)
-    connect()  # after every check that needs no Ray
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
