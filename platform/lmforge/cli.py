@@ -3,6 +3,7 @@
     lmforge cluster up
     lmforge prepare --input data/shakespeare --output ~/.lmforge/datasets/shakespeare
     lmforge train --config jobs/configs/tiny.yaml --set train.max_steps=50
+    lmforge submit --config jobs/configs/tiny.yaml   # the same, as a Ray job (Jobs API)
     lmforge generate --model models:/lmforge@best --prompt "ROMEO:"
     lmforge evaluate --model models:/lmforge@best --data datasets/shakespeare
     lmforge export-hf --model models:/lmforge@best --output ./gpt2-hf
@@ -83,6 +84,22 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", metavar="MODEL",
                    help="start a new run (fine-tuning) from these weights: models:/NAME@ALIAS, "
                    "models:/NAME/VERSION or a checkpoint dir; the model shape comes from it")  # fmt: skip
+
+
+def _add_submit(sub) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="submit a training job to the Ray cluster (Jobs API) and follow its log",
+        description="The arguments of `lmforge train`, checked here, sent as a Ray job "
+        "(`python jobs/train.py ...`, runtime env cluster/runtime_env.yaml) with the cluster's "
+        "token. The job outlives this terminal: Ctrl-C stops following, not the job.",
+    )
+    add_train_args(p)
+    p.add_argument("--address", metavar="URL",
+                   help="Ray Jobs API (default: RAY_JOBS_ADDRESS, an http RAY_ADDRESS, the "
+                   "cluster of `lmforge cluster up`, else http://127.0.0.1:8265)")  # fmt: skip
+    p.add_argument("--no-wait", action="store_true",
+                   help="print the job id and return instead of following the log")  # fmt: skip
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
@@ -191,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_train(sub)
+    _add_submit(sub)
     _add_generate(sub)
     _add_evaluate(sub)
     _add_export_hf(sub)
@@ -245,6 +263,60 @@ def cmd_train(args) -> None:
         print(
             f"final: step {m.get('step')} | loss {m.get('loss', float('nan')):.4f} | val_loss {m['val_loss']:.4f}"
         )
+
+
+def submit_spec(args):
+    """The job `lmforge submit` sends: the config validated here (ConfigError before
+    anything is sent), rendered as `python jobs/train.py --set ...`."""
+    import os
+
+    from lmforge.config import load_config
+    from lmforge.jobspec import train_job
+
+    cfg = load_config(args.config, args.overrides)
+    # As for `lmforge train`: the config's tracking URI, else MLFLOW_TRACKING_URI; with
+    # neither, the job picks its default where it runs (the local server, else SQLite).
+    tracking_uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return train_job(
+        cfg, tracking_uri, resume=args.resume or None, init_from=args.init_from, any_path=True
+    )
+
+
+def cmd_submit(args) -> None:
+    from lmforge.jobclient import JobClient
+
+    spec = submit_spec(args)
+    client = JobClient(args.address)
+    sid = client.submit(spec)
+    meta = spec.metadata
+    print(
+        f"submitted job {sid} to {client.address} "
+        f"(run {meta['lmforge.run_name']}, experiment {meta['lmforge.experiment']})",
+        flush=True,
+    )
+    again = (
+        f"  follow: RAY_AUTH_MODE=token ray job logs --follow --address {client.address} {sid}\n"
+        f"  stop:   RAY_AUTH_MODE=token ray job stop --address {client.address} {sid}\n"
+        "  or the Jobs page of `lmforge dashboard`"
+    )
+    if args.no_wait:
+        print(again)
+        return
+    try:
+        for text in client.follow(sid):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        status = client.wait(sid, timeout_s=120, poll_s=1)  # the log ends just before
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {sid} keeps running\n{again}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if status != "SUCCEEDED":
+        from lmforge.jobclient import failure_line
+
+        why = failure_line(client.job(sid).message)
+        print(f"lmforge submit: job {sid} {status}: {why}", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"job {sid} SUCCEEDED")
 
 
 def _checkpoint_of(args) -> Path:
@@ -366,6 +438,7 @@ def cmd_dashboard(args) -> None:
 COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
+    "submit": cmd_submit,
     "generate": cmd_generate,
     "evaluate": cmd_evaluate,
     "export-hf": cmd_export_hf,

@@ -3,6 +3,7 @@
     client = JobClient()                      # the Jobs API of `lmforge cluster up`
     sid = client.submit(train_job(cfg))
     client.jobs(); client.logs(sid); client.stop(sid)
+    for text in client.follow(sid): print(text, end="")   # the log as it grows
 
 Where the Jobs API is: the `address` given, else RAY_JOBS_ADDRESS, else RAY_ADDRESS when
 it is an http(s) URL (as `ray job submit` reads it), else the cluster `lmforge cluster up`
@@ -13,9 +14,12 @@ unknown job, refused) becomes a `JobClientError` with one line saying what and w
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lmforge.errors import LmforgeError, first_line
@@ -136,6 +140,33 @@ class JobClient:
     def tail(self, submission_id: str, lines: int = 200) -> str:
         return "\n".join(self.logs(submission_id).splitlines()[-lines:])
 
+    def follow(self, submission_id: str) -> Iterator[str]:
+        """The job's log as it is written, until the job ends (Ray's `tail_job_logs`
+        websocket). Leaving the loop early (Ctrl-C) closes the connection; the job runs on."""
+        loop = asyncio.new_event_loop()
+        chunks = self._client.tail_job_logs(submission_id)
+        try:
+            while True:
+                step = loop.create_task(_next(chunks))
+                try:
+                    chunk = loop.run_until_complete(step)
+                except StopAsyncIteration:
+                    return
+                except KeyboardInterrupt:
+                    step.cancel()  # unwinds the websocket and its session inside Ray
+                    with contextlib.suppress(BaseException):
+                        loop.run_until_complete(step)
+                    raise
+                except Exception as err:
+                    raise JobClientError(
+                        f"following the log of {submission_id} ({self.address}): {first_line(err)}"
+                    ) from None
+                yield ANSI.sub("", chunk)
+        finally:
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(chunks.aclose())
+            loop.close()
+
     def stop(self, submission_id: str) -> bool:
         return self._call(f"stopping {submission_id}", self._client.stop_job, submission_id)
 
@@ -147,3 +178,17 @@ class JobClient:
                 raise JobClientError(f"job {submission_id} still {status} after {timeout_s:.0f} s")
             time.sleep(poll_s)
         return status
+
+
+def failure_line(message: str) -> str:
+    """The line of a failed job's message that says why: lmforge's one-line error
+    (`lmforge train: error: zero.stage: ...`) if there is one, else Ray's last line."""
+    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ": error: " in ln:
+            return ln.split(": error: ", 1)[1]
+    return lines[-1] if lines else "no message from Ray"
+
+
+async def _next(chunks):
+    return await chunks.__anext__()

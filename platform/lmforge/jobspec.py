@@ -120,16 +120,23 @@ def runtime_env(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
 def train_job(
     cfg: Config,
     tracking_uri: str | None = None,
-    resume: str | None = None,
+    resume: str | bool | None = None,
     init_from: str | None = None,
+    any_path: bool = False,
 ) -> JobSpec:
     """A training job for a validated config: every non-default key as a `--set`.
 
     `data.path` must lie inside the data roots and is passed absolute, so the job reads
     the dataset the form showed, whatever its working dir. `resume` and `init_from` take
     registered versions (`models:/NAME/VERSION` or `models:/NAME@ALIAS`) only.
+
+    `any_path=True` is for `lmforge submit`, whose user could run the job by hand anyway:
+    `data.path` is passed as given (a relative path resolves in the job's LMFORGE_HOME, a
+    URI stays one), and `resume` may also be True (the run of run.name, else the newest) or
+    a run name or run dir, `init_from` a checkpoint dir, as `lmforge train` takes them.
+    Every token must still be shell-inert.
     """
-    data = inside_roots(cfg.data.path, "data.path")
+    data = cfg.data.path if any_path else inside_roots(cfg.data.path, "data.path")
     name = cfg.run.name or (None if resume else time.strftime("run-%Y%m%d-%H%M%S"))
     updates: dict[str, Any] = {
         "data": cfg.data.model_copy(update={"path": str(data)}),
@@ -145,11 +152,16 @@ def train_job(
         if key in default_leaves and default_leaves[key] == value:
             continue
         args += ["--set", safe_token(key, value)]
+    if resume is True:
+        if not any_path:
+            raise JobSpecError("--resume: name a registered version (models:/NAME/VERSION)")
+        args.append("--resume")  # the run of run.name, else the newest in storage
     for flag, uri in (("--resume", resume), ("--init-from", init_from)):
-        if uri:
+        if uri and uri is not True:
             from lmforge.tracking.registry import parse_model_uri
 
-            parse_model_uri(uri)  # RegistryError (a ValueError) names a malformed URI
+            if not (any_path and not str(uri).startswith("models:/")):
+                parse_model_uri(uri)  # RegistryError (a ValueError) names a malformed URI
             args += [flag, safe_token(flag.lstrip("-"), uri).split("=", 1)[1]]
     meta = {
         "lmforge.kind": "train",

@@ -1,12 +1,16 @@
-"""A real `ray job submit` of jobs/train.py against the cluster `lmforge cluster up` starts."""
+"""A real `ray job submit` (and `lmforge submit`) of jobs/train.py against the cluster
+`lmforge cluster up` starts."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from lmforge.checkpoint import read_state
-from lmforge.tracking import store
+from lmforge.jobclient import JobClient
+from lmforge.tracking import browse, store
 from tests.conftest import REPO
 
 
@@ -39,7 +43,7 @@ def test_ray_job_submit_trains_checkpoints_and_registers(
     assert "succeeded" in log
     assert "step      6/6" in log and "checkpoint step 6" in log
     assert "startup | Ray Train workers up" in log and "throughput" in log
-    assert read_state(storage / "submitted" / "checkpoint_00000006")["step"] == 6
+    assert read_state(storage / "submitted" / "checkpoint_00000006").step == 6
     client = store.client(tracking_server.url)
     (version,) = client.search_model_versions("name='submitted-jobs'")
     assert version.tags["step"] == "6"
@@ -62,3 +66,69 @@ def test_bad_config_fails_the_job_with_the_key_named(ray_cluster, dataset):
     )  # fmt: skip
     assert out.returncode != 0
     assert "zero.stage" in out.stdout + out.stderr
+
+
+def lmforge_submit(ray_cluster, dataset, storage, name, *extra):
+    return [
+        sys.executable, "-m", "lmforge.cli", "submit", "--config", "jobs/configs/tiny.yaml",
+        "--set", f"data.path={dataset}", "--set", f"run.storage_path={storage}",
+        "--set", f"run.name={name}", "--set", "tracking.experiment=cli-submit",
+        "--set", "train.warmup_steps=1",
+        "--address", ray_cluster.dashboard_url, *extra,
+    ]  # fmt: skip
+
+
+def test_lmforge_submit_follows_the_job_to_its_end(ray_cluster, dataset, tmp_path):
+    storage = tmp_path / "runs"
+    cmd = lmforge_submit(ray_cluster, dataset, storage, "cli-submitted",
+                         "--set", "train.max_steps=4", "--set", "train.eval_every=2",
+                         "--set", "train.checkpoint_every=4")  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    (sid,) = re.findall(
+        rf"^submitted job (raysubmit_\w+) to {ray_cluster.dashboard_url} \(run cli-submitted, "
+        r"experiment cli-submit\)$",
+        out.stdout,
+        re.M,
+    )
+    # The job's own log, followed here: the training lines, then the job's end.
+    assert "step      4/4" in out.stdout and "checkpoint step 4" in out.stdout
+    assert out.stdout.endswith(f"job {sid} SUCCEEDED\n")
+    client = JobClient(ray_cluster.dashboard_url)
+    row = client.job(sid)
+    assert row.kind == "SUBMISSION" and row.status == "SUCCEEDED"
+    assert row.entrypoint.startswith("python jobs/train.py --set")
+    assert row.metadata == {
+        "lmforge.kind": "train", "lmforge.run_name": "cli-submitted",
+        "lmforge.experiment": "cli-submit",
+    }  # fmt: skip
+    assert "step      4/4" in client.logs(sid)
+    assert read_state(storage / "cli-submitted" / "checkpoint_00000004").step == 4
+    run = browse.run_for_submission(store.resolve_uri(), sid)  # the Jobs page's "run"
+    assert run is not None and run.name == "cli-submitted" and run.experiment == "cli-submit"
+
+
+def test_ctrl_c_stops_following_and_the_job_runs_on(ray_cluster, dataset, tmp_path):
+    cmd = lmforge_submit(ray_cluster, dataset, tmp_path / "runs", "cli-detached",
+                         "--set", "train.max_steps=2", "--set", "train.eval_every=2",
+                         "--set", "train.checkpoint_every=2")  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        first = proc.stdout.readline()
+        (sid,) = re.findall(r"^submitted job (raysubmit_\w+) ", first)
+        for line in proc.stdout:  # the followed log has started
+            if line.strip():
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert f"stopped following; job {sid} keeps running" in err
+    assert f"ray job stop --address {ray_cluster.dashboard_url} {sid}" in err
+    assert "Traceback" not in err
+    client = JobClient(ray_cluster.dashboard_url)
+    assert client.wait(sid, timeout_s=600) == "SUCCEEDED", client.tail(sid, 60)
+    assert "step      2/2" in client.logs(sid)

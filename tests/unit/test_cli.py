@@ -22,6 +22,7 @@ def run(*args, timeout=60):
         [],
         ["prepare"],
         ["train"],
+        ["submit"],
         ["generate"],
         ["evaluate"],
         ["export-hf"],
