@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 import ui
 
+from lmforge.errors import LmforgeError
 from lmforge.tracking import browse
 
 ICONS = {
@@ -20,6 +21,16 @@ with ui.guard("Ray"):
     any_live = any(not j.finished for j in client.jobs())
 
 
+def run_names() -> dict[str, str]:
+    """MLflow run name by the Ray submission id it was tagged with (the training launcher
+    tags every run with `ray.submission_id`); empty when MLflow cannot be read, so the
+    table falls back to the job's `lmforge.run_name` instead of failing the page."""
+    try:
+        return {r.submission_id: r.name for r in browse.runs(ui.tracking_uri()) if r.submission_id}
+    except LmforgeError:
+        return {}
+
+
 def body() -> None:
     """The table and the chosen job; re-run every 3 s while any job is live."""
     with ui.guard("Ray"):
@@ -27,13 +38,14 @@ def body() -> None:
     if not jobs:
         st.info(f"No jobs on the cluster at {client.address} yet. Start one on the Launch page.")
         return
+    runs = run_names()
     table = pd.DataFrame(
         [
             {
                 "job": j.submission_id or j.job_id,
                 "status": j.status,
                 "kind": j.metadata.get("lmforge.kind", j.kind.lower()),
-                "run": j.metadata.get("lmforge.run_name", ""),
+                "run": runs.get(j.submission_id or "") or j.metadata.get("lmforge.run_name", ""),
                 "started": ui.when(j.start),
                 "duration": ui.duration(j.duration_s),
                 "entrypoint": j.entrypoint,
@@ -74,7 +86,11 @@ def body() -> None:
         st.caption("last 200 lines of the job's log" + (", live" if not job.finished else ""))
         st.code(log or "(no output yet)", language="text", height=420)
     else:
-        st.caption("a driver that connected to the cluster, not a submitted job: no log here")
+        st.caption(
+            "a driver that connected to the cluster (`lmforge train`), not a submitted job: "
+            "no log here. `lmforge submit` (same arguments) runs it as a job, with its log "
+            "on this page."
+        )
 
 
 st.fragment(body, run_every=3 if any_live else None)()

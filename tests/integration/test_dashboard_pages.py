@@ -227,3 +227,30 @@ def test_a_job_that_fails_says_why_on_the_jobs_page(dashboard_env, ray_cluster, 
     assert not at.exception
     (err,) = [e.value for e in at.error]
     assert err.startswith("The job failed: model.context_length=100000: too long for"), err
+
+
+def test_the_run_column_names_the_jobs_mlflow_run(dashboard_env, ray_cluster):
+    """The MLflow run tagged with the job's submission id (as the launcher tags it) names
+    the job's run; without one, the job's metadata does; a Ray driver points to submit."""
+    from lmforge.jobspec import JobSpec
+
+    client = JobClient(ray_cluster.dashboard_url)
+    tagged = client.submit(JobSpec("python -c 'print(1)'", {}))  # no lmforge metadata
+    named = client.submit(JobSpec("python -c 'print(2)'", {}, {"lmforge.run_name": "from-meta"}))
+    uri = store.resolve_uri()
+    mlflow = store.client(uri)
+    exp = store.ensure_experiment(mlflow, "dash-run-column", uri)
+    mlflow.create_run(exp, run_name="from-mlflow", tags={"ray.submission_id": tagged})
+    at = new_app()
+    at.switch_page("pages/jobs.py")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value
+    run = dict(zip(table["job"], table["run"], strict=True))
+    assert (run[tagged], run[named]) == ("from-mlflow", "from-meta")
+    # This test process is a Ray driver (the session fixture connected it): no log, but a hint.
+    driver = next(j.job_id for j in client.jobs() if j.kind == "DRIVER" and not j.finished)
+    by_label(at.selectbox, "Job").set_value(driver)
+    at.run()
+    assert not at.code
+    assert any("`lmforge submit`" in c.value and "no log here" in c.value for c in at.caption)
