@@ -53,15 +53,15 @@ def _build_engine(overrides: list[str]):
     import deepspeed
     import torch
 
+    from lmforge import models
     from lmforge.config import load_config
-    from lmforge.model import GPT
     from lmforge.training.ds_config import deepspeed_config
     from lmforge.training.loop import param_groups
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", overrides)
     torch.manual_seed(0)
-    model = GPT(cfg.model)
+    model = models.build(cfg.model)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.train.weight_decay),
@@ -71,7 +71,7 @@ def _build_engine(overrides: list[str]):
     _, loss = engine(x, x)  # one step, so the optimizer state exists
     engine.backward(loss)
     engine.step()
-    return engine, cfg, model.num_params(non_embedding=False), info
+    return engine, cfg, models.of(model).n_params(cfg.model), info
 
 
 def dd_write(path: Path, nbytes: int) -> float:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(d, ignore_errors=True)
         t0 = time.perf_counter()
         weights = consolidated_weights(engine, info)
-        ckpt_io.save_servable(d, weights, cfg, tokenizer, {"step": 1})
+        ckpt_io.save_servable(d, weights, cfg, tokenizer, ckpt_io.TrainerState(1))
         _fsync_tree(d)
         dt = time.perf_counter() - t0
         sizes["weights"] = (d / ckpt_io.WEIGHTS).stat().st_size

@@ -91,13 +91,13 @@ class TrainRate:
     def __init__(self, dataset, steps: int) -> None:
         import torch
 
+        from lmforge import models
         from lmforge.config import load_config
         from lmforge.data.stream import TokenStream
-        from lmforge.model import GPT
 
         cfg = load_config(TINY_CONFIG, [f"model.vocab_size={dataset.vocab_size}"])
         torch.manual_seed(cfg.train.seed)
-        self.model = GPT(cfg.model)
+        self.model = models.build(cfg.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr)
         stream = TokenStream(dataset, "train", cfg.model.context_length, cfg.train.micro_batch_size)
         self.x, self.y = next(stream.batches())

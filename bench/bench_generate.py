@@ -55,15 +55,16 @@ def trained_tokenizer(plays: list[Path], vocab: int) -> Path:
 def make_checkpoint(out: Path, shape: dict[str, int], tokenizer: Path) -> None:
     import torch
 
-    from lmforge.checkpoint import save_servable
+    from lmforge import models
+    from lmforge.checkpoint import TrainerState, save_servable, seal
     from lmforge.config import load_config
-    from lmforge.model import GPT
 
     cfg = load_config(None, [f"model.{k}={v}" for k, v in shape.items()])
     torch.manual_seed(0)
-    model = GPT(cfg.model)
-    print(f"model: {shape}, {model.num_params(non_embedding=False):,} parameters", flush=True)
-    save_servable(out, model.state_dict(), cfg, tokenizer, {"step": 0})
+    model = models.build(cfg.model)
+    print(f"model: {shape}, {models.of(model).n_params(cfg.model):,} parameters", flush=True)
+    save_servable(out, model.state_dict(), cfg, tokenizer, TrainerState(0))
+    seal(out)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

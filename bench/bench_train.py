@@ -7,10 +7,11 @@ model, data, global batch and number of CPU threads; its MFU; and bf16 against f
     .venv/bin/python -m bench.bench_train --repeats 3 --stages 1,2 --precisions fp32
 
 Model (full size): n_layer 6, d_model 384, n_head 6, context 256 on the bundled Shakespeare
-(21 plays) with a vocab of 8192: 13.8M parameters counted as in 6N (the tied token
-embedding included, positions not), 10.6M of them in the blocks. Global batch 2 workers x
-micro-batch 2 x 256 tokens = 1024 tokens a step, each worker with 1 CPU thread; the plain
-loop trains the same 4 sequences a step in one forward/backward with 2 threads.
+(21 plays) with a vocab of 8192: 13.9M parameters, 10.6M of them in the blocks; 6N counts
+the 13.8M weights of the matmuls (the tied output projection included, `lmforge.models`).
+Global batch 2 workers x micro-batch 2 x 256 tokens = 1024 tokens a step, each worker with
+1 CPU thread; the plain loop trains the same 4 sequences a step in one forward/backward
+with 2 threads.
 
 What is measured: tokens/s of the median step after 3 warm-up steps, on both sides
 (lmforge's trainer reports it as `steady_tokens_per_s`; the plain loop times its steps the
@@ -103,14 +104,12 @@ def build_config(dataset: Path, tiny: bool, steps: int, storage: Path, stage: in
 
 
 def model_flops_per_token(cfg, vocab_size: int) -> tuple[float, int]:
-    import torch
-
-    from lmforge.model import GPT, flops_per_token
+    """(training FLOPs per token, parameters): the architecture's counts, as the trainer's."""
+    from lmforge import models
 
     model_cfg = cfg.model.model_copy(update={"vocab_size": vocab_size})
-    with torch.device("meta"):
-        n_params = GPT(model_cfg).num_params()
-    return flops_per_token(model_cfg, n_params), n_params
+    arch = models.get(model_cfg.arch)
+    return arch.flops_per_token(model_cfg), arch.n_params(model_cfg)
 
 
 class Runs:

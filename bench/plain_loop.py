@@ -4,7 +4,7 @@ would write instead of lmforge (no Ray, no DeepSpeed, no process group).
     .venv/bin/python bench/plain_loop.py --data ~/.lmforge/bench/train-plays3-v512 \\
         --set train.max_steps=8 --set zero.stage=1     # jobs/configs/tiny.yaml, 2 threads
 
-It trains the same model (`lmforge.model.GPT`) on the same data (`TokenStream`, rank 0 of
+It trains the same model (`lmforge.models.build`) on the same data (`TokenStream`, rank 0 of
 1) with the same global batch (micro_batch_size x num_workers x grad_accum_steps sequences
 in one forward/backward), the same AdamW hyper-parameters and learning-rate schedule, the
 same gradient clipping, and the same total number of CPU threads as lmforge's workers hold
@@ -28,11 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmforge import paths  # noqa: E402
+from lmforge import models, paths  # noqa: E402
 from lmforge.config import Config, load_config  # noqa: E402
 from lmforge.data.dataset import Dataset  # noqa: E402
 from lmforge.data.stream import TokenStream  # noqa: E402
-from lmforge.model import GPT  # noqa: E402
 from lmforge.training.ds_config import lr_factor  # noqa: E402
 from lmforge.training.loop import WARMUP_STEPS  # noqa: E402
 
@@ -71,7 +70,7 @@ def train(cfg: Config, threads: int | None = None) -> PlainResult:
     try:
         dataset = Dataset(paths.resolve(cfg.data.path))
         torch.manual_seed(t.seed)
-        model = GPT(m.model_copy(update={"vocab_size": dataset.vocab_size}))
+        model = models.build(m.model_copy(update={"vocab_size": dataset.vocab_size}))
         # nanoGPT's grouping: decay the matrices, not the biases and LayerNorm gains.
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]

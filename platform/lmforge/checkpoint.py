@@ -27,9 +27,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from lmforge import models
 from lmforge.config import Config, ConfigError, config_from_dict
 from lmforge.errors import LmforgeError, first_line
-from lmforge.model import GPT
 from lmforge.tokenizer import load_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -41,9 +41,6 @@ FILES = "files.json"  # {"files": {relative path: size in bytes}}, the last file
 ENGINE_DIR = "deepspeed"
 ENGINE_TAG = "state"
 log = logging.getLogger(__name__)
-
-# Tied to wte.weight; safetensors stores a tensor once, so the alias is dropped on save.
-TIED = ("lm_head.weight",)
 
 
 class CheckpointError(LmforgeError, ValueError):
@@ -57,14 +54,19 @@ def save_servable(
     tokenizer_path: Path,
     state: dict[str, Any],
 ) -> None:
-    """Write everything but the engine state; `trainer_state.json` last."""
+    """Write everything but the engine state; `trainer_state.json` last.
+
+    A tied weight's alias is dropped (safetensors stores a tensor once): the architecture
+    names its aliases.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    arch = models.get(cfg.model.arch)
     tensors = {
         k: v.detach().to("cpu", torch.float32).contiguous()
         for k, v in weights.items()
-        if k not in TIED
+        if k not in arch.tied
     }
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "arch": "gpt2"})
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "arch": arch.name})
     (out / CONFIG).write_text(cfg.to_yaml())
     shutil.copyfile(tokenizer_path, out / TOKENIZER)
     (out / STATE).write_text(json.dumps(state, indent=2) + "\n")
@@ -271,20 +273,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer, config) from a checkpoint or run dir; weights via safetensors only."""
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
-    model = GPT(cfg.model)
+    model = models.build(cfg.model)
     load_weights(model, ckpt, device)
     model.to(device).eval()
     return model, load_tokenizer(ckpt / TOKENIZER), cfg
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
-    """Load a checkpoint's safetensors weights into `model` (shapes must match)."""
+    """Load a checkpoint's safetensors weights into `model` (names and shapes must match)."""
     try:
         weights = load_file(str(ckpt / WEIGHTS), device=str(device))
     except Exception as err:  # safetensors raises its own SafetensorError
         raise CheckpointError(f"{ckpt / WEIGHTS}: not readable safetensors ({err})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k not in TIED]
+    missing = [k for k in missing if k not in models.of(model).tied]
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt / WEIGHTS}: does not fit the config (missing {missing[:3]}, "

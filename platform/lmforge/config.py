@@ -31,8 +31,11 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """A GPT-2-architecture decoder-only Transformer."""
+    """The model: which architecture (`lmforge/models/<arch>.py`) and its sizes."""
 
+    arch: Literal["gpt2"] = Field(
+        "gpt2", description="Architecture: gpt2 (learned positions, LayerNorm, GELU MLP)."
+    )
     n_layer: int = Field(2, ge=1, description="Number of Transformer blocks.")
     n_head: int = Field(2, ge=1, description="Attention heads per block; must divide d_model.")
     d_model: int = Field(128, ge=8, description="Width of the residual stream.")

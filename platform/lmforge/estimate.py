@@ -9,14 +9,18 @@ optimizer state (master weights, Adam m and v); in fp32 it is 4 + 4 + 8. Stage 1
 partitions the optimizer state over the workers, stage 2 the gradients too, stage 3 the
 weights as well. Activations use the per-layer estimate of Korthikanti et al. 2022
 (`sbh(34 + 5as/h)` bytes at 16 bits) plus the logits; they are approximate by nature.
-The dashboard's launch form shows these figures live; `lmforge train` prints none of them.
+Parameters and FLOPs are the architecture's own counts (`lmforge.models`: every parameter
+for memory; 6 x the matmul weights + attention for FLOPs), the functions the trainer's MFU
+uses too. The dashboard's launch form shows these figures live; `lmforge train` prints
+none of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmforge.config import Config
+from lmforge import models
+from lmforge.config import Config, ModelConfig
 
 GIB = 1024**3
 
@@ -39,23 +43,17 @@ class Estimate:
     offloaded_bytes: float  # per worker, held in host memory by ZeRO-Offload
 
 
-def n_params(cfg: Config, vocab_size: int | None = None) -> int:
-    """Parameters of the GPT the config describes (tied embeddings counted once).
-
-    Needs the vocab size: `model.vocab_size`, else `vocab_size` (from the dataset).
-    """
+def model_config(cfg: Config, vocab_size: int | None = None) -> ModelConfig:
+    """`cfg.model` with its vocab size: `model.vocab_size`, else `vocab_size` (the dataset's)."""
     v = cfg.model.vocab_size or vocab_size
     if v is None:
-        raise ValueError("n_params needs model.vocab_size or the dataset's vocab size")
-    d, t, n = cfg.model.d_model, cfg.model.context_length, cfg.model.n_layer
-    block = (
-        2 * 2 * d  # two LayerNorms
-        + 3 * d * d + 3 * d  # qkv
-        + d * d + d  # attention projection
-        + 4 * d * d + 4 * d  # MLP up
-        + 4 * d * d + d  # MLP down
-    )  # fmt: skip
-    return v * d + t * d + n * block + 2 * d
+        raise ValueError("the estimate needs model.vocab_size or the dataset's vocab size")
+    return cfg.model.model_copy(update={"vocab_size": v})
+
+
+def n_params(cfg: Config, vocab_size: int | None = None) -> int:
+    """Every parameter of the model the config describes (its architecture's count)."""
+    return models.get(cfg.model.arch).n_params(model_config(cfg, vocab_size))
 
 
 def model_state_bytes(
@@ -71,8 +69,9 @@ def model_state_bytes(
 
 
 def estimate(cfg: Config, vocab_size: int | None = None) -> Estimate:
-    p = n_params(cfg, vocab_size)
-    v = cfg.model.vocab_size or vocab_size or 0
+    m = model_config(cfg, vocab_size)
+    arch = models.get(m.arch)
+    p, v = arch.n_params(m), m.vocab_size
     world, stage = cfg.scaling.num_workers, cfg.zero.stage
     mixed = cfg.train.precision != "fp32"
     weights, grads, optim = model_state_bytes(p, world, stage, mixed)
@@ -89,7 +88,7 @@ def estimate(cfg: Config, vocab_size: int | None = None) -> Estimate:
     activations = n_layer * s * b * h * (34 + 5 * a * s / h) * act_scale
     activations += b * s * v * 4 * 2  # fp32 logits and their gradient
     tokens = b * s * cfg.train.grad_accum_steps * world
-    flops = (6 * p + 12 * n_layer * h * s) * tokens
+    flops = arch.flops_per_token(m) * tokens
     per_worker = {
         "weights": weights,
         "gradients": grads,

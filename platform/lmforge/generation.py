@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge import models
 from lmforge.errors import UsageError
-from lmforge.model import GPT, KVCache
+from lmforge.models import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +65,22 @@ def sample_next(
 
 @torch.no_grad()
 def generate_tokens(
-    model: GPT, prompt_ids: list[int], params: SamplingParams, use_cache: bool = True
+    model: LanguageModel, prompt_ids: list[int], params: SamplingParams, use_cache: bool = True
 ) -> Iterator[int]:
     """Yield new token ids one at a time (batch 1), stopping at `params.stop_token`.
 
-    A prompt longer than the context keeps its last tokens (with a warning). When the
-    cache fills up, it is rebuilt from the last three quarters of the context, so long
-    generations go on at a small cost instead of failing.
+    A prompt longer than the context keeps its last context-1 tokens (with a warning).
+    When the cache fills up, it is rebuilt from the last three quarters of the context, so
+    long generations go on at a small cost instead of failing. Past a full context the two
+    paths differ, by design: with the cache, a token sees the tokens since the last refill
+    (3/4 to all of a context); without it (`use_cache=False`), always the last context.
+    An architecture without a cache generates the second way.
     """
     if not prompt_ids:
         raise UsageError("the prompt is empty: give at least one token")
     model.eval()
+    new_cache = models.of(model).new_cache
+    use_cache = use_cache and new_cache is not None
     ctx = model.cfg.context_length
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -90,9 +96,9 @@ def generate_tokens(
     for _ in range(params.max_new_tokens):
         if use_cache:
             if cache is None:
-                cache = KVCache(model.cfg, 1, device, dtype)
-            elif cache.length + pending.size(1) > ctx:  # full: refill from the recent tokens
-                cache = KVCache(model.cfg, 1, device, dtype)
+                cache = new_cache(model, 1, device, dtype)
+            elif cache.length + pending.size(1) > cache.capacity:  # full: refill, recent tokens
+                cache = new_cache(model, 1, device, dtype)
                 pending = torch.tensor([seq[-(3 * ctx // 4) :]], dtype=torch.long, device=device)
             logits, _ = model(pending, cache=cache)
         else:
@@ -106,7 +112,9 @@ def generate_tokens(
         yield token
 
 
-def stream_text(model: GPT, tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
+def stream_text(
+    model: LanguageModel, tokenizer, prompt: str, params: SamplingParams
+) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, as soon as each one is whole.
 
     A byte-level BPE token can end inside a multi-byte character; such a piece is held back
@@ -116,7 +124,9 @@ def stream_text(model: GPT, tokenizer, prompt: str, params: SamplingParams) -> I
     yield from stream_ids(model, tokenizer, ids, params)
 
 
-def stream_ids(model: GPT, tokenizer, ids: list[int], params: SamplingParams) -> Iterator[str]:
+def stream_ids(
+    model: LanguageModel, tokenizer, ids: list[int], params: SamplingParams
+) -> Iterator[str]:
     """`stream_text` for a prompt already encoded (e.g. cut to fit the context)."""
     out: list[int] = []
     shown = ""
@@ -131,6 +141,6 @@ def stream_ids(model: GPT, tokenizer, ids: list[int], params: SamplingParams) ->
         yield rest
 
 
-def complete(model: GPT, tokenizer, prompt: str, params: SamplingParams) -> str:
+def complete(model: LanguageModel, tokenizer, prompt: str, params: SamplingParams) -> str:
     """The whole continuation of `prompt` at once."""
     return "".join(stream_text(model, tokenizer, prompt, params))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lmforge.config import Config
 from lmforge.generation import SamplingParams, stream_ids
-from lmforge.model import GPT
+from lmforge.models import LanguageModel
 from lmforge.tokenizer import eot_id
 
 
@@ -27,7 +27,7 @@ class Loaded:
     uri: str
     version: str
     checkpoint: Path
-    model: GPT
+    model: LanguageModel
     tokenizer: object
     config: Config
 

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from lmforge import models
 from lmforge.checkpoint import (
     FILES,
     CheckpointError,
@@ -19,7 +20,6 @@ from lmforge.checkpoint import (
     seal,
 )
 from lmforge.config import load_config
-from lmforge.model import GPT
 from lmforge.tokenizer import train_tokenizer
 from tests.conftest import REPO
 
@@ -30,7 +30,7 @@ def run_dir(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["model.vocab_size=300"])
     torch.manual_seed(0)
-    model = GPT(cfg.model)
+    model = models.build(cfg.model)
     for step in (5, 10):
         save_servable(tmp_path / "run" / f"checkpoint_{step:08d}", model.state_dict(), cfg,
                       tmp_path / "tokenizer.json", {"step": step})  # fmt: skip
@@ -44,7 +44,7 @@ def sealed_run(tmp_path):
     tok = train_tokenizer(["to be or not to be"] * 5, vocab_size=300)
     tok.save(str(tmp_path / "tokenizer.json"))
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["model.vocab_size=300"])
-    model = GPT(cfg.model)
+    model = models.build(cfg.model)
     run = tmp_path / "run"
     for step in (5, 10):
         rank0, rank1 = tmp_path / f"rank0-{step}", tmp_path / f"rank1-{step}"

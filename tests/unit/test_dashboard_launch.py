@@ -9,10 +9,9 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 from streamlit.testing.v1 import AppTest
 
-from lmforge import paths
+from lmforge import models, paths
 from lmforge.config import Config, load_config
 from lmforge.estimate import estimate, human_bytes
-from lmforge.model import GPT
 from tests.conftest import REPO
 
 APP = str(REPO / "dashboard" / "app.py")
@@ -120,7 +119,7 @@ def test_the_estimate_follows_the_form(app, tmp_path):
     assert by_label(app.selectbox, "Dataset").value == str(tmp_path / "datasets" / "mini")
     mem = {m.label: m.value for m in app.metric}
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["model.vocab_size=512"])
-    n = GPT(cfg.model).num_params(non_embedding=False)  # the model the job would build
+    n = sum(p.numel() for p in models.build(cfg.model).parameters())  # the job's model
     assert mem["Parameters"] == f"{n / 1e6:,.2f} M"
     assert "Memory per worker, ZeRO 2" in mem
     by_label(app.selectbox, "ZeRO stage").set_value(3)

@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
+from lmforge import models
 from lmforge.checkpoint import CheckpointError, save_servable
 from lmforge.config import Config, ModelConfig
 from lmforge.export_hf import export_hf
-from lmforge.model import GPT
 from lmforge.tokenizer import EOT, eot_id, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -33,7 +33,7 @@ def checkpoint(tmp_path):
         )
     )
     torch.manual_seed(0)
-    model = GPT(cfg.model).eval()
+    model = models.build(cfg.model).eval()
     ckpt = tmp_path / "checkpoint_00000001"
     save_servable(ckpt, model.state_dict(), cfg, tmp_path / "tokenizer.json", {"step": 1})
     return ckpt, model, tok

@@ -1,15 +1,32 @@
+import logging
+
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from lmforge.config import ModelConfig
+from lmforge import models
+from lmforge.config import ConfigError, ModelConfig
 from lmforge.generation import SamplingParams, generate_tokens, sample_next
-from lmforge.model import GPT, KVCache
+
+CTX = 32
+SHAPES = [
+    {"n_layer": 2, "n_head": 2, "d_model": 32, "context_length": 32, "vocab_size": 50},
+    {"n_layer": 3, "n_head": 4, "d_model": 64, "context_length": 48, "vocab_size": 301},
+]
 
 
-def tiny(**kw) -> GPT:
+def tiny(**kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, context_length=32, vocab_size=50, **kw)
-    return GPT(cfg).eval()
+    cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, context_length=CTX, vocab_size=50, **kw)
+    return models.build(cfg).eval()
+
+
+def forward_sizes(model) -> list[int]:
+    """The sequence length of every forward call `model` gets from now on."""
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[1]))
+    return sizes
 
 
 def test_shapes_and_loss():
@@ -21,14 +38,35 @@ def test_shapes_and_loss():
     assert abs(loss.item() - torch.log(torch.tensor(50.0)).item()) < 0.5
 
 
-def test_tied_embeddings_and_param_count():
+def test_the_registry_builds_the_configs_architecture():
     model = tiny()
-    assert model.lm_head.weight is model.wte.weight
-    d, v, ctx, L = 32, 50, 32, 2
-    per_block = (
-        2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
-    )
-    assert model.num_params(non_embedding=False) == v * d + ctx * d + L * per_block + 2 * d
+    arch = models.of(model)
+    assert arch is models.get("gpt2") and arch.name == model.cfg.arch == "gpt2"
+    assert "gpt2" in models.names()
+    with pytest.raises(ConfigError, match="model.arch='nope': unknown architecture"):
+        models.get("nope")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_param_count_from_the_config_is_the_built_models(shape):
+    cfg = ModelConfig(**shape)
+    model = models.build(cfg)
+    assert model.lm_head.weight is model.wte.weight  # tied: counted once below
+    assert models.get("gpt2").n_params(cfg) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_flops_per_token_are_what_torch_counts_for_a_training_step(shape):
+    """6N + 12·L·d·T is exactly the matmul FLOPs of forward + backward (the math attention
+    kernel, which the counter sees; biases and LayerNorm are not matmuls)."""
+    cfg = ModelConfig(**shape)
+    model = models.build(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, targets=idx)
+        loss.backward()
+    per_token = counter.get_total_flops() / idx.numel()
+    assert models.get("gpt2").flops_per_token(cfg) == per_token
 
 
 def test_causal_mask_later_tokens_do_not_change_earlier_logits():
@@ -46,20 +84,45 @@ def test_kv_cache_logits_equal_full_recompute():
     model = tiny()
     idx = torch.randint(0, 50, (2, 24))
     full, _ = model(idx)
-    cache = KVCache(model.cfg, 2, "cpu", torch.float32)
+    cache = models.of(model).new_cache(model, 2, "cpu", torch.float32)
     parts = [model(idx[:, :10], cache=cache)[0]]
     parts += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(10, 24)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_generation_equals_full_recompute():
+def windowed_recompute(model, prompt: list[int], params: SamplingParams) -> list[int]:
+    """What generation with the cache promises, without a cache: each token is sampled from
+    a full forward pass over the tokens since the last refill, where a refill (when the
+    next token would not fit the context) keeps the last 3/4 of a context."""
+    generator = torch.Generator().manual_seed(params.seed)
+    seq, start, out = list(prompt), 0, []
+    for _ in range(params.max_new_tokens):
+        if len(seq) - start > CTX:
+            start = len(seq) - 3 * CTX // 4
+        logits, _ = model(torch.tensor([seq[start:]]))
+        token = int(sample_next(logits[:, -1], params, generator))
+        seq.append(token)
+        out.append(token)
+    return out
+
+
+def test_kv_cache_generation_equals_full_recompute_past_the_context():
+    """Within the context the cached and uncached paths agree token for token. Past it they
+    differ by design (the cache refills from the last 3/4 of the context, the uncached path
+    slides one token at a time), so there the cache is checked against a full recompute of
+    the tokens it holds: 5 + 40 tokens go through two refills of a 32-token context."""
     model = tiny()
     params = SamplingParams(max_new_tokens=40, temperature=0.9, top_k=10, top_p=0.9, seed=3)
-    # 5 + 40 tokens exceeds the 32-token context: both paths must slide past it.
-    cached = list(generate_tokens(model, [1, 2, 3, 4, 5], params, use_cache=True))
-    ref = list(generate_tokens(model, [1, 2, 3, 4, 5], params, use_cache=False))
-    assert len(cached) == 40
-    assert cached[:26] == ref[:26]  # identical while the sequence fits the context
+    prompt = [1, 2, 3, 4, 5]
+    sizes = forward_sizes(model)
+    cached = list(generate_tokens(model, prompt, params, use_cache=True))
+    # the prompt, one token a step until the context is full, a refill of 24 tokens and 8
+    # one-token steps that fill it again, the second refill and the last 2 steps
+    assert sizes == [5] + [1] * 27 + [24] + [1] * 8 + [24] + [1] * 2
+    assert cached == windowed_recompute(model, prompt, params)
+    uncached = list(generate_tokens(model, prompt, params, use_cache=False))
+    fits = CTX - len(prompt) + 1  # tokens sampled while prompt + output fit the context
+    assert cached[:fits] == uncached[:fits]
 
 
 def test_greedy_is_deterministic_and_stops_at_stop_token():
@@ -81,9 +144,20 @@ def test_a_prompt_near_the_context_is_used_whole_with_the_cache():
     assert cached == list(generate_tokens(model, prompt, greedy, use_cache=False))
 
 
-def test_long_prompt_is_truncated_not_an_error():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_long_prompt_keeps_its_last_context_minus_one_tokens(use_cache, caplog):
     model = tiny()
-    out = list(generate_tokens(model, list(range(45)), SamplingParams(5, 0)))
+    prompt = [
+        int(t) for t in torch.randint(0, 50, (45,), generator=torch.Generator().manual_seed(1))
+    ]
+    seen: list[list[int]] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0].tolist()))
+    greedy = SamplingParams(5, 0)
+    with caplog.at_level(logging.WARNING, logger="lmforge.generation"):
+        out = list(generate_tokens(model, prompt, greedy, use_cache=use_cache))
+    assert seen[0] == prompt[-(CTX - 1) :]  # the first forward sees the last 31 tokens
+    assert "prompt has 45 tokens; keeping the last 31" in caplog.text
+    assert out == list(generate_tokens(model, prompt[-(CTX - 1) :], greedy, use_cache=use_cache))
     assert len(out) == 5
 
 
@@ -102,13 +176,14 @@ def test_bad_sampling_params_are_refused(bad):
         SamplingParams(**bad)
 
 
-def test_model_imports_no_distributed_code():
+def test_models_import_no_ray_deepspeed_or_mlflow():
     import subprocess
     import sys
 
     code = (
-        "import sys, lmforge.model, lmforge.generation; "
-        "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]; "
+        "import sys, lmforge.models, lmforge.generation; "
+        "[lmforge.models.get(a) for a in lmforge.models.names()]; "
+        "bad = [m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

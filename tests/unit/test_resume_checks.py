@@ -5,11 +5,11 @@ import logging
 import numpy as np
 import pytest
 
+from lmforge import models
 from lmforge.checkpoint import save_servable
 from lmforge.config import ConfigError, load_config
 from lmforge.data.dataset import Dataset
 from lmforge.data.prepare import PrepareOptions, split_and_write
-from lmforge.model import GPT
 from lmforge.tokenizer import train_tokenizer
 from lmforge.training.launch import check_resume_fits
 from tests.conftest import REPO
@@ -33,7 +33,9 @@ def run(tmp_path):
         "dataset": {"tokenizer_sha256": Dataset(tmp_path / "ds").tokenizer_sha256},
     }  # fmt: skip
     ckpt = tmp_path / "r" / "checkpoint_00000005"
-    save_servable(ckpt, GPT(cfg.model).state_dict(), cfg, tmp_path / "tokenizer.json", state)
+    save_servable(
+        ckpt, models.build(cfg.model).state_dict(), cfg, tmp_path / "tokenizer.json", state
+    )
     return cfg, ckpt, overrides
 
 

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
+from lmforge import models
 from lmforge.checkpoint import is_complete, save_servable, seal
 from lmforge.config import load_config
-from lmforge.model import GPT
 from lmforge.tokenizer import train_tokenizer
 from lmforge.tracking import registry, store
 from lmforge.tracking.registry import ModelRef, RegistryError, parse_model_uri
@@ -42,7 +42,7 @@ def checkpoints(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["model.vocab_size=300"])
     torch.manual_seed(0)
-    model = GPT(cfg.model)
+    model = models.build(cfg.model)
     out = []
     for step, val in ((5, 3.0), (10, 2.5), (15, 2.7)):
         d = tmp_path / "run" / f"checkpoint_{step:08d}"

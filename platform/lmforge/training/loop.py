@@ -22,12 +22,11 @@ from typing import Any
 import torch
 
 from lmforge import checkpoint as ckpt_io
-from lmforge import dist, faults, paths
+from lmforge import dist, faults, models, paths
 from lmforge.config import Config, config_from_dict
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
-from lmforge.model import GPT, flops_per_token
-from lmforge.perf import measure_peak_flops
+from lmforge.perf import peak_flops
 from lmforge.training.ds_config import deepspeed_config, lr_factor
 
 WARMUP_STEPS = 3  # left out of the steady-state throughput at the end of a run
@@ -101,12 +100,12 @@ class Trainer:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         torch.manual_seed(cfg.train.seed)  # identical init on every rank
         self.dataset = Dataset(paths.resolve(cfg.data.path))
-        model = GPT(cfg.model)
+        model = models.build(cfg.model)
         if init_from:  # fine-tuning: start from a checkpoint's weights, fresh optimizer
             ckpt_io.load_weights(model, Path(init_from))
             dist.print0(self.info, f"initialised the weights from {init_from}")
-        self.n_params = model.num_params()
-        self.flops_per_token = flops_per_token(cfg.model, self.n_params)
+        self.n_params = models.of(model).n_params(cfg.model)
+        self.flops_per_token = models.of(model).flops_per_token(cfg.model)
         self.engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, cfg.train.weight_decay),
@@ -126,7 +125,7 @@ class Trainer:
         )
         self.step, self.tokens_seen = 0, 0
         self.evals: list[dict[str, float]] = []  # (step, val_loss) history, kept in checkpoints
-        self.peak_flops = measure_peak_flops(self.info.device, t.precision)
+        self.peak = peak_flops(self.info.device, t.precision)  # str(self.peak) says which
         self.tracker = make_tracker(tracking, self.info.is_main, self.n_params)
         self.startup: dict[str, float] = {}  # wall-clock marks, set by train_loop
 
@@ -200,7 +199,7 @@ class Trainer:
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s / self.info.world * self.flops_per_token / self.peak_flops,
+            "mfu": tokens_per_s / self.info.world * self.flops_per_token / self.peak.flops,
             "step_time_s": dt,
             "data_wait_s": wait,  # this worker's time waiting for its next batch
         }
@@ -336,7 +335,7 @@ class Trainer:
         tokens_per_s = self.tokens_per_step / step_time
         return {
             "steady_tokens_per_s": tokens_per_s,
-            "steady_mfu": tokens_per_s / self.info.world * self.flops_per_token / self.peak_flops,
+            "steady_mfu": tokens_per_s / self.info.world * self.flops_per_token / self.peak.flops,
             "data_wait_fraction": sum(m["data_wait_s"] for m in warm)
             / sum(m["step_time_s"] for m in warm),
         }

@@ -1,12 +1,13 @@
-"""A GPT-2-architecture language model, with a KV cache for generation.
+"""GPT-2: the architecture `model.arch: gpt2` builds, with a KV cache for generation.
 
 Pre-LayerNorm blocks, causal multi-head attention through
 `torch.nn.functional.scaled_dot_product_attention`, a tanh-GELU MLP, learned positions,
 tied input/output embeddings, biases everywhere and GPT-2's initialisation, so that the
-weights map one-to-one onto Hugging Face's `GPT2LMHeadModel`.
+weights map one-to-one onto Hugging Face's `GPT2LMHeadModel` (`hf_state_dict`).
 
-This module knows nothing of distribution: no Ray, no DeepSpeed, no torch.distributed.
-The training code wraps it in an engine.
+This module knows nothing of distribution: no Ray, no DeepSpeed, no MLflow, no
+torch.distributed. The training code wraps it in an engine; `ARCH` at the end is what the
+registry in `lmforge.models` hands out.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.models import Architecture
+
+LN_EPS = 1e-5
+
+
+def _vocab(cfg: ModelConfig) -> int:
+    if cfg.vocab_size is None:
+        raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
+    return cfg.vocab_size
 
 
 class KVCache:
@@ -83,9 +93,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=LN_EPS)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=LN_EPS)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
@@ -96,14 +106,12 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wte = nn.Embedding(_vocab(cfg), cfg.d_model)
         self.wpe = nn.Embedding(cfg.context_length, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=LN_EPS)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
@@ -120,10 +128,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())  # tied weights count once
-        return n - self.wpe.weight.numel() if non_embedding else n
 
     def forward(
         self,
@@ -156,6 +160,100 @@ class GPT(nn.Module):
         return logits, loss
 
 
-def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus 12·L·d·T for attention (PaLM, app. B)."""
-    return 6 * n_params + 12 * cfg.n_layer * cfg.d_model * cfg.context_length
+# -- the architecture spec --------------------------------------------------------------------
+def new_cache(model: GPT, batch: int, device, dtype) -> KVCache:
+    return KVCache(model.cfg, batch, device, dtype)
+
+
+def n_params(cfg: ModelConfig) -> int:
+    """Every parameter of `GPT(cfg)`, the tied embedding once and the position table included."""
+    v, d, t, n = _vocab(cfg), cfg.d_model, cfg.context_length, cfg.n_layer
+    block = (
+        2 * 2 * d  # two LayerNorms
+        + 3 * d * d + 3 * d  # qkv
+        + d * d + d  # attention projection
+        + 4 * d * d + 4 * d  # MLP up
+        + 4 * d * d + d  # MLP down
+    )  # fmt: skip
+    return v * d + t * d + n * block + 2 * d  # + ln_f
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token (forward + backward): 6N + 12·L·d·T (PaLM, appendix B).
+
+    N counts the weights of the matrix multiplies: 12·d² per block and the output projection
+    (V·d, tied to the token table but a real matmul). The tables looked up (tokens, positions)
+    do no arithmetic, and biases and LayerNorm gains are elementwise, so neither is in N.
+    12·L·d·T is attention's scores and weighted sum over the full T×T (causality not
+    discounted). tests/unit/test_model.py checks this against torch's FLOP counter.
+    """
+    v, d, t, n = _vocab(cfg), cfg.d_model, cfg.context_length, cfg.n_layer
+    return 6 * (n * 12 * d * d + v * d) + 12 * n * d * t
+
+
+# Hugging Face's GPT-2 keeps OpenAI's `Conv1D`, whose weight is (in, out) where `nn.Linear`'s
+# is (out, in); biases are unchanged. Both split the fused c_attn output into q, k, v in that
+# order, so the mapping is a renaming plus this transpose:
+#
+#     ours                          Hugging Face
+#     wte.weight, wpe.weight        transformer.wte.weight, transformer.wpe.weight
+#     h.{i}.ln_1 / ln_2 / ln_f      transformer.h.{i}.ln_1 / ln_2, transformer.ln_f
+#     h.{i}.attn.c_attn.weight      transformer.h.{i}.attn.c_attn.weight, transposed
+#     h.{i}.attn.c_proj.weight      transformer.h.{i}.attn.c_proj.weight, transposed
+#     h.{i}.mlp.c_fc / c_proj       transformer.h.{i}.mlp.c_fc / c_proj weights, transposed
+#     lm_head.weight                not written: tied to wte (tie_word_embeddings)
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+TIED = ("lm_head.weight",)  # an alias of wte.weight
+
+
+def hf_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our weights under `GPT2LMHeadModel`'s names and layouts (fp32, contiguous, lm_head tied)."""
+    out = {}
+    for name, t in weights.items():
+        if name in TIED:
+            continue
+        if name.endswith(TRANSPOSED):
+            t = t.t()
+        out[f"transformer.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def hf_config(cfg: ModelConfig, eot: int) -> dict:
+    """`config.json` of the equivalent `GPT2LMHeadModel`."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,  # 4 * n_embd, as ours
+        "activation_function": "gelu_new",  # the tanh GELU
+        "layer_norm_epsilon": LN_EPS,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,  # 1/sqrt(head_dim), as scaled_dot_product_attention
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+ARCH = Architecture(
+    name="gpt2",
+    build=GPT,
+    n_params=n_params,
+    flops_per_token=flops_per_token,
+    new_cache=new_cache,
+    tied=TIED,
+    hf_state_dict=hf_state_dict,
+    hf_config=hf_config,
+)

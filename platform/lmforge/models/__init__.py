@@ -1,0 +1,97 @@
+"""The model architectures, one file per `model.arch`, behind one small interface.
+
+    from lmforge import models
+    model = models.build(cfg.model)                   # an nn.Module
+    logits, loss = model(idx, targets)                # (B, T) ids -> (B, T, V), mean CE loss
+    arch = models.get(cfg.model.arch)                 # or models.of(model)
+    cache = arch.new_cache(model, 1, device, dtype)   # arch.new_cache is None: no cache
+    arch.n_params(cfg.model), arch.flops_per_token(cfg.model)
+
+What `build` returns is an `nn.Module` with `cfg` (its `ModelConfig`) and
+`forward(idx, targets=None, cache=None) -> (logits, loss)`: the loss is None without
+targets; with a cache, `idx` continues the cached sequence and the cache advances. A
+cache has `length` (positions it holds) and `capacity` (the most it can hold).
+
+Counting, one definition for every caller (the launch estimate, the trainer's log line
+and MFU, the benchmarks):
+- `n_params`: every parameter the model holds, tied weights once. It is what memory holds,
+  so the ZeRO estimate, the "M params" line and the logged `model.n_params` use it.
+- `flops_per_token`: training FLOPs (forward and backward) of one token, PaLM's convention
+  (Chowdhery et al. 2022, appendix B): 6 × the weights of the matrix multiplies (Kaplan et
+  al. 2020's non-embedding N: lookup tables do no arithmetic; an output projection, tied
+  or not, is a matmul and counts) plus attention's 12·L·d·T. The MFU numerator.
+
+Adding an architecture is a new file `models/<name>.py` that defines `ARCH =
+Architecture(...)` and `<name>` added to `ModelConfig.arch`'s choices; the trainer,
+generation, estimate, checkpoints and export know only this interface, never a name.
+This package imports no Ray, DeepSpeed or MLflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from lmforge.config import ConfigError, ModelConfig
+
+if typing.TYPE_CHECKING:
+    import torch
+
+
+class Cache(Protocol):
+    length: int  # positions held
+    capacity: int  # the most it can hold
+
+
+class LanguageModel(Protocol):
+    """What `build` returns (an `nn.Module`), as generation and the trainer use it."""
+
+    cfg: ModelConfig
+
+    def __call__(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One `model.arch`: how to build it, count it, cache it and map it to Hugging Face."""
+
+    name: str
+    build: Callable[[ModelConfig], Any]  # -> an nn.Module that is a LanguageModel
+    n_params: Callable[[ModelConfig], int]  # every parameter, from the config alone
+    flops_per_token: Callable[[ModelConfig], float]  # training FLOPs of one token
+    # (model, batch, device, dtype) -> a Cache for generation; None: generate without one.
+    new_cache: Callable[[Any, int, Any, Any], Cache] | None = None
+    # State-dict names that alias another weight (tied): not written, not expected on load.
+    tied: tuple[str, ...] = ()
+    # Our state dict -> Hugging Face's names and layouts; None: no transformers equivalent.
+    hf_state_dict: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    hf_config: Callable[[ModelConfig, int], dict] | None = None  # (cfg, eot id) -> config.json
+
+
+def names() -> tuple[str, ...]:
+    """The architectures `model.arch` accepts (the config schema's list)."""
+    return typing.get_args(ModelConfig.model_fields["arch"].annotation)
+
+
+@functools.cache
+def get(arch: str) -> Architecture:
+    """The architecture named `arch`, from `lmforge/models/<arch>.py`."""
+    if arch not in names():
+        raise ConfigError(f"model.arch={arch!r}: unknown architecture (one of {names()})")
+    return importlib.import_module(f"{__name__}.{arch}").ARCH
+
+
+def of(model: LanguageModel) -> Architecture:
+    """The architecture of a built model."""
+    return get(model.cfg.arch)
+
+
+def build(cfg: ModelConfig):
+    """The model `cfg` describes, freshly initialised (seed torch first for a fixed init)."""
+    return get(cfg.arch).build(cfg)
