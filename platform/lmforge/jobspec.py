@@ -203,4 +203,3 @@ def prepare_job(
 def _path_arg(path: str | os.PathLike, key: str) -> str:
     p = str(inside_roots(path, key))
     return safe_token(key, p).split("=", 1)[1]
-
