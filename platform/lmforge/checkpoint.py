@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,60 @@ class CheckpointError(LmforgeError, ValueError):
     """A checkpoint that cannot be used; the message names the dir or file."""
 
 
+@dataclass(frozen=True)
+class DatasetIdentity:
+    """Which dataset a checkpoint was trained on (a resume or fine-tune must match it)."""
+
+    path: str
+    manifest_sha256: str
+    tokenizer_sha256: str
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """`trainer_state.json`: where a run stands. Written by `write_state` (rank 0, once per
+    checkpoint), read by `read_state`; nothing else touches the file or its keys."""
+
+    step: int
+    tokens_seen: int = 0
+    world_size: int = 1
+    data: list[dict[str, Any]] = field(default_factory=list)  # each rank's stream position
+    dataset: DatasetIdentity | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # of the checkpoint's step
+    evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss"} so far
+    sealed: bool = True  # FILES lists every file of the checkpoint (False: older checkpoints)
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.metrics.get("val_loss")
+
+    def to_json(self) -> str:
+        raw = asdict(self)
+        raw["files"] = FILES if raw.pop("sealed") else None
+        return json.dumps(raw, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        raw = json.loads(text)
+        dataset = raw.get("dataset")
+        return cls(
+            step=int(raw["step"]),
+            tokens_seen=int(raw.get("tokens_seen", 0)),
+            world_size=int(raw.get("world_size", 1)),
+            data=list(raw.get("data", [])),
+            dataset=DatasetIdentity(**dataset) if dataset else None,
+            metrics=dict(raw.get("metrics", {})),
+            evals=list(raw.get("evals", [])),
+            sealed=raw.get("files") == FILES,
+        )
+
+
 def save_servable(
     out: Path,
     weights: dict[str, torch.Tensor],
     cfg: Config,
     tokenizer_path: Path,
-    state: dict[str, Any],
+    state: TrainerState,
 ) -> None:
     """Write everything but the engine state; `trainer_state.json` last.
 
@@ -69,7 +118,7 @@ def save_servable(
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "arch": arch.name})
     (out / CONFIG).write_text(cfg.to_yaml())
     shutil.copyfile(tokenizer_path, out / TOKENIZER)
-    (out / STATE).write_text(json.dumps(state, indent=2) + "\n")
+    write_state(out, state)
 
 
 # The classes (besides tensors and plain containers) DeepSpeed 0.19's engine state holds, for
@@ -144,8 +193,8 @@ def incomplete(path: Path) -> str | None:
         return f"{missing[0]} is missing"
     if not (path / FILES).is_file():
         try:
-            sealed = read_state(path).get("files") == FILES
-        except (CheckpointError, AttributeError):
+            sealed = read_state(path).sealed
+        except CheckpointError:
             return f"{STATE} is unreadable"
         # A checkpoint from before FILES existed: its servable files are all it is checked for.
         return f"{FILES}, its list of files, is missing" if sealed else None
@@ -218,11 +267,15 @@ def is_complete(path: Path) -> bool:
     return incomplete(path) is None
 
 
-def read_state(path: Path) -> dict[str, Any]:
+def write_state(path: Path, state: TrainerState) -> None:
+    (path / STATE).write_text(state.to_json())
+
+
+def read_state(path: Path) -> TrainerState:
     try:
-        return json.loads((path / STATE).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path / STATE}: unreadable ({err})") from None
+        return TrainerState.from_json((path / STATE).read_text())
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path / STATE}: unreadable ({first_line(err)})") from None
 
 
 def read_config(path: Path) -> Config:
@@ -236,21 +289,34 @@ def read_config(path: Path) -> Config:
         raise CheckpointError(f"{path / CONFIG}: {err}") from None
 
 
+RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether Ray Train recorded a checkpoint of this run dir (the run can be resumed)."""
+    return (run_dir / RAY_RECORD).is_file()
+
+
 def latest_in_run(run_dir: Path) -> Path | None:
-    """The complete, readable checkpoint with the highest step under a run dir, if any;
-    each incomplete one is skipped with a warning that names it and what is wrong."""
-    steps = {}
-    for p in sorted(run_dir.glob("checkpoint_*")):
-        if not p.is_dir():
-            continue
-        if why := incomplete(p):
-            log.warning("skipping %s: an incomplete checkpoint (%s)", p, why)
-            continue
-        try:
-            steps[p] = int(read_state(p)["step"])
-        except (CheckpointError, KeyError, TypeError, ValueError):
-            log.warning("skipping %s: its %s is unreadable", p, STATE)
-    return max(steps, key=steps.get, default=None)
+    """The run's latest checkpoint by Ray Train's own record: the one Ray restores a
+    restarted worker group from, and the one `--resume`, `generate --checkpoint RUN` and
+    the registry use too. Ray records a checkpoint only once every rank's copy of it
+    finished, so a dir a dying worker left half-copied is never in the record; what is
+    recorded is still checked against its FILES listing. None when Ray recorded none."""
+    if not has_checkpoints(run_dir):
+        return None
+    from ray.train import Result  # Ray's own reader of its record (no cluster needed)
+
+    try:
+        latest = Result.from_path(str(run_dir)).checkpoint
+    except Exception as err:  # Ray raises RuntimeError and its own errors for a bad record
+        raise CheckpointError(f"{run_dir / RAY_RECORD}: unreadable ({first_line(err)})") from None
+    if latest is None:
+        return None
+    path = Path(latest.path)
+    if why := incomplete(path):
+        raise CheckpointError(f"{path}: the run's latest checkpoint is incomplete ({why})")
+    return path
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -265,7 +331,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{p}: an incomplete checkpoint ({why})")
     latest = latest_in_run(p)
     if latest is None:
-        raise CheckpointError(f"{p}: not a complete checkpoint and holds none (no {STATE})")
+        raise CheckpointError(
+            f"{p}: neither a checkpoint dir nor a run dir with a checkpoint (no {STATE}, "
+            f"no {RAY_RECORD})"
+        )
     return latest
 
 

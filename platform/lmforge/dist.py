@@ -89,6 +89,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def all_reduce_mean_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Average a tensor over the workers, in place (one collective whatever its size)."""
+    import torch.distributed as dist
+
+    if info.world > 1:
+        dist.all_reduce(t)
+        t /= info.world
+    return t
+
+
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     import torch.distributed as dist
 

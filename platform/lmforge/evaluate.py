@@ -16,7 +16,6 @@ import torch
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
 from lmforge.errors import LmforgeError
-from lmforge.tokenizer import file_sha256
 
 
 class EvaluationError(LmforgeError, ValueError):
@@ -32,11 +31,7 @@ def evaluate_checkpoint(
     from lmforge.paths import resolve
 
     ds = Dataset(resolve(data))
-    if file_sha256(checkpoint / TOKENIZER) != ds.tokenizer_sha256:
-        raise EvaluationError(
-            f"{ds.path}: prepared with a different tokenizer than {checkpoint}; "
-            f"prepare it with --tokenizer {checkpoint / TOKENIZER}"
-        )
+    ds.require_tokenizer(checkpoint / TOKENIZER, str(checkpoint))
     model, _, cfg = load_model(checkpoint)
     T = cfg.model.context_length
     if ds.tokens("val") < T + 1:

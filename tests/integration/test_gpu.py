@@ -18,5 +18,5 @@ def test_one_gpu_worker_bf16_zero2(ray_cluster, dataset):
                       "train.precision=bf16", "train.max_steps=10", "train.checkpoint_every=10")  # fmt: skip
     result = run_training(cfg)
     state = read_state(result.checkpoint)
-    assert state["step"] == 10
-    assert state["evals"][-1]["val_loss"] < state["evals"][0]["val_loss"]
+    assert state.step == 10
+    assert state.evals[-1]["val_loss"] < state.evals[0]["val_loss"]

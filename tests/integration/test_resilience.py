@@ -75,7 +75,7 @@ def test_killed_workers_are_restarted_and_the_job_finishes(runs):
     # Each restart resumed from checkpoint 4: the half-written checkpoint 8 was never used.
     assert log.count(f"resumed from step {EVERY}") == 2, log[-4000:]
     final = storage / "killed" / f"checkpoint_{STEPS:08d}"
-    assert read_state(final)["step"] == STEPS
+    assert read_state(final).step == STEPS
 
 
 def test_resumed_run_ends_with_the_uninterrupted_weights(runs):
@@ -89,7 +89,7 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(runs):
     assert not all(torch.equal(ref[k], torch.zeros_like(ref[k])) for k in ref)
     # Same data seen: the token count and each worker's stream position agree.
     a, b = read_state(storage / "uninterrupted" / name), read_state(storage / "killed" / name)
-    assert a["tokens_seen"] == b["tokens_seen"] and a["data"] == b["data"]
+    assert a.tokens_seen == b.tokens_seen and a.data == b.data
     assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], abs=1e-5)
 
 
@@ -124,9 +124,9 @@ def test_a_run_resumes_on_another_number_of_workers(runs, ray_cluster, dataset):
     assert f"resumed from step {STEPS}" in log
     before = read_state(storage / "killed" / f"checkpoint_{STEPS:08d}")
     after = read_state(storage / "killed" / f"checkpoint_{STEPS + EVERY:08d}")
-    assert after["world_size"] == 1 and len(after["data"]) == 1
-    assert after["tokens_seen"] == before["tokens_seen"] * (STEPS + EVERY / 2) / STEPS
-    position, last = after["data"][0], max(p["epoch"] for p in before["data"])
+    assert after.world_size == 1 and len(after.data) == 1
+    assert after.tokens_seen == before.tokens_seen * (STEPS + EVERY / 2) / STEPS
+    position, last = after.data[0], max(p["epoch"] for p in before.data)
     assert position["epoch"] > last or (position["epoch"] == last and "pieces" in position)
     losses = [after["metrics"]["loss"], before["metrics"]["loss"]]
     assert all(0 < x < 10 for x in losses), losses  # trains on from the restored state

@@ -1,11 +1,18 @@
 """Training on a real local Ray cluster: 2 Ray Train workers, each a DeepSpeed engine."""
 
 import math
+import shutil
 
 import pytest
 import torch
 
-from lmforge.checkpoint import load_model, read_state
+from lmforge.checkpoint import (
+    CheckpointError,
+    latest_in_run,
+    load_model,
+    read_state,
+    resolve_checkpoint,
+)
 from lmforge.config import ConfigError
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
@@ -34,9 +41,9 @@ def test_zero_stages_1_2_3_learn_and_agree(ray_cluster, dataset):
                           "train.eval_every=10", "train.checkpoint_every=20")  # fmt: skip
         result = run_training(cfg)
         state = read_state(result.checkpoint)
-        assert state["step"] == 20 and result.checkpoint.name == "checkpoint_00000020"
-        assert state["world_size"] == 2 and len(state["data"]) == 2
-        evals = {e["step"]: e["val_loss"] for e in state["evals"]}
+        assert state.step == 20 and result.checkpoint.name == "checkpoint_00000020"
+        assert state.world_size == 2 and len(state.data) == 2
+        evals = {e["step"]: e["val_loss"] for e in state.evals}
         assert sorted(evals) == [0, 10, 20]
         assert evals[0] == pytest.approx(math.log(512), abs=0.3)  # an untrained model
         assert evals[20] < evals[0] - 0.5, f"ZeRO {stage}: val loss did not drop: {evals}"
@@ -56,7 +63,14 @@ def test_zero_stages_1_2_3_learn_and_agree(ray_cluster, dataset):
 def test_resume_continues_at_the_saved_step(ray_cluster, dataset):
     common = ["zero.stage=2", "train.eval_every=100", "train.checkpoint_every=5"]
     first = run_training(tiny_config(dataset, "resumable", "train.max_steps=10", *common))
-    assert read_state(first.checkpoint)["step"] == 10
+    assert read_state(first.checkpoint).step == 10
+    # The latest checkpoint is Ray's record of the run (the one it restores workers from):
+    # a dir a dying worker left half-copied, never recorded, is not it, whatever its step.
+    stray = first.run_dir / "checkpoint_00000099"
+    shutil.copytree(first.checkpoint, stray)
+    (stray / "model.safetensors").write_bytes(b"cut short")
+    assert latest_in_run(first.run_dir) == first.checkpoint == resolve_checkpoint(first.run_dir)
+    shutil.rmtree(stray)
 
     with pytest.raises(ConfigError, match="--resume"):  # the name is taken
         run_training(tiny_config(dataset, "resumable", "train.max_steps=16", *common))
@@ -71,13 +85,18 @@ def test_resume_continues_at_the_saved_step(ray_cluster, dataset):
         tiny_config(dataset, "resumable", "train.max_steps=16", *common), resume=True
     )
     state = read_state(second.checkpoint)
-    assert state["step"] == 16
+    assert state.step == 16
     tokens_per_step = 8 * 2 * 64
-    assert state["tokens_seen"] == 16 * tokens_per_step
+    assert state.tokens_seen == 16 * tokens_per_step
     names = sorted(p.name for p in second.run_dir.glob("checkpoint_*") if p.is_dir())
     assert names == [f"checkpoint_{s:08d}" for s in (5, 10, 15, 16)]
     # Each worker's stream moved on from where the first run stopped, not from the start.
-    before, after = read_state(first.checkpoint)["data"], state["data"]
+    before, after = read_state(first.checkpoint).data, state.data
     assert [a["offset"] - b["offset"] for a, b in zip(after, before, strict=True)] == [
         6 * 8 * 64
     ] * 2
+    # What Ray recorded is still checked against its files.json: damage is named.
+    weights = second.checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{second.checkpoint}: the run's latest checkpoint"):
+        resolve_checkpoint(second.run_dir)

@@ -1,7 +1,6 @@
 """The servable half of a checkpoint: safetensors round trip, and damaged dirs named."""
 
 import json
-import logging
 import shutil
 
 import pytest
@@ -11,13 +10,17 @@ from lmforge import models
 from lmforge.checkpoint import (
     FILES,
     CheckpointError,
+    DatasetIdentity,
+    TrainerState,
     file_sizes,
     incomplete,
     latest_in_run,
     load_model,
+    read_state,
     resolve_checkpoint,
     save_servable,
     seal,
+    write_state,
 )
 from lmforge.config import load_config
 from lmforge.tokenizer import train_tokenizer
@@ -33,7 +36,8 @@ def run_dir(tmp_path):
     model = models.build(cfg.model)
     for step in (5, 10):
         save_servable(tmp_path / "run" / f"checkpoint_{step:08d}", model.state_dict(), cfg,
-                      tmp_path / "tokenizer.json", {"step": step})  # fmt: skip
+                      tmp_path / "tokenizer.json", TrainerState(step=step))  # fmt: skip
+        seal(tmp_path / "run" / f"checkpoint_{step:08d}")
     return tmp_path / "run", model
 
 
@@ -55,7 +59,7 @@ def sealed_run(tmp_path):
         (rank0 / "deepspeed" / "latest").write_text("state")
         others = [file_sizes(rank1)]  # what all_gather_object brings rank 0
         save_servable(rank0, model.state_dict(), cfg, tmp_path / "tokenizer.json",
-                      {"step": step, "files": FILES})  # fmt: skip
+                      TrainerState(step=step))  # fmt: skip
         seal(rank0, others)
         for d in (rank0, rank1):  # what Ray's copy of each rank's dir does
             shutil.copytree(d, run / f"checkpoint_{step:08d}", dirs_exist_ok=True)
@@ -64,27 +68,41 @@ def sealed_run(tmp_path):
 
 def test_weights_round_trip_through_safetensors(run_dir):
     path, model = run_dir
-    loaded, tok, cfg = load_model(path)  # a run dir means its latest checkpoint
+    loaded, tok, cfg = load_model(path / "checkpoint_00000010")
     assert cfg.model.vocab_size == 300
     assert loaded.lm_head.weight is loaded.wte.weight  # still tied after loading
     x = torch.randint(0, 300, (2, 16))
     torch.testing.assert_close(loaded(x)[0], model.eval()(x)[0])
 
 
-def test_latest_skips_incomplete_and_unreadable_checkpoints(run_dir):
+def test_a_dir_without_ray_s_record_is_no_run(run_dir):
+    """Which checkpoint of a run is the latest is Ray Train's record (the one it restores);
+    checkpoint folders alone, with no record, are no run to take a latest from."""
     path, _ = run_dir
-    assert latest_in_run(path).name == "checkpoint_00000010"
-    (path / "checkpoint_00000010" / "trainer_state.json").write_text("{truncated")
-    assert latest_in_run(path).name == "checkpoint_00000005"
-    (path / "checkpoint_00000005" / "trainer_state.json").unlink()  # never finished writing
     assert latest_in_run(path) is None
-    with pytest.raises(CheckpointError, match="holds none"):
+    with pytest.raises(CheckpointError, match="neither a checkpoint dir nor a run dir"):
         load_model(path)
+
+
+def test_trainer_state_round_trips_and_reads_old_files(tmp_path):
+    state = TrainerState(
+        step=7, tokens_seen=700, world_size=2, data=[{"epoch": 0, "offset": 3}] * 2,
+        dataset=DatasetIdentity("/d", "m" * 64, "t" * 64), metrics={"val_loss": 2.5},
+        evals=[{"step": 7, "val_loss": 2.5}],
+    )  # fmt: skip
+    write_state(tmp_path, state)
+    assert read_state(tmp_path) == state and read_state(tmp_path).val_loss == 2.5
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 3, "tokens_seen": 30}))
+    old = read_state(tmp_path)  # written before files.json existed: not sealed
+    assert (old.step, old.world_size, old.sealed, old.val_loss) == (3, 1, False, None)
+    (tmp_path / "trainer_state.json").write_text('{"tokens_seen": 1}')
+    with pytest.raises(CheckpointError, match="trainer_state.json: unreadable"):
+        read_state(tmp_path)
 
 
 def test_a_sealed_checkpoint_lists_every_rank_s_files(sealed_run):
     ckpt = sealed_run / "checkpoint_00000010"
-    assert incomplete(ckpt) is None and latest_in_run(sealed_run) == ckpt
+    assert incomplete(ckpt) is None
     listed = set(json.loads((ckpt / FILES).read_text())["files"])
     assert listed == set(file_sizes(ckpt))  # both ranks' engine files and the servable ones
     assert "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt" in listed
@@ -100,7 +118,7 @@ def test_a_sealed_checkpoint_lists_every_rank_s_files(sealed_run):
         ("truncate-list", "files.json is unreadable"),
     ],
 )
-def test_a_checkpoint_cut_short_is_skipped_with_a_warning(sealed_run, caplog, damage, why):
+def test_a_checkpoint_cut_short_is_named(sealed_run, damage, why):
     """What a worker killed while Ray copies its files into the run dir leaves behind."""
     ckpt = sealed_run / "checkpoint_00000010"
     shard = ckpt / "deepspeed" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -114,12 +132,8 @@ def test_a_checkpoint_cut_short_is_skipped_with_a_warning(sealed_run, caplog, da
         (ckpt / FILES).unlink()
     else:
         (ckpt / FILES).write_text((ckpt / FILES).read_text()[:20])
-    with caplog.at_level(logging.WARNING, logger="lmforge.checkpoint"):
-        assert latest_in_run(sealed_run).name == "checkpoint_00000005"
     assert why in incomplete(ckpt)
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and str(ckpt) in warned[0] and why in warned[0], warned
-    assert resolve_checkpoint(sealed_run).name == "checkpoint_00000005"
+    assert incomplete(sealed_run / "checkpoint_00000005") is None
     with pytest.raises(CheckpointError, match=f"{ckpt}: an incomplete checkpoint"):
         resolve_checkpoint(ckpt)
 
@@ -127,7 +141,8 @@ def test_a_checkpoint_cut_short_is_skipped_with_a_warning(sealed_run, caplog, da
 def test_corrupt_weights_are_named(run_dir):
     path, _ = run_dir
     weights = path / "checkpoint_00000010" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:64])
+    data = weights.read_bytes()  # the same size (files.json agrees), a garbled header
+    weights.write_bytes(b"\xff" * 64 + data[64:])
     with pytest.raises(CheckpointError, match="model.safetensors: not readable"):
         load_model(path / "checkpoint_00000010")
 

@@ -176,7 +176,7 @@ def _one_line(err) -> str:
 def test_truncated_shard_is_named_before_training(tmp_path):
     """The launcher's dataset check reads every shard's footer before Ray starts."""
     from lmforge.config import load_config
-    from lmforge.training.launch import check_dataset
+    from lmforge.training.plan import build_plan
     from tests.conftest import REPO
 
     ds, m, _ = make_dataset(tmp_path / "ds")
@@ -185,7 +185,7 @@ def test_truncated_shard_is_named_before_training(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-200])
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", [f"data.path={ds.path}"])
     with pytest.raises(DatasetError, match=f"{shard}: cannot read it as Parquet") as err:
-        check_dataset(cfg)
+        build_plan(cfg)
     assert "truncated or corrupt shard" in _one_line(err)
 
 

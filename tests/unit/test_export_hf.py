@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmforge import models
-from lmforge.checkpoint import CheckpointError, save_servable
+from lmforge.checkpoint import CheckpointError, TrainerState, save_servable, seal
 from lmforge.config import Config, ModelConfig
 from lmforge.export_hf import export_hf
 from lmforge.tokenizer import EOT, eot_id, train_tokenizer
@@ -35,7 +35,8 @@ def checkpoint(tmp_path):
     torch.manual_seed(0)
     model = models.build(cfg.model).eval()
     ckpt = tmp_path / "checkpoint_00000001"
-    save_servable(ckpt, model.state_dict(), cfg, tmp_path / "tokenizer.json", {"step": 1})
+    save_servable(ckpt, model.state_dict(), cfg, tmp_path / "tokenizer.json", TrainerState(1))
+    seal(ckpt)
     return ckpt, model, tok
 
 

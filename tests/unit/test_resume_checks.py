@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from lmforge import models
-from lmforge.checkpoint import save_servable
+from lmforge.checkpoint import TrainerState, read_state, save_servable, seal
 from lmforge.config import ConfigError, load_config
 from lmforge.data.dataset import Dataset
 from lmforge.data.prepare import PrepareOptions, split_and_write
 from lmforge.tokenizer import train_tokenizer
-from lmforge.training.launch import check_resume_fits
+from lmforge.training.plan import check_resume
 from tests.conftest import REPO
 
 
@@ -28,15 +28,20 @@ def run(tmp_path):
         f"data.path={tmp_path / 'ds'}",
     ]  # fmt: skip
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", overrides)
-    state = {
-        "step": 5, "world_size": cfg.scaling.num_workers, "data": [{}] * cfg.scaling.num_workers,
-        "dataset": {"tokenizer_sha256": Dataset(tmp_path / "ds").tokenizer_sha256},
-    }  # fmt: skip
+    state = TrainerState(
+        step=5, world_size=cfg.scaling.num_workers, data=[{}] * cfg.scaling.num_workers
+    )
     ckpt = tmp_path / "r" / "checkpoint_00000005"
     save_servable(
         ckpt, models.build(cfg.model).state_dict(), cfg, tmp_path / "tokenizer.json", state
     )
+    seal(ckpt)
     return cfg, ckpt, overrides
+
+
+def check(cfg, ckpt):
+    """The launch plan's resume check, on the checkpoint Ray would hand the run."""
+    check_resume(cfg, ckpt, read_state(ckpt), Dataset(cfg.data.path))
 
 
 def test_a_model_that_does_not_fit_the_checkpoint_is_named(run):
@@ -46,7 +51,7 @@ def test_a_model_that_does_not_fit_the_checkpoint_is_named(run):
         REPO / "jobs" / "configs" / "tiny.yaml", [*overrides, f"model.n_layer={n_layer + 1}"]
     )
     with pytest.raises(ConfigError) as err:
-        check_resume_fits(bigger)
+        check(bigger, ckpt)
     msg = str(err.value)
     assert msg.startswith(f"{ckpt}: the config's model does not fit the checkpoint")
     assert f"model.n_layer={n_layer + 1} (checkpoint: {n_layer})" in msg and "\n" not in msg
@@ -56,7 +61,7 @@ def test_another_zero_stage_is_named(run):
     cfg, ckpt, overrides = run
     other = load_config(REPO / "jobs" / "configs" / "tiny.yaml", [*overrides, "zero.stage=3"])
     with pytest.raises(ConfigError, match=f"{ckpt}: saved with zero.stage=2; resume with"):
-        check_resume_fits(other)
+        check(other, ckpt)
 
 
 def test_another_number_of_workers_is_resumed_and_said(run, caplog):
@@ -64,7 +69,7 @@ def test_another_number_of_workers_is_resumed_and_said(run, caplog):
     more = load_config(
         REPO / "jobs" / "configs" / "tiny.yaml", [*overrides, "scaling.num_workers=3"]
     )
-    with caplog.at_level(logging.WARNING, logger="lmforge.training.launch"):
-        check_resume_fits(more)
+    with caplog.at_level(logging.WARNING, logger="lmforge.training.plan"):
+        check(more, ckpt)
     assert f"resuming {ckpt}, saved by 2 workers, on scaling.num_workers=3" in caplog.text
     assert "a step is now 24 sequences (was 16)" in caplog.text

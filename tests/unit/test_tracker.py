@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge import models
-from lmforge.checkpoint import is_complete, save_servable, seal
+from lmforge.checkpoint import DatasetIdentity, TrainerState, is_complete, save_servable, seal
 from lmforge.config import load_config
 from lmforge.tokenizer import train_tokenizer
 from lmforge.tracking import registry, store
@@ -46,11 +46,12 @@ def checkpoints(tmp_path):
     out = []
     for step, val in ((5, 3.0), (10, 2.5), (15, 2.7)):
         d = tmp_path / "run" / f"checkpoint_{step:08d}"
-        state = {
-            "step": step, "tokens_seen": step * 100, "metrics": {"val_loss": val},
-            "dataset": {"manifest_sha256": "m" * 64},
-        }  # fmt: skip
+        state = TrainerState(
+            step=step, tokens_seen=step * 100, metrics={"val_loss": val},
+            dataset=DatasetIdentity("ds", "m" * 64, "t" * 64),
+        )  # fmt: skip
         save_servable(d, model.state_dict(), cfg, tmp_path / "tokenizer.json", state)
+        seal(d)
         out.append((d, state))
     return out
 
@@ -68,7 +69,7 @@ def test_metrics_and_registrations_reach_the_store(tmp_path, checkpoints):
     for step in range(1, 16):
         tracker.log_metrics(step, {"step": step, "loss": 10.0 / step})
     for d, state in checkpoints:
-        tracker.register(tracker.stage(d, state["step"]), d, state)
+        tracker.register(tracker.stage(d, state.step), d, state)
     tracker.close()
     assert tracker.failures == []
     c = store.client(uri)
@@ -100,7 +101,7 @@ def test_a_retried_registration_makes_one_version(tmp_path, checkpoints, monkeyp
     monkeypatch.setattr(registry, "update_aliases", flaky)
     tracker = Tracker(_settings(uri, tmp_path / "run", "flaky"), backoff_s=0.01)
     d, state = checkpoints[0]
-    tracker.register(tracker.stage(d, state["step"]), d, state)
+    tracker.register(tracker.stage(d, state.step), d, state)
     tracker.close()
     assert tracker.failures == [] and len(calls) == 2
     assert len(store.client(uri).search_model_versions("name='flaky'")) == 1
@@ -141,7 +142,7 @@ def test_an_incomplete_checkpoint_is_never_registered(tmp_path, checkpoints):
     (d5, s5), (d10, s10), _ = checkpoints
     for d in (d5, d10):
         seal(d)  # as the training loop lists a checkpoint's files
-    staged = [tracker.stage(d, s["step"]) for d, s in ((d5, s5), (d10, s10))]
+    staged = [tracker.stage(d, s.step) for d, s in ((d5, s5), (d10, s10))]
     assert all(is_complete(s) for s in staged)  # the registered copy lists its own files
     # Ray's copy of checkpoint 10 into the run dir was cut short (a new file: the staged
     # copy holds hard links to the old one).
@@ -169,7 +170,7 @@ def test_a_dead_server_costs_bounded_time_and_raises_nothing(tmp_path, checkpoin
     tracker = Tracker(_settings(f"http://127.0.0.1:{port}", tmp_path / "run"), backoff_s=0.01)
     tracker.log_metrics(1, {"loss": 1.0})
     d, state = checkpoints[0]
-    tracker.register(tracker.stage(d, state["step"]), d, state)
+    tracker.register(tracker.stage(d, state.step), d, state)
     tracker.close(timeout_s=60)
     assert time.monotonic() - t0 < 60
     assert any("could not start the MLflow run" in f for f in tracker.failures)
@@ -178,7 +179,7 @@ def test_a_dead_server_costs_bounded_time_and_raises_nothing(tmp_path, checkpoin
 
 
 def test_tracking_disabled_sends_nothing_to_the_workers():
-    from lmforge.training.launch import tracking_settings
+    from lmforge.tracking import run_setup
 
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["tracking.enabled=false"])
-    assert tracking_settings(cfg, "127.0.0.1:6379", None) is None
+    assert run_setup.settings(cfg, None, REPO, {"t": "1"}) is None

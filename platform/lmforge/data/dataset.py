@@ -111,6 +111,15 @@ class Dataset:
             for i, n in enumerate(shard["row_group_tokens"])
         ]
 
+    def require_tokenizer(self, tokenizer_file: Path, owner: str) -> None:
+        """Refuse a model (`owner`: a checkpoint, a version) whose tokenizer is not this
+        dataset's: a loss over other token ids means nothing."""
+        if file_sha256(tokenizer_file) != self.tokenizer_sha256:
+            raise DatasetError(
+                f"{self.path}: prepared with another tokenizer than {owner}'s; prepare the "
+                f"data with --tokenizer {tokenizer_file}"
+            )
+
 
 def open_shard(path: Path) -> pq.ParquetFile:
     """A shard opened for reading, its page checksums verified as pages are read."""

@@ -250,27 +250,28 @@ def fetch_checkpoint(model_uri: str, tracking_uri: str | None = None) -> Path:
     return cache / ARTIFACT
 
 
-def version_tags(state: dict[str, Any], run_id: str, checkpoint: Path) -> dict[str, str]:
-    m = state.get("metrics", {})
+def version_tags(
+    state: ckpt_io.TrainerState, run_id: str, checkpoint: Path
+) -> dict[str, str]:
     tags = {
-        "step": str(state["step"]),
-        "tokens_seen": str(state["tokens_seen"]),
+        "step": str(state.step),
+        "tokens_seen": str(state.tokens_seen),
         "run_id": run_id,
         "ray_checkpoint_uri": str(checkpoint),
         "run_dir": str(checkpoint.parent),
-        "dataset_manifest_sha256": state["dataset"]["manifest_sha256"],
     }
-    if "val_loss" in m:
-        tags["val_loss"] = f"{m['val_loss']:.6f}"
+    if state.dataset is not None:
+        tags["dataset_manifest_sha256"] = state.dataset.manifest_sha256
+    if state.val_loss is not None:
+        tags["val_loss"] = f"{state.val_loss:.6f}"
     return tags
 
 
-def describe_version(state: dict[str, Any], checkpoint: Path) -> str:
-    m = state.get("metrics", {})
-    val = f"val loss {m['val_loss']:.4f}, " if "val_loss" in m else ""
+def describe_version(state: ckpt_io.TrainerState, checkpoint: Path) -> str:
+    val = f"val loss {state.val_loss:.4f}, " if state.val_loss is not None else ""
     return (
-        f"Step {state['step']} of run {checkpoint.parent.name}: {val}"
-        f"{state['tokens_seen']:,} tokens seen. Resume with "
+        f"Step {state.step} of run {checkpoint.parent.name}: {val}"
+        f"{state.tokens_seen:,} tokens seen. Resume with "
         f"`lmforge train --resume {checkpoint.parent}`."
     )
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import checkpoint as ckpt_io
+from lmforge.checkpoint import TrainerState
 from lmforge.errors import first_line
 from lmforge.tracking import registry, store
 
@@ -85,10 +86,10 @@ class NullTracker:
     def stage(self, checkpoint: Path, step: int) -> None:
         return None
 
-    def register(self, staged: Path | None, checkpoint: Path, state: dict[str, Any]) -> None:
+    def register(self, staged: Path | None, checkpoint: Path, state: TrainerState) -> None:
         pass
 
-    def register_restored(self, checkpoint: Path, state: dict[str, Any]) -> None:
+    def register_restored(self, checkpoint: Path, state: TrainerState) -> None:
         pass
 
     def close(self, status: str = "FINISHED", timeout_s: float = 0.0) -> None:
@@ -146,7 +147,7 @@ class Tracker:
         persists the checkpoint; hard links when the filesystem allows)."""
         return registry.stage_servable(checkpoint, self._stage / f"step-{step}")
 
-    def register(self, staged: Path, checkpoint: Path, state: dict[str, Any]) -> None:
+    def register(self, staged: Path, checkpoint: Path, state: TrainerState) -> None:
         """Queue the registration of the persisted `checkpoint` (its files in `staged`);
         an incomplete one (a copy cut short, see `checkpoint.incomplete`) is never registered."""
         if why := ckpt_io.incomplete(checkpoint):
@@ -164,21 +165,21 @@ class Tracker:
                 self.client, self.run_id, staged, self.s.registered_model, tags,
                 registry.describe_version(state, checkpoint), progress,
             )  # fmt: skip
-            self.registered.append((state["step"], version.version))
+            self.registered.append((state.step, version.version))
             if progress.get("created"):
                 print(
                     f"registered models:/{self.s.registered_model}/{version.version} "
-                    f"(step {state['step']})",
+                    f"(step {state.step})",
                     flush=True,
                 )
             shutil.rmtree(staged.parent, ignore_errors=True)
 
-        self._tasks.put((f"register the checkpoint of step {state['step']}", task))
+        self._tasks.put((f"register the checkpoint of step {state.step}", task))
 
-    def register_restored(self, checkpoint: Path, state: dict[str, Any]) -> None:
+    def register_restored(self, checkpoint: Path, state: TrainerState) -> None:
         """Register the checkpoint a run resumes from unless it has a version already: a job
         that died between `ray.train.report` and the end of its registration left none."""
-        self.register(self.stage(checkpoint, state["step"]), checkpoint, state)
+        self.register(self.stage(checkpoint, state.step), checkpoint, state)
 
     def close(self, status: str = "FINISHED", timeout_s: float = 600.0) -> None:
         """Flush everything (at most `timeout_s`), mark the run ended, report what failed."""

@@ -11,7 +11,9 @@ from typing import Any
 from lmforge.config import Config
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed's config for `cfg` on `world_size` workers. `load_universal`: the engine
+    will load a universal checkpoint (a resume on another number of workers)."""
     t, z = cfg.train, cfg.zero
     offload = z.offload_optimizer != "none"
     zero: dict[str, Any] = {"stage": z.stage}
@@ -43,6 +45,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 1 << 30,  # our own progress lines replace DeepSpeed's
         "wall_clock_breakdown": False,
     }

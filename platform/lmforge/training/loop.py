@@ -1,12 +1,18 @@
 """What each Ray Train worker runs: a DeepSpeed engine over its own share of the data.
 
-`train_loop(loop_config)` is handed to `TorchTrainer`; `loop_config` carries the resolved
-config as a plain dict (nothing is read from globals). Ray has already set up the process
-group (gloo on CPU, NCCL on GPU) when this starts.
+`train_loop(loop_config)` is handed to `TorchTrainer`; `loop_config` (built by the
+launcher from its plan) carries the resolved config as a plain dict: nothing is read from
+globals. Ray has already set up the process group (gloo on CPU, NCCL on GPU).
+
+What a step does besides training (a progress line, an evaluation, a checkpoint, a report
+to Ray) is decided in one place, `due`. The loss and grad norm stay on the device until a
+step is due for something: then every step since the last such one is synced and
+all-reduced at once (one collective), and logged to MLflow step by step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -16,6 +22,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +30,7 @@ import torch
 
 from lmforge import checkpoint as ckpt_io
 from lmforge import dist, faults, models, paths
-from lmforge.config import Config, config_from_dict
+from lmforge.config import Config, TrainConfig, config_from_dict
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
 from lmforge.perf import peak_flops
@@ -78,19 +85,85 @@ def make_tracker(tracking: dict[str, Any] | None, is_main: bool, n_params: int):
     return Tracker(settings)
 
 
+@dataclass(frozen=True)
+class Due:
+    """What one optimizer step is due for, besides training."""
+
+    line: bool  # a progress line in the job log
+    eval: bool  # an evaluation on the val split
+    checkpoint: bool  # a checkpoint (with its report to Ray)
+    report: bool  # a report to Ray without a checkpoint
+    last: bool  # the run's last step: the throughput line too
+
+    @property
+    def anything(self) -> bool:
+        return self.line or self.eval or self.checkpoint or self.report
+
+
+def due(step: int, first_step: int, t: TrainConfig) -> Due:
+    """The one schedule: `step` just finished; `first_step` is where this (re)start began.
+
+    Every checkpoint carries a val loss (the registry's `best` is chosen by it), so a
+    checkpoint step is an eval step. Ray Train's report is a barrier across workers, so it
+    goes out every `log_every` steps and with each evaluation, not every step.
+    """
+    last = step == t.max_steps
+    checkpoint = step % t.checkpoint_every == 0 or last
+    evaluate = step % t.eval_every == 0 or checkpoint
+    return Due(
+        line=step % t.log_every == 0 or step == first_step + 1 or last,
+        eval=evaluate,
+        checkpoint=checkpoint,
+        report=not checkpoint and (step % t.log_every == 0 or evaluate),
+        last=last,
+    )
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint Ray hands a (re)started worker group, read once, before the engine is
+    built (a resume on another number of workers builds it to load a universal checkpoint)."""
+
+    local: Path  # its files, on this worker
+    persisted: Path  # where Ray keeps it: the run dir's checkpoint_NNNNNNNN
+    state: ckpt_io.TrainerState
+
+    @classmethod
+    def open(cls, local: Path, persisted: Path) -> ResumePoint:
+        if why := ckpt_io.incomplete(local):  # Ray records a checkpoint once all ranks copied it
+            raise ckpt_io.CheckpointError(f"{local}: an incomplete checkpoint ({why})")
+        return cls(local, persisted, ckpt_io.read_state(local))
+
+    def resharded(self, world: int) -> bool:
+        """Saved by another number of workers, with per-rank (ZeRO 1-3) engine state."""
+        return self.state.world_size != world and ckpt_io.is_partitioned(self.local)
+
+
+@dataclass
+class _Pending:
+    """One step's numbers, the loss and grad norm still on the device (no host sync)."""
+
+    step: int
+    loss: torch.Tensor  # this worker's mean over the micro-steps
+    grad_norm: Any  # what DeepSpeed returns: a tensor, a float or None
+    lr: float
+    step_time_s: float
+    data_wait_s: float
+
+
 class Trainer:
     """The state of one worker's training run; small methods, one per phase."""
 
     def __init__(
         self,
         cfg: Config,
+        info: dist.DistInfo,
         run_dir: str,
         init_from: str | None = None,
         tracking: dict[str, Any] | None = None,
+        resume: ResumePoint | None = None,
     ) -> None:
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.info = dist.setup(cfg.scaling.use_gpu)
+        self.cfg, self.info, self.run_dir = cfg, info, run_dir
         import deepspeed  # after dist.setup chose the accelerator
 
         # DeepSpeed calls torch.distributed APIs that torch has deprecated; not ours to fix.
@@ -103,13 +176,16 @@ class Trainer:
         model = models.build(cfg.model)
         if init_from:  # fine-tuning: start from a checkpoint's weights, fresh optimizer
             ckpt_io.load_weights(model, Path(init_from))
-            dist.print0(self.info, f"initialised the weights from {init_from}")
-        self.n_params = models.of(model).n_params(cfg.model)
-        self.flops_per_token = models.of(model).flops_per_token(cfg.model)
+            dist.print0(info, f"initialised the weights from {init_from}")
+        arch = models.of(model)
+        self.n_params = arch.n_params(cfg.model)
+        self.flops_per_token = arch.flops_per_token(cfg.model)
         self.engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, cfg.train.weight_decay),
-            config=deepspeed_config(cfg, self.info.world),
+            config=deepspeed_config(
+                cfg, info.world, load_universal=bool(resume and resume.resharded(info.world))
+            ),
             # DeepSpeed steps it at each optimizer step and keeps its state in checkpoints.
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, functools.partial(lr_factor, cfg=cfg)
@@ -118,91 +194,109 @@ class Trainer:
         t = cfg.train
         self.stream = TokenStream(
             self.dataset, "train", cfg.model.context_length, t.micro_batch_size,
-            self.info.rank, self.info.world, seed=t.seed,
+            info.rank, info.world, seed=t.seed,
         )  # fmt: skip
         self.tokens_per_step = (
-            t.micro_batch_size * t.grad_accum_steps * self.info.world * cfg.model.context_length
+            t.micro_batch_size * t.grad_accum_steps * info.world * cfg.model.context_length
         )
         self.step, self.tokens_seen = 0, 0
         self.evals: list[dict[str, float]] = []  # (step, val_loss) history, kept in checkpoints
-        self.peak = peak_flops(self.info.device, t.precision)  # str(self.peak) says which
-        self.tracker = make_tracker(tracking, self.info.is_main, self.n_params)
+        self.pending: list[_Pending] = []  # steps not yet synced to the host
+        self.peak = peak_flops(info.device, t.precision)  # str(self.peak) says which
+        self.tracker = make_tracker(tracking, info.is_main, self.n_params)
         self.startup: dict[str, float] = {}  # wall-clock marks, set by train_loop
 
     # -- resume -----------------------------------------------------------------------
-    def restore(self, checkpoint) -> None:
-        with checkpoint.as_directory() as d:
-            d = Path(d)
-            if why := ckpt_io.incomplete(d):  # Ray records a checkpoint once all ranks copied it
-                raise ckpt_io.CheckpointError(f"{d}: an incomplete checkpoint ({why})")
-            state = ckpt_io.read_state(d)
-            # The launcher checked the model, tokenizer and ZeRO stage before Ray started.
-            ckpt_io.check_engine_state(d)  # DeepSpeed unpickles it: nothing but state, first
-            saved_on = len(state["data"])
-            if saved_on != self.info.world and ckpt_io.is_partitioned(d):
-                self._load_resharded(d)
-            else:
-                self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
-            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-            self.evals = state.get("evals", [])
-            self.stream.resume(state["data"])  # re-dealt when saved_on != world
-            # Rank 0 may have died before this checkpoint's registration finished.
-            self.tracker.register_restored(Path(checkpoint.path), state)
+    def restore(self, resume: ResumePoint) -> None:
+        d, state = resume.local, resume.state
+        # The launcher checked the model, tokenizer and ZeRO stage before Ray started.
+        ckpt_io.check_engine_state(d)  # DeepSpeed unpickles it: nothing but state, first
+        if resume.resharded(self.info.world):
+            self._load_resharded(d)
+        else:
+            self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
+        self.step, self.tokens_seen = state.step, state.tokens_seen
+        self.evals = list(state.evals)
+        self.stream.resume(state.data)  # re-dealt when saved on another number of workers
+        # Rank 0 may have died before this checkpoint's registration finished.
+        self.tracker.register_restored(resume.persisted, state)
         dist.print0(self.info, f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
-        if saved_on != self.info.world:
+        if state.world_size != self.info.world:
             dist.print0(
                 self.info,
-                f"re-sharded: the checkpoint was saved by {saved_on} worker(s), this run has "
-                f"{self.info.world}; the optimizer state is re-partitioned and the unread "
-                f"rest of the epoch dealt to the {self.info.world} worker(s)",
+                f"re-sharded: the checkpoint was saved by {state.world_size} worker(s), this "
+                f"run has {self.info.world}; the optimizer state is re-partitioned and the "
+                f"unread rest of the epoch dealt to the {self.info.world} worker(s)",
             )
 
     def _load_resharded(self, d: Path) -> None:
         """Load a per-rank engine state saved by another number of workers, through
-        DeepSpeed's universal checkpoint of it (rank 0 makes it once, in the run dir)."""
+        DeepSpeed's universal checkpoint of it (rank 0 makes it once, in the run dir); the
+        engine was built with `checkpoint.load_universal` for it (`deepspeed_config`)."""
         out = Path(self.run_dir) / "resharded" / d.name
         if self.info.is_main:
             ckpt_io.to_universal(d, out)
         dist.barrier(self.info)
         ckpt_io.check_engine_files(out / ckpt_io.UNIVERSAL_TAG)  # unpickled too: same check
-        # DeepSpeed reads `checkpoint.load_universal` from its config when it loads.
-        self.engine._config.load_universal_checkpoint = True
-        try:
-            self.engine.load_checkpoint(str(out), tag=ckpt_io.UNIVERSAL_TAG)
-        finally:
-            self.engine._config.load_universal_checkpoint = False
+        self.engine.load_checkpoint(str(out), tag=ckpt_io.UNIVERSAL_TAG)
 
     # -- one optimizer step -----------------------------------------------------------
-    def train_step(self, batches) -> dict[str, float]:
+    def train_step(self, batches) -> None:
+        """One optimizer step; its numbers wait in `pending` (no host sync, no collective)."""
         t0 = time.perf_counter()
         # Dropout's randomness is a function of (seed, rank, step), not of the history of
         # the process: a run resumed at any step draws the masks an uninterrupted run does.
         torch.manual_seed(step_seed(self.cfg.train.seed, self.info.rank, self.step))
         lr = self.engine.get_lr()[0]  # the rate this step uses; the scheduler moves on after it
-        total, wait = 0.0, 0.0
-        for _ in range(self.cfg.train.grad_accum_steps):
+        accum = self.cfg.train.grad_accum_steps
+        total, wait = torch.zeros((), device=self.info.device), 0.0
+        for _ in range(accum):
             t_data = time.perf_counter()
             x, y = next(batches)
             wait += time.perf_counter() - t_data
             _, loss = self.engine(x.to(self.info.device), y.to(self.info.device))
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.item()
-        loss = dist.all_reduce_mean(total / self.cfg.train.grad_accum_steps, self.info)
-        dt = time.perf_counter() - t0
+            total += loss.detach().float()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        tokens_per_s = self.tokens_per_step / dt
-        grad_norm = self.engine.get_global_grad_norm()
-        return {
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s / self.info.world * self.flops_per_token / self.peak.flops,
-            "step_time_s": dt,
-            "data_wait_s": wait,  # this worker's time waiting for its next batch
-        }
+        self.pending.append(
+            _Pending(
+                self.step,
+                total / accum,
+                self.engine.get_global_grad_norm(),
+                lr,
+                time.perf_counter() - t0,
+                wait,
+            )  # fmt: skip
+        )
+
+    def sync(self) -> list[dict[str, float]]:
+        """Every pending step's numbers, averaged over the workers in one collective, and
+        logged to MLflow (rank 0). Collective: every rank calls it at the same steps."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return []
+        losses = dist.all_reduce_mean_(torch.stack([p.loss for p in pending]), self.info)
+        out = []
+        for p, loss in zip(pending, losses.tolist(), strict=True):
+            tokens_per_s = self.tokens_per_step / p.step_time_s
+            m = {
+                "step": p.step,
+                "loss": loss,
+                "lr": p.lr,
+                "grad_norm": float(p.grad_norm) if p.grad_norm is not None else float("nan"),
+                "tokens_per_s": tokens_per_s,
+                "mfu": self.mfu(tokens_per_s),
+                "step_time_s": p.step_time_s,
+                "data_wait_s": p.data_wait_s,  # this worker's time waiting for its next batch
+            }
+            self.tracker.log_metrics(p.step, m)  # queued; never blocks on MLflow
+            out.append(m)
+        return out
+
+    def mfu(self, tokens_per_s: float) -> float:
+        return tokens_per_s / self.info.world * self.flops_per_token / self.peak.flops
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -212,32 +306,27 @@ class Trainer:
             self.info.rank, self.info.world, seed=t.seed, shuffle=False,
         )  # fmt: skip
         self.engine.eval()
-        batches, total = val.batches(), 0.0
+        batches, total = val.batches(), torch.zeros(1, device=self.info.device)
         for _ in range(t.eval_steps):
             x, y = next(batches)
             _, loss = self.engine(x.to(self.info.device), y.to(self.info.device))
-            total += loss.item()
+            total += loss.float()
         self.engine.train()
-        val_loss = dist.all_reduce_mean(total / t.eval_steps, self.info)
+        val_loss = dist.all_reduce_mean_(total / t.eval_steps, self.info).item()
         self.evals.append({"step": self.step, "val_loss": val_loss})
         return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
 
     # -- checkpoint -------------------------------------------------------------------
     def save(self, metrics: dict[str, float]) -> None:
-        """Write a checkpoint, hand it to Ray, then queue its registration (rank 0).
+        """Write a checkpoint, hand it to Ray with `metrics`, then queue its registration
+        (rank 0).
 
-        Every checkpoint carries a val loss (evaluated now if this step had none), which
-        the registry's `best` alias is chosen by. Registration starts only once every rank's
-        `ray.train.report` returned, i.e. the whole checkpoint is persisted in the run dir,
-        and checks that it is complete there (`checkpoint.incomplete`).
+        Registration starts only once every rank's `ray.train.report` returned, i.e. the
+        whole checkpoint is persisted in the run dir, and checks that it is complete there
+        (`checkpoint.incomplete`).
         """
         import ray.train
 
-        if "val_loss" not in metrics:
-            evaluation = self.evaluate()
-            metrics.update(evaluation)
-            dist.print0(self.info, _eval_line(metrics))
-            self._log({"step": self.step, **evaluation})
         tmp = Path(tempfile.mkdtemp(prefix="lmforge-ckpt-"))
         try:
             self.engine.save_checkpoint(str(tmp / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
@@ -249,20 +338,19 @@ class Trainer:
             )
             state, staged = None, None  # written by rank 0 only
             if self.info.is_main:
-                state = {
-                    "step": self.step,
-                    "tokens_seen": self.tokens_seen,
-                    "world_size": self.info.world,
-                    "data": [position for position, _ in ranks],
-                    "dataset": {
-                        "path": str(self.dataset.path),
-                        "manifest_sha256": self.dataset.manifest_sha256,
-                        "tokenizer_sha256": self.dataset.tokenizer_sha256,
-                    },
-                    "metrics": metrics,
-                    "evals": self.evals,
-                    "files": ckpt_io.FILES,
-                }
+                state = ckpt_io.TrainerState(
+                    step=self.step,
+                    tokens_seen=self.tokens_seen,
+                    world_size=self.info.world,
+                    data=[position for position, _ in ranks],
+                    dataset=ckpt_io.DatasetIdentity(
+                        str(self.dataset.path),
+                        self.dataset.manifest_sha256,
+                        self.dataset.tokenizer_sha256,
+                    ),
+                    metrics=dict(metrics),
+                    evals=list(self.evals),
+                )
                 ckpt_io.save_servable(tmp, weights, self.cfg, self.dataset.tokenizer_path, state)
                 ckpt_io.seal(tmp, [files for _, files in ranks[1:]])
                 staged = self.tracker.stage(tmp, self.step)
@@ -283,13 +371,12 @@ class Trainer:
     def fit(self) -> None:
         import ray.train
 
-        t = self.cfg.train
-        p = self.info
+        t, p = self.cfg.train, self.info
         dist.print0(
             p,
             f"training {self.n_params / 1e6:.2f}M params on {p.world} worker(s), ZeRO "
             f"{self.cfg.zero.stage}, {t.precision}, {self.tokens_per_step:,} tokens/step, "
-            f"steps {self.step + 1}..{t.max_steps}",
+            f"steps {self.step + 1}..{t.max_steps}; MFU against {self.peak}",
         )
         if self.step >= t.max_steps:
             dist.print0(p, f"nothing to do: already at step {self.step} of {t.max_steps}")
@@ -297,52 +384,50 @@ class Trainer:
         if self.step == 0:
             metrics = {"step": 0, **self.evaluate()}
             dist.print0(p, _eval_line(metrics))
-            self._log(metrics)
+            self.tracker.log_metrics(0, metrics)
             ray.train.report(metrics)
         batches = self.stream.batches()
         started, first_step = time.perf_counter(), self.step
-        steps: list[dict[str, float]] = []
+        steps: list[dict[str, float]] = []  # of this (re)start, for the steady throughput
         while self.step < t.max_steps:
-            metrics = {"step": self.step + 1, **self.train_step(batches)}
-            self._log(metrics)
-            steps.append(metrics)
+            self.train_step(batches)
             s = self.step
             faults.maybe_kill("step", s, p.rank)
-            last = s == t.max_steps
+            d = due(s, first_step, t)
+            if not d.anything:
+                continue
+            synced = self.sync()
+            steps += synced
+            metrics = dict(synced[-1])  # this step's
             if s == first_step + 1:
                 dist.print0(p, _startup_line(self.startup, time.time()))
-            if s % t.log_every == 0 or s == first_step + 1 or last:
+            if d.line:
                 eta = (time.perf_counter() - started) / (s - first_step) * (t.max_steps - s)
                 dist.print0(p, _step_line(metrics, t.max_steps, eta))
-            if last:
+            if d.last:
                 metrics.update(self.throughput(steps))
                 dist.print0(p, _throughput_line(metrics))
-            if s % t.eval_every == 0 or last:
+            if d.eval:
                 evaluation = self.evaluate()
                 metrics.update(evaluation)
                 dist.print0(p, _eval_line(metrics))
-                self._log({"step": s, **evaluation})
-            if s % t.checkpoint_every == 0 or last:
+                self.tracker.log_metrics(s, evaluation)
+            if d.checkpoint:
                 self.save(metrics)
-            elif s % t.log_every == 0 or "val_loss" in metrics:
+            elif d.report:
                 ray.train.report(metrics)
 
     def throughput(self, steps: list[dict[str, float]]) -> dict[str, float]:
         """Steady-state figures of this (re)start: the median step after a short warm-up
         (the first steps include kernel warm-up and allocator growth)."""
         warm = steps[WARMUP_STEPS:] or steps
-        step_time = statistics.median(m["step_time_s"] for m in warm)
-        tokens_per_s = self.tokens_per_step / step_time
+        tokens_per_s = self.tokens_per_step / statistics.median(m["step_time_s"] for m in warm)
         return {
             "steady_tokens_per_s": tokens_per_s,
-            "steady_mfu": tokens_per_s / self.info.world * self.flops_per_token / self.peak.flops,
+            "steady_mfu": self.mfu(tokens_per_s),
             "data_wait_fraction": sum(m["data_wait_s"] for m in warm)
             / sum(m["step_time_s"] for m in warm),
         }
-
-    def _log(self, metrics: dict[str, float]) -> None:
-        """Every step's numbers to MLflow (rank 0; queued, never blocks on the server)."""
-        self.tracker.log_metrics(int(metrics["step"]), metrics)
 
 
 def _step_line(m: dict[str, float], max_steps: int, eta_s: float) -> str:
@@ -397,20 +482,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     began = time.time()
     _quiet_ray_train_reports()
     cfg = config_from_dict(loop_config["config"])
-    trainer = Trainer(
-        cfg, loop_config["run_dir"], loop_config.get("init_from"), loop_config.get("tracking")
-    )
-    trainer.startup = {
-        "launched": loop_config.get("launched_at", began),
-        "worker_began": began,
-        "engine_ready": time.time(),
-    }
-    status = "FAILED"
+    info = dist.setup(cfg.scaling.use_gpu)
+    checkpoint = ray.train.get_checkpoint()  # set when Ray restarts or resumes the run
+    trainer, status = None, "FAILED"
     try:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            trainer.restore(checkpoint)
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
+            resume = ResumePoint.open(Path(d), Path(checkpoint.path)) if checkpoint else None
+            trainer = Trainer(
+                cfg, info, loop_config["run_dir"], loop_config.get("init_from"),
+                loop_config.get("tracking"), resume,
+            )  # fmt: skip
+            trainer.startup = {
+                "launched": loop_config.get("launched_at", began),
+                "worker_began": began,
+                "engine_ready": time.time(),
+            }
+            if resume is not None:
+                trainer.restore(resume)
         trainer.fit()
         status = "FINISHED"
     finally:
-        trainer.tracker.close(status)
+        if trainer is not None:
+            trainer.tracker.close(status)

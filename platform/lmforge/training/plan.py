@@ -1,0 +1,232 @@
+"""The launch plan: a config resolved once, before Ray starts, into all a run needs.
+
+    plan = build_plan(cfg, resume=False, init_from=None)   # every check; no side effect
+    plan.run_dir, plan.dataset, plan.resume_from, plan.init, plan.config
+
+Everything a user can get wrong is found here and named in one line (`LmforgeError`):
+the run to start or resume, the dataset (opened once: manifest, tokenizer hash, every
+shard's footer, enough tokens for the workers and the context), the checkpoint a resumed
+run continues from (Ray's record of the run; the model, ZeRO stage and tokenizer must fit
+it), the weights a fine-tune starts from (their tokenizer must be the dataset's; the model
+shape comes from them). The plan is immutable; the launcher, the tracking setup and the
+workers read it and never recompute any of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge import checkpoint as ckpt_io
+from lmforge import paths
+from lmforge.config import Config, ConfigError
+from lmforge.data.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+INIT_DIR = "init_from"  # under the run dir: the weights a fine-tune starts from
+
+
+@dataclass(frozen=True)
+class InitSource:
+    """`--init-from`: the source as given, and its checkpoint dir on this machine."""
+
+    uri: str
+    checkpoint: Path
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    config: Config  # run name and storage, data path, vocab, model shape and MLflow URI settled
+    dataset: Dataset
+    run_dir: Path
+    resume_from: Path | None = None  # the checkpoint a resumed run continues from
+    resume_state: ckpt_io.TrainerState | None = None
+    init: InitSource | None = None
+    tags: dict[str, str] | None = None  # MLflow tags known before Ray starts (None: no tracking)
+
+    @property
+    def init_dir(self) -> Path | None:
+        """Where `stage_init` puts the init weights, which every worker reads."""
+        return self.run_dir / INIT_DIR if self.init else None
+
+
+def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = None) -> LaunchPlan:
+    """Check everything that can be checked before Ray starts; the plan, or one line why not."""
+    from lmforge.tracking import run_setup
+
+    if resume and init_from:
+        raise ConfigError("--resume and --init-from exclude each other")
+    run_dir = find_run_dir(cfg, resume_target(resume, cfg.tracking.tracking_uri))
+    dataset = Dataset(paths.resolve(cfg.data.path))
+    dataset.check_shards()  # footers only: a truncated or foreign shard is named before Ray
+    init = init_source(init_from, cfg.tracking.tracking_uri) if init_from else None
+    model = cfg.model
+    if init is not None:
+        dataset.require_tokenizer(init.checkpoint / ckpt_io.TOKENIZER, f"--init-from {init.uri}")
+        model = init_model(cfg, init)
+    check_fits_dataset(cfg.model_copy(update={"model": model}), dataset)
+    cfg = cfg.model_copy(
+        update={
+            "model": model.model_copy(update={"vocab_size": dataset.vocab_size}),
+            # Absolute: every worker reads what the driver checked, whatever its LMFORGE_HOME.
+            "data": cfg.data.model_copy(update={"path": str(dataset.path.resolve())}),
+            "run": cfg.run.model_copy(
+                update={"name": run_dir.name, "storage_path": str(run_dir.parent)}
+            ),
+        }
+    )
+    resume_from = state = None
+    if resume:
+        resume_from = ckpt_io.latest_in_run(run_dir)
+        if resume_from is None:
+            raise ConfigError(f"--resume: {run_dir} has no checkpoint Ray recorded")
+        state = ckpt_io.read_state(resume_from)
+        check_resume(cfg, resume_from, state, dataset)
+    cfg = run_setup.pin_uri(cfg)
+    tags = run_setup.source_tags(dataset, run_dir, init_from) if cfg.tracking.enabled else None
+    return LaunchPlan(cfg, dataset, run_dir, resume_from, state, init, tags)
+
+
+def resume_target(resume: bool | str, tracking_uri: str | None) -> bool | str:
+    """`--resume models:/NAME/VERSION` -> the run dir of the run that registered it."""
+    from lmforge.tracking import registry
+
+    if not (isinstance(resume, str) and registry.is_model_uri(resume)):
+        return resume
+    version = registry.get_version(resume, tracking_uri)
+    run_dir = version.tags.get("run_dir")
+    if not run_dir:
+        raise ConfigError(f"--resume {resume}: the version has no run_dir tag to resume from")
+    log.info("resuming %s: the run that made it, %s", resume, run_dir)
+    return run_dir
+
+
+def storage_dir(cfg: Config) -> Path:
+    if paths.is_uri(cfg.run.storage_path):
+        raise ConfigError(
+            f"run.storage_path={cfg.run.storage_path}: remote storage is not supported yet; "
+            "use a shared filesystem path"
+        )
+    return paths.resolve(cfg.run.storage_path)
+
+
+def find_run_dir(cfg: Config, resume: bool | str) -> Path:
+    """The run dir to start (a new name when unset) or to resume (a run name or run dir,
+    `run.name`, else the newest run in storage); refuses to start over a run with
+    checkpoints or to resume one without."""
+    storage, name = storage_dir(cfg), cfg.run.name
+    if isinstance(resume, str):  # a run name or a run dir
+        p = Path(resume).expanduser()
+        if p.is_dir() and ckpt_io.has_checkpoints(p):
+            storage, name = p.resolve().parent, p.resolve().name
+        else:
+            name = resume
+    elif resume and name is None:
+        runs = sorted(
+            (d for d in storage.glob("*") if ckpt_io.has_checkpoints(d)),
+            key=lambda d: (d / ckpt_io.RAY_RECORD).stat().st_mtime,
+        )
+        if not runs:
+            raise ConfigError(f"--resume: no run with a checkpoint under {storage}")
+        name = runs[-1].name
+    run_dir = storage / (name or time.strftime("run-%Y%m%d-%H%M%S"))
+    has_ckpt = ckpt_io.has_checkpoints(run_dir)
+    if resume and not has_ckpt:
+        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if not resume and has_ckpt:
+        raise ConfigError(
+            f"run.name={run_dir.name}: {run_dir} already has checkpoints; pass --resume to "
+            "continue it, or choose another run.name"
+        )
+    return run_dir
+
+
+def check_fits_dataset(cfg: Config, ds: Dataset) -> None:
+    """The dataset has the model's vocab, a row group per worker, and a window of tokens
+    per worker in train and in val."""
+    if cfg.model.vocab_size not in (None, ds.vocab_size):
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} but the dataset's tokenizer has "
+            f"{ds.vocab_size}; remove model.vocab_size or use a matching dataset"
+        )
+    world, need = cfg.scaling.num_workers, cfg.model.context_length + 1
+    train_units = ds.units("train")
+    if len(train_units) < world:
+        raise ConfigError(
+            f"scaling.num_workers={world}: {ds.path} has only {len(train_units)} train row "
+            "groups to share; prepare it with a smaller --rows-per-group or use fewer workers"
+        )
+    if sum(u.tokens for u in train_units) // world < need:
+        raise ConfigError(f"model.context_length={need - 1}: too long for {ds.path}'s train split")
+    if sum(u.tokens for u in ds.units("val")) < need:
+        raise ConfigError(
+            f"data.path={ds.path}: its val split has fewer than model.context_length+1={need} "
+            "tokens; prepare it with a larger --val-fraction"
+        )
+
+
+def check_resume(cfg: Config, latest: Path, state: ckpt_io.TrainerState, dataset: Dataset) -> None:
+    """A resumed run keeps the model, ZeRO stage and tokenizer of its checkpoint; another
+    number of workers is allowed (the state is re-sharded) and said."""
+    old = ckpt_io.read_config(latest)
+    if old.model != cfg.model:
+        diff = [
+            f"model.{k}={getattr(cfg.model, k)} (checkpoint: {getattr(old.model, k)})"
+            for k in type(cfg.model).model_fields
+            if getattr(cfg.model, k) != getattr(old.model, k)
+        ]
+        raise ConfigError(
+            f"{latest}: the config's model does not fit the checkpoint: {', '.join(diff)}"
+        )
+    if cfg.zero.stage != old.zero.stage:
+        raise ConfigError(
+            f"{latest}: saved with zero.stage={old.zero.stage}; resume with the same value"
+        )
+    dataset.require_tokenizer(latest / ckpt_io.TOKENIZER, f"checkpoint {latest}")
+    if cfg.scaling.num_workers != state.world_size:
+        t = cfg.train
+        log.warning(
+            "resuming %s, saved by %d workers, on scaling.num_workers=%d: the optimizer state "
+            "is re-partitioned, the rest of the epoch re-dealt, and a step is now %d "
+            "sequences (was %d)",
+            latest, state.world_size, cfg.scaling.num_workers,
+            t.micro_batch_size * t.grad_accum_steps * cfg.scaling.num_workers,
+            t.micro_batch_size * t.grad_accum_steps * state.world_size,
+        )  # fmt: skip
+
+
+def init_source(init_from: str, tracking_uri: str | None) -> InitSource:
+    """A registered version (fetched into the local cache) or a checkpoint / run dir."""
+    from lmforge.tracking import registry
+
+    if registry.is_model_uri(init_from):
+        return InitSource(init_from, registry.fetch_checkpoint(init_from, tracking_uri))
+    return InitSource(init_from, ckpt_io.resolve_checkpoint(init_from))
+
+
+def init_model(cfg: Config, init: InitSource):
+    """A fine-tune keeps the architecture of its weights: the model section comes from the
+    checkpoint, but for the dropout of this run."""
+    old = ckpt_io.read_config(init.checkpoint).model
+    if old.model_dump(exclude={"dropout"}) != cfg.model.model_dump(exclude={"dropout"}):
+        log.info("--init-from: the model shape comes from the checkpoint (%s)", old)
+    return old.model_copy(update={"dropout": cfg.model.dropout})
+
+
+def stage_init(plan: LaunchPlan) -> Path | None:
+    """Copy the init weights' servable files under the run dir, where every worker reads
+    them (the registry cache is this machine's only). The one side effect of a plan."""
+    if plan.init is None:
+        return None
+    dst = plan.init_dir
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for name in ckpt_io.SERVABLE:
+        shutil.copyfile(plan.init.checkpoint / name, dst / name)
+    (dst / "SOURCE").write_text(f"{plan.init.uri}\n")
+    return dst
