@@ -160,7 +160,8 @@ class _RunsCode:
 
 
 def test_engine_state_that_would_run_code_is_refused_unopened(tmp_path, monkeypatch):
-    from lmforge.checkpoint import ENGINE_DIR, ENGINE_TAG, check_engine_state
+    from lmforge.checkpoint import ENGINE_DIR, ENGINE_TAG
+    from lmforge.training.engine_state import check_engine_state
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the allowlist imports DeepSpeed classes
     from deepspeed.runtime.fp16.loss_scaler import LossScaler

@@ -34,6 +34,7 @@ from lmforge.config import Config, TrainConfig, config_from_dict
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
 from lmforge.perf import peak_flops
+from lmforge.training import engine_state
 from lmforge.training.ds_config import deepspeed_config, lr_factor
 
 WARMUP_STEPS = 3  # left out of the steady-state throughput at the end of a run
@@ -136,7 +137,7 @@ class ResumePoint:
 
     def resharded(self, world: int) -> bool:
         """Saved by another number of workers, with per-rank (ZeRO 1-3) engine state."""
-        return self.state.world_size != world and ckpt_io.is_partitioned(self.local)
+        return self.state.world_size != world and engine_state.is_partitioned(self.local)
 
 
 @dataclass
@@ -210,7 +211,7 @@ class Trainer:
     def restore(self, resume: ResumePoint) -> None:
         d, state = resume.local, resume.state
         # The launcher checked the model, tokenizer and ZeRO stage before Ray started.
-        ckpt_io.check_engine_state(d)  # DeepSpeed unpickles it: nothing but state, first
+        engine_state.check_engine_state(d)  # DeepSpeed unpickles it: nothing but state, first
         if resume.resharded(self.info.world):
             self._load_resharded(d)
         else:
@@ -235,10 +236,12 @@ class Trainer:
         engine was built with `checkpoint.load_universal` for it (`deepspeed_config`)."""
         out = Path(self.run_dir) / "resharded" / d.name
         if self.info.is_main:
-            ckpt_io.to_universal(d, out)
+            engine_state.to_universal(d, out)
         dist.barrier(self.info)
-        ckpt_io.check_engine_files(out / ckpt_io.UNIVERSAL_TAG)  # unpickled too: same check
-        self.engine.load_checkpoint(str(out), tag=ckpt_io.UNIVERSAL_TAG)
+        engine_state.check_engine_files(
+            out / engine_state.UNIVERSAL_TAG
+        )  # unpickled too: same check
+        self.engine.load_checkpoint(str(out), tag=engine_state.UNIVERSAL_TAG)
 
     # -- one optimizer step -----------------------------------------------------------
     def train_step(self, batches) -> None:
