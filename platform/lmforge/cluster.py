@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,39 @@ def connect() -> str:
     """
     # Ray Train prints each worker line twice unless its print patch is off.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    where = _init()
+    drop_known_noise()
+    return where
+
+
+# Ray Train 2.60's controller starts a PreemptionWatcher actor with max_restarts=-1 and the
+# workers' actor handles as constructor arguments
+# (ray/train/v2/_internal/callbacks/preemption_callback.py), so Ray core logs an ERROR line
+# "Actor with class name: 'PreemptionWatcher' ... has constructor arguments in the object
+# store and max_restarts > 0" for every run (C++ in ray/_raylet.so: core_worker.cc,
+# CoreWorker::CreateActor; ray-project/ray#53727). Nothing is wrong: those handles are the
+# workers', alive as long as the watcher. C++ logs reach no Python logger, so the line is
+# dropped where the driver prints its workers' output: a handler placed before Ray's own
+# "ray_print_logs" on ray/_private/ray_logging's global_worker_stdstream_dispatcher (added
+# by ray.init, ray/_private/worker.py). It stays in Ray's log files; nothing else is dropped.
+KNOWN_NOISE = re.compile(
+    r"Actor with class name: 'PreemptionWatcher' .*has constructor arguments in the object store"
+)
+
+
+def drop_known_noise() -> None:
+    """Leave KNOWN_NOISE out of the worker output this driver prints (idempotent)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def drop(data: dict) -> None:
+        data["lines"] = [ln for ln in data.get("lines", []) if not KNOWN_NOISE.search(ln)]
+
+    with dispatcher._lock:
+        if not any(name == "lmforge_known_noise" for name, _ in dispatcher.handlers):
+            dispatcher.handlers = [("lmforge_known_noise", drop), *dispatcher.handlers]
+
+
+def _init() -> str:
     if "ray" in sys.modules:
         import ray
 

@@ -13,9 +13,11 @@ the alias `latest`: load the newest version as `models:/NAME/latest`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd  # an MLflow dependency
 
 # Sampling parameters the model accepts at predict time, with their defaults. top_k=0 and
 # top_p=1.0 switch those filters off; seed=-1 samples without a fixed seed.
@@ -56,7 +58,12 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     """Loads the checkpoint once; generates with lmforge's own sampler (KV cache).
 
     The model's signature (list of prompts in, list of texts out, sampling params) is
-    given explicitly when logging, rather than by type hints on `predict`.
+    given explicitly when logging (`signature()`). `predict`'s input hint is what MLflow
+    hands it under that signature: a one-column DataFrame, whatever the caller passed. A
+    `list[str]` hint would make MLflow infer the signature from the hints instead and drop
+    the sampling params (it infers params only from an input example, which would generate
+    at every registration); with no hint MLflow warns "Add type hints to the `predict`
+    method" on every import (mlflow/pyfunc/utils/data_validation.py).
     """
 
     def load_context(self, context) -> None:
@@ -64,13 +71,17 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
         self.model, self.tokenizer, self.cfg = load_model(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[str]:
         from lmforge.generation import complete
 
         sp = sampling_params(self.tokenizer, params)
         return [complete(self.model, self.tokenizer, p, sp) for p in _prompts(model_input)]
 
-    def predict_stream(self, context, model_input, params: dict[str, Any] | None = None):
+    def predict_stream(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> Iterator[str]:
         """Text pieces of the first prompt's continuation, as they are generated."""
         from lmforge.generation import stream_text
 

@@ -14,6 +14,7 @@ returns its checkpoint dir, which `checkpoint.load_model` reads like any other.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
@@ -132,7 +133,8 @@ def register_checkpoint(
         else:
             if "model_uri" not in progress:
                 progress["model_uri"] = _log_model(run_id, staged, tags)
-            version = mlflow.register_model(progress["model_uri"], model_name, tags=tags)
+            with _quiet_prints():
+                version = mlflow.register_model(progress["model_uri"], model_name, tags=tags)
             progress["version"], progress["created"] = version.version, True
     client.update_model_version(model_name, progress["version"], description=description)
     update_aliases(client, model_name)
@@ -173,6 +175,47 @@ def _log_model(run_id: str, staged: Path, tags: dict[str, str]) -> str:
             step=int(tags.get("step", 0)),
         )
     return info.model_uri
+
+
+class _ThreadQuietStream:
+    """MLflow's event stream, muted in the threads that ask (`_quiet_prints`)."""
+
+    def __init__(self, stream) -> None:
+        import threading
+
+        self.stream, self.muted = stream, threading.local()
+
+    def write(self, text: str):
+        return None if getattr(self.muted, "on", False) else self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def _quiet_prints():
+    """Mute what MLflow `eprint`s in this thread during the block, nothing else.
+
+    `mlflow.register_model` prints "Registered model 'X' already exists. Creating a new
+    version of this model..." and "Created version 'N'" for every checkpoint
+    (mlflow/tracking/_model_registry/fluent.py `_register_model`), through
+    `mlflow.utils.logging_utils.eprint`, a print to that module's MLFLOW_LOGGING_STREAM,
+    not a logger; lmforge logs "registered models:/X/N" itself. MLflow's warnings and
+    errors (loggers) and other threads' output pass.
+    """
+    from mlflow.utils import logging_utils
+
+    stream = getattr(logging_utils, "MLFLOW_LOGGING_STREAM", None)
+    if stream is None:  # another MLflow layout: print as it does
+        yield
+        return
+    if not isinstance(stream, _ThreadQuietStream):
+        stream = logging_utils.MLFLOW_LOGGING_STREAM = _ThreadQuietStream(stream)
+    stream.muted.on = True
+    try:
+        yield
+    finally:
+        stream.muted.on = False
 
 
 def update_aliases(client, model_name: str) -> None:
