@@ -27,6 +27,7 @@ from lmforge.tracking.store import SERVER, TrackingServerInfo
 
 log = logging.getLogger(__name__)
 
+
 class TrackingServerError(LmforgeError):
     pass
 
