@@ -233,7 +233,8 @@ def describe(info: ClusterInfo) -> str:
         f"Ray head pid {info.pid}\n"
         f"  address (ray.init):       {info.address}\n"
         f"  Jobs API (ray job submit): {info.dashboard_url}\n"
-        f"  submit with: RAY_AUTH_MODE=token ray job submit --address {info.dashboard_url} "
+        "  submit with: lmforge submit --config FILE (the arguments of lmforge train)\n"
+        f"          or: RAY_AUTH_MODE=token ray job submit --address {info.dashboard_url} "
         "--runtime-env cluster/runtime_env.yaml -- python jobs/train.py --config FILE\n"
         f"  log: {info.log_file}"
     )
