@@ -90,7 +90,7 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(runs):
     # Same data seen: the token count and each worker's stream position agree.
     a, b = read_state(storage / "uninterrupted" / name), read_state(storage / "killed" / name)
     assert a.tokens_seen == b.tokens_seen and a.data == b.data
-    assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], abs=1e-5)
+    assert a.metrics["loss"] == pytest.approx(b.metrics["loss"], abs=1e-5)
 
 
 def test_one_metric_history_and_one_version_per_checkpoint(runs):
@@ -128,7 +128,7 @@ def test_a_run_resumes_on_another_number_of_workers(runs, ray_cluster, dataset):
     assert after.tokens_seen == before.tokens_seen * (STEPS + EVERY / 2) / STEPS
     position, last = after.data[0], max(p["epoch"] for p in before.data)
     assert position["epoch"] > last or (position["epoch"] == last and "pieces" in position)
-    losses = [after["metrics"]["loss"], before["metrics"]["loss"]]
+    losses = [after.metrics["loss"], before.metrics["loss"]]
     assert all(0 < x < 10 for x in losses), losses  # trains on from the restored state
     ref = load_file(str(storage / "killed" / f"checkpoint_{STEPS:08d}" / WEIGHTS))
     got = load_file(str(storage / "killed" / f"checkpoint_{STEPS + EVERY:08d}" / WEIGHTS))

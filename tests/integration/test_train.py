@@ -34,9 +34,9 @@ def val_loss_of(model, cfg, dataset) -> float:
     return sum(losses) / len(losses)
 
 
-def test_zero_stages_1_2_3_learn_and_agree(ray_cluster, dataset):
+def test_zero_stages_0_to_3_learn_and_agree(ray_cluster, dataset):
     finals = {}
-    for stage in (1, 2, 3):
+    for stage in (0, 1, 2, 3):
         cfg = tiny_config(dataset, f"zero{stage}", f"zero.stage={stage}", "train.max_steps=20",
                           "train.eval_every=10", "train.checkpoint_every=20")  # fmt: skip
         result = run_training(cfg)
@@ -56,7 +56,8 @@ def test_zero_stages_1_2_3_learn_and_agree(ray_cluster, dataset):
         sample = list(generate_tokens(model, tok.encode("DUKE.").ids, SamplingParams(20, seed=0)))
         assert 0 < len(sample) <= 20 and all(0 <= t < 512 for t in sample)
         finals[stage] = evals[20]
-    # Same seed, same data, fp32: the stages partition state differently, not the math.
+    # Same seed, same data, fp32: the stages partition state differently, not the math
+    # (ZeRO 0 steps torch's AdamW on the module itself; its grad norm is lmforge's own).
     assert max(finals.values()) - min(finals.values()) < 1e-3, finals
 
 

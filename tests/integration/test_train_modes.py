@@ -77,6 +77,9 @@ def test_zero0_bf16_with_grad_accumulation_learns(ray_cluster, dataset):
     assert int(version.tags["tokens_seen"]) == steps * accum * WORKERS * MICRO * CONTEXT
     model, _, saved = load_model(registry.fetch_checkpoint(f"models:/{model_name}@latest"))
     assert (saved.zero.stage, saved.train.precision) == (0, "bf16")
+    # It serves the optimizer's fp32 master weights, not the module's bf16-rounded copy.
+    weights = list(model.state_dict().values())
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in weights)
     # The weights it serves are the trained ones (fp32 recompute vs the engine's bf16 eval).
     assert val_loss_of(model, saved, dataset) == pytest.approx(
         float(version.tags["val_loss"]), abs=0.05

@@ -56,16 +56,48 @@ def consolidated_weights(engine, info: dist.DistInfo) -> dict[str, torch.Tensor]
 
     Under ZeRO 1-3 the fp32 master copy is the truth (in bf16 the module holds rounded
     weights); `safe_get_full_fp32_param` gathers it. Stage 0 has no partitioned master:
-    the module's own weights are the full ones.
+    in fp32 the module's own weights are the full ones, in bf16/fp16 the optimizer's flat
+    fp32 copy is (`_stage0_masters`).
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
+    masters = _stage0_masters(engine)
     out = {}
     for name, p in engine.module.named_parameters():  # tied weights are listed once
         full = safe_get_full_fp32_param(p)
+        if full is None:
+            full = masters.get(id(p), p)
         if info.is_main:
-            out[name] = (p if full is None else full).detach().float().cpu().clone()
+            out[name] = full.detach().float().cpu().clone()
     return out
+
+
+def _stage0_masters(engine) -> dict[int, torch.Tensor]:
+    """id(parameter) -> its fp32 master weight, under ZeRO 0 in bf16/fp16.
+
+    There DeepSpeed wraps the optimizer in its FP16_Optimizer (for bf16 too: "DDP_BFLOAT16"),
+    which keeps one flat fp32 copy per param group (`fp32_groups_flat`, the tensors it steps)
+    beside the module's rounded weights (`fp16_groups`), and links neither through
+    `safe_get_full_fp32_param`. Empty for every other optimizer.
+    """
+    from torch._utils import _unflatten_dense_tensors
+
+    opt = engine.optimizer
+    groups, flats = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups_flat", None)
+    if not groups or not flats:
+        return {}
+    return {
+        id(p): master
+        for params, flat in zip(groups, flats, strict=True)
+        for p, master in zip(params, _unflatten_dense_tensors(flat, params), strict=True)
+    }
+
+
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The global 2-norm of the gradients before clipping, as DeepSpeed reports it for ZeRO
+    1-3 (a device tensor: no host sync)."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -203,6 +235,8 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         self.evals: list[dict[str, float]] = []  # (step, val_loss) history, kept in checkpoints
         self.pending: list[_Pending] = []  # steps not yet synced to the host
+        # ZeRO 0 in fp32 steps a plain torch optimizer: DeepSpeed clips, but keeps no norm.
+        self.own_grad_norm = cfg.zero.stage == 0 and t.precision == "fp32"
         self.peak = peak_flops(info.device, t.precision)  # str(self.peak) says which
         self.tracker = make_tracker(tracking, info.is_main, self.n_params)
         self.startup: dict[str, float] = {}  # wall-clock marks, set by train_loop
@@ -252,26 +286,23 @@ class Trainer:
         torch.manual_seed(step_seed(self.cfg.train.seed, self.info.rank, self.step))
         lr = self.engine.get_lr()[0]  # the rate this step uses; the scheduler moves on after it
         accum = self.cfg.train.grad_accum_steps
-        total, wait = torch.zeros((), device=self.info.device), 0.0
+        total, wait, grad_norm = torch.zeros((), device=self.info.device), 0.0, None
         for _ in range(accum):
             t_data = time.perf_counter()
             x, y = next(batches)
             wait += time.perf_counter() - t_data
             _, loss = self.engine(x.to(self.info.device), y.to(self.info.device))
-            self.engine.backward(loss)
+            self.engine.backward(loss)  # at the boundary: gradients all-reduced, not clipped
+            if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                grad_norm = _grad_norm(self.engine.module)
             self.engine.step()
             total += loss.detach().float()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         self.pending.append(
-            _Pending(
-                self.step,
-                total / accum,
-                self.engine.get_global_grad_norm(),
-                lr,
-                time.perf_counter() - t0,
-                wait,
-            )  # fmt: skip
+            _Pending(self.step, total / accum, grad_norm, lr, time.perf_counter() - t0, wait)
         )
 
     def sync(self) -> list[dict[str, float]]:
