@@ -71,15 +71,6 @@ def duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def failure_line(message: str) -> str:
-    """The line of a failed job's message that says why (lmforge's one-line error, if any)."""
-    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if ": error: " in ln:  # `lmforge train: error: zero.stage: ...`
-            return ln.split(": error: ", 1)[1]
-    return lines[-1] if lines else "no message from Ray"
-
-
 def sidebar() -> None:
     """Where the dashboard points, shown on every page."""
     with st.sidebar:

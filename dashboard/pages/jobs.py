@@ -5,6 +5,7 @@ import streamlit as st
 import ui
 
 from lmforge.errors import LmforgeError
+from lmforge.jobclient import failure_line
 from lmforge.tracking import browse
 
 ICONS = {
@@ -65,7 +66,7 @@ def body() -> None:
         + (f" · {job.message}" if job.message else "")
     )
     if job.status == "FAILED":
-        st.error(f"The job failed: {ui.failure_line(job.message)}")
+        st.error(f"The job failed: {failure_line(job.message)}")
     cols = st.columns([1, 1, 3])
     if not job.finished and job.submission_id and cols[0].button("Stop job", key=f"stop_{sid}"):
         with ui.guard(f"Stopping {sid}"):

@@ -282,7 +282,7 @@ def submit_spec(args):
     )
 
 
-def cmd_submit(args) -> None:
+def cmd_submit(args) -> int:
     from lmforge.jobclient import JobClient
 
     spec = submit_spec(args)
@@ -301,7 +301,7 @@ def cmd_submit(args) -> None:
     )
     if args.no_wait:
         print(again)
-        return
+        return 0
     try:
         for text in client.follow(sid):
             sys.stdout.write(text)
@@ -309,14 +309,15 @@ def cmd_submit(args) -> None:
         status = client.wait(sid, timeout_s=120, poll_s=1)  # the log ends just before
     except KeyboardInterrupt:
         print(f"\nstopped following; job {sid} keeps running\n{again}", file=sys.stderr)
-        raise SystemExit(130) from None
+        return 130
     if status != "SUCCEEDED":
         from lmforge.jobclient import failure_line
 
         why = failure_line(client.job(sid).message)
         print(f"lmforge submit: job {sid} {status}: {why}", file=sys.stderr)
-        raise SystemExit(1)
+        return 1
     print(f"job {sid} SUCCEEDED")
+    return 0
 
 
 def _checkpoint_of(args) -> Path:
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)  # None: done
     except _user_errors() as err:
         if args.verbose:
             traceback.print_exc()
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"lmforge {args.command}: error: {message}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 def _training_failure(err: Exception) -> str | None:

@@ -143,7 +143,7 @@ def fake(monkeypatch):
 
 def test_follows_the_log_to_the_end(fake, capsys):
     jobs = fake()
-    cli.cmd_submit(parse("--address", "http://h:1"))
+    assert cli.cmd_submit(parse("--address", "http://h:1")) == 0
     out = capsys.readouterr().out
     assert out.startswith("submitted job raysubmit_abc to http://h:1 (run run-")
     assert "step 1/2\nstep 2/2\n" in out and out.endswith("job raysubmit_abc SUCCEEDED\n")
@@ -152,18 +152,14 @@ def test_follows_the_log_to_the_end(fake, capsys):
 
 def test_a_failed_job_exits_1_with_its_reason(fake, capsys):
     fake(status="FAILED", message="Job failed\nlmforge train: error: data.path=x: not found")
-    with pytest.raises(SystemExit) as done:
-        cli.cmd_submit(parse())
-    assert done.value.code == 1
+    assert cli.cmd_submit(parse()) == 1
     err = capsys.readouterr().err
     assert err == "lmforge submit: job raysubmit_abc FAILED: data.path=x: not found\n"
 
 
 def test_ctrl_c_detaches_and_leaves_the_job_running(fake, capsys):
     jobs = fake(interrupt=True)
-    with pytest.raises(SystemExit) as done:
-        cli.cmd_submit(parse())
-    assert done.value.code == 130
+    assert cli.cmd_submit(parse()) == 130
     assert jobs.calls == ["submit", "follow"]  # not stopped, not waited for
     err = capsys.readouterr().err
     assert "job raysubmit_abc keeps running" in err
@@ -173,7 +169,7 @@ def test_ctrl_c_detaches_and_leaves_the_job_running(fake, capsys):
 
 def test_no_wait_prints_the_id_and_returns(fake, capsys):
     jobs = fake()
-    cli.cmd_submit(parse("--no-wait"))
+    assert cli.cmd_submit(parse("--no-wait")) == 0
     assert jobs.calls == ["submit"]
     out = capsys.readouterr().out
     assert "submitted job raysubmit_abc" in out and "ray job logs --follow" in out

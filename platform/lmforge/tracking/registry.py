@@ -293,9 +293,7 @@ def fetch_checkpoint(model_uri: str, tracking_uri: str | None = None) -> Path:
     return cache / ARTIFACT
 
 
-def version_tags(
-    state: ckpt_io.TrainerState, run_id: str, checkpoint: Path
-) -> dict[str, str]:
+def version_tags(state: ckpt_io.TrainerState, run_id: str, checkpoint: Path) -> dict[str, str]:
     tags = {
         "step": str(state.step),
         "tokens_seen": str(state.tokens_seen),
