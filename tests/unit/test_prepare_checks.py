@@ -67,16 +67,29 @@ def test_a_zero_length_corpus_is_named_before_ray_starts(tmp_path):
 
 def test_prepare_uses_the_callers_ray_and_starts_none(tmp_path):
     """The library never decides how to connect: without a connected Ray it refuses (Ray
-    Data would otherwise start a Ray of its own, without the cluster's address or token)."""
+    Data would otherwise start a Ray of its own, without the cluster's address or token).
+    In a fresh process: this one may hold the integration tests' connection."""
+    import subprocess
     import sys
 
-    from lmforge.data.prepare import prepare
-
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("to be or not to be")
-    with pytest.raises(RuntimeError, match=r"lmforge\.cluster\.connect\(\)"):
-        prepare([tmp_path / "corpus"], tmp_path / "out", PrepareOptions())
+    script = f"""
+import sys
+from lmforge.data.prepare import PrepareOptions, prepare
+try:
+    prepare([{str(tmp_path / "corpus")!r}], {str(tmp_path / "out")!r}, PrepareOptions())
+except RuntimeError as err:
+    print(err)
+    import ray
+    sys.exit(3 if ray.is_initialized() else 0)
+sys.exit(4)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    assert "lmforge.cluster.connect()" in out.stdout
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tmp").exists()
 
 

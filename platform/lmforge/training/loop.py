@@ -75,21 +75,26 @@ def consolidated_weights(engine, info: dist.DistInfo) -> dict[str, torch.Tensor]
 def _stage0_masters(engine) -> dict[int, torch.Tensor]:
     """id(parameter) -> its fp32 master weight, under ZeRO 0 in bf16/fp16.
 
-    There DeepSpeed wraps the optimizer in its FP16_Optimizer (for bf16 too: "DDP_BFLOAT16"),
-    which keeps one flat fp32 copy per param group (`fp32_groups_flat`, the tensors it steps)
-    beside the module's rounded weights (`fp16_groups`), and links neither through
-    `safe_get_full_fp32_param`. Empty for every other optimizer.
+    There DeepSpeed wraps the optimizer in its FP16 optimizer (for bf16 too: "DDP_BFLOAT16"):
+    `FP16_UnfusedOptimizer` for torch's AdamW (what lmforge uses), `FP16_Optimizer` for a
+    fused Adam. Both step fp32 copies of the module's rounded weights (`fp16_groups`): one
+    tensor per parameter (`fp32_groups`) or one flat tensor per group (`fp32_groups_flat`),
+    which `safe_get_full_fp32_param` does not reach. Empty for every other optimizer.
     """
     from torch._utils import _unflatten_dense_tensors
 
     opt = engine.optimizer
-    groups, flats = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups_flat", None)
-    if not groups or not flats:
+    groups = getattr(opt, "fp16_groups", None)
+    if not groups:
+        return {}
+    if flats := getattr(opt, "fp32_groups_flat", None):
+        masters = [_unflatten_dense_tensors(f, ps) for ps, f in zip(groups, flats, strict=True)]
+    elif not (masters := getattr(opt, "fp32_groups", None)):
         return {}
     return {
         id(p): master
-        for params, flat in zip(groups, flats, strict=True)
-        for p, master in zip(params, _unflatten_dense_tensors(flat, params), strict=True)
+        for params, group in zip(groups, masters, strict=True)
+        for p, master in zip(params, group, strict=True)
     }
 
 
