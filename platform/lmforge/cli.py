@@ -7,6 +7,7 @@
     lmforge generate --model models:/lmforge@best --prompt "ROMEO:"
     lmforge evaluate --model models:/lmforge@best --data datasets/shakespeare
     lmforge export-hf --model models:/lmforge@best --output ./gpt2-hf
+    lmforge import-hf --input ./gpt2-hf --model gpt2   # a transformers folder -> models:/gpt2/1
     lmforge tracking up
     lmforge dashboard                  # http://127.0.0.1:8501
 
@@ -158,6 +159,26 @@ def _add_export_hf(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
 
 
+def _add_import_hf(sub) -> None:
+    p = sub.add_parser(
+        "import-hf",
+        help="register a local Hugging Face model folder as a version of a model",
+        description="Read a transformers folder (config.json, model.safetensors or a sharded "
+        "index, tokenizer.json) of a supported architecture, check it, and register it as a "
+        "new version of the MLflow model NAME, which generate, evaluate, export-hf and "
+        "train --init-from then use like a trained one. Pickled weights are never loaded.",
+    )
+    p.add_argument("--input", required=True, type=Path, metavar="DIR",
+                   help="the Hugging Face model folder (local; nothing is downloaded)")  # fmt: skip
+    p.add_argument("--model", required=True, metavar="NAME",
+                   help="the registered model to add the version to (models:/NAME/N)")  # fmt: skip
+    p.add_argument("--experiment", metavar="NAME",
+                   help="MLflow experiment of the import run (default: the model's NAME)")  # fmt: skip
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow to register in (default: MLFLOW_TRACKING_URI, the server of "
+                   "`lmforge tracking up`, else the SQLite store in LMFORGE_HOME)")  # fmt: skip
+
+
 def _add_tracking(sub) -> None:
     p = sub.add_parser(
         "tracking",
@@ -212,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_evaluate(sub)
     _add_export_hf(sub)
+    _add_import_hf(sub)
     _add_tracking(sub)
     _add_cluster(sub)
     _add_dashboard(sub)
@@ -373,6 +395,13 @@ def cmd_export_hf(args) -> None:
     print(f"wrote a transformers GPT-2 folder: {out}")
 
 
+def cmd_import_hf(args) -> None:
+    from lmforge.import_hf import import_hf
+
+    version = import_hf(args.input, args.model, args.tracking_uri, args.experiment)
+    print(f"registered models:/{args.model}/{version.version}")
+
+
 def cmd_tracking(args) -> None:
     from lmforge.tracking import server
 
@@ -443,6 +472,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "evaluate": cmd_evaluate,
     "export-hf": cmd_export_hf,
+    "import-hf": cmd_import_hf,
     "tracking": cmd_tracking,
     "cluster": cmd_cluster,
     "dashboard": cmd_dashboard,

@@ -2,11 +2,17 @@
 
 Byte-level means every UTF-8 string, in any script, encodes and decodes back exactly;
 no normalizer runs, so nothing is lost. `<|endoftext|>` separates documents.
+
+A tokenizer imported with a Hugging Face model (`lmforge import-hf`) keeps its own end
+token: the `eos_token` of the `tokenizer_config.json` beside its `tokenizer.json`, else
+the first of END_TOKENS it has (`</s>` for Llama 2 and Mistral, `<|end_of_text|>` for
+Llama 3). `eot_id` is that token's id: where generation stops and what separates documents.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,6 +21,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from lmforge.errors import UsageError
 
 EOT = "<|endoftext|>"
+END_TOKENS = (EOT, "<|end_of_text|>", "</s>")  # GPT-2 (and Qwen2), Llama 3, Llama 2 / Mistral
+TOKENIZER_CONFIG = "tokenizer_config.json"  # transformers' file beside tokenizer.json
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -43,13 +51,40 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tok = Tokenizer.from_file(str(p))
     except Exception as err:  # tokenizers raises a bare Exception on bad JSON
         raise UsageError(f"{p}: not a Hugging Face tokenizer.json ({err})") from None
-    if tok.token_to_id(EOT) is None:
-        raise UsageError(f"{p}: tokenizer has no {EOT} token")
+    eos = configured_eos(p.parent / TOKENIZER_CONFIG)
+    if eos is not None:
+        if tok.token_to_id(eos) is None:
+            raise UsageError(f"{p.parent / TOKENIZER_CONFIG}: eos_token {eos!r} is not in {p}")
+        tok._lmforge_eos = eos  # read by eot_id
+    elif eot_id(tok) is None:
+        raise UsageError(f"{p}: tokenizer has no end-of-text token (one of {END_TOKENS})")
     return tok
 
 
-def eot_id(tok: Tokenizer) -> int:
-    return tok.token_to_id(EOT)
+def configured_eos(tokenizer_config: Path) -> str | None:
+    """The `eos_token` a transformers `tokenizer_config.json` names, if the file is there."""
+    if not tokenizer_config.is_file():
+        return None
+    try:
+        eos = json.loads(tokenizer_config.read_text()).get("eos_token")
+    except (ValueError, AttributeError) as err:
+        raise UsageError(f"{tokenizer_config}: not a JSON object ({err})") from None
+    if isinstance(eos, dict):  # {"content": "</s>", ...}, an AddedToken
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
+
+
+def eot_token(tok: Tokenizer) -> str | None:
+    """The end-of-text token: `load_tokenizer`'s eos_token, else the first of END_TOKENS."""
+    configured = getattr(tok, "_lmforge_eos", None)
+    if configured is not None:
+        return configured
+    return next((t for t in END_TOKENS if tok.token_to_id(t) is not None), None)
+
+
+def eot_id(tok: Tokenizer) -> int | None:
+    token = eot_token(tok)
+    return None if token is None else tok.token_to_id(token)
 
 
 def file_sha256(path: str | Path) -> str:

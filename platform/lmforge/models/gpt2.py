@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.config import ConfigError, ModelConfig
 from lmforge.models import Architecture
 
 LN_EPS = 1e-5
@@ -206,7 +206,7 @@ TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "ml
 TIED = ("lm_head.weight",)  # an alias of wte.weight
 
 
-def hf_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our weights under `GPT2LMHeadModel`'s names and layouts (fp32, contiguous, lm_head tied)."""
     out = {}
     for name, t in weights.items():
@@ -247,13 +247,57 @@ def hf_config(cfg: ModelConfig, eot: int) -> dict:
     }
 
 
+# config.json keys our model fixes -> (transformers' default when the key is absent, the
+# value we need); `from_hf` refuses any other value.
+HF_FIXED = {
+    "activation_function": ("gelu_new", "gelu_new"),  # the tanh GELU of MLP.forward
+    "layer_norm_epsilon": (1e-5, LN_EPS),
+    "scale_attn_weights": (True, True),  # 1/sqrt(head_dim), as scaled_dot_product_attention
+    "scale_attn_by_inverse_layer_idx": (False, False),
+    "reorder_and_upcast_attn": (False, False),
+    "tie_word_embeddings": (True, True),  # lm_head is wte
+}
+HF_SIZES = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_layer": "n_layer",
+            "n_head": "n_head", "n_embd": "d_model"}  # fmt: skip
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the causal mask some files hold: not weights
+
+
+def from_hf(config: dict, weights: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`GPT2LMHeadModel`'s config.json and weights -> (ModelConfig fields, our state dict):
+    the inverse of `hf_config` and `hf_state_dict`. What our model cannot reproduce exactly
+    is refused with a ConfigError naming the config.json key."""
+    for key, (default, ours) in HF_FIXED.items():
+        value = config.get(key, default)
+        if value != ours:
+            raise ConfigError(f"config.json {key}={value!r}: lmforge's gpt2 supports only {ours!r}")
+    missing = [k for k in HF_SIZES if not isinstance(config.get(k), int)]
+    if missing:
+        raise ConfigError(f"config.json {missing[0]}: missing or not an integer")
+    fields = {"arch": "gpt2", **{ours: config[key] for key, ours in HF_SIZES.items()}}
+    inner = config.get("n_inner")
+    if inner not in (None, 4 * config["n_embd"]):
+        raise ConfigError(
+            f"config.json n_inner={inner}: lmforge's gpt2 has an MLP of 4 * n_embd="
+            f"{4 * config['n_embd']} (or null)"
+        )
+    ours = {}
+    for name, t in weights.items():
+        name = name.removeprefix("transformer.")  # the original GPT-2 files have no prefix
+        if name.endswith(HF_BUFFERS) or name in TIED:  # lm_head is wte (tie_word_embeddings)
+            continue
+        ours[name] = t.t().contiguous() if name.endswith(TRANSPOSED) else t
+    return fields, ours
+
+
 ARCH = Architecture(
     name="gpt2",
     build=GPT,
     n_params=n_params,
     flops_per_token=flops_per_token,
     new_cache=new_cache,
-    tied=TIED,
+    tied=lambda cfg: TIED,
     hf_state_dict=hf_state_dict,
     hf_config=hf_config,
+    hf_architectures=("GPT2LMHeadModel",),
+    from_hf=from_hf,
 )

@@ -3,7 +3,8 @@
 A version is logged as a pyfunc model (see `pyfunc_model.py`) whose artifact `checkpoint`
 holds the servable files of the checkpoint; its tags say where it came from:
 
-    step, tokens_seen, val_loss, run_id, ray_checkpoint_uri, run_dir, dataset_manifest_sha256
+    step, tokens_seen, val_loss, run_id, ray_checkpoint_uri, run_dir, dataset_manifest_sha256,
+    parent (a fine-tune's --init-from)
 
 Aliases: `best` is the version with the lowest val loss; `latest` is the newest version
 (MLflow reserves that alias and resolves `models:/NAME/latest` itself; lmforge accepts
@@ -305,6 +306,10 @@ def version_tags(state: ckpt_io.TrainerState, run_id: str, checkpoint: Path) -> 
         tags["dataset_manifest_sha256"] = state.dataset.manifest_sha256
     if state.val_loss is not None:
         tags["val_loss"] = f"{state.val_loss:.6f}"
+    # A fine-tune's run dir says what it started from (training.plan.stage_init writes it).
+    init_source = checkpoint.parent / "init_from" / "SOURCE"
+    if init_source.is_file():
+        tags["parent"] = init_source.read_text().strip()
     return tags
 
 
