@@ -8,6 +8,7 @@ import streamlit as st
 import ui
 
 from lmforge import jobspec, launch_form, paths
+from lmforge.config import ARCH_SETTINGS
 from lmforge.data.dataset import Dataset
 from lmforge.estimate import estimate, human_bytes
 
@@ -89,6 +90,24 @@ def number(key: str, label: str, **kwargs):
     field(key, st.number_input, label, min_value=f.min, max_value=f.max, value=value, **kwargs)
 
 
+def optional_number(key: str, label: str, **kwargs):
+    """A number input for a setting that may stay unset (the architecture's default)."""
+    f, value = launch_form.form_field(key), start(key)
+    value = None if value is None else f.type(value)
+    placeholder = "the architecture's default"
+    field(key, st.number_input, label, min_value=f.min, max_value=f.max, value=value,
+          placeholder=placeholder, **kwargs)  # fmt: skip
+
+
+# The settings only some architectures have (config.ARCH_SETTINGS), shown for the chosen one.
+ARCH_FIELDS = {
+    "n_kv_head": ("Key/value heads", {}),
+    "ffn_hidden": ("MLP width", {}),
+    "rope_theta": ("RoPE base", {"format": "%.0f"}),
+    "norm_eps": ("Norm epsilon", {"format": "%.1e"}),
+}
+
+
 def choice(key: str, label: str):
     """A select box of the values the schema allows for `key` (a Literal, or an int range)."""
     f = launch_form.form_field(key)
@@ -99,10 +118,24 @@ def choice(key: str, label: str):
 left, mid, right = st.columns(3)
 with left:
     st.subheader("Model")
+    choice("model.arch", "Architecture")
+    arch = fields["model.arch"]
+    own = ARCH_SETTINGS[arch]
     number("model.n_layer", "Layers")
-    number("model.n_head", "Heads")
+    if arch != "lstm":  # a recurrent model has no heads
+        number("model.n_head", "Heads")
     number("model.d_model", "Width (d_model)")
     number("model.context_length", "Context")
+    for key, (label, kwargs) in ARCH_FIELDS.items():
+        if key in own:
+            optional_number(f"model.{key}", label, **kwargs)
+    if "tie_embeddings" in own:
+        tied = start("model.tie_embeddings")
+        field("model.tie_embeddings", st.toggle, "Tie input and output embeddings",
+              value=True if tied is None else tied)  # fmt: skip
+    # Another architecture's settings in the base (a preset, a version) do not carry over.
+    others = set().union(*ARCH_SETTINGS.values()) - own
+    base = {**base, "model": {k: v for k, v in base.get("model", {}).items() if k not in others}}
     st.subheader("Data")
     data_default = str(paths.resolve(start("data.path")))
     if st.session_state.get("f_data.path") not in datasets:  # new or vanished datasets

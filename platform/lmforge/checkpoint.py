@@ -113,7 +113,7 @@ def save_servable(
     tensors = {
         k: v.detach().to("cpu", torch.float32).contiguous()
         for k, v in weights.items()
-        if k not in arch.tied
+        if k not in arch.tied(cfg.model)
     }
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "arch": arch.name})
     (out / CONFIG).write_text(cfg.to_yaml())
@@ -262,7 +262,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path, device: str | torch.device 
     except Exception as err:  # safetensors raises its own SafetensorError
         raise CheckpointError(f"{ckpt / WEIGHTS}: not readable safetensors ({err})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k not in models.of(model).tied]
+    missing = [k for k in missing if k not in models.of(model).tied(model.cfg)]
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt / WEIGHTS}: does not fit the config (missing {missing[:3]}, "

@@ -69,7 +69,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, overwrite: bool = Fals
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed export of this pid
     tmp.mkdir(parents=True)
     try:
-        weights = arch.hf_state_dict(model.state_dict())
+        weights = arch.hf_state_dict(cfg.model, model.state_dict())
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         files = {
             "config.json": arch.hf_config(cfg.model, eot),

@@ -178,3 +178,26 @@ def test_pages_say_when_mlflow_or_ray_is_down(app, monkeypatch):
         assert not app.exception, (page, app.exception)
         (err,) = [e.value for e in app.error]
         assert "127.0.0.1:9" in err, (page, err)
+
+
+def test_the_form_shows_the_settings_of_the_chosen_architecture(app):
+    labels = {w.label for w in app.number_input}
+    assert "Heads" in labels and "Key/value heads" not in labels  # gpt2: no such settings
+    by_label(app.selectbox, "Architecture").set_value("llama")
+    app.run()
+    assert not app.exception, app.exception
+    assert {"Key/value heads", "MLP width", "RoPE base", "Norm epsilon"} <= {
+        w.label for w in app.number_input
+    }
+    assert by_label(app.number_input, "Key/value heads").value is None  # the arch's default
+    by_label(app.number_input, "Heads").set_value(4)
+    by_label(app.number_input, "Key/value heads").set_value(3)
+    app.run()
+    errors = [e.value for e in app.error]
+    assert any("model.n_kv_head=3 does not divide model.n_head=4" in e for e in errors), errors
+    by_label(app.selectbox, "Architecture").set_value("lstm")
+    app.run()
+    assert not app.exception, app.exception
+    labels = {w.label for w in app.number_input}
+    assert "Heads" not in labels and "Key/value heads" not in labels
+    assert not [e.value for e in app.error if "n_kv_head" in e.value]  # not carried over

@@ -67,11 +67,27 @@ class Architecture:
     flops_per_token: Callable[[ModelConfig], float]  # training FLOPs of one token
     # (model, batch, device, dtype) -> a Cache for generation; None: generate without one.
     new_cache: Callable[[Any, int, Any, Any], Cache] | None = None
-    # State-dict names that alias another weight (tied): not written, not expected on load.
-    tied: tuple[str, ...] = ()
+    # cfg -> the state-dict names that alias another weight (tied): not written, not
+    # expected on load.
+    tied: Callable[[ModelConfig], tuple[str, ...]] = lambda cfg: ()
     # Our state dict -> Hugging Face's names and layouts; None: no transformers equivalent.
-    hf_state_dict: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-    hf_config: Callable[[ModelConfig, int], dict] | None = None  # (cfg, eot id) -> config.json
+    # (cfg, state dict) -> HF state dict; (cfg, eot id) -> config.json.
+    hf_state_dict: (
+        Callable[[ModelConfig, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None
+    ) = None
+    hf_config: Callable[[ModelConfig, int], dict] | None = None
+    # Hugging Face -> ours (`lmforge import-hf`): the config.json `architectures` entries
+    # this maps exactly, and (config.json, HF state dict) -> (the ModelConfig fields it
+    # sets, vocab_size and context_length included; our state dict). It raises ConfigError,
+    # naming the key, for a config it cannot map exactly.
+    hf_architectures: tuple[str, ...] = ()
+    from_hf: (
+        Callable[
+            [dict[str, Any], dict[str, torch.Tensor]],
+            tuple[dict[str, Any], dict[str, torch.Tensor]],
+        ]
+        | None
+    ) = None
 
 
 def names() -> tuple[str, ...]:
