@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from lmforge import models
 from lmforge.checkpoint import TOKENIZER, load_model, resolve_checkpoint
 from lmforge.errors import UsageError
-from lmforge.tokenizer import EOT, eot_id
+from lmforge.tokenizer import eot_id, eot_token
 
 
 def tokenizer_files(eot_text: str, context_length: int) -> dict[str, dict]:
@@ -74,7 +74,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, overwrite: bool = Fals
         files = {
             "config.json": arch.hf_config(cfg.model, eot),
             "generation_config.json": {"bos_token_id": eot, "eos_token_id": eot},
-            **tokenizer_files(EOT, cfg.model.context_length),
+            **tokenizer_files(eot_token(tok), cfg.model.context_length),
         }
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
