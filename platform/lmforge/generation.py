@@ -69,7 +69,9 @@ def generate_tokens(
 ) -> Iterator[int]:
     """Yield new token ids one at a time (batch 1), stopping at `params.stop_token`.
 
-    A prompt longer than the context keeps its last context-1 tokens (with a warning).
+    A prompt longer than the window keeps its last window-1 tokens (with a warning); the
+    window is the cache's capacity (the context for a KV cache, unbounded for a recurrent
+    state, which takes any prompt whole and is never refilled), or the context without one.
     When the cache fills up, it is rebuilt from the last three quarters of the context, so
     long generations go on at a small cost instead of failing. Past a full context the two
     paths differ, by design: with the cache, a token sees the tokens since the last refill
@@ -84,20 +86,20 @@ def generate_tokens(
     ctx = model.cfg.context_length
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    if len(prompt_ids) > ctx - 1:
-        log.warning("prompt has %d tokens; keeping the last %d (context)", len(prompt_ids), ctx - 1)
-        prompt_ids = prompt_ids[-(ctx - 1) :]
+    cache = new_cache(model, 1, device, dtype) if use_cache else None
+    window = cache.capacity if cache is not None else ctx  # the most tokens one pass sees
+    if len(prompt_ids) > window - 1:
+        keep = int(window - 1)
+        log.warning("prompt has %d tokens; keeping the last %d (context)", len(prompt_ids), keep)
+        prompt_ids = prompt_ids[-keep:]
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     seq = list(prompt_ids)
-    cache = None
     pending = torch.tensor([seq], dtype=torch.long, device=device)
     for _ in range(params.max_new_tokens):
         if use_cache:
-            if cache is None:
-                cache = new_cache(model, 1, device, dtype)
-            elif cache.length + pending.size(1) > cache.capacity:  # full: refill, recent tokens
+            if cache.length + pending.size(1) > cache.capacity:  # full: refill, recent tokens
                 cache = new_cache(model, 1, device, dtype)
                 pending = torch.tensor([seq[-(3 * ctx // 4) :]], dtype=torch.long, device=device)
             logits, _ = model(pending, cache=cache)

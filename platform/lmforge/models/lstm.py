@@ -1,0 +1,136 @@
+"""LSTM: the recurrent language model `model.arch: lstm` builds, the baseline Transformers replaced.
+
+Token embedding (d_model) -> n_layer `torch.nn.LSTM` layers (hidden size d_model, dropout
+between layers) -> dropout -> linear head, tied to the embedding unless
+`model.tie_embeddings: false` (Press & Wolf 2017; Zaremba et al. 2014 for the dropout on the
+non-recurrent connections). No positions: order lives in the recurrent state.
+
+Generation carries that state `(h, c)` from call to call (`LSTMState`, the "cache" of the
+models interface): feeding a sequence in pieces gives the logits of feeding it whole (to
+float rounding), and there is no context limit: `capacity` is infinite and a prompt is fed
+whole. How well it continues past `context_length` (the longest it was trained on) is another
+matter.
+
+No Hugging Face equivalent (transformers has no LSTM LM): `lmforge export-hf` refuses it.
+It trains under every ZeRO stage, 3 included: nn.LSTM's flat-weights list holds the very
+Parameter objects ZeRO 3 empties and gathers back around each forward (tests/unit/test_lstm.py
+and tests/integration/test_lstm_train.py run it on CPU). On CUDA, cuDNN would find gathered
+weights outside one contiguous buffer and copy them at each call (a warning, a slowdown);
+not measured yet.
+This module knows nothing of distribution: no Ray, DeepSpeed, MLflow or torch.distributed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.models import Architecture
+
+
+def _vocab(cfg: ModelConfig) -> int:
+    if cfg.vocab_size is None:
+        raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
+    return cfg.vocab_size
+
+
+def _tied(cfg: ModelConfig) -> bool:
+    return cfg.tie_embeddings is not False  # None: the default, tied
+
+
+class LSTMState:
+    """The recurrent state of every layer for a batch: what generation carries across calls."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, device, dtype) -> None:
+        shape = (cfg.n_layer, batch, cfg.d_model)
+        self.h = torch.zeros(shape, device=device, dtype=dtype)
+        self.c = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens consumed so far
+        self.capacity = math.inf  # a state never fills up: generation never refills it
+
+
+class LSTMLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.wte = nn.Embedding(_vocab(cfg), d)
+        # nn.LSTM applies its dropout between layers, not after the last one.
+        self.lstm = nn.LSTM(
+            d, d, num_layers=cfg.n_layer, batch_first=True, dropout=cfg.dropout * (cfg.n_layer > 1)
+        )
+        self.drop = nn.Dropout(cfg.dropout)  # before the head
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        # Small embeddings, as GPT-2's: a tied head then starts near uniform (loss ~ ln V).
+        # The LSTM keeps torch's init, U(-1/sqrt(d), 1/sqrt(d)).
+        nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
+        if _tied(cfg):
+            self.lm_head.weight = self.wte.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: LSTMState | None = None,
+    ):
+        """Logits for `idx` (B, T); with `targets`, also the mean cross-entropy loss.
+
+        With a `cache`, `idx` continues the sequence its state has consumed, and it advances.
+        """
+        x = self.wte(idx)
+        state = (cache.h, cache.c) if cache is not None else None
+        y, (h, c) = self.lstm(x, state)
+        if cache is not None:
+            cache.h, cache.c = h, c
+            cache.length += idx.size(1)
+        logits = self.lm_head(self.drop(y))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+
+# -- the architecture spec --------------------------------------------------------------------
+def new_cache(model: LSTMLM, batch: int, device, dtype) -> LSTMState:
+    return LSTMState(model.cfg, batch, device, dtype)
+
+
+def n_params(cfg: ModelConfig) -> int:
+    """Every parameter of `LSTMLM(cfg)`: the embedding, each layer's input and recurrent
+    weights of the four gates and their two biases (torch keeps b_ih and b_hh), and the
+    head unless it is tied to the embedding."""
+    v, d, n = _vocab(cfg), cfg.d_model, cfg.n_layer
+    layer = 4 * (d * d + d * d) + 2 * 4 * d
+    return v * d + n * layer + (0 if _tied(cfg) else v * d)
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token (forward + backward): 6N, with no attention term.
+
+    N counts the weights of the matrix multiplies (PaLM's convention, as for gpt2): per layer
+    the four gates' input and recurrent matrices, 4·(d·d + d·d), and the head's V·d (tied or
+    not, it is a matmul). The embedding is a lookup and the biases, gates' nonlinearities and
+    cell update are elementwise, so none is in N. tests/unit/test_lstm.py checks it against
+    torch's FLOP counter.
+    """
+    v, d, n = _vocab(cfg), cfg.d_model, cfg.n_layer
+    return 6 * (n * 4 * (d * d + d * d) + v * d)
+
+
+ARCH = Architecture(
+    name="lstm",
+    build=LSTMLM,
+    n_params=n_params,
+    flops_per_token=flops_per_token,
+    new_cache=new_cache,
+    tied=lambda cfg: ("lm_head.weight",) if _tied(cfg) else (),
+    # No transformers class to map onto: export-hf refuses it, import-hf cannot produce it.
+    hf_state_dict=None,
+    hf_config=None,
+)
