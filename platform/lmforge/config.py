@@ -47,7 +47,13 @@ class ModelConfig(_Section):
         128, ge=8, description="Width of the residual stream (embedding and hidden size for lstm)."
     )
     context_length: int = Field(128, ge=8, description="Longest sequence the model sees.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention and MLP.")
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on attention and MLP (between LSTM layers and before the head "
+        "for lstm).",
+    )
     vocab_size: int | None = Field(
         None, ge=2, description="Taken from the dataset's tokenizer when unset; must match it."
     )

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge import models
 from lmforge.config import Config
 from lmforge.generation import SamplingParams, stream_ids
 from lmforge.models import LanguageModel
@@ -59,6 +60,8 @@ def fit_prompt(loaded: Loaded, text: str, max_new_tokens: int) -> Prompt:
     ids = tok.encode(text, add_special_tokens=False).ids if text else []
     if not ids:
         return Prompt([eot_id(tok)], "empty prompt: sampling from the start of a document")
+    if not models.of(loaded.model).context_limited:  # a recurrent state takes any length
+        return Prompt(ids)
     room = loaded.context_length - 1
     if len(ids) <= room:
         return Prompt(ids)

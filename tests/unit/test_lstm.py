@@ -139,6 +139,20 @@ def test_a_prompt_longer_than_the_context_is_fed_whole(caplog):
     assert out == full_recompute(model, prompt, SamplingParams(3, 0, seed=0))
 
 
+def test_the_playground_keeps_a_long_prompt_whole_for_a_recurrent_model():
+    from lmforge.config import Config
+    from lmforge.playground import Loaded, fit_prompt
+
+    tok = train_tokenizer(["to be or not to be, that is the question"] * 5, vocab_size=300)
+    text = "to be or not to be, " * 20  # far longer than the 16-token context
+    lstm, gpt2 = tiny(), models.build(ModelConfig(context_length=CTX, vocab_size=300))
+    n = len(tok.encode(text).ids)
+    for model, kept in ((lstm, n), (gpt2, CTX - 1)):
+        cfg = Config(model=model.cfg)
+        prompt = fit_prompt(Loaded("models:/m/1", "1", REPO, model, tok, cfg), text, 10)
+        assert len(prompt.ids) == kept and (prompt.notice is None) == (kept == n)
+
+
 @pytest.fixture
 def tokenizer_file(tmp_path):
     tok = train_tokenizer(["to be or not to be, that is the question"] * 5, vocab_size=300)

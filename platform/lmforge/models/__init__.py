@@ -44,7 +44,7 @@ if typing.TYPE_CHECKING:
 
 class Cache(Protocol):
     length: int  # positions held
-    capacity: int  # the most it can hold
+    capacity: int | float  # the most it can hold (math.inf: a recurrent state)
 
 
 class LanguageModel(Protocol):
@@ -67,6 +67,8 @@ class Architecture:
     flops_per_token: Callable[[ModelConfig], float]  # training FLOPs of one token
     # (model, batch, device, dtype) -> a Cache for generation; None: generate without one.
     new_cache: Callable[[Any, int, Any, Any], Cache] | None = None
+    # False for a recurrent model: a prompt of any length is fed whole when generating.
+    context_limited: bool = True
     # cfg -> the state-dict names that alias another weight (tied): not written, not
     # expected on load.
     tied: Callable[[ModelConfig], tuple[str, ...]] = lambda cfg: ()

@@ -129,6 +129,7 @@ ARCH = Architecture(
     n_params=n_params,
     flops_per_token=flops_per_token,
     new_cache=new_cache,
+    context_limited=False,
     tied=lambda cfg: ("lm_head.weight",) if _tied(cfg) else (),
     # No transformers class to map onto: export-hf refuses it, import-hf cannot produce it.
     hf_state_dict=None,
