@@ -51,9 +51,12 @@ def _add_prepare(sub) -> None:
                    help="BPE vocabulary size, including 256 bytes and <|endoftext|> (default 8192)")  # fmt: skip
     p.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
                    help="share of the tokens held out for validation (default 0.05)")  # fmt: skip
-    p.add_argument("--tokenizer", type=Path, metavar="FILE",
-                   help="reuse this tokenizer.json instead of training one (e.g. to keep a "
-                   "checkpoint's tokenizer)")  # fmt: skip
+    p.add_argument("--tokenizer", metavar="SOURCE",
+                   help="reuse a tokenizer instead of training one: a tokenizer.json, a folder "
+                   "holding one (a checkpoint, a Hugging Face model), or a registered version "
+                   "(models:/NAME/VERSION), so the data fits that model")  # fmt: skip
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow to resolve --tokenizer models:/... in (default as for --model)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--seq-tokens", type=int, default=1024, metavar="N",
                    help="tokens per packed row in the shards (default 1024)")  # fmt: skip
@@ -240,6 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tokenizer_file(source: str | None, tracking_uri: str | None = None) -> Path | None:
+    """`prepare --tokenizer`: a tokenizer.json, a folder holding one, or a registered
+    version's (fetched into the local cache)."""
+    if source is None:
+        return None
+    from lmforge.tracking.registry import is_model_uri
+
+    if is_model_uri(source):
+        from lmforge.checkpoint import TOKENIZER
+        from lmforge.tracking.registry import fetch_checkpoint
+
+        return fetch_checkpoint(source, tracking_uri) / TOKENIZER
+    path = Path(source).expanduser()
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
 def cmd_prepare(args) -> None:
     from lmforge.cluster import connect
     from lmforge.data.prepare import PrepareOptions, check_inputs, prepare
@@ -250,7 +269,7 @@ def cmd_prepare(args) -> None:
         seed=args.seed,
         seq_tokens=args.seq_tokens,
         rows_per_group=args.rows_per_group,
-        tokenizer=args.tokenizer,
+        tokenizer=tokenizer_file(args.tokenizer, args.tracking_uri),
         overwrite=args.overwrite,
     )
     check_inputs(args.input, args.output, opts)  # before Ray: a mistake costs no Ray start

@@ -169,6 +169,12 @@ def test_an_import_registers_a_version_that_loads(tmp_path, tokenizer_file, monk
     with torch.no_grad():
         assert (model(ids)[0] - hf(ids).logits).abs().max().item() < 1e-5
     assert ckpt_io.read_state(ckpt).step == 0
+    # `lmforge prepare --tokenizer models:/unit/1` tokenizes with the version's own tokenizer;
+    # a folder (the HF model's, the checkpoint's) means the tokenizer.json in it.
+    from lmforge.cli import tokenizer_file
+
+    assert tokenizer_file("models:/unit/1", uri) == ckpt / "tokenizer.json"
+    assert tokenizer_file(str(tmp_path / "my-gpt2")) == tmp_path / "my-gpt2" / "tokenizer.json"
     # A second import, from the command line, is a second version.
     assert main(["import-hf", "--input", str(tmp_path / "my-gpt2"), "--model", "unit",
                  "--tracking-uri", uri]) == 0  # fmt: skip
