@@ -249,10 +249,6 @@ def import_hf(
     hf = read_folder(path)  # every check, before anything is written
     uri = store.resolve_uri(tracking_uri)
     client = store.client(uri)
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)  # register_checkpoint uses the fluent API
-    mlflow.set_registry_uri(uri)
     exp_id = store.ensure_experiment(client, experiment or model_name, uri)
     with tempfile.TemporaryDirectory(prefix="lmforge-import-") as tmp:
         out = Path(tmp) / registry.ARTIFACT
@@ -272,13 +268,14 @@ def import_hf(
             params = [Param(k, v[:6000]) for k, v in flatten(cfg.to_dict()).items()]
             for i in range(0, len(params), 100):  # MLflow's batch limit
                 client.log_batch(run_id, params=params[i : i + 100])
-            version = registry.register_checkpoint(
-                client, run_id, out, model_name,
-                {"step": "0", "tokens_seen": "0", "run_id": run_id, **tags},
-                f"Imported from the Hugging Face folder {hf.path} ({hf.hf_architecture}, "
-                f"{hf.n_params:,} parameters). Fine-tune it with "
-                f"`lmforge train --init-from models:/{model_name}/VERSION`.",
-            )  # fmt: skip
+            with registry.fluent_uri(uri):  # register_checkpoint uses the fluent API
+                version = registry.register_checkpoint(
+                    client, run_id, out, model_name,
+                    {"step": "0", "tokens_seen": "0", "run_id": run_id, **tags},
+                    f"Imported from the Hugging Face folder {hf.path} ({hf.hf_architecture}, "
+                    f"{hf.n_params:,} parameters). Fine-tune it with "
+                    f"`lmforge train --init-from models:/{model_name}/VERSION`.",
+                )  # fmt: skip
             status = "FINISHED"
         finally:
             client.set_terminated(run_id, status)

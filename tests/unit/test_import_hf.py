@@ -6,6 +6,7 @@ loads back. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -151,8 +152,12 @@ def test_an_import_registers_a_version_that_loads(tmp_path, tokenizer_file, monk
     monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
     hf = hf_folder(tmp_path / "my-gpt2", tokenizer_file)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     version = import_hf(tmp_path / "my-gpt2", "unit", tracking_uri=uri)
     assert str(version.version) == "1"
+    # MLflow's fluent API set MLFLOW_TRACKING_URI for the registration only: left set, it
+    # would be every later lmforge call's store in this process.
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
     assert version.tags["source"] == str((tmp_path / "my-gpt2").resolve())
     assert version.tags["arch"] == "gpt2" and version.tags["hf_architecture"] == "GPT2LMHeadModel"
     assert version.tags["n_params"] == str(sum(p.numel() for p in hf.parameters()))

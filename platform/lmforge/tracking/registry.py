@@ -121,8 +121,7 @@ def register_checkpoint(
     and `progress["created"]` stays unset. Safe to call again after a failure with the same
     `progress` dict: steps already done (the logged model, the version) are not repeated,
     so a retry never makes a second version of one checkpoint. Uses MLflow's fluent API,
-    whose active run is per thread; the process's tracking URI must be the client's
-    (`mlflow.set_tracking_uri`).
+    whose active run is per thread; call it inside `fluent_uri(<the client's URI>)`.
     """
     import mlflow
 
@@ -148,6 +147,33 @@ def find_version(client, model_name: str, run_id: str, step: str | int):
         if v.tags.get("step") == str(step):
             return v
     return None
+
+
+@contextlib.contextmanager
+def fluent_uri(uri: str):
+    """MLflow's fluent API (`log_model`, `register_model`) on `uri` for the block.
+
+    `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI (and set_registry_uri
+    MLFLOW_REGISTRY_URI) in this process's environment, which lmforge reads to choose a
+    store: left set, a one-off registration (import-hf, from the CLI, a test or the
+    dashboard) would redirect everything after it. Both come back as they were.
+    """
+    import os
+
+    import mlflow
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {k: os.environ.get(k) for k in keys}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])  # None unsets it again
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
 
 
 def _log_model(run_id: str, staged: Path, tags: dict[str, str]) -> str:

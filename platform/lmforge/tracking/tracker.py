@@ -121,10 +121,6 @@ class Tracker:
         self._tasks: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
         self._stage = Path(tempfile.mkdtemp(prefix="lmforge-register-"))
         self.client = store.client(settings.uri)  # first: it bounds MLflow's own HTTP retries
-        import mlflow
-
-        mlflow.set_tracking_uri(settings.uri)  # registration uses the fluent API
-        mlflow.set_registry_uri(settings.uri)
         self._thread = threading.Thread(target=self._work, name="lmforge-mlflow", daemon=True)
         self._thread.start()
         self._tasks.put(("start the MLflow run", self._start_run))
@@ -161,10 +157,11 @@ class Tracker:
 
         def task() -> None:
             tags = registry.version_tags(state, self.run_id, checkpoint)
-            version = registry.register_checkpoint(
-                self.client, self.run_id, staged, self.s.registered_model, tags,
-                registry.describe_version(state, checkpoint), progress,
-            )  # fmt: skip
+            with registry.fluent_uri(self.s.uri):  # registration uses the fluent API
+                version = registry.register_checkpoint(
+                    self.client, self.run_id, staged, self.s.registered_model, tags,
+                    registry.describe_version(state, checkpoint), progress,
+                )  # fmt: skip
             self.registered.append((state.step, version.version))
             if progress.get("created"):
                 print(
