@@ -170,7 +170,7 @@ def train_job(
     }
     if resume or init_from:
         meta["lmforge.from"] = str(resume or init_from)
-    return JobSpec(shlex.join(args), runtime_env(), meta)
+    return JobSpec(entrypoint(args), runtime_env(), meta)
 
 
 def prepare_job(
@@ -197,7 +197,18 @@ def prepare_job(
     args += ["--vocab-size", str(int(vocab_size)), "--val-fraction", repr(float(val_fraction))]
     args += ["--seq-tokens", str(int(seq_tokens)), "--rows-per-group", str(int(rows_per_group))]
     meta = {"lmforge.kind": "prepare", "lmforge.dataset": out.name}
-    return JobSpec(shlex.join(args), runtime_env(), meta)
+    return JobSpec(entrypoint(args), runtime_env(), meta)
+
+
+def entrypoint(args: list[str]) -> str:
+    """The shell line Ray runs for `args`: `exec` first, so the shell becomes the job.
+
+    Ray's job supervisor runs the entrypoint with `/bin/sh -c` and, to stop a job, signals
+    that shell and the children it has at that moment. A job stopped in its first second
+    (Submit, then Stop) caught the shell before it had started Python, and the orphaned
+    driver trained on to its last step. With `exec` there is one process from the start.
+    """
+    return "exec " + shlex.join(args)
 
 
 def _path_arg(path: str | os.PathLike, key: str) -> str:

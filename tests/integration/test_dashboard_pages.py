@@ -57,7 +57,8 @@ def launched(dashboard_env, ray_cluster, dataset):
     assert any(sid in s.value for s in at.success)
     (code,) = at.code
     assert (
-        code.value.startswith("python jobs/train.py --set") and f"data.path={dataset}" in code.value
+        code.value.startswith("exec python jobs/train.py --set")
+        and f"data.path={dataset}" in code.value
     )
     status = JobClient(ray_cluster.dashboard_url).wait(sid, timeout_s=600)
     assert status == "SUCCEEDED", JobClient(ray_cluster.dashboard_url).tail(sid, 60)

@@ -97,7 +97,7 @@ def test_lmforge_submit_follows_the_job_to_its_end(ray_cluster, dataset, tmp_pat
     client = JobClient(ray_cluster.dashboard_url)
     row = client.job(sid)
     assert row.kind == "SUBMISSION" and row.status == "SUCCEEDED"
-    assert row.entrypoint.startswith("python jobs/train.py --set")
+    assert row.entrypoint.startswith("exec python jobs/train.py --set")
     assert row.metadata == {
         "lmforge.kind": "train", "lmforge.run_name": "cli-submitted",
         "lmforge.experiment": "cli-submit",

@@ -26,8 +26,8 @@ def home(monkeypatch, tmp_path):
 def job_config(spec):
     """What jobs/train.py makes of the entrypoint: parse it exactly as the job does."""
     argv = shlex.split(spec.entrypoint)
-    assert argv[:2] == ["python", "jobs/train.py"]
-    args = build_parser().parse_args(["train", *argv[2:]])
+    assert argv[:3] == ["exec", "python", "jobs/train.py"]
+    args = build_parser().parse_args(["train", *argv[3:]])
     return load_config(args.config, args.overrides), args
 
 
@@ -118,8 +118,8 @@ def test_resume_and_init_from_take_registry_uris_only():
 def test_prepare_job_paths_stay_inside_the_roots(home):
     spec = prepare_job([home / "uploads" / "c"], "datasets/c", vocab_size=512, seq_tokens=64)
     argv = shlex.split(spec.entrypoint)
-    assert argv[:2] == ["python", "jobs/prepare.py"]
-    args = build_parser().parse_args(["prepare", *argv[2:]])
+    assert argv[:3] == ["exec", "python", "jobs/prepare.py"]
+    args = build_parser().parse_args(["prepare", *argv[3:]])
     assert args.input == [str(home / "uploads" / "c")]
     assert args.output == str(home / "datasets" / "c")
     assert (args.vocab_size, args.seq_tokens) == (512, 64)

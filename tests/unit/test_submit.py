@@ -24,8 +24,8 @@ def parse(*argv: str):
 def as_the_job_reads_it(spec: JobSpec):
     """(config, args) the way jobs/train.py parses the entrypoint."""
     argv = shlex.split(spec.entrypoint)
-    assert argv[:2] == ["python", "jobs/train.py"]
-    args = cli.build_parser().parse_args(["train", *argv[2:]])
+    assert argv[:3] == ["exec", "python", "jobs/train.py"]
+    args = cli.build_parser().parse_args(["train", *argv[3:]])
     return load_config(args.config, args.overrides), args
 
 
