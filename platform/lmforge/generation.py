@@ -1,16 +1,28 @@
-"""Sampling text from a trained model: temperature, top-k, top-p, KV cache, streaming.
+"""Sampling text from a trained model: temperature, top-k, top-p, repetition penalty,
+`n` samples in one batch, stop tokens and strings, log-probabilities, KV cache, streaming.
 
     for token_id in generate_tokens(model, prompt_ids, SamplingParams(max_new_tokens=50)):
         ...
+    for step in generate_steps(model, prompt_ids, SamplingParams(n=4, logprobs=5)):
+        step[i].token, step[i].logprob, step[i].top     # None once sample i has stopped
+    samples = complete_samples(model, tokenizer, prompt_ids, params)   # [Sample(text, ...)]
 
-The CLI, the dashboard playground and the registry's pyfunc model all call `generate_tokens`.
+The `n` samples of a prompt share one forward pass per token (a batch of n rows of the
+same prompt, one cache). Log-probabilities are the model's own distribution
+(`log_softmax` of its logits, before temperature, top-k/top-p and the repetition
+penalty), as an API's `logprobs` report them; `top` is the `logprobs` most likely tokens.
+The repetition penalty is CTRL's (Keskar et al. 2019, as transformers applies it): the
+logit of every token already in the sequence, prompt included, is divided by the
+penalty when positive and multiplied by it when negative.
+
+The CLI, the dashboard playground and the registry's pyfunc model all call this module.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,8 +41,20 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None
     stop_token: int | None = None  # usually the tokenizer's end-of-text id
+    n: int = 1  # samples of the prompt, generated together in one batch
+    repetition_penalty: float = 1.0  # 1: off; > 1 discourages repeats
+    stop: tuple[str, ...] = ()  # strings that end a sample (not part of its text)
+    logprobs: int | None = None  # report each token's log-prob and this many alternatives
 
     def __post_init__(self) -> None:
+        if self.n < 1:
+            raise UsageError(f"n must be >= 1 (got {self.n})")
+        if self.repetition_penalty <= 0:
+            raise UsageError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise UsageError(f"logprobs must be >= 0 (got {self.logprobs})")
+        if any(not s for s in self.stop):
+            raise UsageError("a stop string must not be empty")
         if self.max_new_tokens < 0:
             raise UsageError(f"max_new_tokens must be >= 0 (got {self.max_new_tokens})")
         if self.temperature < 0:
@@ -39,6 +63,29 @@ class SamplingParams:
             raise UsageError(f"top_k must be >= 1 (got {self.top_k})")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UsageError(f"top_p must be in (0, 1] (got {self.top_p})")
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    token: int
+    logprob: float | None = None  # under the model's distribution; None unless asked
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens and their log-probs
+
+
+@dataclass
+class Sample:
+    text: str
+    tokens: list[TokenChoice] = field(default_factory=list)
+    finish: str = "length"  # "length", "stop_token" or "stop_string"
+
+
+def penalize_repeats(logits: torch.Tensor, seq: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty on (B, V) logits for the (B, L) tokens seen so far."""
+    if penalty == 1.0:
+        return logits
+    seen = logits.gather(1, seq)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, seq, seen)
 
 
 def sample_next(
@@ -67,7 +114,18 @@ def sample_next(
 def generate_tokens(
     model: LanguageModel, prompt_ids: list[int], params: SamplingParams, use_cache: bool = True
 ) -> Iterator[int]:
-    """Yield new token ids one at a time (batch 1), stopping at `params.stop_token`.
+    """Yield the first sample's new token ids one at a time, stopping at `params.stop_token`."""
+    for step in generate_steps(model, prompt_ids, params, use_cache):
+        if step[0] is None:
+            return
+        yield step[0].token
+
+
+@torch.no_grad()
+def generate_steps(
+    model: LanguageModel, prompt_ids: list[int], params: SamplingParams, use_cache: bool = True
+) -> Iterator[list[TokenChoice | None]]:
+    """Yield, per new position, each of the `params.n` samples' token (None once stopped).
 
     A prompt longer than the window keeps its last window-1 tokens (with a warning); the
     window is the cache's capacity (the context for a KV cache, unbounded for a recurrent
@@ -76,17 +134,19 @@ def generate_tokens(
     long generations go on at a small cost instead of failing. Past a full context the two
     paths differ, by design: with the cache, a token sees the tokens since the last refill
     (3/4 to all of a context); without it (`use_cache=False`), always the last context.
-    An architecture without a cache generates the second way.
+    An architecture without a cache generates the second way. A sample that stopped stays
+    in the batch (its row is computed and ignored) until every sample has stopped.
     """
     if not prompt_ids:
         raise UsageError("the prompt is empty: give at least one token")
     model.eval()
+    n = params.n
     new_cache = models.of(model).new_cache
     use_cache = use_cache and new_cache is not None
     ctx = model.cfg.context_length
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    cache = new_cache(model, 1, device, dtype) if use_cache else None
+    cache = new_cache(model, n, device, dtype) if use_cache else None
     window = cache.capacity if cache is not None else ctx  # the most tokens one pass sees
     if len(prompt_ids) > window - 1:
         keep = int(window - 1)
@@ -95,23 +155,134 @@ def generate_tokens(
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    seq = list(prompt_ids)
-    pending = torch.tensor([seq], dtype=torch.long, device=device)
+    seq = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)  # (n, L)
+    pending = seq
+    alive = [True] * n
     for _ in range(params.max_new_tokens):
         if use_cache:
             if cache.length + pending.size(1) > cache.capacity:  # full: refill, recent tokens
-                cache = new_cache(model, 1, device, dtype)
-                pending = torch.tensor([seq[-(3 * ctx // 4) :]], dtype=torch.long, device=device)
+                cache = new_cache(model, n, device, dtype)
+                pending = seq[:, -(3 * ctx // 4) :]
             logits, _ = model(pending, cache=cache)
         else:
-            logits, _ = model(torch.tensor([seq[-ctx:]], dtype=torch.long, device=device))
-        nxt = sample_next(logits[:, -1, :], params, generator)
-        token = int(nxt.item())
-        if params.stop_token is not None and token == params.stop_token:
+            logits, _ = model(seq[:, -ctx:])
+        logits = logits[:, -1, :].float()
+        nxt = sample_next(
+            penalize_repeats(logits, seq, params.repetition_penalty), params, generator
+        )
+        seq = torch.cat([seq, nxt], dim=1)
+        pending = nxt
+        step = _choices(logits, nxt, params.logprobs)
+        for i, choice in enumerate(step):
+            if alive[i] and params.stop_token is not None and choice.token == params.stop_token:
+                alive[i] = False
+        if not any(alive):
             return
-        seq.append(token)
-        pending = nxt.view(1, 1)
-        yield token
+        yield [c if a else None for c, a in zip(step, alive, strict=True)]
+
+
+def _choices(logits: torch.Tensor, nxt: torch.Tensor, k: int | None) -> list[TokenChoice]:
+    """Each row's chosen token with, when `k` is set, its log-prob and the top-k alternatives."""
+    tokens = nxt.view(-1).tolist()
+    if k is None:
+        return [TokenChoice(t) for t in tokens]
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen = logp.gather(1, nxt).view(-1).tolist()
+    top_v, top_i = logp.topk(min(k, logp.size(-1)), dim=-1)
+    return [
+        TokenChoice(t, lp, tuple(zip(ti, tv, strict=True)))
+        for t, lp, ti, tv in zip(tokens, chosen, top_i.tolist(), top_v.tolist(), strict=True)
+    ]
+
+
+class _Detokenizer:
+    """One sample's text as its tokens come: whole characters only, cut at a stop string.
+
+    A byte-level BPE token can end inside a multi-byte character, and text that could be
+    the start of a stop string may still become one: both are held back until known.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.shown = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._show(text[: min(hits)])
+        hold = max(
+            (k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0
+        )
+        return self._show(text[: len(text) - hold])
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._show(self.tokenizer.decode(self.ids))
+
+    def _show(self, text: str) -> str:
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+
+@dataclass(frozen=True)
+class Piece:
+    """New text of one sample; its last piece carries `finish` (why it ended)."""
+
+    index: int  # which of the n samples
+    text: str
+    token: TokenChoice | None = None  # the token that made it; None on a closing piece
+    finish: str | None = None  # "length", "stop_token", "stop_string" on the last piece
+
+
+def stream_samples(
+    model: LanguageModel, tokenizer, ids: list[int], params: SamplingParams
+) -> Iterator[Piece]:
+    """Each of the `params.n` samples' text as it grows, ending at the stop token, a stop
+    string (not part of the text) or `max_new_tokens`."""
+    detok = [_Detokenizer(tokenizer, params.stop) for _ in range(params.n)]
+    finish: list[str | None] = [None] * params.n
+    steps = 0
+    for step in generate_steps(model, ids, params):
+        steps += 1
+        for i, choice in enumerate(step):
+            if finish[i] is not None:
+                continue
+            if choice is None:
+                finish[i] = "stop_token"
+                yield Piece(i, detok[i].flush(), None, finish[i])
+                continue
+            text = detok[i].push(choice.token)
+            if detok[i].stopped:
+                finish[i] = "stop_string"
+            yield Piece(i, text, choice, finish[i])
+        if all(finish):
+            return
+    # generate_steps ends early only when every sample has met the stop token.
+    end = "length" if steps == params.max_new_tokens else "stop_token"
+    for i, d in enumerate(detok):
+        if finish[i] is None:
+            yield Piece(i, d.flush(), None, end)
+
+
+def complete_samples(
+    model: LanguageModel, tokenizer, ids: list[int], params: SamplingParams
+) -> list[Sample]:
+    """The `params.n` whole continuations of a prompt, with their tokens and why each ended."""
+    samples = [Sample("") for _ in range(params.n)]
+    for piece in stream_samples(model, tokenizer, ids, params):
+        s = samples[piece.index]
+        s.text += piece.text
+        if piece.token is not None:
+            s.tokens.append(piece.token)
+        if piece.finish is not None:
+            s.finish = piece.finish
+    return samples
 
 
 def stream_text(
@@ -129,18 +300,11 @@ def stream_text(
 def stream_ids(
     model: LanguageModel, tokenizer, ids: list[int], params: SamplingParams
 ) -> Iterator[str]:
-    """`stream_text` for a prompt already encoded (e.g. cut to fit the context)."""
-    out: list[int] = []
-    shown = ""
-    for token in generate_tokens(model, ids, params):
-        out.append(token)
-        text = tokenizer.decode(out)
-        if not text.endswith("\ufffd"):
-            yield text[len(shown) :]
-            shown = text
-    rest = tokenizer.decode(out)[len(shown) :]
-    if rest:
-        yield rest
+    """`stream_text` for a prompt already encoded (e.g. cut to fit the context): the first
+    sample's text, ending before a stop string."""
+    for piece in stream_samples(model, tokenizer, ids, params):
+        if piece.index == 0 and piece.text:
+            yield piece.text
 
 
 def complete(model: LanguageModel, tokenizer, prompt: str, params: SamplingParams) -> str:
