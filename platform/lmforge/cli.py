@@ -133,6 +133,16 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=50, metavar="K", help="(default 50; 0 disables)")
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="for repeatable samples")
+    p.add_argument("--n", type=int, default=1, metavar="N",
+                   help="samples of the prompt, generated together in one batch (default 1; "
+                   "more than one are printed one after another when done)")  # fmt: skip
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample at this text (not printed); repeatable")  # fmt: skip
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="> 1 discourages tokens already in the text (CTRL's; default 1: off)")  # fmt: skip
+    p.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="after the text, each token's log-probability and its K most likely "
+                   "alternatives")  # fmt: skip
 
 
 def _add_evaluate(sub) -> None:
@@ -372,24 +382,42 @@ def _checkpoint_of(args) -> Path:
 
 
 def cmd_generate(args) -> None:
+    import dataclasses
+
     from lmforge.checkpoint import load_model
-    from lmforge.generation import SamplingParams, stream_text
+    from lmforge.generation import SamplingParams, complete_samples
     from lmforge.tokenizer import eot_id
 
-    model, tok, _ = load_model(_checkpoint_of(args))
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k or None,
         top_p=args.top_p,
         seed=args.seed,
-        stop_token=eot_id(tok),
-    )
-    sys.stdout.write(args.prompt)
-    for piece in stream_text(model, tok, args.prompt, params):
-        sys.stdout.write(piece)
+        n=args.n,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop),
+        logprobs=args.logprobs,
+    )  # checked before the model is read
+    model, tok, _ = load_model(_checkpoint_of(args))
+    params = dataclasses.replace(params, stop_token=eot_id(tok))
+    ids = tok.encode(args.prompt, add_special_tokens=False).ids
+
+    def echo(piece) -> None:  # one sample streams as it comes
+        sys.stdout.write(piece.text)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+
+    if params.n == 1:
+        sys.stdout.write(args.prompt)
+    samples = complete_samples(model, tok, ids, params, on_piece=echo if params.n == 1 else None)
+    for i, s in enumerate(samples):
+        if params.n > 1:
+            sys.stdout.write(f"{'-' * 20} sample {i + 1} of {params.n}\n{args.prompt}{s.text}")
+        sys.stdout.write("\n")
+        if params.logprobs is not None:
+            for c in s.tokens:
+                alts = "  ".join(f"{tok.decode([t])!r} {lp:.2f}" for t, lp in c.top)
+                sys.stdout.write(f"  {tok.decode([c.token])!r:>16} {c.logprob:7.3f}   {alts}\n")
 
 
 def cmd_evaluate(args) -> None:

@@ -21,7 +21,7 @@ The CLI, the dashboard playground and the registry's pyfunc model all call this 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -271,11 +271,18 @@ def stream_samples(
 
 
 def complete_samples(
-    model: LanguageModel, tokenizer, ids: list[int], params: SamplingParams
+    model: LanguageModel,
+    tokenizer,
+    ids: list[int],
+    params: SamplingParams,
+    on_piece: Callable[[Piece], None] | None = None,
 ) -> list[Sample]:
-    """The `params.n` whole continuations of a prompt, with their tokens and why each ended."""
+    """The `params.n` whole continuations of a prompt, with their tokens and why each ended
+    (`on_piece` sees each piece as it comes, e.g. to stream one sample)."""
     samples = [Sample("") for _ in range(params.n)]
     for piece in stream_samples(model, tokenizer, ids, params):
+        if on_piece is not None:
+            on_piece(piece)
         s = samples[piece.index]
         s.text += piece.text
         if piece.token is not None:

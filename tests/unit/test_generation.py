@@ -144,3 +144,53 @@ def test_bad_params_are_named():
     ]:
         with pytest.raises(UsageError, match=msg):
             SamplingParams(**kw)
+
+
+def test_cli_generate_samples_stops_and_logprobs(tmp_path, tok):
+    """`lmforge generate` with --n, --stop, --logprobs on a sealed checkpoint."""
+    import subprocess
+    import sys
+
+    from lmforge.checkpoint import TrainerState, save_servable, seal
+    from lmforge.config import Config
+
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = Config(
+        model=ModelConfig(
+            n_layer=1, n_head=2, d_model=32, context_length=32, vocab_size=tok.get_vocab_size()
+        )
+    )
+    torch.manual_seed(0)
+    ckpt = tmp_path / "checkpoint_00000001"
+    weights = models.build(cfg.model).state_dict()
+    save_servable(ckpt, weights, cfg, tmp_path / "tokenizer.json", TrainerState(1))
+    seal(ckpt)
+
+    def generate(*extra):
+        cmd = [sys.executable, "-m", "lmforge.cli", "generate", "--checkpoint", str(ckpt)]
+        cmd += ["--prompt", "hello", "--max-new-tokens", "6", "--seed", "0", *extra]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    out = generate("--n", "3", "--temperature", "1.5")
+    assert [line for line in out.splitlines() if line.startswith("-" * 20)] == [
+        f"{'-' * 20} sample {i} of 3" for i in (1, 2, 3)
+    ]
+    greedy = generate("--temperature", "0", "--logprobs", "2")
+    text, *rows = greedy.splitlines()
+    assert text.startswith("hello") and len(rows) == 6  # one row per new token
+    first = rows[0].split()
+    assert len(first) == 6 and float(first[1]) <= 0  # token, logprob, 2 x (alt, logprob)
+    new = text[len("hello") :]
+    stop = next(c for c in new if not c.isspace())  # a character it is going to write
+    cut = generate("--temperature", "0", "--stop", stop).splitlines()[0]
+    assert cut == "hello" + new[: new.index(stop)]
+    bad = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "generate", "--checkpoint", str(ckpt)]
+        + ["--prompt", "x", "--n", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "n must be >= 1" in bad.stderr.strip().splitlines()[-1]
