@@ -2,12 +2,17 @@
 Face `transformers` `generate()` on the exported copy of the same weights; and how
 per-token latency grows with the context the cache holds.
 
-    .venv/bin/python bench/bench_generate.py           # 6 layers, d 384, vocab 8192 (~14M)
-    .venv/bin/python bench/bench_generate.py --tiny    # 2 layers, d 64, vocab 512: checks it runs
+    .venv/bin/python bench/bench_generate.py               # gpt2: 6 layers, d 384, vocab 8192
+    .venv/bin/python bench/bench_generate.py --arch llama  # the same sizes as a Llama (GQA)
+    .venv/bin/python bench/bench_generate.py --tiny        # 2 layers, d 64, vocab 512: runs?
 
-The weights are a random-init `GPT` (context 1280) saved as a checkpoint dir with
-`save_servable`, loaded back with `load_model` (as `lmforge generate --checkpoint` does)
-and exported with `export_hf`, which `AutoModelForCausalLM.from_pretrained` loads offline.
+The weights are a random-init model of `--arch` (context 1280) saved as a checkpoint dir
+with `save_servable`, loaded back with `load_model` (as `lmforge generate --checkpoint`
+does) and exported with `export_hf` (the architecture's own mapping, `hf_state_dict` and
+`hf_config`), which `AutoModelForCausalLM.from_pretrained` loads offline: a
+`GPT2LMHeadModel` for gpt2 (~14M parameters), a `LlamaForCausalLM` for llama (n_head 6,
+n_kv_head 2, SwiGLU 1024, tied: ~12.6M). gpt2 reports as `generate`, llama as
+`generate-llama`.
 The tokenizer is trained once on the bundled plays and cached under `$LMFORGE_HOME/bench/`.
 
 Both sides: batch 1, fp32, this process's torch threads, a 32-token prompt, 256 new
@@ -37,6 +42,17 @@ from bench.common import REPO, Figure, alternate, bench_args, machine_info, repo
 NEW_TOKENS = 256
 PROMPT = 32
 CONTEXTS = (64, 1024)
+# The architectures with a transformers equivalent, and the settings of each beyond the
+# shared sizes (full size, then --tiny).
+ARCHS = {
+    "gpt2": ({"arch": "gpt2"}, {"arch": "gpt2"}),
+    "llama": ({"arch": "llama", "n_kv_head": 2}, {"arch": "llama", "n_kv_head": 1}),
+}
+
+
+def section(arch: str) -> str:
+    """The benchmark's name in BENCHMARKS.md: `generate` for gpt2, else `generate-<arch>`."""
+    return "generate" if arch == "gpt2" else f"generate-{arch}"
 
 
 def trained_tokenizer(plays: list[Path], vocab: int) -> Path:
@@ -52,7 +68,7 @@ def trained_tokenizer(plays: list[Path], vocab: int) -> Path:
     return path
 
 
-def make_checkpoint(out: Path, shape: dict[str, int], tokenizer: Path) -> None:
+def make_checkpoint(out: Path, shape: dict[str, int | str], tokenizer: Path) -> None:
     import torch
 
     from lmforge import models
@@ -78,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p = bench_args(__doc__.splitlines()[0])
     p.add_argument("--latency-tokens", type=int, default=32,
                    help="new tokens per latency run (default 32)")  # fmt: skip
+    p.add_argument("--arch", choices=sorted(ARCHS), default="gpt2",
+                   help="model.arch to benchmark (default gpt2)")  # fmt: skip
     args = p.parse_args(argv)
     repeats = 1 if args.tiny else args.repeats
     n_plays, vocab = (3, 512) if args.tiny else (21, 8192)
@@ -86,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.tiny
         else {"n_layer": 6, "d_model": 384, "n_head": 6}
     )
-    shape |= {"context_length": 1280, "vocab_size": vocab}
+    shape = (
+        ARCHS[args.arch][bool(args.tiny)] | shape | {"context_length": 1280, "vocab_size": vocab}
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach the Hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -183,13 +203,15 @@ def main(argv: list[str] | None = None) -> None:
         ),
     ]  # fmt: skip
     report(
-        "generate",
+        section(args.arch),
         figures,
         config={
             "model": shape,
             "prompt_tokens": PROMPT,
             "new_tokens": NEW_TOKENS,
             "latency_tokens": args.latency_tokens,
+            "hf_class": type(hf).__name__,
+            "hf_attention": hf.config._attn_implementation,
             "torch_threads": torch.get_num_threads(),
             "greedy_match": match,
             "repeats": repeats,

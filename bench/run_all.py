@@ -2,17 +2,26 @@
 
     bash scripts/bench.sh                      # all of them, full size (see README)
     .venv/bin/python bench/run_all.py --only checkpoint,data --repeats 5
+    .venv/bin/python bench/run_all.py --only train-llama,generate-llama --note "machine shared"
     .venv/bin/python bench/run_all.py --tiny --output /tmp/B.md   # seconds: checks they run
 
-Each benchmark is a script `bench/bench_<name>.py` run in its own process (so one's Ray,
-DeepSpeed or thread settings never leak into the next); it measures lmforge and its
-baseline alternately and prints one `BENCH_RESULT {json}` line, collected here.
+Each section of BENCHMARKS.md is a script `bench/bench_<script>.py` with its arguments
+(`SECTIONS`: e.g. `train-llama` is `bench_train.py --arch llama`), run in its own process
+(so one's Ray, DeepSpeed or thread settings never leak into the next); it measures lmforge
+and its baseline alternately and prints one `BENCH_RESULT {json}` line, collected here.
+
+With `--only`, the other sections of the existing output file are kept as they were, so
+rerunning one benchmark does not drop the rest. Every section says when it was measured
+(date, commit, whether the tree had uncommitted changes, the load average before and after
+it on this machine's cores, and `--note`), since kept sections can be older than the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -22,16 +31,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import MARKER, REPO, machine_info  # noqa: E402
 
-# In the order they run; each is bench/bench_<name>.py.
-ORDER = ["train", "data", "prepare", "generate", "checkpoint", "jobstart"]
-BENCHMARKS = [n for n in ORDER if (REPO / "bench" / f"bench_{n}.py").is_file()]
+# The sections of BENCHMARKS.md in the order they run: (bench/bench_<script>.py, arguments).
+# The script reports under the section's name (bench_train.py --arch llama: train-llama).
+SECTIONS = {
+    "train": ("train", []),
+    "train-llama": ("train", ["--arch", "llama"]),
+    "train-lstm": ("train", ["--arch", "lstm"]),
+    "data": ("data", []),
+    "prepare": ("prepare", []),
+    "generate": ("generate", []),
+    "generate-llama": ("generate", ["--arch", "llama"]),
+    "checkpoint": ("checkpoint", []),
+    "jobstart": ("jobstart", []),
+}
+BENCHMARKS = [n for n, (s, _) in SECTIONS.items() if (REPO / "bench" / f"bench_{s}.py").is_file()]
+
+
+def command(name: str, tiny: bool, repeats: int | None = None) -> list[str]:
+    """The command line that measures section `name`."""
+    script, extra = SECTIONS[name]
+    cmd = [sys.executable, str(REPO / "bench" / f"bench_{script}.py"), *extra]
+    return cmd + (["--tiny"] if tiny else []) + (["--repeats", str(repeats)] if repeats else [])
+
+
+def stamp(tiny: bool, note: str = "", load: tuple[float, float] | None = None) -> str:
+    """The line under a section's heading: when, at which commit, on how busy a machine."""
+    m = machine_info()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
+    line = (
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit "
+        f"`{m['commit']}`{' (with uncommitted changes in the tree)' if dirty else ''}"
+    )
+    if load:
+        line += f"; load average {load[0]:.1f} before, {load[1]:.1f} after ({m['cores']} cores)"
+    if tiny:
+        line += "; --tiny: sizes too small to mean anything"
+    return line + (f"; {note}" if note else "") + "."
 
 
 def run_one(name: str, tiny: bool, repeats: int | None) -> tuple[dict | None, float, str]:
-    script = REPO / "bench" / f"bench_{name}.py"
-    cmd = [sys.executable, str(script), *(["--tiny"] if tiny else [])]
-    if repeats:
-        cmd += ["--repeats", str(repeats)]
+    cmd = command(name, tiny, repeats)
     print(f"\n### {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -60,64 +99,116 @@ def _spread(d: dict | None) -> str:
     return f"{_num(d['median'])} ({_num(d['min'])}-{_num(d['max'])})"
 
 
-def to_markdown(results: dict[str, dict | None], seconds: dict[str, float], args) -> str:
+HEADER_STAMP = re.compile(r"(?:Written|Updated) by `bench/run_all.py` on (.+?) at commit `(\w+)`")
+
+
+def read_sections(text: str) -> dict[str, str]:
+    """The sections of an existing BENCHMARKS.md: name -> its body (the lines after its
+    heading). A section without its own "Measured ..." line (a file written before sections
+    had one) gets the file header's date and commit."""
+    header = HEADER_STAMP.search(text.split("\n## ", 1)[0])
+    sections = {}
+    for chunk in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
+        name, _, body = chunk.partition("\n")
+        body = body.strip("\n")
+        if not body.startswith("Measured ") and header:
+            date, commit = header.groups()
+            body = f"Measured {date} at commit `{commit}` (the file's date then).\n\n" + body
+        sections[name.strip()] = body
+    return sections
+
+
+def section_lines(r: dict | None, seconds: float, stamp_line: str = "") -> list[str]:
+    """One section's body: its stamp, its table of figures and its config line."""
+    lines = [stamp_line, ""] if stamp_line else []
+    if r is None:
+        return lines + [f"Did not produce a result (see the bench log); ran {seconds:.0f} s."]
+    lines += [
+        "| figure | lmforge | baseline | ratio | target | met |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for f in r["figures"]:
+        base = f"{f['baseline']}: {_spread(f['baseline_value'])}" if f["baseline"] else ""
+        ratio = _spread(f["ratio"]).replace(" (", "x (") if f["ratio"] else ""
+        met = "" if f["met"] is None else ("yes" if f["met"] else "**no**")
+        note = f" ({f['note']})" if f.get("note") else ""
+        lines.append(
+            f"| {f['name']}{note} | {_spread(f['value'])} {f['unit']} | {base} | {ratio} "
+            f"| {f['target']} | {met} |"
+        )
+    config = {k: v for k, v in r.get("config", {}).items() if k != "machine"}
+    return lines + ["", f"Config: `{json.dumps(config)}`; ran {seconds:.0f} s."]
+
+
+def to_markdown(
+    results: dict[str, dict | None],
+    seconds: dict[str, float],
+    args,
+    stamps: dict[str, str] | None = None,
+    kept: dict[str, str] | None = None,
+) -> str:
+    """BENCHMARKS.md from this invocation's `results` (each under its `stamps` line) and
+    the `kept` sections of the previous file (bodies as `read_sections` returns them)."""
     m = machine_info()
+    stamps, kept = stamps or {}, {k: v for k, v in (kept or {}).items() if k not in results}
+    when = f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit `{m['commit']}`"
+    tiny = " (--tiny: sizes too small to mean anything)" if args.tiny else ""
+    if kept:
+        what = (
+            f"Updated by `bench/run_all.py` {when}{tiny}: reran {', '.join(results)}; the "
+            "other sections are kept from the previous file (each says when it was measured)."
+        )
+    else:
+        what = f"Written by `bench/run_all.py` {when}{tiny}."
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `bench/run_all.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-        f"at commit `{m['commit']}`{' (--tiny: sizes too small to mean anything)' if args.tiny else ''}.",
+        what,
         "Each figure is lmforge's, measured alternately with its baseline in the same process "
         "or invocation; values are median (min-max) over the repeats, ratios are per-repeat "
         "ratios lmforge / baseline.",
         "",
-        f"- machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}, "
+        f"- machine{' (of the sections rerun now)' if kept else ''}: {m['cpu']}, "
+        f"{m['cores']} cores, GPU: {m['gpu']}, "
         f"avx512_bf16: {'yes' if m['avx512_bf16'] else 'no'}",
         f"- Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- reproduce: `bash scripts/bench.sh{' --tiny' if args.tiny else ''}`",
         "",
     ]
-    for name, r in results.items():
+    known = [n for n in SECTIONS if n in results or n in kept]
+    for name in known + [n for n in [*results, *kept] if n not in SECTIONS]:
         lines += [f"## {name}", ""]
-        if r is None:
-            lines += [
-                f"Did not produce a result (see the bench log); ran {seconds[name]:.0f} s.",
-                "",
-            ]
-            continue
-        lines += [
-            "| figure | lmforge | baseline | ratio | target | met |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for f in r["figures"]:
-            base = f"{f['baseline']}: {_spread(f['baseline_value'])}" if f["baseline"] else ""
-            ratio = _spread(f["ratio"]).replace(" (", "x (") if f["ratio"] else ""
-            met = "" if f["met"] is None else ("yes" if f["met"] else "**no**")
-            note = f" ({f['note']})" if f.get("note") else ""
-            lines.append(
-                f"| {f['name']}{note} | {_spread(f['value'])} {f['unit']} | {base} | {ratio} "
-                f"| {f['target']} | {met} |"
-            )
-        config = {k: v for k, v in r.get("config", {}).items() if k != "machine"}
-        lines += ["", f"Config: `{json.dumps(config)}`; ran {seconds[name]:.0f} s.", ""]
+        if name in results:
+            lines += section_lines(results[name], seconds[name], stamps.get(name, ""))
+        else:
+            lines += kept[name].splitlines()
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    p.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}; the "
+                   "output's other sections are kept")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="tiny sizes: checks that all run")
     p.add_argument("--repeats", type=int, default=None, help="override each one's repeats")
+    p.add_argument("--note", default="",
+                   help="added to each measured section's line, e.g. 'machine shared'")  # fmt: skip
     p.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else BENCHMARKS
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         p.error(f"unknown benchmark(s): {', '.join(unknown)} (known: {', '.join(BENCHMARKS)})")
-    results, seconds = {}, {}
+    kept = {}
+    if args.only and args.output.is_file():
+        kept = read_sections(args.output.read_text())
+    results, seconds, stamps = {}, {}, {}
     for name in names:
+        before = os.getloadavg()[0]
         results[name], seconds[name], _ = run_one(name, args.tiny, args.repeats)
-    args.output.write_text(to_markdown(results, seconds, args))
+        stamps[name] = stamp(args.tiny, args.note, (before, os.getloadavg()[0]))
+    args.output.write_text(to_markdown(results, seconds, args, stamps, kept))
     print(f"\nwrote {args.output}")
     return 0 if all(results.values()) else 1
 

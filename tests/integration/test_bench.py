@@ -1,33 +1,41 @@
-"""Every benchmark runs at its tiny size and prints its figures (no timing assertions:
-speed is measured by `bash scripts/bench.sh`, never asserted in tests)."""
+"""Every benchmark (each section of BENCHMARKS.md, e.g. `train-llama`, `generate-llama`)
+runs at its tiny size and prints its figures (no timing assertions: speed is measured by
+`bash scripts/bench.sh`, never asserted in tests)."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from bench.common import MARKER
+from bench.run_all import BENCHMARKS, SECTIONS, command
 from tests.conftest import REPO
 
 SCRIPTS = sorted(p.stem.removeprefix("bench_") for p in (REPO / "bench").glob("bench_*.py"))
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_benchmark_script_is_a_section():
+    assert sorted({SECTIONS[n][0] for n in BENCHMARKS}) == SCRIPTS
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_runs_tiny_and_reports_its_figures(name, ray_cluster, dataset):
     extra = ["--data", str(dataset)] if name == "jobstart" else []
     out = subprocess.run(
-        [sys.executable, f"bench/bench_{name}.py", "--tiny", *extra],
+        [*command(name, tiny=True), *extra],
         cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ},
     )  # fmt: skip
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith(MARKER)]
     assert len(lines) == 1, out.stdout[-2000:]
     result = json.loads(lines[0][len(MARKER) :])
-    assert result["benchmark"] and result["figures"]
+    assert result["benchmark"] == name and result["figures"]
+    args = SECTIONS[name][1]
+    if "--arch" in args:  # the section measured the architecture it names
+        assert result["config"]["model"]["arch"] == args[args.index("--arch") + 1]
     for f in result["figures"]:
         assert (
             f["name"]
@@ -54,3 +62,35 @@ def test_run_all_writes_benchmarks_md(tmp_path):
     md = run_all.to_markdown(results, {"data": 1.0, "prepare": 2.0}, Args())
     assert "| x | 2.5 (2-3) tokens/s | plain: 3.5 (3-4) | 0.75x (0.5-1) | >= 0.9x | **no** |" in md
     assert "Did not produce a result" in md and "machine:" in md
+
+
+def test_run_all_keeps_the_sections_it_did_not_rerun():
+    """--only reruns some sections: the others stay, each saying when it was measured."""
+    from bench import run_all
+    from bench.common import Figure
+
+    class Args:
+        tiny = False
+
+    old_fig = Figure.ratio_of("old", "MB/s", [1.0], [2.0], baseline="dd")
+    # A file of before the stamps: no "Measured" line under each heading, only the header's.
+    old = run_all.to_markdown(
+        {"data": {"figures": [old_fig.__dict__], "config": {}}, "train-llama": None},
+        {"data": 1.0, "train-llama": 2.0},
+        Args(),
+    )
+    kept = run_all.read_sections(old)
+    assert list(kept) == ["train-llama", "data"]
+    new_fig = Figure.ratio_of("new", "tokens/s", [9.0], [10.0], baseline="plain", target=0.9)
+    md = run_all.to_markdown(
+        {"train-llama": {"figures": [new_fig.__dict__], "config": {}}}, {"train-llama": 3.0},
+        Args(), {"train-llama": "Measured now; machine shared."}, kept,
+    )  # fmt: skip
+    assert "reran train-llama; the other sections are kept" in md
+    assert md.count("## ") == 2 and md.index("## train-llama") < md.index("## data")
+    llama, data = md.split("## train-llama")[1].split("## data")
+    assert "Measured now; machine shared." in llama and "| new |" in llama
+    assert "Did not produce" not in llama  # the rerun replaced the old failed section
+    assert "| old | 1 (1-1) MB/s | dd: 2 (2-2) | 0.5x (0.5-0.5) |" in data
+    header_date = old.split("Written by `bench/run_all.py` on ")[1].split(" at commit")[0]
+    assert f"Measured {header_date} at commit" in data  # the old file's date, now its own
