@@ -146,14 +146,13 @@ def test_bad_params_are_named():
             SamplingParams(**kw)
 
 
-def test_cli_generate_samples_stops_and_logprobs(tmp_path, tok):
-    """`lmforge generate` with --n, --stop, --logprobs on a sealed checkpoint."""
-    import subprocess
-    import sys
-
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tok):
+    """A sealed servable checkpoint of a tiny untrained model (what a run or import writes)."""
     from lmforge.checkpoint import TrainerState, save_servable, seal
     from lmforge.config import Config
 
+    tmp_path = tmp_path_factory.mktemp("ckpt")
     tok.save(str(tmp_path / "tokenizer.json"))
     cfg = Config(
         model=ModelConfig(
@@ -165,6 +164,15 @@ def test_cli_generate_samples_stops_and_logprobs(tmp_path, tok):
     weights = models.build(cfg.model).state_dict()
     save_servable(ckpt, weights, cfg, tmp_path / "tokenizer.json", TrainerState(1))
     seal(ckpt)
+    return ckpt
+
+
+def test_cli_generate_samples_stops_and_logprobs(checkpoint):
+    """`lmforge generate` with --n, --stop, --logprobs on a sealed checkpoint."""
+    import subprocess
+    import sys
+
+    ckpt = checkpoint
 
     def generate(*extra):
         cmd = [sys.executable, "-m", "lmforge.cli", "generate", "--checkpoint", str(ckpt)]
@@ -194,3 +202,25 @@ def test_cli_generate_samples_stops_and_logprobs(tmp_path, tok):
         timeout=120,
     )
     assert bad.returncode == 2 and "n must be >= 1" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_pyfunc_predict_takes_the_new_params(checkpoint):
+    """The registered model's predict: n outputs per prompt, a stop string, log-probs."""
+    import json
+    from types import SimpleNamespace
+
+    from lmforge.tracking.pyfunc_model import TextGenerator
+
+    gen = TextGenerator()
+    gen.load_context(SimpleNamespace(artifacts={"checkpoint": str(checkpoint)}))
+    base = {"max_new_tokens": 6, "temperature": 0.0}
+    (plain,) = gen.predict(None, ["hello"], base)
+    assert gen.predict(None, ["hello", "world"], {**base, "n": 2})[:2] == [plain, plain]
+    assert len(gen.predict(None, ["hello", "world"], {**base, "n": 2})) == 4
+    stop = next(c for c in plain if not c.isspace())
+    assert gen.predict(None, ["hello"], {**base, "stop": stop}) == [plain[: plain.index(stop)]]
+    (out,) = gen.predict(None, ["hello"], {**base, "logprobs": 3})
+    got = json.loads(out)
+    assert got["text"] == plain and got["finish"] in ("length", "stop_token")
+    assert "".join(t["token"] for t in got["tokens"]) == plain
+    assert all(len(t["top"]) == 3 and t["top"][0][0] == t["token"] for t in got["tokens"])

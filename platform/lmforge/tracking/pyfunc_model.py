@@ -7,12 +7,16 @@ as the artifact `checkpoint` and a copy of the `lmforge` package as code, so
     mlflow models predict -m models:/NAME@best -i prompts.json -t json --env-manager local
 
 generate in any process that has torch, tokenizers and safetensors. The input is a list of
-prompts (or a one-column DataFrame); the output one continuation per prompt. MLflow reserves
-the alias `latest`: load the newest version as `models:/NAME/latest`.
+prompts (or a one-column DataFrame); the output one continuation per prompt, or `n` per
+prompt one after another (params={"n": 3}). With `logprobs` > 0 each output is a JSON
+object instead of the bare text: {"text", "finish", "tokens": [{"token", "logprob",
+"top": [[token, logprob], ...]}]}, tokens as text. `stop` is one stop string ("" for
+none). MLflow reserves the alias `latest`: load the newest version as `models:/NAME/latest`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +31,10 @@ PARAMS: dict[str, Any] = {
     "top_k": 50,
     "top_p": 1.0,
     "seed": -1,
+    "n": 1,
+    "repetition_penalty": 1.0,
+    "stop": "",
+    "logprobs": 0,
 }
 
 
@@ -43,7 +51,23 @@ def sampling_params(tokenizer, params: dict[str, Any] | None):
         top_p=None if float(p["top_p"]) >= 1.0 else float(p["top_p"]),
         seed=None if int(p["seed"]) < 0 else int(p["seed"]),
         stop_token=eot_id(tokenizer),
+        n=int(p["n"]),
+        repetition_penalty=float(p["repetition_penalty"]),
+        stop=(str(p["stop"]),) if p["stop"] else (),
+        logprobs=int(p["logprobs"]) or None,
     )
+
+
+def render(tokenizer, sample) -> str:
+    """One output: the text, or with log-probs a JSON object (see the module docstring)."""
+    if not sample.tokens or sample.tokens[0].logprob is None:
+        return sample.text
+    piece = lambda t: tokenizer.decode([t])  # noqa: E731
+    tokens = [
+        {"token": piece(c.token), "logprob": c.logprob, "top": [[piece(t), v] for t, v in c.top]}
+        for c in sample.tokens
+    ]
+    return json.dumps({"text": sample.text, "finish": sample.finish, "tokens": tokens})
 
 
 def _prompts(model_input) -> list[str]:
@@ -74,10 +98,15 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> list[str]:
-        from lmforge.generation import complete
+        from lmforge.generation import complete_samples
 
         sp = sampling_params(self.tokenizer, params)
-        return [complete(self.model, self.tokenizer, p, sp) for p in _prompts(model_input)]
+        out = []
+        for prompt in _prompts(model_input):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            samples = complete_samples(self.model, self.tokenizer, ids, sp)
+            out += [render(self.tokenizer, s) for s in samples]
+        return out
 
     def predict_stream(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
