@@ -7,20 +7,29 @@
 The dashboard caches `load` per (URI, tracking URI) so a model is read once. A prompt
 longer than the context keeps its last tokens and says so (`Prompt.notice`) instead of
 failing; an empty prompt starts from the end-of-text token (an unconditional sample).
+
+Chat and templated prompts: `template_choices(loaded)` lists the version's own template
+(the one it was trained with, or an imported model's chat template) first, then the
+built-ins; `render_prompt` gives the exact text the model will see (the page previews it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import html
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge import models
+from lmforge import models, templates
 from lmforge.config import Config
-from lmforge.generation import SamplingParams, stream_ids
+from lmforge.generation import Piece, SamplingParams, TokenChoice, stream_ids, stream_samples
 from lmforge.models import LanguageModel
-from lmforge.tokenizer import eot_id
+from lmforge.templates import Template
+from lmforge.tokenizer import eot_id, eot_token
+
+OWN = "the version's own"  # the template_choices key of the version's own template
 
 
 @dataclass
@@ -76,3 +85,55 @@ def stream(loaded: Loaded, prompt: Prompt, params: SamplingParams) -> Iterator[s
     """The continuation as text pieces, stopping at the end-of-text token."""
     params = dataclasses.replace(params, stop_token=eot_id(loaded.tokenizer))
     yield from stream_ids(loaded.model, loaded.tokenizer, prompt.ids, params)
+
+
+def stream_pieces(loaded: Loaded, prompt: Prompt, params: SamplingParams) -> Iterator[Piece]:
+    """Every sample's pieces (`params.n` of them, in one batch), ending at the end token."""
+    params = dataclasses.replace(params, stop_token=eot_id(loaded.tokenizer))
+    yield from stream_samples(loaded.model, loaded.tokenizer, prompt.ids, params)
+
+
+def template_choices(loaded: Loaded) -> dict[str, Template | None]:
+    """The templates a prompt can be written in: none (raw text), the version's own (if it
+    has one) and the built-ins, with the tokenizer's end token and few-shot left empty."""
+    eos = eot_token(loaded.tokenizer) or ""
+    out: dict[str, Template | None] = {"none (raw text)": None}
+    own = templates.of_folder(loaded.checkpoint)
+    if own is not None:
+        out[f"{OWN} ({own.name})"] = own
+    for name in templates.NAMES:
+        if name != "few-shot":  # needs examples: built by `with_examples`
+            out[name] = templates.get(name, eos_token=eos)
+    return out
+
+
+def with_examples(loaded: Loaded, examples: Sequence[Mapping[str, str]]) -> Template:
+    """The few-shot template with the page's examples."""
+    return templates.get("few-shot", eos_token=eot_token(loaded.tokenizer) or "", examples=examples)
+
+
+def render_prompt(
+    template: Template | None, messages: Sequence[Mapping[str, str]], cue: str | None = None
+) -> str:
+    """The exact text the model is given: the conversation in `template`, ready for the
+    assistant's reply, then `cue` (a chain-of-thought cue) if given. Without a template,
+    the last message's content as it is."""
+    text = messages[-1]["content"] if template is None else template.render(messages, True)
+    return f"{text} {cue}" if cue else text
+
+
+def token_html(tokenizer, tokens: Sequence[TokenChoice], prefix: str = "") -> str:
+    """The tokens as HTML after `prefix` (unshaded), each shaded by its probability (red:
+    unlikely, green: likely), its probability and alternatives in the tooltip; all escaped."""
+    spans = [f'<span style="white-space:pre-wrap">{html.escape(prefix)}</span>'] if prefix else []
+    for c in tokens:
+        p = math.exp(c.logprob) if c.logprob is not None else 1.0
+        hue = int(120 * p)  # 0 red .. 120 green
+        alts = ", ".join(f"{tokenizer.decode([t])!r} {math.exp(v):.0%}" for t, v in c.top)
+        tip = html.escape(f"p={p:.1%}  top: {alts}", quote=True)
+        text = html.escape(tokenizer.decode([c.token]))
+        spans.append(
+            f'<span title="{tip}" style="background:hsl({hue},70%,82%);'
+            f'white-space:pre-wrap">{text}</span>'
+        )
+    return "".join(spans)

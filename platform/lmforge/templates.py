@@ -206,6 +206,25 @@ def from_tokenizer_config(path: str | Path) -> Template | None:
     return Template("chat_template", source, variables)
 
 
+TEMPLATE_FILE = "template.json"  # beside a dataset's manifest and in a checkpoint
+
+
+def save(template: Template, folder: str | Path) -> None:
+    Path(folder, TEMPLATE_FILE).write_text(json.dumps(template.describe(), indent=2))
+
+
+def of_folder(folder: str | Path) -> Template | None:
+    """The template a dataset or checkpoint was made with: its `template.json`, else the
+    `chat_template` of the Hugging Face `tokenizer_config.json` beside it, else None."""
+    p = Path(folder, TEMPLATE_FILE)
+    if p.is_file():
+        try:
+            return Template.from_description(json.loads(p.read_text()))
+        except (ValueError, KeyError, TypeError) as err:
+            raise TemplateError(f"{p}: not a template description ({err})") from None
+    return from_tokenizer_config(Path(folder, "tokenizer_config.json"))
+
+
 def to_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     """A data row as messages: {prompt, completion} -> user + assistant; {messages} as is."""
     if "messages" in row:

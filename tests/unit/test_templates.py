@@ -169,3 +169,16 @@ def test_description_round_trip():
     t = templates.get("few-shot", eos_token=EOT, examples=[{"prompt": "a", "completion": "b"}])
     back = templates.Template.from_description(json.loads(json.dumps(t.describe())))
     assert back.describe() == t.describe() and back.render(CHAT) == t.render(CHAT)
+
+
+def test_a_folder_carries_its_template(tmp_path, tokenizer_json):
+    assert templates.of_folder(tmp_path) is None
+    t = templates.get("chain-of-thought", eos_token=EOT, cue="Think first.")
+    templates.save(t, tmp_path)
+    assert templates.of_folder(tmp_path).render(CHAT) == t.render(CHAT)
+    # An imported model's folder: its chat_template, when no template.json was written.
+    folder = hf_folder(tmp_path, tokenizer_json, HF_TEMPLATES["chatml"])
+    assert templates.of_folder(folder).source == HF_TEMPLATES["chatml"]
+    (tmp_path / templates.TEMPLATE_FILE).write_text("[]")
+    with pytest.raises(TemplateError, match="template.json: not a template description"):
+        templates.of_folder(tmp_path)
