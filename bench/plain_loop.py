@@ -60,45 +60,61 @@ def total_threads(cfg: Config) -> int:
     return max(1, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker))
 
 
-def train(cfg: Config, threads: int | None = None) -> PlainResult:
-    """Train `cfg.train.max_steps` steps; returns every step's time and loss."""
-    t, m = cfg.train, cfg.model
-    if t.precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision={t.precision}: the plain loop runs fp32 or bf16")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or total_threads(cfg))
-    try:
+class Stepper:
+    """The plain loop's model, optimizer, schedule and batches; `step()` is one optimizer
+    step (returns its loss). Threads are the caller's (`train` sets them)."""
+
+    def __init__(self, cfg: Config) -> None:
+        t, m = cfg.train, cfg.model
+        if t.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision={t.precision}: the plain loop runs fp32 or bf16")
+        self.cfg = cfg
         dataset = Dataset(paths.resolve(cfg.data.path))
         torch.manual_seed(t.seed)
-        model = models.build(m.model_copy(update={"vocab_size": dataset.vocab_size}))
+        self.model = models.build(m.model_copy(update={"vocab_size": dataset.vocab_size}))
         # nanoGPT's grouping: decay the matrices, not the biases and LayerNorm gains.
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW(
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
         )  # fmt: skip
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, cfg=cfg))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, functools.partial(lr_factor, cfg=cfg)
+        )
         batch = global_batch(cfg)
         stream = TokenStream(dataset, "train", m.context_length, batch, 0, 1, seed=t.seed)
-        batches = stream.batches()
-        result = PlainResult(tokens_per_step=batch * m.context_length)
-        bf16 = t.precision == "bf16"
-        model.train()
-        for _ in range(t.max_steps):
+        self.batches = stream.batches()
+        self.tokens_per_step = batch * m.context_length
+        self.bf16 = t.precision == "bf16"
+        self.model.train()
+
+    def step(self) -> float:
+        x, y = next(self.batches)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            _, loss = self.model(x, y)
+        loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def train(cfg: Config, threads: int | None = None) -> PlainResult:
+    """Train `cfg.train.max_steps` steps; returns every step's time and loss."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or total_threads(cfg))
+    try:
+        stepper = Stepper(cfg)
+        result = PlainResult(tokens_per_step=stepper.tokens_per_step)
+        for _ in range(cfg.train.max_steps):
             t0 = time.perf_counter()
-            x, y = next(batches)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                _, loss = model(x, y)
-            loss.backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            result.losses.append(loss.item())
+            loss = stepper.step()  # data loading included, as lmforge's step time
             result.step_times.append(time.perf_counter() - t0)
+            result.losses.append(loss)
         return result
     finally:
         torch.set_num_threads(before)
