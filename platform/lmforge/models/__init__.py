@@ -6,6 +6,7 @@
     arch = models.get(cfg.model.arch)                 # or models.of(model)
     cache = arch.new_cache(model, 1, device, dtype)   # arch.new_cache is None: no cache
     arch.n_params(cfg.model), arch.flops_per_token(cfg.model)
+    arch.activation_bytes(cfg.model, micro_batch, 2)  # bf16 activations, the logits apart
 
 What `build` returns is an `nn.Module` with `cfg` (its `ModelConfig`) and
 `forward(idx, targets=None, cache=None) -> (logits, loss)`: the loss is None without
@@ -20,6 +21,11 @@ and MFU, the benchmarks):
   (Chowdhery et al. 2022, appendix B): 6 × the weights of the matrix multiplies (Kaplan et
   al. 2020's non-embedding N: lookup tables do no arithmetic; an output projection, tied
   or not, is a matmul and counts) plus attention's 12·L·d·T. The MFU numerator.
+- `activation_bytes`: what one micro-batch's forward keeps for backward, every layer and
+  the final norm, at the start of backward (the step's peak): the tensors autograd saves
+  (and a fused kernel's own workspace), counted per architecture as Korthikanti et al.
+  2022 (sec. 4.1) count GPT-3's, but for the kernels our code actually calls. The logits
+  (the same cross-entropy in every architecture) are `lmforge.estimate`'s, counted once.
 
 Adding an architecture is a new file `models/<name>.py` that defines `ARCH =
 Architecture(...)` and `<name>` added to `ModelConfig.arch`'s choices; the trainer,
@@ -65,6 +71,9 @@ class Architecture:
     build: Callable[[ModelConfig], Any]  # -> an nn.Module that is a LanguageModel
     n_params: Callable[[ModelConfig], int]  # every parameter, from the config alone
     flops_per_token: Callable[[ModelConfig], float]  # training FLOPs of one token
+    # (cfg, micro batch, bytes per activation element: 2 for bf16/fp16, 4 for fp32) -> bytes
+    # the forward keeps for backward, the logits and the cross-entropy excepted.
+    activation_bytes: Callable[[ModelConfig, int, int], float]
     # (model, batch, device, dtype) -> a Cache for generation; None: generate without one.
     new_cache: Callable[[Any, int, Any, Any], Cache] | None = None
     # False for a recurrent model: a prompt of any length is fed whole when generating.

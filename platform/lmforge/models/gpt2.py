@@ -191,6 +191,30 @@ def flops_per_token(cfg: ModelConfig) -> float:
     return 6 * (n * 12 * d * d + v * d) + 12 * n * d * t
 
 
+def activation_bytes(cfg: ModelConfig, micro_batch: int, elem: int) -> float:
+    """Bytes a forward of `micro_batch` sequences keeps for backward, the logits apart.
+
+    Korthikanti et al. 2022 (sec. 4.1) count `sbh(34 + 5as/h)` bytes a layer at 16 bits;
+    this is the same count for the kernels this file calls. Per layer, `elem`-byte
+    elements of s·b·h: each LayerNorm's input and output (2 + 2), attention's q, k, v (the
+    fused qkv output, 3), its output (1: already laid out as the c_proj input, so the
+    `.contiguous()` copies nothing), and the MLP's first output and GELU's output (4 + 4):
+    16 in all, Korthikanti's 32 bytes at elem = 2. Fused attention (flash or
+    memory-efficient SDPA, which torch picks on CPU and GPU alike when no mask is given)
+    keeps a fp32 log-sum-exp per query and head (4·a·s·b) instead of the s×s scores and
+    their dropout (Korthikanti's 5as²b); LayerNorm keeps a fp32 mean and rstd per row.
+    With dropout, each `nn.Dropout` keeps a 1-byte mask (CUDA's fused dropout): two a layer
+    and one after the embeddings (on CPU, dropout takes SDPA's math path, which stores the
+    scores, and elem-byte masks: not counted: the CPU presets have none). Plus ln_f's input and output and its statistics.
+    tests/unit/test_estimate.py checks the sum against a CPU training step's measured peak.
+    """
+    s, b, d, a, n = cfg.context_length, micro_batch, cfg.d_model, cfg.n_head, cfg.n_layer
+    sbh, sb = s * b * d, s * b
+    masks = (2 * n + 1) * sbh if cfg.dropout > 0 else 0
+    layer = 16 * sbh * elem + 2 * 2 * sb * 4 + a * sb * 4
+    return n * layer + 2 * sbh * elem + 2 * sb * 4 + masks
+
+
 # Hugging Face's GPT-2 keeps OpenAI's `Conv1D`, whose weight is (in, out) where `nn.Linear`'s
 # is (out, in); biases are unchanged. Both split the fused c_attn output into q, k, v in that
 # order, so the mapping is a renaming plus this transpose:
@@ -294,6 +318,7 @@ ARCH = Architecture(
     build=GPT,
     n_params=n_params,
     flops_per_token=flops_per_token,
+    activation_bytes=activation_bytes,
     new_cache=new_cache,
     tied=lambda cfg: TIED,
     hf_state_dict=hf_state_dict,

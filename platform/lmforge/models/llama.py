@@ -275,6 +275,35 @@ def flops_per_token(cfg: ModelConfig) -> float:
     return 6 * (n * _matmul_weights(cfg) + v * d) + 12 * n * d * t
 
 
+def activation_bytes(cfg: ModelConfig, micro_batch: int, elem: int) -> float:
+    """Bytes a forward of `micro_batch` sequences keeps for backward, the logits apart.
+
+    Korthikanti et al. 2022's per-layer count (sec. 4.1) redone for this block, in units of
+    s·b·h (h = d_model) elements of `elem` bytes:
+    - each RMSNorm: its fp32 input (`x.float()`, 4 bytes whatever elem), the normalised
+      rows cast back and the output (2·elem), plus a fp32 rsqrt per row;
+    - attention: the rotated q (1), k and v with only the n_kv_head heads (2·g, g =
+      n_kv_head/n_head: grouped-query attention shrinks them) and the output (1, the o_proj
+      input). The rotation keeps only the cos/sin tables. Fused SDPA (flash on CPU and GPU,
+      GQA without repeating k and v) keeps a fp32 log-sum-exp per query and head, never
+      the s×s scores;
+    - SwiGLU: gate's output (SiLU's input), SiLU's output, up's output and their product
+      (down's input): 4·ffn_hidden/h;
+    - with dropout, a 1-byte mask after attention and after the MLP (CUDA's fused dropout;
+      on CPU, dropout takes SDPA's math path, which stores the s×s scores and repeated k
+      and v, and elem-byte masks: not counted: the CPU presets have none).
+    Plus the final norm. tests/unit/test_estimate.py checks the sum against a CPU training
+    step's measured peak.
+    """
+    s, b, d, a, n = cfg.context_length, micro_batch, cfg.d_model, cfg.n_head, cfg.n_layer
+    sbh, sb = s * b * d, s * b
+    norm = (4 + 2 * elem) * sbh + 4 * sb
+    attn = (2 + 2 * kv_heads(cfg) / a) * sbh * elem + 4 * a * sb
+    mlp = 4 * s * b * ffn_hidden(cfg) * elem
+    masks = 2 * sbh if cfg.dropout > 0 else 0
+    return n * (2 * norm + attn + mlp + masks) + norm
+
+
 def tied(cfg: ModelConfig) -> tuple[str, ...]:
     return TIED if tie(cfg) else ()
 
@@ -463,6 +492,7 @@ ARCH = Architecture(
     build=Llama,
     n_params=n_params,
     flops_per_token=flops_per_token,
+    activation_bytes=activation_bytes,
     new_cache=new_cache,
     tied=tied,
     hf_state_dict=hf_state_dict,

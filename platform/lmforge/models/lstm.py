@@ -123,11 +123,34 @@ def flops_per_token(cfg: ModelConfig) -> float:
     return 6 * (n * 4 * (d * d + d * d) + v * d)
 
 
+def activation_bytes(cfg: ModelConfig, micro_batch: int, elem: int) -> float:
+    """Bytes a forward of `micro_batch` sequences keeps for backward, the logits apart.
+
+    nn.LSTM runs one layer at a time (on CPU through oneDNN's RNN primitive,
+    `mkldnn_rnn_layer`) and keeps, besides the layer's input (s·b·d elements), the
+    primitive's training workspace. oneDNN sizes it (`rnn_utils::set_workspace_sizes`) as,
+    per layer, (layers + 1 = 2) × (s + 1) × b × d for each of five state arrays: h (elem
+    bytes), c (elem), and the fp32 gradients of h, c and the layer input; plus the four
+    gates of every step (4·s·b·d, elem) and h again (s·b·d, elem): about (9·elem + 24)
+    bytes per hidden unit and step, fifteen fp32 values, where the recurrence needs six or
+    so. cuDNN's reserve space on GPUs is another layout, not measured here. Plus the last
+    layer's output and its batch-first copy, the head's input (2·s·b·d), and with dropout
+    a 1-byte mask between layers and before the head.
+    tests/unit/test_estimate.py checks the sum against a CPU training step's measured peak.
+    """
+    s, b, d, n = cfg.context_length, micro_batch, cfg.d_model, cfg.n_layer
+    states = 2 * (s + 1) * b * d * (2 * elem + 3 * 4)
+    workspace = states + 5 * s * b * d * elem
+    masks = n * s * b * d if cfg.dropout > 0 else 0
+    return n * (s * b * d * elem + workspace) + 2 * s * b * d * elem + masks
+
+
 ARCH = Architecture(
     name="lstm",
     build=LSTMLM,
     n_params=n_params,
     flops_per_token=flops_per_token,
+    activation_bytes=activation_bytes,
     new_cache=new_cache,
     context_limited=False,
     tied=lambda cfg: ("lm_head.weight",) if _tied(cfg) else (),
