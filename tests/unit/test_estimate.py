@@ -106,10 +106,11 @@ def test_memory_estimate_is_within_20_percent_of_a_measured_training_step(preset
     assert cfg.train.precision == "fp32" and cfg.model.dropout == 0
     est = estimate(cfg).per_worker_bytes
     state, activations = measure_training_step(cfg)
-    mib = 2**20
+    est_mib, got_mib = est["activations"] / 2**20, activations / 2**20
+    total_mib, got_total_mib = est["total"] / 2**20, (state + activations) / 2**20
     print(
-        f"{cfg.model.arch}: estimated/measured MiB: activations {est['activations'] / mib:.2f}"
-        f"/{activations / mib:.2f}, total {est['total'] / mib:.2f}/{(state + activations) / mib:.2f}"
+        f"{cfg.model.arch}: estimated/measured MiB: activations {est_mib:.2f}/{got_mib:.2f},"
+        f" total {total_mib:.2f}/{got_total_mib:.2f}"
     )
     assert activations > state
     assert est["total"] - est["activations"] == state  # 16 bytes a parameter in fp32

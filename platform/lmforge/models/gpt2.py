@@ -205,7 +205,8 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, elem: int) -> float:
     their dropout (Korthikanti's 5as²b); LayerNorm keeps a fp32 mean and rstd per row.
     With dropout, each `nn.Dropout` keeps a 1-byte mask (CUDA's fused dropout): two a layer
     and one after the embeddings (on CPU, dropout takes SDPA's math path, which stores the
-    scores, and elem-byte masks: not counted: the CPU presets have none). Plus ln_f's input and output and its statistics.
+    scores, and elem-byte masks: not counted: the CPU presets have none). Plus ln_f's
+    input and output and its statistics.
     tests/unit/test_estimate.py checks the sum against a CPU training step's measured peak.
     """
     s, b, d, a, n = cfg.context_length, micro_batch, cfg.d_model, cfg.n_head, cfg.n_layer
