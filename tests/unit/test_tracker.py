@@ -163,19 +163,53 @@ def test_an_incomplete_checkpoint_is_never_registered(tmp_path, checkpoints):
 
 
 def test_a_dead_server_costs_bounded_time_and_raises_nothing(tmp_path, checkpoints):
+    """A server that never comes back: the work waits for it until `close`'s bound, then
+    what was left undone is reported (a server that returns: test_tracker_outage.py)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.monotonic()
     tracker = Tracker(_settings(f"http://127.0.0.1:{port}", tmp_path / "run"), backoff_s=0.01)
     tracker.log_metrics(1, {"loss": 1.0})
     d, state = checkpoints[0]
     tracker.register(tracker.stage(d, state.step), d, state)
-    tracker.close(timeout_s=60)
-    assert time.monotonic() - t0 < 60
-    assert any("could not start the MLflow run" in f for f in tracker.failures)
-    assert any("register the checkpoint of step 5" in f for f in tracker.failures)
+    t0 = time.monotonic()
+    tracker.close(timeout_s=3)
+    assert time.monotonic() - t0 < 10
+    gave_up, lost = tracker.failures
+    assert gave_up.startswith("gave up after 3 s (MlflowException: API request to")
+    assert gave_up.endswith(
+        "left undone: start the MLflow run, register the checkpoint of step 5, end the MLflow run"
+    )
+    assert lost == "1 metric values not logged"
     assert d.is_dir()  # the checkpoint itself is untouched
+
+
+def test_a_refused_run_drops_its_work_after_the_retries(tmp_path, checkpoints, monkeypatch):
+    """A server that answers but refuses (here: a bad experiment) is not an outage: after
+    `retries` more tries each piece of work is reported once, and close does not wait."""
+    from mlflow.exceptions import MlflowException
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise MlflowException("experiment name refused", error_code="INVALID_PARAMETER_VALUE")
+
+    monkeypatch.setattr(store, "ensure_experiment", refuse)
+    tracker = Tracker(_settings(uri, tmp_path / "run", "refused"), retries=2, backoff_s=0.01)
+    tracker.log_metrics(1, {"loss": 1.0})
+    d, state = checkpoints[0]
+    tracker.register(tracker.stage(d, state.step), d, state)
+    t0 = time.monotonic()
+    tracker.close(timeout_s=30)
+    assert time.monotonic() - t0 < 10 and len(calls) == 3
+    assert tracker.failures[0] == (
+        "could not start the MLflow run: MlflowException: experiment name refused"
+    )
+    assert tracker.failures[-1] == "1 metric values not logged"
+    assert "could not register the checkpoint of step 5: no MLflow run" in tracker.failures
+    assert "could not end the MLflow run: no MLflow run" in tracker.failures
 
 
 def test_tracking_disabled_sends_nothing_to_the_workers():
