@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ConfigError, ModelConfig
-from lmforge.models import Architecture
+from lmforge.models import Architecture, attention
 
 LN_EPS = 1e-5
 
@@ -28,17 +28,6 @@ def _vocab(cfg: ModelConfig) -> int:
     if cfg.vocab_size is None:
         raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
     return cfg.vocab_size
-
-
-class KVCache:
-    """Keys and values of every layer for a batch, pre-allocated to the context length."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, device, dtype) -> None:
-        shape = (batch, cfg.n_head, cfg.context_length, cfg.d_model // cfg.n_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.length = 0  # positions filled so far
-        self.capacity = cfg.context_length
 
 
 class CausalSelfAttention(nn.Module):
@@ -50,30 +39,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x: torch.Tensor, cache: attention.KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        mask, causal = None, True
-        if cache is not None:
-            start = cache.length
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            k = cache.k[layer][:, :, : start + T]
-            v = cache.v[layer][:, :, : start + T]
-            if start > 0:
-                # New queries sit at positions start..start+T-1 and see every key up to their own.
-                causal = False
-                q_pos = torch.arange(start, start + T, device=x.device)[:, None]
-                mask = torch.arange(start + T, device=x.device)[None, :] <= q_pos
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        y = attention.attend(q, k, v, cache, layer, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -98,7 +68,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=LN_EPS)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x: torch.Tensor, cache: attention.KVCache | None = None, layer: int = 0):
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
@@ -133,7 +103,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: attention.KVCache | None = None,
     ):
         """Logits for `idx` (B, T); with `targets`, also the mean cross-entropy loss.
 
@@ -161,8 +131,12 @@ class GPT(nn.Module):
 
 
 # -- the architecture spec --------------------------------------------------------------------
-def new_cache(model: GPT, batch: int, device, dtype) -> KVCache:
-    return KVCache(model.cfg, batch, device, dtype)
+def new_cache(model: GPT, batch: int, device, dtype) -> attention.KVCache:
+    """Keys and values of every layer, every head, pre-allocated to the context."""
+    c = model.cfg
+    return attention.KVCache(
+        c.n_layer, batch, c.n_head, c.context_length, c.d_model // c.n_head, device, dtype
+    )
 
 
 def n_params(cfg: ModelConfig) -> int:

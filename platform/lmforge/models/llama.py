@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from lmforge.config import ConfigError, ModelConfig
-from lmforge.models import Architecture
+from lmforge.models import Architecture, attention
 
 FFN_MULTIPLE = 32
 TIED = ("lm_head.weight",)  # an alias of embed_tokens.weight when tie_embeddings
@@ -60,17 +60,6 @@ def norm_eps(cfg: ModelConfig) -> float:
 
 def tie(cfg: ModelConfig) -> bool:
     return True if cfg.tie_embeddings is None else cfg.tie_embeddings
-
-
-class KVCache:
-    """Keys (rotated) and values of every layer, only the `n_kv_head` heads, pre-allocated."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, device, dtype) -> None:
-        shape = (batch, kv_heads(cfg), cfg.context_length, cfg.d_model // cfg.n_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.length = 0  # positions filled so far
-        self.capacity = cfg.context_length
 
 
 class Rotary:
@@ -129,34 +118,14 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: attention.KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        mask, causal = None, True
-        if cache is not None:
-            start = cache.length
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            k = cache.k[layer][:, :, : start + T]
-            v = cache.v[layer][:, :, : start + T]
-            if start > 0:
-                # New queries sit at positions start..start+T-1 and see every key up to their own.
-                causal = False
-                q_pos = torch.arange(start, start + T, device=x.device)[:, None]
-                mask = torch.arange(start + T, device=x.device)[None, :] <= q_pos
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv != self.n_head,
-        )
+        y = attention.attend(q, k, v, cache, layer, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
@@ -184,7 +153,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, norm_eps(cfg))
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: attention.KVCache | None = None, layer: int = 0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -215,7 +184,7 @@ class Llama(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: attention.KVCache | None = None,
     ):
         """Logits for `idx` (B, T); with `targets`, also the mean cross-entropy loss.
 
@@ -244,8 +213,12 @@ class Llama(nn.Module):
 
 
 # -- the architecture spec --------------------------------------------------------------------
-def new_cache(model: Llama, batch: int, device, dtype) -> KVCache:
-    return KVCache(model.cfg, batch, device, dtype)
+def new_cache(model: Llama, batch: int, device, dtype) -> attention.KVCache:
+    """Keys and values of every layer, only the `n_kv_head` heads (keys rotated), pre-allocated to the context."""
+    c = model.cfg
+    return attention.KVCache(
+        c.n_layer, batch, kv_heads(c), c.context_length, c.d_model // c.n_head, device, dtype
+    )
 
 
 def _matmul_weights(cfg: ModelConfig) -> int:
