@@ -204,12 +204,24 @@ def _add_tracking(sub) -> None:
 
 
 def _add_cluster(sub) -> None:
-    p = sub.add_parser("cluster", help="start, stop or inspect a local Ray cluster")
+    p = sub.add_parser(
+        "cluster",
+        help="start, stop or inspect a local Ray cluster",
+        description="A local Ray cluster with token auth: one node on 127.0.0.1, or with "
+        "--nodes N a head on 127.0.0.2 and N-1 worker nodes on 127.0.0.3, ... (each its own "
+        "raylet and resources, as on a real cluster). `status` lists the nodes; `down` "
+        "stops every node `up` started.",
+    )
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
     p.add_argument("--dashboard-port", type=int, default=8265,
                    help="dashboard / Jobs API port (default 8265)")  # fmt: skip
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs to offer (default: all)")
+    p.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="nodes to start, the head included (default 1)")  # fmt: skip
+    p.add_argument("--num-cpus", type=float, default=None,
+                   help="CPUs the head offers (default: all with one node, 0 with several)")  # fmt: skip
+    p.add_argument("--node-cpus", type=float, default=1, metavar="N",
+                   help="CPUs each worker node offers (default 1)")  # fmt: skip
 
 
 def _add_dashboard(sub) -> None:
@@ -464,7 +476,10 @@ def cmd_cluster(args) -> None:
     from lmforge import cluster
 
     if args.action == "up":
-        info = cluster.up(args.port, args.dashboard_port, args.num_cpus)
+        info = cluster.up(
+            args.port, args.dashboard_port, args.num_cpus,
+            nodes=args.nodes, node_cpus=args.node_cpus,
+        )  # fmt: skip
         print(cluster.describe(info))
     elif args.action == "down":
         print(

@@ -1,27 +1,42 @@
-"""A local single-node Ray cluster, and how every lmforge entry point connects to Ray.
+"""A local Ray cluster (one node, or a head and worker nodes on loopback addresses), and how
+every lmforge entry point connects to Ray.
 
-    lmforge cluster up        # head on 127.0.0.1, token auth on; prints the address
-    lmforge cluster status
-    lmforge cluster down
+    lmforge cluster up                # one node on 127.0.0.1, token auth on
+    lmforge cluster up --nodes 3      # head on 127.0.0.2 (0 CPUs), workers on .3, .4 (1 CPU)
+    lmforge cluster status            # the nodes: id, address, state, resources
+    lmforge cluster down              # every node `up` started
 
-The head runs as `ray start --head --block` in its own session, so `down` stops exactly
-this cluster (never `ray stop`, which kills every Ray process on the machine). Its pid and
-addresses are kept in `$LMFORGE_HOME/cluster.json` (see `services.ManagedProcess`).
+Each node runs as `ray start --block` in its own session, so `down` stops exactly this
+cluster (never `ray stop`, which kills every Ray process on the machine). Pids and addresses
+are kept in `$LMFORGE_HOME/cluster.json` and `cluster-node-<i>.json` (`services.ManagedProcess`).
 
-Everything listens on 127.0.0.1: Ray's single-host mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
-keeps GCS, raylet and workers on loopback, and the dashboard/Jobs API is bound there too.
-Token auth stays on; clients send the token only with RAY_AUTH_MODE=token in their
-environment, so this module sets it for every client it starts.
+One node: Ray's single-host mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) keeps GCS, raylet and
+workers on 127.0.0.1. Several nodes: that mode refuses a second `ray start --address`, and
+without it Ray rewrites 127.0.0.1 to the host's own address, but not 127.0.0.2 and up; so each
+node takes its own loopback address and Ray sees distinct node IPs, as on a real cluster.
+Nodes start one at a time (two `ray start` at once fight over ports). The dashboard/Jobs API
+is bound to 127.0.0.1 either way.
+
+Every cluster has its own Ray temp dir: Ray keeps its "current cluster" file there, and a job
+driver finds its cluster through it (`RAY_ADDRESS=auto` in the job supervisor), so two
+clusters on one machine sharing /tmp/ray would send one's jobs to the other.
+
+Token auth stays on for every node (RAY_AUTH_MODE=token: `ray start` turns it on by itself
+only on a head that finds a token file); clients send the token only with that variable in
+their environment, so this module sets it for every client it starts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
-import subprocess
+import socket
 import sys
+import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +46,13 @@ from lmforge.services import ManagedProcess, ServiceRecord, free_port, http_ok
 
 log = logging.getLogger(__name__)
 
-# The environment of every process that talks to the local cluster.
+# The environment of every process that talks to the local cluster (one node; a cluster of
+# several nodes sets the single-host switch to 1, see `client_env`).
 LOCAL_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+MAX_NODES = 32  # 127.0.0.2 .. 127.0.0.33
+# Each extra node's object store (Ray's default, 30% of RAM per node, is far too much when
+# every node shares one machine).
+NODE_OBJECT_STORE_BYTES = 256 * 1024**2
 
 
 class ClusterError(LmforgeError):
@@ -43,9 +63,39 @@ class ClusterError(LmforgeError):
 class ClusterInfo(ServiceRecord):
     address: str  # GCS address, for ray.init
     dashboard_url: str  # Jobs API, for ray job submit / JobSubmissionClient
+    temp_dir: str = ""  # this cluster's own Ray temp dir ("": Ray's shared /tmp/ray)
+    nodes: int = 1  # nodes `up` started, the head included
+
+
+@dataclass(frozen=True)
+class NodeInfo(ServiceRecord):
+    """A worker node `up` started: its own raylet on its own loopback address."""
+
+    ip: str
+    num_cpus: float
 
 
 HEAD = ManagedProcess("cluster", "the Ray head", ClusterInfo)
+
+
+def worker_node(i: int) -> ManagedProcess[NodeInfo]:
+    """Worker node i (1, 2, ...) of the cluster `up` started."""
+    return ManagedProcess(f"cluster-node-{i}", f"Ray worker node {i}", NodeInfo)
+
+
+def node_ip(i: int, nodes: int) -> str:
+    """Node i's address (0 is the head): 127.0.0.1 alone, else 127.0.0.2, .3, ..."""
+    return "127.0.0.1" if nodes == 1 else f"127.0.0.{i + 2}"
+
+
+def client_env(nodes: int) -> dict[str, str]:
+    """RAY_* of every process of (or talking to) a local cluster of `nodes` nodes."""
+    return {**LOCAL_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if nodes == 1 else "1"}
+
+
+def temp_dir_for(port: int) -> str:
+    """This cluster's Ray temp dir: short (Ray puts Unix sockets under it) and per GCS port."""
+    return str(Path(tempfile.gettempdir()) / f"lmforge-ray-{os.getuid()}-{port}")
 
 
 def token_path() -> Path:
@@ -84,19 +134,31 @@ def _ray_bin() -> str:
 def up(
     port: int = 6379,
     dashboard_port: int = 8265,
-    num_cpus: int | None = None,
+    num_cpus: float | None = None,
     timeout_s: float = 180,
+    nodes: int = 1,
+    node_cpus: float = 1,
 ) -> ClusterInfo:
-    """Start the local head (or return the one already running)."""
+    """Start the local cluster (or return the one already running): a head and `nodes - 1`
+    worker nodes of `node_cpus` CPUs each; the head offers `num_cpus` (default: all CPUs
+    alone, 0 beside worker nodes, so the training workers land on the worker nodes)."""
+    if not 1 <= nodes <= MAX_NODES:
+        raise ClusterError(f"--nodes {nodes}: must be 1 to {MAX_NODES}")
+    if node_cpus <= 0:
+        raise ClusterError(f"--node-cpus {node_cpus}: must be > 0")
     info = running()
     if info is not None:
         log.info("a local Ray cluster is already running (pid %d)", info.pid)
         return info
+    _stop_workers()  # of an earlier cluster whose head died
     ensure_token()
-    ray_bin = _ray_bin()
+    if num_cpus is None and nodes > 1:
+        num_cpus = 0
+    temp_dir = temp_dir_for(port)
+    head_ip = node_ip(0, nodes)
     cmd = [
-        ray_bin, "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1", f"--port={port}",
+        _ray_bin(), "start", "--head", "--block", "--disable-usage-stats",
+        f"--node-ip-address={head_ip}", f"--port={port}", f"--temp-dir={temp_dir}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         # Ray's fixed default (52365) would clash with a second cluster on this machine,
@@ -105,12 +167,12 @@ def up(
         f"--ray-client-server-port={free_port()}",  # likewise for Ray Client's 10001
     ]  # fmt: skip
     if num_cpus is not None:
-        cmd.append(f"--num-cpus={num_cpus}")
-    # Job entrypoints say `python ...`: make that this environment's Python, with lmforge.
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, **LOCAL_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        cmd.append(f"--num-cpus={_cpus(num_cpus)}")
+    if nodes > 1:
+        cmd.append(f"--object-store-memory={NODE_OBJECT_STORE_BYTES}")
+    env = _node_env(nodes)
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-    return HEAD.start(
+    info = HEAD.start(
         cmd,
         env=env,
         log_file=paths.home() / "cluster" / "ray-head.log",
@@ -118,14 +180,72 @@ def up(
         timeout_s=timeout_s,
         error=ClusterError,
         poll_s=1,
-        address=f"127.0.0.1:{port}",
+        address=f"{head_ip}:{port}",
         dashboard_url=dashboard_url,
+        temp_dir=temp_dir,
+        nodes=nodes,
+    )
+    try:
+        for i in range(1, nodes):  # one at a time: two `ray start` at once collide on ports
+            _start_worker(info, i, node_cpus, env, timeout_s)
+    except BaseException:
+        down()
+        raise
+    return info
+
+
+def _cpus(n: float) -> str:
+    return str(int(n)) if float(n).is_integer() else str(n)
+
+
+def _node_env(nodes: int) -> dict[str, str]:
+    # Job entrypoints say `python ...`: make that this environment's Python, with lmforge.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, **client_env(nodes)}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)  # a node joins the head it is given, nothing else
+    # `down` stops the whole cluster: Ray's default 30 s SIGTERM drain (for a node leaving
+    # a cluster that lives on) would only make it wait.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "2")
+    return env
+
+
+def _start_worker(
+    head: ClusterInfo, i: int, cpus: float, env: dict[str, str], timeout_s: float
+) -> NodeInfo:
+    ip = node_ip(i, head.nodes)
+    cmd = [
+        _ray_bin(), "start", "--block", "--disable-usage-stats",
+        f"--address={head.address}", f"--node-ip-address={ip}", f"--temp-dir={head.temp_dir}",
+        f"--num-cpus={_cpus(cpus)}", f"--object-store-memory={NODE_OBJECT_STORE_BYTES}",
+        f"--dashboard-agent-listen-port={free_port()}",
+    ]  # fmt: skip
+    return worker_node(i).start(
+        cmd,
+        env=env,
+        log_file=paths.home() / "cluster" / f"ray-node-{i}.log",
+        ready=lambda: any(
+            n["node_ip"] == ip and n["state"] == "ALIVE" for n in _list_nodes(head, quiet=True)
+        ),
+        timeout_s=timeout_s,
+        error=ClusterError,
+        poll_s=1,
+        ip=ip,
+        num_cpus=cpus,
     )
 
 
+def _stop_workers() -> int:
+    stopped = 0
+    for i in range(MAX_NODES - 1, 0, -1):
+        stopped += worker_node(i).stop()
+    return stopped
+
+
 def down() -> bool:
-    """Stop the cluster `up` started; False when none was running."""
-    return HEAD.stop()
+    """Stop every node `up` started, worker nodes first; False when none was running."""
+    workers = _stop_workers()
+    return HEAD.stop() or workers > 0
 
 
 def set_client_env(env: dict[str, str], override: bool) -> None:
@@ -197,17 +317,21 @@ def _init() -> str:
 
         if ray.is_initialized():
             return "the Ray instance this process already uses"
-    if os.environ.get("RAY_ADDRESS"):
+    # Always an explicit address: `ray.init()` without one would read Ray's shared "current
+    # cluster" file, which names whichever cluster on this machine started last.
+    if address := os.environ.get("RAY_ADDRESS"):
         set_client_env({"RAY_AUTH_MODE": "token"}, override=False)
+        check_reachable(address, "RAY_ADDRESS")
         import ray
 
-        ray.init(log_to_driver=True)
-        return f"Ray cluster at {os.environ['RAY_ADDRESS']}"
+        ray.init(address=address, log_to_driver=True)
+        return f"Ray cluster at {address}"
     info = running()
-    set_client_env(LOCAL_ENV, override=True)
+    set_client_env(client_env(info.nodes if info else 1), override=True)
     import ray
 
     if info is not None:
+        check_reachable(info.address, f"the cluster of `lmforge cluster up` ({HEAD.state_file})")
         ray.init(address=info.address, log_to_driver=True)
         return f"local Ray cluster at {info.address}"
     ensure_token()
@@ -215,26 +339,85 @@ def _init() -> str:
     return "a private local Ray (no `lmforge cluster up` running)"
 
 
+def check_reachable(address: str, source: str, timeout_s: float = 5) -> None:
+    """Fail in seconds, naming the address, when nothing listens there (`ray.init` would
+    retry for a minute or more); "auto", "local" and ray:// are left to Ray."""
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} (from {source}) is not HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ClusterError(
+            f"no Ray cluster at {address} (from {source}): {err.strerror or err}; start it "
+            "(`lmforge cluster up`) or point RAY_ADDRESS at a running one"
+        ) from None
+
+
+def list_nodes(info: ClusterInfo | None = None) -> list[dict]:
+    """The cluster's nodes from Ray's state API (the Jobs API server): id, address, state,
+    resources; the dead ones too."""
+    info = info or running()
+    if info is None:
+        raise ClusterError("no local Ray cluster running (start one with `lmforge cluster up`)")
+    return _list_nodes(info)
+
+
+def _list_nodes(info: ClusterInfo, quiet: bool = False) -> list[dict]:
+    url = f"{info.dashboard_url}/api/v0/nodes?limit=10000&detail=1"
+    req = urllib.request.Request(url, headers=auth_headers())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            body = json.load(r)
+        return body["data"]["result"]["result"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if quiet:
+            return []
+        raise ClusterError(f"Ray state API at {url}: {err}") from None
+
+
+def nodes_table(nodes: list[dict]) -> str:
+    """One line per node: id, address, state, head or worker, resources."""
+    rows = []
+    for n in sorted(nodes, key=lambda n: (not n.get("is_head_node"), n.get("node_ip", ""))):
+        res = {
+            k: v for k, v in (n.get("resources_total") or {}).items() if not k.startswith("node:")
+        }
+        shown = ", ".join(f"{k} {_fmt_resource(k, v)}" for k, v in sorted(res.items()))
+        rows.append(
+            f"  {n['node_id'][:12]}  {n.get('node_ip', '?'):<11}  {n.get('state', '?'):<5}  "
+            f"{'head  ' if n.get('is_head_node') else 'worker'}  {shown}"
+        )
+    return "\n".join(rows)
+
+
+def _fmt_resource(key: str, value: float) -> str:
+    if "memory" in key:
+        return f"{value / 1024**3:.2f} GiB"
+    return _cpus(value)
+
+
 def status() -> str:
     info = running()
     if info is None:
         return "no local Ray cluster running (start one with `lmforge cluster up`)"
-    env = {**os.environ, **LOCAL_ENV}
-    ray_bin = _ray_bin()
-    out = subprocess.run(
-        [ray_bin, "status", f"--address={info.address}"],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
-    return describe(info) + "\n" + (out.stdout or out.stderr)
+    nodes = list_nodes(info)
+    alive = sum(n.get("state") == "ALIVE" for n in nodes)
+    return (
+        f"{describe(info)}\nnodes ({alive} alive of {len(nodes)}):\n"
+        "  node id       address      state  role    resources\n" + nodes_table(nodes)
+    )
 
 
 def describe(info: ClusterInfo) -> str:
     return (
-        f"Ray head pid {info.pid}\n"
+        f"Ray head pid {info.pid}, {info.nodes} node(s)\n"
         f"  address (ray.init):       {info.address}\n"
         f"  Jobs API (ray job submit): {info.dashboard_url}\n"
         "  submit with: lmforge submit --config FILE (the arguments of lmforge train)\n"
         f"          or: RAY_AUTH_MODE=token ray job submit --address {info.dashboard_url} "
         "--runtime-env cluster/runtime_env.yaml -- python jobs/train.py --config FILE\n"
-        f"  log: {info.log_file}"
+        f"  log: {info.log_file}" + (" (and ray-node-*.log beside it)" if info.nodes > 1 else "")
     )

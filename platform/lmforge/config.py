@@ -166,6 +166,12 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPUs).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places the workers on nodes: PACK (as few nodes as fit), SPREAD "
+        "(as many as it can), STRICT_SPREAD (each worker on its own node; fails to start "
+        "with fewer nodes than workers).",
+    )
 
 
 class RunConfig(_Section):
@@ -185,6 +191,11 @@ class RunConfig(_Section):
         ge=-1,
         description="Restart the workers after a worker or node dies (or raises) up to N "
         "times, from the latest checkpoint; -1: no limit.",
+    )
+    shared_filesystem: bool = Field(
+        False,
+        description="Declare a local storage_path shared by every node (an NFS-style mount); "
+        "without it a local path is refused on a cluster of more than one node.",
     )
 
 

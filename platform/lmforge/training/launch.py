@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import Config
+from lmforge.config import Config, ConfigError
+from lmforge.paths import is_uri
 from lmforge.training.plan import LaunchPlan, build_plan, stage_init
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def run_training(
     from lmforge.cluster import connect
 
     where = connect()  # before importing ray.train: it sets how Ray finds the cluster
+    check_cluster(plan.config, alive_node_resources())  # before any worker starts
 
     from lmforge.tracking import run_setup
 
@@ -50,6 +52,40 @@ def run_training(
         metrics=result.metrics or {},
         mlflow_run_id=run_setup.tracked_run_id(plan.config, plan.run_dir),
     )
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """The total resources of each alive node of the connected cluster."""
+    import ray
+
+    return [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+
+
+def check_cluster(cfg: Config, nodes: list[dict[str, float]]) -> None:
+    """Refuse a run that cannot work on these alive nodes (their resources), before it starts.
+
+    Ray Train checkpoints to `storage_path` from every worker's node and reads it back on
+    restore, so with more than one node it must be storage every node sees: a URI (s3://),
+    or a local path declared shared (`run.shared_filesystem`, an NFS-style mount).
+    """
+    run, s = cfg.run, cfg.scaling
+    if len(nodes) > 1 and not run.shared_filesystem and not is_uri(run.storage_path):
+        raise ConfigError(
+            f"run.storage_path={run.storage_path!r} is a local directory, but the Ray cluster "
+            f"has {len(nodes)} nodes and multi-node checkpoints need storage every node sees: "
+            "set run.storage_path to shared storage (s3://bucket/prefix), or, for a path "
+            "mounted on every node (NFS), run.shared_filesystem=true"
+        )
+    if s.placement_strategy == "STRICT_SPREAD":
+        need = {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {})}
+        fit = sum(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes)
+        if fit < s.num_workers:
+            raise ConfigError(
+                f"scaling.placement_strategy=STRICT_SPREAD puts each of the "
+                f"{s.num_workers} workers on its own node, but only {fit} of the cluster's "
+                f"{len(nodes)} nodes have {need}: add nodes, lower scaling.num_workers or use "
+                "SPREAD"
+            )
 
 
 def loop_config(plan: LaunchPlan) -> dict[str, Any]:
@@ -84,6 +120,7 @@ def trainer(plan: LaunchPlan):
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+            placement_strategy=s.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=plan.run_dir.name,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import math
 import shutil
@@ -514,6 +515,35 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+RANK_NODES_TAG = "lmforge.rank_nodes"
+
+
+def record_placement(info: dist.DistInfo, tracker) -> list[dict[str, str]]:
+    """Which node each rank runs on (a collective): rank 0 prints a line per rank to the job
+    log and tags the MLflow run with `rank_nodes_tag`."""
+    import ray
+
+    me = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "address": ray.util.get_node_ip_address(),
+    }
+    ranks = dist.all_gather_object(me, info)
+    for rank, r in enumerate(ranks):
+        dist.print0(info, f"rank {rank} on node {r['node_id'][:12]} ({r['address']})")
+    tracker.set_tags({RANK_NODES_TAG: rank_nodes_tag(ranks)})
+    return ranks
+
+
+def rank_nodes_tag(ranks: list[dict[str, str]], limit: int = 5000) -> str:
+    """JSON list, index = rank: [address, node id]; ids cut to 12 characters if the full
+    ones would not fit an MLflow tag."""
+    for n in (None, 12):
+        text = json.dumps([[r["address"], r["node_id"][:n]] for r in ranks], separators=(",", ":"))
+        if len(text) <= limit:
+            return text
+    return json.dumps(f"{len(ranks)} ranks on {len({r['node_id'] for r in ranks})} nodes")
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker entry point."""
     import ray.train
@@ -538,6 +568,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             }
             if resume is not None:
                 trainer.restore(resume)
+        record_placement(info, trainer.tracker)
         trainer.fit()
         status = "FINISHED"
     finally:

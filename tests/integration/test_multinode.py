@@ -1,0 +1,135 @@
+"""`lmforge cluster up --nodes 3` on one machine: a head (0 CPUs) on 127.0.0.2 and two worker
+nodes (1 CPU each) on 127.0.0.3 and .4, each its own raylet; a 2-worker STRICT_SPREAD run on
+them whose ranks ran on two nodes, as the job log and the MLflow run say; `cluster down`
+leaves no process. Everything goes through the CLI, in its own LMFORGE_HOME, as a user runs
+it (beside the test session's own cluster, when one is up: two clusters on one machine).
+
+    flock /tmp/lmforge-ray.lock .venv/bin/pytest tests/integration/test_multinode.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+
+import psutil
+import pytest
+
+from lmforge.services import free_port
+from tests.conftest import CORPUS, REPO
+
+TINY = REPO / "jobs" / "configs" / "tiny.yaml"
+
+
+def lmforge(home, *args, timeout=300, check=True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["LMFORGE_HOME"] = str(home)
+    out = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )  # fmt: skip
+    if check:
+        assert out.returncode == 0, f"lmforge {args[0]}: {out.stderr[-3000:]}"
+    return out
+
+
+def cluster_processes(temp_dir: str) -> list[psutil.Process]:
+    """Every process of the cluster: each names the cluster's own temp dir on its command line
+    (raylet, GCS, dashboard, workers) or is a recorded `ray start`."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in a for a in p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+@pytest.fixture(scope="module")
+def nodes3(tmp_path_factory):
+    home = tmp_path_factory.mktemp("multinode-home")
+    port = free_port()
+    up = lmforge(home, "cluster", "up", "--nodes", 3, "--port", port,
+                 "--dashboard-port", free_port())  # fmt: skip
+    state = json.loads((home / "cluster.json").read_text())
+    try:
+        yield home, state, up.stdout
+    finally:
+        lmforge(home, "cluster", "down", check=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(nodes3):
+    """One play, prepared on the 3-node cluster (Ray Data tasks on the worker nodes)."""
+    home = nodes3[0]
+    lmforge(home, "prepare", "--input", CORPUS / "twelfth_night.txt", "--output",
+            home / "ds", "--vocab-size", 300, "--seq-tokens", 64, "--rows-per-group", 4)  # fmt: skip
+    return home / "ds"
+
+
+def test_status_lists_three_nodes_on_their_own_addresses(nodes3):
+    home, state, up_out = nodes3
+    assert state["address"].startswith("127.0.0.2:") and state["nodes"] == 3
+    out = lmforge(home, "cluster", "status").stdout
+    rows = [ln.split() for ln in out.splitlines() if re.match(r"\s+[0-9a-f]{12}\s", ln)]
+    assert sorted((r[1], r[2], r[3]) for r in rows) == [
+        ("127.0.0.2", "ALIVE", "head"),
+        ("127.0.0.3", "ALIVE", "worker"),
+        ("127.0.0.4", "ALIVE", "worker"),
+    ], out
+    assert len({r[0] for r in rows}) == 3  # three node ids
+    assert "nodes (3 alive of 3)" in out and "CPU 1" in out
+    assert "http://127.0.0.1:" in up_out  # the Jobs API stays on 127.0.0.1
+
+
+def test_a_local_storage_path_is_refused_before_the_run_starts(nodes3, dataset):
+    home = nodes3[0]
+    out = lmforge(home, "train", "--config", TINY, "--set", f"data.path={dataset}",
+                  "--set", f"run.name=refused-{uuid.uuid4().hex[:8]}", check=False)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "multi-node checkpoints need storage every node sees" in out.stderr
+    assert "run.shared_filesystem" in out.stderr
+    assert not list((home / "runs").glob("refused-*/checkpoint_*"))
+
+
+def test_strict_spread_ranks_run_on_two_nodes_and_are_recorded(nodes3, dataset):
+    home = nodes3[0]
+    name = f"spread-{uuid.uuid4().hex[:8]}"  # Train V2 resumes a run of the same name
+    uri = f"sqlite:///{home}/mlflow/mlflow.db"
+    out = lmforge(
+        home, "train", "--config", TINY, "--set", f"data.path={dataset}",
+        "--set", f"run.name={name}", "--set", "scaling.placement_strategy=STRICT_SPREAD",
+        "--set", "run.shared_filesystem=true",  # loopback nodes share this disk
+        "--set", f"tracking.tracking_uri={uri}",
+        "--set", "train.max_steps=4", "--set", "train.eval_every=4", "--set", "train.eval_steps=1",
+        "--set", "train.checkpoint_every=4", "--set", "train.log_every=2",
+        "--set", "train.warmup_steps=1",
+        timeout=420,
+    )  # fmt: skip
+    log = out.stdout + out.stderr
+    placed = dict(re.findall(r"rank (\d) on node [0-9a-f]{12} \((127\.0\.0\.\d+)\)", log))
+    assert sorted(placed.values()) == ["127.0.0.3", "127.0.0.4"], log[-3000:]
+
+    from lmforge.tracking import store
+
+    client = store.client(uri)
+    exp = client.get_experiment_by_name("lmforge")
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`lmforge.run_dir` LIKE '%{name}'")
+    ranks = json.loads(run.data.tags["lmforge.rank_nodes"])
+    assert [a for a, _ in ranks] == [placed["0"], placed["1"]]
+    assert len({node for _, node in ranks}) == 2  # two node ids
+    assert run.info.status == "FINISHED"
+    assert list((home / "runs" / name).glob("checkpoint_*"))
+
+
+def test_down_leaves_no_process(nodes3):
+    home, state, _ = nodes3
+    assert cluster_processes(state["temp_dir"])  # the cluster is up: the probe sees it
+    out = lmforge(home, "cluster", "down")
+    assert "stopped" in out.stdout
+    left = [p for p in cluster_processes(state["temp_dir"]) if p.is_running()]
+    assert not left, [" ".join(p.cmdline())[:200] for p in left]
+    assert not psutil.pid_exists(state["pid"])
+    assert not list(home.glob("cluster*.json"))
