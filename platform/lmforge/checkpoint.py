@@ -2,7 +2,8 @@
 
     model.safetensors    consolidated fp32 weights (never pickle)
     config.yaml          the resolved config of the run
-    tokenizer.json       the dataset's tokenizer
+    tokenizer.json       the dataset's tokenizer (+ its tokenizer_config.json and
+                         special_tokens_map.json when it has them: they name its eos)
     trainer_state.json   step, tokens seen, each worker's data position, dataset hashes
     deepspeed/           DeepSpeed engine state (model, optimizer, LR schedule) to resume
     files.json           every file above (all ranks' engine shards too) with its size
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from lmforge import models
 from lmforge.config import Config, ConfigError, config_from_dict
 from lmforge.errors import LmforgeError, first_line
-from lmforge.tokenizer import load_tokenizer
+from lmforge.tokenizer import TOKENIZER_EXTRAS, copy_tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -117,8 +117,13 @@ def save_servable(
     }
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "arch": arch.name})
     (out / CONFIG).write_text(cfg.to_yaml())
-    shutil.copyfile(tokenizer_path, out / TOKENIZER)
+    copy_tokenizer(tokenizer_path, out)  # with its tokenizer_config.json (the eos)
     write_state(out, state)
+
+
+def servable_files(path: Path) -> list[str]:
+    """SERVABLE, and the tokenizer's transformers files the checkpoint at `path` has."""
+    return [*SERVABLE, *(n for n in TOKENIZER_EXTRAS if (path / n).is_file())]
 
 
 def file_sizes(path: Path) -> dict[str, int]:

@@ -7,12 +7,18 @@ A tokenizer imported with a Hugging Face model (`lmforge import-hf`) keeps its o
 token: the `eos_token` of the `tokenizer_config.json` beside its `tokenizer.json`, else
 the first of END_TOKENS it has (`</s>` for Llama 2 and Mistral, `<|end_of_text|>` for
 Llama 3). `eot_id` is that token's id: where generation stops and what separates documents.
+
+Those files travel with `tokenizer.json` wherever it goes (`copy_tokenizer`: a dataset dir,
+a checkpoint, a registered version), and a process that gets the tokenizer as text (a
+prepare task) gets them too (`read_tokenizer_files` / `tokenizer_from_files`), so an eos
+named only in `tokenizer_config.json` (Llama-3-Instruct's `<|eot_id|>`) ends every document.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,6 +29,8 @@ from lmforge.errors import UsageError
 EOT = "<|endoftext|>"
 END_TOKENS = (EOT, "<|end_of_text|>", "</s>")  # GPT-2 (and Qwen2), Llama 3, Llama 2 / Mistral
 TOKENIZER_CONFIG = "tokenizer_config.json"  # transformers' file beside tokenizer.json
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"  # its older file, also beside it
+TOKENIZER_EXTRAS = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)  # kept wherever tokenizer.json goes
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -44,6 +52,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A `tokenizer.json` with the end token its `tokenizer_config.json` (or
+    `special_tokens_map.json`) beside it names."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: tokenizer file not found")
@@ -51,18 +61,21 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tok = Tokenizer.from_file(str(p))
     except Exception as err:  # tokenizers raises a bare Exception on bad JSON
         raise UsageError(f"{p}: not a Hugging Face tokenizer.json ({err})") from None
-    eos = configured_eos(p.parent / TOKENIZER_CONFIG)
-    if eos is not None:
-        if tok.token_to_id(eos) is None:
-            raise UsageError(f"{p.parent / TOKENIZER_CONFIG}: eos_token {eos!r} is not in {p}")
-        tok._lmforge_eos = eos  # read by eot_id
-    elif eot_id(tok) is None:
+    for name in TOKENIZER_EXTRAS:  # tokenizer_config.json's eos wins, as in transformers
+        eos = configured_eos(p.parent / name)
+        if eos is not None:
+            if tok.token_to_id(eos) is None:
+                raise UsageError(f"{p.parent / name}: eos_token {eos!r} is not in {p}")
+            tok._lmforge_eos = eos  # read by eot_id
+            return tok
+    if eot_id(tok) is None:
         raise UsageError(f"{p}: tokenizer has no end-of-text token (one of {END_TOKENS})")
     return tok
 
 
 def configured_eos(tokenizer_config: Path) -> str | None:
-    """The `eos_token` a transformers `tokenizer_config.json` names, if the file is there."""
+    """The `eos_token` a transformers `tokenizer_config.json` (or `special_tokens_map.json`)
+    names, if the file is there."""
     if not tokenizer_config.is_file():
         return None
     try:
@@ -72,6 +85,38 @@ def configured_eos(tokenizer_config: Path) -> str | None:
     if isinstance(eos, dict):  # {"content": "</s>", ...}, an AddedToken
         eos = eos.get("content")
     return eos if isinstance(eos, str) and eos else None
+
+
+def tokenizer_files(path: str | Path) -> list[Path]:
+    """`tokenizer.json` at `path` and the transformers files beside it that exist."""
+    p = Path(path)
+    return [p, *(f for name in TOKENIZER_EXTRAS if (f := p.parent / name).is_file())]
+
+
+def copy_tokenizer(path: str | Path, into: Path) -> None:
+    """Copy the tokenizer at `path` (a tokenizer.json, by any name) into the dir `into` as
+    `tokenizer.json`, with its tokenizer_config.json / special_tokens_map.json."""
+    src = tokenizer_files(path)
+    shutil.copyfile(src[0], into / "tokenizer.json")
+    for f in src[1:]:
+        shutil.copyfile(f, into / f.name)
+
+
+def read_tokenizer_files(path: str | Path) -> dict[str, str]:
+    """The text of the tokenizer at `path` and of its transformers files, by file name
+    (`tokenizer.json` for the first), for a process that does not see this filesystem."""
+    src = tokenizer_files(path)
+    return {"tokenizer.json": src[0].read_text(), **{f.name: f.read_text() for f in src[1:]}}
+
+
+def tokenizer_from_files(files: dict[str, str]) -> Tokenizer:
+    """`read_tokenizer_files`' output as the tokenizer `load_tokenizer` gives (same eos)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-tok-") as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+        return load_tokenizer(Path(tmp) / "tokenizer.json")
 
 
 def eot_token(tok: Tokenizer) -> str | None:

@@ -1,5 +1,8 @@
 """The dataset dir contract: `manifest.json` + `tokenizer.json` + `train/*.parquet` + `val/*`.
 
+`tokenizer.json` may have the `tokenizer_config.json` / `special_tokens_map.json` of the
+tokenizer it was prepared with beside it (the manifest lists them): they name its eos.
+
 Each shard is a Parquet file with one column, `tokens` (list of uint16/uint32), holding
 packed token sequences: documents joined by `<|endoftext|>` and cut into rows of
 `seq_tokens` tokens. The manifest records every shard with its token count per row
@@ -21,7 +24,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from lmforge.errors import LmforgeError
-from lmforge.tokenizer import file_sha256
+from lmforge.tokenizer import eot_token, file_sha256, load_tokenizer
 
 FORMAT = "lmforge-dataset/1"
 MANIFEST = "manifest.json"
@@ -67,6 +70,9 @@ class Dataset:
         try:
             if file_sha256(tok) != self.tokenizer_sha256:
                 raise DatasetError(f"{tok}: tokenizer differs from the one the manifest records")
+            for name in self.manifest["tokenizer"].get("files", []):  # its eos is named there
+                if not (self.path / name).is_file():
+                    raise DatasetError(f"{self.path / name}: tokenizer file listed but missing")
             for split in SPLITS:
                 for shard in self.manifest["splits"][split]["shards"]:
                     if not (self.path / shard["file"]).is_file():
@@ -92,6 +98,12 @@ class Dataset:
     def tokenizer_sha256(self) -> str:
         return self.manifest["tokenizer"]["sha256"]
 
+    @functools.cached_property
+    def eot_token(self) -> str | None:
+        """The token that ends every document: the eos of the dataset's tokenizer files
+        (`tokenizer_config.json` beside `tokenizer.json`, else the first known end token)."""
+        return eot_token(load_tokenizer(self.tokenizer_path))
+
     @property
     def vocab_size(self) -> int:
         return int(self.manifest["tokenizer"]["vocab_size"])
@@ -113,11 +125,20 @@ class Dataset:
 
     def require_tokenizer(self, tokenizer_file: Path, owner: str) -> None:
         """Refuse a model (`owner`: a checkpoint, a version) whose tokenizer is not this
-        dataset's: a loss over other token ids means nothing."""
+        dataset's: a loss over other token ids means nothing, and documents ended by another
+        token than the model's eos teach it to end text with the wrong one. The identity is
+        `tokenizer.json` and the eos its `tokenizer_config.json` names."""
         if file_sha256(tokenizer_file) != self.tokenizer_sha256:
             raise DatasetError(
                 f"{self.path}: prepared with another tokenizer than {owner}'s; prepare the "
                 f"data with --tokenizer {tokenizer_file}"
+            )
+        theirs = eot_token(load_tokenizer(tokenizer_file))
+        if theirs != self.eot_token:
+            raise DatasetError(
+                f"{self.path}: its documents end with {self.eot_token!r}, {owner}'s tokenizer "
+                f"ends text with {theirs!r} (its tokenizer_config.json); prepare the data "
+                f"with --tokenizer {tokenizer_file}"
             )
 
 

@@ -33,7 +33,17 @@ from lmforge.data.dataset import FORMAT, MANIFEST, SPLITS, TOKENIZER
 from lmforge.data.readers import CorpusError, discover, read_documents
 from lmforge.data.writer import ShardWriter
 from lmforge.errors import UsageError
-from lmforge.tokenizer import eot_id, file_sha256, load_tokenizer, train_tokenizer
+from lmforge.tokenizer import (
+    TOKENIZER_EXTRAS,
+    copy_tokenizer,
+    eot_id,
+    eot_token,
+    file_sha256,
+    load_tokenizer,
+    read_tokenizer_files,
+    tokenizer_from_files,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 TASKS_PER_CPU = 2  # enough to even out unequal files
@@ -67,11 +77,12 @@ class PrepareOptions:
             raise UsageError(f"max_tasks must be >= 1 (got {self.max_tasks})")
 
 
-def _tokenize_batch(batch: pa.Table, tokenizer_json: str) -> pa.Table:
-    """Ray Data map_batches fn: read each file's documents and tokenize them."""
+def _tokenize_batch(batch: pa.Table, tokenizer_files: dict[str, str]) -> pa.Table:
+    """Ray Data map_batches fn: read each file's documents and tokenize them, each ended by
+    the eos the dataset's tokenizer files name (`tokenizer_config.json`'s, if any)."""
     # Ray gives each task one CPU; the parallelism is across tasks, not inside tokenizers.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tok = Tokenizer.from_str(tokenizer_json)
+    tok = tokenizer_from_files(tokenizer_files)
     eot = eot_id(tok)
     keys, ids = [], []
     for path in batch.column("path").to_pylist():
@@ -158,6 +169,8 @@ def split_and_write(
             "sha256": tokenizer_sha256,
             "vocab_size": vocab,
             "eot_id": eot_id(tok),
+            "eot_token": eot_token(tok),
+            "files": [TOKENIZER, *(n for n in TOKENIZER_EXTRAS if (out / n).is_file())],
         },
         "split": {"val_fraction": f, "seed": opts.seed, "chunk_tokens": opts.seq_tokens},
         "splits": splits,
@@ -179,9 +192,10 @@ def _n_tasks(files: list[Path]) -> int:
 
 
 def _tokenized_docs(
-    files: list[Path], tok: Tokenizer, max_tasks: int | None = None
+    files: list[Path], tokenizer: Path, max_tasks: int | None = None
 ) -> Iterator[np.ndarray]:
-    """Each document's token ids (+ EOT), in input order; Ray Data does the tokenizing."""
+    """Each document's token ids (+ EOT), in input order; Ray Data does the tokenizing with
+    the tokenizer at `tokenizer` and the transformers files beside it."""
     import ray
 
     ds = ray.data.from_items(
@@ -190,7 +204,7 @@ def _tokenized_docs(
         _tokenize_batch,
         batch_size=None,  # a task tokenizes its whole block: one tokenizer load per task
         batch_format="pyarrow",
-        fn_kwargs={"tokenizer_json": tok.to_str()},
+        fn_kwargs={"tokenizer_files": read_tokenizer_files(tokenizer)},
         compute=ray.data.TaskPoolStrategy(size=max_tasks),
     )
     ctx = ds.context  # this dataset's own copy: the process-wide DataContext is left alone
@@ -217,7 +231,7 @@ def _get_tokenizer(files: list[Path], opts: PrepareOptions, out: Path) -> Tokeni
     t0 = time.perf_counter()
     if opts.tokenizer is not None:
         tok = load_tokenizer(opts.tokenizer)
-        shutil.copyfile(opts.tokenizer, out / TOKENIZER)
+        copy_tokenizer(opts.tokenizer, out)  # with tokenizer_config.json: the model's own eos
         log.info("prepare: reusing tokenizer %s (vocab %d)", opts.tokenizer, tok.get_vocab_size())
         return tok
     tok = train_tokenizer((text for f in files for _, text in read_documents(f)), opts.vocab_size)
@@ -260,7 +274,7 @@ def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) 
         t0 = time.perf_counter()
         sources = [{"path": str(f), "bytes": f.stat().st_size} for f in files]
         manifest = split_and_write(
-            _tokenized_docs(files, tok, opts.max_tasks), tmp, tok, opts, sources
+            _tokenized_docs(files, tmp / TOKENIZER, opts.max_tasks), tmp, tok, opts, sources
         )
         dt = time.perf_counter() - t0
         s = manifest["splits"]

@@ -97,7 +97,7 @@ def stage_servable(checkpoint: Path, into: Path) -> Path:
     """
     out = into / ARTIFACT
     out.mkdir(parents=True)
-    for name in ckpt_io.SERVABLE:
+    for name in ckpt_io.servable_files(checkpoint):
         try:
             (out / name).hardlink_to(checkpoint / name)
         except OSError:

@@ -71,7 +71,10 @@ def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = 
     check_fits_dataset(cfg.model_copy(update={"model": model}), dataset)
     cfg = cfg.model_copy(
         update={
-            "model": model.model_copy(update={"vocab_size": dataset.vocab_size}),
+            # A set vocab_size (a padded embedding, an imported model's) stays; else the data's.
+            "model": model.model_copy(
+                update={"vocab_size": model.vocab_size or dataset.vocab_size}
+            ),
             # Absolute: every worker reads what the driver checked, whatever its LMFORGE_HOME.
             "data": cfg.data.model_copy(update={"path": str(dataset.path.resolve())}),
             "run": cfg.run.model_copy(
@@ -146,12 +149,14 @@ def find_run_dir(cfg: Config, resume: bool | str) -> Path:
 
 
 def check_fits_dataset(cfg: Config, ds: Dataset) -> None:
-    """The dataset has the model's vocab, a row group per worker, and a window of tokens
-    per worker in train and in val."""
-    if cfg.model.vocab_size not in (None, ds.vocab_size):
+    """The model has a row of embedding for every token id of the dataset (a larger, padded
+    vocab is fine: Qwen2 and GPT-NeoX round theirs up), a row group per worker, and a window
+    of tokens per worker in train and in val."""
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < ds.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} but the dataset's tokenizer has "
-            f"{ds.vocab_size}; remove model.vocab_size or use a matching dataset"
+            f"{ds.vocab_size} tokens (ids up to {ds.vocab_size - 1}); remove model.vocab_size "
+            "or use a dataset prepared with the model's tokenizer"
         )
     world, need = cfg.scaling.num_workers, cfg.model.context_length + 1
     train_units = ds.units("train")
@@ -226,7 +231,7 @@ def stage_init(plan: LaunchPlan) -> Path | None:
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    for name in ckpt_io.SERVABLE:
+    for name in ckpt_io.servable_files(plan.init.checkpoint):
         shutil.copyfile(plan.init.checkpoint / name, dst / name)
     (dst / "SOURCE").write_text(f"{plan.init.uri}\n")
     return dst
