@@ -1,17 +1,42 @@
-"""Models: registered models and their versions; aliases; generate, fine-tune or resume."""
+"""Models: registered models and their versions (architecture, where each came from);
+aliases; generate, fine-tune or resume; import a Hugging Face folder from the data roots."""
 
 import pandas as pd
 import streamlit as st
 import ui
 
+from lmforge import jobspec
 from lmforge.tracking import browse
 
 st.title("Models")
 uri = ui.tracking_uri()
+
+with st.expander("Import a Hugging Face model folder"):
+    roots = ", ".join(str(r) for r in jobspec.data_roots())
+    st.caption(
+        "A local folder as transformers' `save_pretrained` writes it (config.json, "
+        "safetensors weights, tokenizer.json) of a GPT-2 or Llama model, inside the data "
+        f"roots ({roots}); the same import as `lmforge import-hf`. Nothing is downloaded."
+    )
+    folder = st.text_input("Folder", placeholder="a folder inside the data roots", key="imp_dir")
+    as_name = st.text_input("Register as", placeholder="e.g. gpt2-small", key="imp_name")
+    if st.button("Import", disabled=not (folder.strip() and as_name.strip()), key="imp_go"):
+        with ui.guard("Not imported"):
+            path = jobspec.inside_roots(folder.strip(), "folder")
+            from lmforge.import_hf import import_hf
+
+            with st.spinner(f"Reading and registering {path} ..."):
+                done = import_hf(path, as_name.strip(), tracking_uri=uri)
+        st.success(f"Imported {path} as `models:/{done.name}/{done.version}`")
+        st.session_state["models_name"] = done.name
+
 with ui.guard(f"MLflow at {uri}"):
     names = browse.models(uri)
 if not names:
-    st.info(f"No registered models in MLflow at {uri} yet: every checkpoint of a run becomes one.")
+    st.info(
+        f"No registered models in MLflow at {uri} yet: every checkpoint of a run becomes one, "
+        "and so does an imported Hugging Face folder."
+    )
     st.stop()
 
 name = st.selectbox("Registered model", names, key="models_name")
@@ -28,11 +53,12 @@ st.dataframe(
             {
                 "version": v.version,
                 "aliases": ", ".join(v.aliases + (("latest",) if v.version == newest else ())),
+                "arch": v.arch,
+                "source": v.origin,
                 "step": v.step,
                 "val_loss": v.val_loss,
                 "tokens_seen": v.tokens_seen,
                 "registered": ui.when(v.created),
-                "run": v.run_dir.rsplit("/", 1)[-1] if v.run_dir else v.run_id[:8],
             }
             for v in versions
         ]

@@ -53,10 +53,22 @@ class VersionRow:
     run_id: str
     created: float
     run_dir: str | None
+    arch: str | None = None  # model.arch: the version's tag (an import's), else its run's param
+    source: str | None = None  # the Hugging Face folder an imported version came from
+    parent: str | None = None  # the version (or checkpoint) a fine-tune started from
+    n_params: int | None = None
 
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
+
+    @property
+    def origin(self) -> str:
+        """Where the version came from, in a few words: its folder, or its run (and parent)."""
+        if self.source:
+            return f"imported from {self.source}"
+        run = self.run_dir.rsplit("/", 1)[-1] if self.run_dir else self.run_id[:8]
+        return f"run {run}" + (f", fine-tuned from {self.parent}" if self.parent else "")
 
 
 def _client(uri: str | None):
@@ -181,9 +193,11 @@ def versions(uri: str | None, name: str) -> list[VersionRow]:
     aliases: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)
-    rows = []
+    rows, arch_of_run = [], {}
     for v in _guard(f"versions of {name}", c.search_model_versions, f"name='{name}'"):
         t = v.tags or {}
+        if "arch" not in t and v.run_id not in arch_of_run:  # a trained version: its run's
+            arch_of_run[v.run_id] = _run_param(c, v.run_id, "model.arch")
         rows.append(
             VersionRow(
                 name=name,
@@ -195,9 +209,21 @@ def versions(uri: str | None, name: str) -> list[VersionRow]:
                 run_id=v.run_id,
                 created=(v.creation_timestamp or 0) / 1000,
                 run_dir=t.get("run_dir"),
+                arch=t.get("arch") or arch_of_run.get(v.run_id),
+                source=t.get("source"),
+                parent=t.get("parent"),
+                n_params=_num(t.get("n_params"), int),
             )
         )
     return sorted(rows, key=lambda r: r.version, reverse=True)
+
+
+def _run_param(c, run_id: str, key: str) -> str | None:
+    """A param of a run, None when the run (deleted) or the param is not there."""
+    try:
+        return _guard(f"run {run_id}", c.get_run, run_id).data.params.get(key)
+    except BrowseError:
+        return None
 
 
 def set_alias(uri: str | None, name: str, alias: str, version: int) -> None:
