@@ -11,9 +11,10 @@ Each section of BENCHMARKS.md is a script `bench/bench_<script>.py` with its arg
 and its baseline alternately and prints one `BENCH_RESULT {json}` line, collected here.
 
 With `--only`, the other sections of the existing output file are kept as they were, so
-rerunning one benchmark does not drop the rest. Every section says when it was measured
-(date, commit, whether the tree had uncommitted changes, the load average before and after
-it on this machine's cores, and `--note`), since kept sections can be older than the file.
+rerunning one benchmark does not drop the rest; a hand-written last section `## Notes`
+(profiles, caveats) is always kept. Every section says when it was measured
+(date, commit, whether the tree had uncommitted changes, the load average sampled while it
+ran, and `--note`), since kept sections can be older than the file.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,7 +57,30 @@ def command(name: str, tiny: bool, repeats: int | None = None) -> list[str]:
     return cmd + (["--tiny"] if tiny else []) + (["--repeats", str(repeats)] if repeats else [])
 
 
-def stamp(tiny: bool, note: str = "", load: tuple[float, float] | None = None) -> str:
+class LoadSampler:
+    """This machine's 1-minute load average every `every` seconds while a benchmark runs
+    (the benchmark's own processes included): how shared the machine was."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every, self.samples = every, [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+
+def stamp(tiny: bool, note: str = "", load: list[float] | None = None) -> str:
     """The line under a section's heading: when, at which commit, on how busy a machine."""
     m = machine_info()
     dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
@@ -63,7 +89,10 @@ def stamp(tiny: bool, note: str = "", load: tuple[float, float] | None = None) -
         f"`{m['commit']}`{' (with uncommitted changes in the tree)' if dirty else ''}"
     )
     if load:
-        line += f"; load average {load[0]:.1f} before, {load[1]:.1f} after ({m['cores']} cores)"
+        line += (
+            f"; load average while it ran {statistics.median(load):.1f} (median; "
+            f"{min(load):.1f}-{max(load):.1f}) on {m['cores']} cores, its own processes included"
+        )
     if tiny:
         line += "; --tiny: sizes too small to mean anything"
     return line + (f"; {note}" if note else "") + "."
@@ -99,23 +128,31 @@ def _spread(d: dict | None) -> str:
     return f"{_num(d['median'])} ({_num(d['min'])}-{_num(d['max'])})"
 
 
+NOTES = "Notes"  # a hand-written last section (profiles, caveats): always kept
 HEADER_STAMP = re.compile(r"(?:Written|Updated) by `bench/run_all.py` on (.+?) at commit `(\w+)`")
 
 
 def read_sections(text: str) -> dict[str, str]:
     """The sections of an existing BENCHMARKS.md: name -> its body (the lines after its
-    heading). A section without its own "Measured ..." line (a file written before sections
-    had one) gets the file header's date and commit."""
+    heading). A measured section without its own "Measured ..." line (a file written before
+    sections had one) gets the file header's date and commit."""
     header = HEADER_STAMP.search(text.split("\n## ", 1)[0])
     sections = {}
     for chunk in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
         name, _, body = chunk.partition("\n")
         body = body.strip("\n")
-        if not body.startswith("Measured ") and header:
+        if not body.startswith("Measured ") and header and name.strip() != NOTES:
             date, commit = header.groups()
             body = f"Measured {date} at commit `{commit}` (the file's date then).\n\n" + body
         sections[name.strip()] = body
     return sections
+
+
+def kept_sections(output: Path, rerun_all: bool) -> dict[str, str]:
+    """What stays of the previous file: every section but those rerun (`--only`), or only
+    the hand-written notes when everything is rerun."""
+    kept = read_sections(output.read_text()) if output.is_file() else {}
+    return {k: v for k, v in kept.items() if k == NOTES} if rerun_all else kept
 
 
 def section_lines(r: dict | None, seconds: float, stamp_line: str = "") -> list[str]:
@@ -153,7 +190,7 @@ def to_markdown(
     stamps, kept = stamps or {}, {k: v for k, v in (kept or {}).items() if k not in results}
     when = f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit `{m['commit']}`"
     tiny = " (--tiny: sizes too small to mean anything)" if args.tiny else ""
-    if kept:
+    if set(kept) - {NOTES}:
         what = (
             f"Updated by `bench/run_all.py` {when}{tiny}: reran {', '.join(results)}; the "
             "other sections are kept from the previous file (each says when it was measured)."
@@ -168,7 +205,7 @@ def to_markdown(
         "or invocation; values are median (min-max) over the repeats, ratios are per-repeat "
         "ratios lmforge / baseline.",
         "",
-        f"- machine{' (of the sections rerun now)' if kept else ''}: {m['cpu']}, "
+        f"- machine{' (of the sections rerun now)' if set(kept) - {NOTES} else ''}: {m['cpu']}, "
         f"{m['cores']} cores, GPU: {m['gpu']}, "
         f"avx512_bf16: {'yes' if m['avx512_bf16'] else 'no'}",
         f"- Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
@@ -176,7 +213,8 @@ def to_markdown(
         "",
     ]
     known = [n for n in SECTIONS if n in results or n in kept]
-    for name in known + [n for n in [*results, *kept] if n not in SECTIONS]:
+    others = [n for n in [*results, *kept] if n not in SECTIONS and n != NOTES]
+    for name in known + others + ([NOTES] if NOTES in kept else []):
         lines += [f"## {name}", ""]
         if name in results:
             lines += section_lines(results[name], seconds[name], stamps.get(name, ""))
@@ -200,14 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         p.error(f"unknown benchmark(s): {', '.join(unknown)} (known: {', '.join(BENCHMARKS)})")
-    kept = {}
-    if args.only and args.output.is_file():
-        kept = read_sections(args.output.read_text())
     results, seconds, stamps = {}, {}, {}
     for name in names:
-        before = os.getloadavg()[0]
-        results[name], seconds[name], _ = run_one(name, args.tiny, args.repeats)
-        stamps[name] = stamp(args.tiny, args.note, (before, os.getloadavg()[0]))
+        with LoadSampler() as load:
+            results[name], seconds[name], _ = run_one(name, args.tiny, args.repeats)
+        stamps[name] = stamp(args.tiny, args.note, load.samples)
+    # Read at the end, not the start: another --only run may have written meanwhile.
+    kept = kept_sections(args.output, rerun_all=not args.only)
     args.output.write_text(to_markdown(results, seconds, args, stamps, kept))
     print(f"\nwrote {args.output}")
     return 0 if all(results.values()) else 1

@@ -94,3 +94,28 @@ def test_run_all_keeps_the_sections_it_did_not_rerun():
     assert "| old | 1 (1-1) MB/s | dd: 2 (2-2) | 0.5x (0.5-0.5) |" in data
     header_date = old.split("Written by `bench/run_all.py` on ")[1].split(" at commit")[0]
     assert f"Measured {header_date} at commit" in data  # the old file's date, now its own
+
+
+def test_run_all_keeps_the_hand_written_notes_last(tmp_path):
+    from bench import run_all
+    from bench.common import Figure
+
+    class Args:
+        tiny = False
+
+    fig = Figure.ratio_of("x", "tokens/s", [1.0], [1.0], baseline="plain")
+    old = run_all.to_markdown(
+        {"data": {"figures": [fig.__dict__], "config": {}}}, {"data": 1.0}, Args()
+    )
+    path = tmp_path / "B.md"
+    path.write_text(old + "## Notes\n\nA profile: gloo all-reduce 115 ms a step.\n")
+    assert list(run_all.kept_sections(path, rerun_all=True)) == ["Notes"]
+    kept = run_all.kept_sections(path, rerun_all=False)
+    assert list(kept) == ["data", "Notes"] and "Measured" not in kept["Notes"]
+    md = run_all.to_markdown(
+        {"train-lstm": {"figures": [fig.__dict__], "config": {}}}, {"train-lstm": 2.0},
+        Args(), {}, kept,
+    )  # fmt: skip
+    assert md.index("## train-lstm") < md.index("## data") < md.index("## Notes")
+    assert md.rstrip().endswith("A profile: gloo all-reduce 115 ms a step.")
+    assert run_all.kept_sections(tmp_path / "none.md", rerun_all=False) == {}
