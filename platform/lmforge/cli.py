@@ -195,12 +195,27 @@ def _add_import_hf(sub) -> None:
 def _add_tracking(sub) -> None:
     p = sub.add_parser(
         "tracking",
-        help="start, stop or inspect the local MLflow server",
+        help="start, stop or inspect the MLflow server",
         description="Serve the embedded MLflow store (SQLite + artifacts in LMFORGE_HOME) on "
-        "127.0.0.1, for the MLflow UI, the dashboard and jobs submitted to the cluster.",
+        "127.0.0.1, for the MLflow UI, the dashboard and jobs submitted to the cluster; or a "
+        "shared one: a PostgreSQL store with artifacts in S3, proxied by the server.",
     )
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--port", type=int, default=5000, help="(default 5000)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; see cluster/README.md "
+                   "before exposing it: use --auth and TLS in front)")  # fmt: skip
+    p.add_argument("--backend-store-uri", metavar="URI",
+                   help="runs and the registry in this database, e.g. "
+                   "postgresql://user@host:5432/mlflow (password: PGPASSWORD or ~/.pgpass; "
+                   "default: the SQLite file in LMFORGE_HOME)")  # fmt: skip
+    p.add_argument("--artifacts-destination", metavar="URI",
+                   help="artifacts here, e.g. s3://bucket/mlflow (the server's AWS_* "
+                   "variables reach it; clients go through the server; default: a folder "
+                   "in LMFORGE_HOME)")  # fmt: skip
+    p.add_argument("--auth", action="store_true",
+                   help="MLflow's basic-auth app: clients need MLFLOW_TRACKING_USERNAME/"
+                   "PASSWORD; the first start creates the admin from MLFLOW_AUTH_ADMIN_PASSWORD")  # fmt: skip
 
 
 def _add_cluster(sub) -> None:
@@ -465,7 +480,11 @@ def cmd_tracking(args) -> None:
     from lmforge.tracking import server
 
     if args.action == "up":
-        print(server.describe(server.up(port=args.port)))
+        info = server.up(
+            port=args.port, host=args.host, backend_store_uri=args.backend_store_uri,
+            artifacts_destination=args.artifacts_destination, auth=args.auth,
+        )  # fmt: skip
+        print(server.describe(info))
     elif args.action == "down":
         print("stopped the MLflow server" if server.down() else "no MLflow server was running")
     else:

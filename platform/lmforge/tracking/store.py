@@ -7,10 +7,16 @@ store has none) and a local artifact folder:
     $LMFORGE_HOME/mlflow/mlflow.db
     $LMFORGE_HOME/mlflow/artifacts/<experiment>/
 
-`lmforge tracking up` serves that same store over HTTP on 127.0.0.1 (see `server.py`);
-while it runs, its URL is the default, so the dashboard and jobs share one writer. Its
-record (`SERVER`, `$LMFORGE_HOME/tracking.json`) lives here, where the default is chosen;
-`server.py` starts and stops it.
+`lmforge tracking up` serves that same store over HTTP on 127.0.0.1 (see `server.py`),
+or a shared one (PostgreSQL, artifacts in S3); while it runs, its URL is the default, so
+the dashboard and jobs share one writer. Its record (`SERVER`,
+`$LMFORGE_HOME/tracking.json`) lives here, where the default is chosen; `server.py` starts
+and stops it.
+
+Credentials for a server with MLflow's basic-auth app come from the environment of each
+process (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, read by MLflow's own client),
+never from a config, a URI, MLflow params or a log; `credential_env()` hands them to Ray's
+workers.
 
 Resolution order: the config's `tracking.tracking_uri`, then MLFLOW_TRACKING_URI, then the
 running embedded server, then the SQLite file.
@@ -26,10 +32,22 @@ from pathlib import Path
 from lmforge import paths
 from lmforge.services import ManagedProcess, ServiceRecord, http_ok
 
+# What MLflow's client needs to authenticate to a tracking server, passed on to workers.
+CREDENTIAL_ENV = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+)
+
 
 @dataclass(frozen=True)
 class TrackingServerInfo(ServiceRecord):
     url: str
+    store: str = ""  # the backend store, password masked; "" for the embedded SQLite
+    artifacts: str = ""  # the artifacts destination; "" for the embedded folder
+    auth: bool = False  # MLflow's basic-auth app
 
 
 SERVER = ManagedProcess("tracking", "the MLflow server", TrackingServerInfo)
@@ -66,11 +84,28 @@ def resolve_uri(configured: str | None = None) -> str:
 
 
 def is_embedded(uri: str) -> bool:
-    """True for the embedded SQLite store, or the server over it."""
+    """True for the embedded SQLite store, or the server `tracking up` started over it."""
     if uri == sqlite_uri():
         return True
     info = SERVER.recorded()
-    return info is not None and info.url == uri.rstrip("/")
+    return info is not None and info.url == uri.rstrip("/") and not info.store
+
+
+def masked(uri: str) -> str:
+    """`uri` with the password of its user part replaced, for messages and records."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def credential_env() -> dict[str, str]:
+    """The MLflow credentials of this process, for Ray's runtime env of the workers (never
+    for logs, configs or MLflow)."""
+    return {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
 
 
 def reachable(uri: str, timeout_s: float = 3.0) -> bool:
