@@ -17,7 +17,8 @@ store or S3 artifacts need psycopg and boto3, which the training env lacks (boto
 python-dateutil pin), so that server runs from the services env `.venv-services` (built
 by scripts/setup.sh; LMFORGE_SERVICES_ENV names another). The database password is best
 left to libpq (PGPASSWORD, ~/.pgpass); one in the URI reaches the server through its
-environment, never its command line, and is masked in the record and messages. S3
+environment, never its command line, is masked in the record and messages, and is in
+basic auth's config file (mode 600) only with `--auth`. S3
 credentials and endpoint are the server's own AWS_* variables.
 
 `--auth` starts MLflow's basic-auth app: every request but /health needs a user's
@@ -28,8 +29,8 @@ MLFLOW_AUTH_ADMIN_PASSWORD; users live in the backend database (for the embedded
 generated once into `$LMFORGE_HOME/mlflow/flask_secret_key` (mode 600).
 
 It binds to 127.0.0.1 unless told otherwise, and to another address only with `--auth`;
-for a shared cluster see cluster/README.md (TLS in front of it). Like the Ray head, it runs in its own session and is recorded in
-`$LMFORGE_HOME/tracking.json` by pid and start time.
+for a shared cluster see cluster/README.md (TLS in front of it). Like the Ray head, it runs
+in its own session and is recorded in `$LMFORGE_HOME/tracking.json` by pid and start time.
 """
 
 from __future__ import annotations
