@@ -366,31 +366,68 @@ def list_nodes(info: ClusterInfo | None = None) -> list[dict]:
 
 
 def _list_nodes(info: ClusterInfo, quiet: bool = False) -> list[dict]:
-    url = f"{info.dashboard_url}/api/v0/nodes?limit=10000&detail=1"
+    try:
+        return state_list(info.dashboard_url, "nodes")
+    except ClusterError:
+        if quiet:
+            return []
+        raise
+
+
+def state_list(dashboard_url: str, resource: str) -> list[dict]:
+    """Ray's state API on the dashboard server (the Jobs API address): "nodes", "actors", ...
+    with their details, dead ones included."""
+    url = f"{dashboard_url.rstrip('/')}/api/v0/{resource}?limit=10000&detail=1"
     req = urllib.request.Request(url, headers=auth_headers())
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             body = json.load(r)
         return body["data"]["result"]["result"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        if quiet:
-            return []
         raise ClusterError(f"Ray state API at {url}: {err}") from None
 
 
-def nodes_table(nodes: list[dict]) -> str:
-    """One line per node: id, address, state, head or worker, resources."""
+TRAIN_WORKER = "RayTrainWorker"  # Ray Train's worker actor (train/v2/.../worker_group)
+
+
+def placement(
+    nodes: list[dict], actors: list[dict], job_names: dict[str, str]
+) -> list[dict[str, object]]:
+    """A row per node: id, address, state, role, resources, and the alive Ray Train workers
+    on it by job (`job_names`: Ray job id -> the name to show, e.g. the submission id)."""
+    workers: dict[str, dict[str, int]] = {}
+    for a in actors:
+        if TRAIN_WORKER in (a.get("class_name") or "") and a.get("state") == "ALIVE":
+            job = job_names.get(a.get("job_id") or "", a.get("job_id") or "?")
+            on = workers.setdefault(a.get("node_id") or "", {})
+            on[job] = on.get(job, 0) + 1
     rows = []
     for n in sorted(nodes, key=lambda n: (not n.get("is_head_node"), n.get("node_ip", ""))):
         res = {
             k: v for k, v in (n.get("resources_total") or {}).items() if not k.startswith("node:")
         }
-        shown = ", ".join(f"{k} {_fmt_resource(k, v)}" for k, v in sorted(res.items()))
+        on = workers.get(n["node_id"], {})
         rows.append(
-            f"  {n['node_id'][:12]}  {n.get('node_ip', '?'):<11}  {n.get('state', '?'):<5}  "
-            f"{'head  ' if n.get('is_head_node') else 'worker'}  {shown}"
+            {
+                "node": n["node_id"][:12],
+                "address": n.get("node_ip", "?"),
+                "state": n.get("state", "?"),
+                "role": "head" if n.get("is_head_node") else "worker",
+                "resources": ", ".join(
+                    f"{k} {_fmt_resource(k, v)}" for k, v in sorted(res.items())
+                ),
+                "training workers": ", ".join(f"{j}: {c}" for j, c in sorted(on.items())),
+            }
         )
-    return "\n".join(rows)
+    return rows
+
+
+def nodes_table(nodes: list[dict]) -> str:
+    """One line per node: id, address, state, head or worker, resources."""
+    return "\n".join(
+        f"  {r['node']}  {r['address']:<11}  {r['state']:<5}  {r['role']:<6}  {r['resources']}"
+        for r in placement(nodes, [], {})
+    )
 
 
 def _fmt_resource(key: str, value: float) -> str:

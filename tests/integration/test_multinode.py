@@ -124,6 +124,19 @@ def test_strict_spread_ranks_run_on_two_nodes_and_are_recorded(nodes3, dataset):
     assert list((home / "runs" / name).glob("checkpoint_*"))
 
 
+def test_dashboard_cluster_page_lists_the_nodes(nodes3, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("RAY_JOBS_ADDRESS", nodes3[1]["dashboard_url"])
+    at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=60).run()
+    at.switch_page("pages/cluster.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (table,) = at.dataframe
+    rows = table.value
+    assert sorted(rows["address"]) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert set(rows["state"]) == {"ALIVE"}
+
+
 def test_down_leaves_no_process(nodes3):
     home, state, _ = nodes3
     assert cluster_processes(state["temp_dir"])  # the cluster is up: the probe sees it

@@ -4,6 +4,7 @@ node commands are captured where `ManagedProcess.start` would run them."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -123,6 +124,38 @@ def test_nodes_table_shows_id_address_state_and_resources():
     assert "memory 2.00 GiB" in head
     assert worker.split()[:4] == ["b" * 12, "127.0.0.3", "DEAD", "worker"]
     assert worker.endswith("CPU 1") and "node:" not in worker
+
+
+def test_placement_counts_each_jobs_alive_training_workers_per_node():
+    nodes = [
+        {"node_id": "a" * 56, "node_ip": "127.0.0.2", "state": "ALIVE", "is_head_node": True},
+        {"node_id": "b" * 56, "node_ip": "127.0.0.3", "state": "ALIVE", "is_head_node": False},
+        {"node_id": "c" * 56, "node_ip": "127.0.0.4", "state": "ALIVE", "is_head_node": False},
+    ]
+    worker = {"class_name": "RayTrainWorker", "state": "ALIVE"}
+    actors = [
+        {**worker, "node_id": "b" * 56, "job_id": "01000000"},
+        {**worker, "node_id": "b" * 56, "job_id": "02000000"},
+        {**worker, "node_id": "c" * 56, "job_id": "02000000"},
+        {**worker, "node_id": "c" * 56, "job_id": "02000000", "state": "DEAD"},
+        {"class_name": "TrainController", "state": "ALIVE", "node_id": "a" * 56, "job_id": "02000000"},
+    ]  # fmt: skip
+    rows = cluster.placement(nodes, actors, {"02000000": "raysubmit_x"})
+    assert [(r["address"], r["training workers"]) for r in rows] == [
+        ("127.0.0.2", ""),
+        ("127.0.0.3", "01000000: 1, raysubmit_x: 1"),
+        ("127.0.0.4", "raysubmit_x: 1"),
+    ]
+
+
+def test_a_dead_jobs_api_fails_in_seconds_naming_it():
+    from lmforge.jobclient import JobClient, JobClientError
+
+    url = f"http://127.0.0.1:{dead_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(JobClientError, match=re.escape(url)):
+        JobClient(url)  # what `lmforge submit` and the dashboard use
+    assert time.monotonic() - t0 < 15
 
 
 # -- before a run starts on a cluster ---------------------------------------------------
