@@ -106,3 +106,51 @@ def test_prepare_job_without_a_cluster_starts_a_private_ray(corpus, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "a private local Ray" in run.stderr + run.stdout
     assert f"dataset: {out}" in run.stdout and Dataset(out).tokens("train") > 0
+
+
+def test_an_eos_named_only_in_tokenizer_config_ends_every_document(
+    ray_cluster, dataset, corpus, tmp_path
+):
+    """A model's tokenizer whose eos is set only in tokenizer_config.json (as Llama-3-Instruct's
+    `<|eot_id|>`): the Ray tasks end each document with it, not with the `<|endoftext|>` the
+    tokenizer also has, and the files stay with the dataset and its checkpoints."""
+    from lmforge import models
+    from lmforge.checkpoint import TrainerState, load_model, save_servable, seal
+    from lmforge.config import load_config
+    from lmforge.tokenizer import eot_id
+    from tests.conftest import REPO
+
+    tok = load_tokenizer(dataset / "tokenizer.json")
+    tok.add_special_tokens(["<|eot_id|>"])
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
+    opts = PrepareOptions(tokenizer=model_dir / "tokenizer.json", seq_tokens=128)
+    m = prepare([corpus], tmp_path / "out", opts)
+    eos, fallback = tok.token_to_id("<|eot_id|>"), tok.token_to_id("<|endoftext|>")
+    ds = Dataset(tmp_path / "out")
+    tokens = [
+        t
+        for split in ("train", "val")
+        for shard in m["splits"][split]["shards"]
+        for row in pq.read_table(ds.path / shard["file"]).column("tokens").to_pylist()
+        for t in row
+    ]
+    assert tokens.count(eos) == m["documents"] == len(list(corpus.glob("*.txt")))
+    assert tokens.count(fallback) == 0
+    assert m["tokenizer"]["eot_id"] == eos and ds.eot_token == "<|eot_id|>"
+    assert (ds.path / "tokenizer_config.json").read_text() == (
+        model_dir / "tokenizer_config.json"
+    ).read_text()
+    cfg = load_config(
+        REPO / "jobs" / "configs" / "tiny.yaml", [f"model.vocab_size={len(tok.get_vocab())}"]
+    )
+    ckpt = tmp_path / "ckpt"
+    save_servable(
+        ckpt, models.build(cfg.model).state_dict(), cfg, ds.tokenizer_path, TrainerState(1)
+    )
+    seal(ckpt)
+    assert (ckpt / "tokenizer_config.json").is_file()
+    assert eot_id(load_model(ckpt)[1]) == eos
+    ds.require_tokenizer(ckpt / "tokenizer.json", "the checkpoint")
