@@ -40,8 +40,19 @@ def profiled(steps: int, step_fn, row_limit: int, label: str) -> list[float]:
             t0 = time.perf_counter()
             step_fn()
             times.append(time.perf_counter() - t0)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
-    print(f"\n== {label}: median step {statistics.median(times) * 1e3:.0f} ms ==\n{table}")
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=row_limit)
+    per_step = sum(e.self_cpu_time_total for e in averages) / 1e3 / steps
+    comm = [
+        f"  {e.key}: {e.cpu_time_total / 1e3 / steps:,.1f} ms a step ({e.count // steps} calls)"
+        for e in averages
+        if any(w in e.key.lower() for w in ("reduce", "gather", "broadcast", "barrier", "wait"))
+    ]
+    print(
+        f"\n== {label}: median step {statistics.median(times) * 1e3:.0f} ms, in operators "
+        f"{per_step:,.0f} ms a step ==\n{table}\ncollectives (wall time, children included):\n"
+        + ("\n".join(comm) or "  none recorded")
+    )
     return times
 
 
