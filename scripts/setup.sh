@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv at the repo root and install lmforge with every dependency pinned by
-# constraints.txt. Safe to run again: it reinstalls only when the pins or pyproject change.
+# constraints.txt; and .venv-services, the services the tests run (moto's S3 server, the
+# MLflow server with PostgreSQL's driver), pinned by constraints-services.txt: apart from
+# .venv because botocore needs python-dateutil<3. Safe to run again: each reinstalls only
+# when its pins (or pyproject) change.
 #   bash scripts/setup.sh            (PYTHON=/path/to/python3.11 to choose the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +24,18 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
   echo "$want" > "$stamp"
+fi
+
+svc_stamp=.venv-services/.lmforge-installed
+svc_want=$(cat requirements-services.txt constraints-services.txt | sha256sum | cut -d' ' -f1)
+if [[ "$(cat "$svc_stamp" 2>/dev/null)" != "$svc_want" ]]; then
+  if ! .venv-services/bin/python -m pip --version >/dev/null 2>&1; then
+    echo "setup: creating .venv-services with $("$PY" --version)"
+    rm -rf .venv-services
+    "$PY" -m venv .venv-services
+  fi
+  echo "setup: installing the services (moto, boto3, MLflow server, psycopg) into .venv-services"
+  .venv-services/bin/python -m pip install -q --upgrade pip
+  .venv-services/bin/python -m pip install -q -c constraints-services.txt -r requirements-services.txt
+  echo "$svc_want" > "$svc_stamp"
 fi

@@ -28,7 +28,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from lmforge import models
+from lmforge import models, storage
 from lmforge.config import Config, ConfigError, config_from_dict
 from lmforge.errors import LmforgeError, first_line
 from lmforge.tokenizer import TOKENIZER_EXTRAS, copy_tokenizer, load_tokenizer
@@ -146,12 +146,20 @@ def seal(path: Path, others: Iterable[dict[str, int]] = ()) -> None:
     (path / FILES).write_text(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
 
 
-def incomplete(path: Path) -> str | None:
+def incomplete(path: Path | storage.S3Path) -> str | None:
     """What makes `path` an incomplete checkpoint (a file missing or cut short), or None."""
-    missing = [f for f in SERVABLE if not (path / f).is_file()]
+    listed = path.files() if storage.is_remote(path) else None  # S3: one listing, no HEADs
+
+    def size(rel: str) -> int | None:
+        if listed is not None:
+            return listed.get(rel)
+        f = path / rel
+        return f.stat().st_size if f.is_file() else None
+
+    missing = [f for f in SERVABLE if size(f) is None]
     if missing:
         return f"{missing[0]} is missing"
-    if not (path / FILES).is_file():
+    if size(FILES) is None:
         try:
             sealed = read_state(path).sealed
         except CheckpointError:
@@ -161,12 +169,12 @@ def incomplete(path: Path) -> str | None:
     try:
         files = json.loads((path / FILES).read_text())["files"]
         wrong = []
-        for rel, size in files.items():
-            f = path / rel
-            if not f.is_file():
+        for rel, want in files.items():
+            found = size(rel)
+            if found is None:
                 wrong.append(f"{rel} is missing")
-            elif f.stat().st_size != size:
-                wrong.append(f"{rel} has {f.stat().st_size} bytes, {FILES} says {size}")
+            elif found != want:
+                wrong.append(f"{rel} has {found} bytes, {FILES} says {want}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"{FILES} is unreadable ({type(err).__name__}: {err})"
     if not wrong:
@@ -204,12 +212,12 @@ def read_config(path: Path) -> Config:
 RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 
 
-def has_checkpoints(run_dir: Path) -> bool:
+def has_checkpoints(run_dir: Path | storage.S3Path) -> bool:
     """Whether Ray Train recorded a checkpoint of this run dir (the run can be resumed)."""
     return (run_dir / RAY_RECORD).is_file()
 
 
-def latest_in_run(run_dir: Path) -> Path | None:
+def latest_in_run(run_dir: Path | storage.S3Path) -> Path | storage.S3Path | None:
     """The run's latest checkpoint by Ray Train's own record: the one Ray restores a
     restarted worker group from, and the one `--resume`, `generate --checkpoint RUN` and
     the registry use too. Ray records a checkpoint only once every rank's copy of it
@@ -219,26 +227,28 @@ def latest_in_run(run_dir: Path) -> Path | None:
         return None
     from ray.train import Result  # Ray's own reader of its record (no cluster needed)
 
+    fs_path, fs = storage.ray_storage(run_dir)  # an S3 run dir: through its S3FileSystem
     try:
-        latest = Result.from_path(str(run_dir)).checkpoint
+        latest = Result.from_path(fs_path, storage_filesystem=fs).checkpoint
     except Exception as err:  # Ray raises RuntimeError and its own errors for a bad record
         raise CheckpointError(f"{run_dir / RAY_RECORD}: unreadable ({first_line(err)})") from None
     if latest is None:
         return None
-    path = Path(latest.path)
+    path = run_dir / Path(latest.path).name
     if why := incomplete(path):
         raise CheckpointError(f"{path}: the run's latest checkpoint is incomplete ({why})")
     return path
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir (its latest checkpoint)."""
-    p = Path(path).expanduser()
+    """A checkpoint dir, or a run dir (its latest checkpoint); on S3 (`s3://...`) it is
+    checked there and its servable files fetched into the local cache."""
+    p = storage.resolve(path) if storage.is_s3(path) else Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"{p}: checkpoint dir not found")
     why = incomplete(p)
     if why is None:
-        return p
+        return fetch_servable(p) if storage.is_remote(p) else p
     if any((p / f).exists() for f in (*SERVABLE, FILES, ENGINE_DIR)):  # a checkpoint dir
         raise CheckpointError(f"{p}: an incomplete checkpoint ({why})")
     latest = latest_in_run(p)
@@ -247,7 +257,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"{p}: neither a checkpoint dir nor a run dir with a checkpoint (no {STATE}, "
             f"no {RAY_RECORD})"
         )
-    return latest
+    return fetch_servable(latest) if storage.is_remote(latest) else latest
+
+
+def fetch_servable(remote: storage.S3Path) -> Path:
+    """A local copy of a complete checkpoint's servable files (not its engine state), with
+    a FILES listing of them: a complete checkpoint that `load_model` reads."""
+    out = storage.cache_dir(remote)
+    for name in servable_files(remote):
+        storage.download(remote / name, out / name)
+    seal(out)
+    return out
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

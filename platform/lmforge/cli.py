@@ -112,8 +112,9 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", metavar="URI",
                      help="a registered version: models:/NAME@ALIAS (latest, best) or "
                      "models:/NAME/VERSION")  # fmt: skip
-    src.add_argument("--checkpoint", type=Path, metavar="DIR",
-                     help="a checkpoint dir, or a run dir (its latest checkpoint)")  # fmt: skip
+    src.add_argument("--checkpoint", metavar="DIR",
+                     help="a checkpoint dir, or a run dir (its latest checkpoint); "
+                     "local or s3://bucket/prefix")  # fmt: skip
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow to resolve --model in (default: MLFLOW_TRACKING_URI, the "
                    "server of `lmforge tracking up`, else the SQLite store in LMFORGE_HOME)")  # fmt: skip
@@ -298,7 +299,7 @@ def tokenizer_file(source: str | None, tracking_uri: str | None = None) -> Path 
 
 def cmd_prepare(args) -> None:
     from lmforge.cluster import connect
-    from lmforge.data.prepare import PrepareOptions, check_inputs, prepare
+    from lmforge.data.prepare import PrepareOptions, check_inputs, output_location, prepare
 
     opts = PrepareOptions(
         vocab_size=args.vocab_size,
@@ -315,7 +316,7 @@ def cmd_prepare(args) -> None:
     m = prepare(args.input, args.output, opts)
     s = m["splits"]
     print(
-        f"dataset: {Path(args.output).expanduser().resolve()}\n"
+        f"dataset: {output_location(args.output)}\n"
         f"  documents {m['documents']:,} | tokens {m['tokens']:,} | vocab {m['tokenizer']['vocab_size']:,}\n"
         f"  train {s['train']['tokens']:,} tokens in {len(s['train']['shards'])} shard(s) | "
         f"val {s['val']['tokens']:,} tokens in {len(s['val']['shards'])} shard(s)"

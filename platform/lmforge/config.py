@@ -115,7 +115,8 @@ ARCH_SETTINGS: dict[str, frozenset[str]] = {
 class DataConfig(_Section):
     path: str = Field(
         "datasets/shakespeare",
-        description="A dataset dir made by `lmforge prepare`; relative to LMFORGE_HOME.",
+        description="A dataset dir made by `lmforge prepare`; relative to LMFORGE_HOME, or "
+        "s3://bucket/prefix (streamed from S3).",
     )
 
 
@@ -181,7 +182,9 @@ class RunConfig(_Section):
         description="Run name (folder under storage_path); generated when unset.",
     )
     storage_path: str = Field(
-        "runs", description="Ray Train storage (local dir relative to LMFORGE_HOME, or a URI)."
+        "runs",
+        description="Ray Train storage: a local dir (relative to LMFORGE_HOME) or "
+        "s3://bucket/prefix (see the storage section).",
     )
     checkpoints_to_keep: int | None = Field(
         None, ge=1, description="Keep only the newest N checkpoints; all when unset."
@@ -197,6 +200,36 @@ class RunConfig(_Section):
         description="Declare a local storage_path shared by every node (an NFS-style mount); "
         "without it a local path is refused on a cluster of more than one node.",
     )
+
+
+class StorageConfig(_Section):
+    """How to reach an S3-compatible store for `s3://` paths (run.storage_path, data.path).
+    Unset keys fall back to the standard AWS_* variables; credentials never go here, only
+    in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint, http(s)://host:port (MinIO, Ceph, moto); AWS_ENDPOINT_URL_S3 "
+        "or AWS_ENDPOINT_URL when unset, else AWS itself.",
+    )
+    region: str | None = Field(
+        None, description="S3 region; AWS_REGION or AWS_DEFAULT_REGION when unset."
+    )
+    force_path_style: bool | None = Field(
+        None,
+        description="Path-style addressing (host/bucket/key); when unset, path-style with an "
+        "endpoint_url, virtual-hosted (bucket.host/key) on AWS.",
+    )
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> StorageConfig:
+        from lmforge.storage import StorageError, check_endpoint
+
+        try:
+            check_endpoint(self.endpoint_url)
+        except StorageError as err:
+            raise ValueError(str(err)) from None
+        return self
 
 
 class TrackingConfig(_Section):
@@ -224,12 +257,22 @@ class Config(_Section):
     zero: ZeroConfig = ZeroConfig()
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
+        for key, value in (
+            ("run.storage_path", self.run.storage_path),
+            ("data.path", self.data.path),
+        ):
+            if "://" in value and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?", value):
+                raise ValueError(
+                    f"{key}={value!r}: expected a local path or s3://bucket/prefix (the only "
+                    "URI scheme supported)"
+                )
         if self.tracking.registered_model is None and not re.fullmatch(
             r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.tracking.experiment
         ):

@@ -133,8 +133,11 @@ def eot_id(tok: Tokenizer) -> int | None:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The sha256 of a local file or of an object in S3 (a `storage.S3Path`)."""
+    from lmforge import storage
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_bytes(path) if storage.is_remote(path) else open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

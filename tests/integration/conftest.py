@@ -53,6 +53,17 @@ def tracking_server():
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real local S3 API (moto's server from .venv-services on a free port) with an empty
+    bucket: `.endpoint_url`, `.bucket`, `.env` (dummy AWS_* credentials and the endpoint,
+    for os.environ or a job's runtime env), `.uri("runs")` -> s3://BUCKET/runs."""
+    from tests.s3server import s3_server
+
+    with s3_server("lmforge-it", log_dir=tmp_path_factory.mktemp("moto")) as s3:
+        yield s3
+
+
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     for play in PLAYS:

@@ -23,7 +23,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from lmforge import storage
 from lmforge.errors import LmforgeError
+from lmforge.storage import S3Path
 from lmforge.tokenizer import eot_token, file_sha256, load_tokenizer
 
 FORMAT = "lmforge-dataset/1"
@@ -41,16 +43,17 @@ class DatasetError(LmforgeError, ValueError):
 class Unit:
     """The smallest piece of a split that is read and assigned to a worker: one row group."""
 
-    file: Path
+    file: Path | S3Path
     row_group: int
     tokens: int
 
 
 class Dataset:
-    """A prepared dataset dir, checked on open: manifest, tokenizer hash, shards present."""
+    """A prepared dataset dir, checked on open: manifest, tokenizer hash, shards present.
+    `path` may be an `S3Path` (`storage.resolve("s3://...")`): shards are then read from S3."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | S3Path) -> None:
+        self.path = path if isinstance(path, S3Path) else Path(path)
         mpath = self.path / MANIFEST
         if not self.path.is_dir():
             raise DatasetError(
@@ -92,7 +95,9 @@ class Dataset:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / TOKENIZER
+        """A local file (a dataset in S3: a copy of its tokenizer files, made once)."""
+        extras = tuple(self.manifest["tokenizer"].get("files", []))
+        return storage.local_file(self.path / TOKENIZER, extras)
 
     @property
     def tokenizer_sha256(self) -> str:
@@ -142,9 +147,12 @@ class Dataset:
             )
 
 
-def open_shard(path: Path) -> pq.ParquetFile:
-    """A shard opened for reading, its page checksums verified as pages are read."""
+def open_shard(path: Path | S3Path) -> pq.ParquetFile:
+    """A shard opened for reading, its page checksums verified as pages are read (from S3:
+    only the footer and the row groups read are fetched)."""
     try:
+        if isinstance(path, S3Path):
+            return pq.ParquetFile(path.key, filesystem=path.fs, page_checksum_verification=True)
         return pq.ParquetFile(path, page_checksum_verification=True)
     except Exception as err:  # pyarrow's errors for corrupt or truncated files vary
         raise DatasetError(
@@ -153,7 +161,7 @@ def open_shard(path: Path) -> pq.ParquetFile:
         ) from None
 
 
-def check_shard(path: Path, entry: dict[str, Any], tokenizer_sha256: str) -> None:
+def check_shard(path: Path | S3Path, entry: dict[str, Any], tokenizer_sha256: str) -> None:
     """One shard's footer against its manifest entry and the dataset's tokenizer."""
     with open_shard(path) as pf:
         meta = pf.metadata

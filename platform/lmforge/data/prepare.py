@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from lmforge import __version__
+from lmforge import __version__, storage
 from lmforge.data.dataset import FORMAT, MANIFEST, SPLITS, TOKENIZER
 from lmforge.data.readers import CorpusError, discover, read_documents
 from lmforge.data.writer import ShardWriter
@@ -246,7 +247,7 @@ def check_inputs(inputs: list[str | Path], output: str | Path, opts: PrepareOpti
 
     Entry points call it before they connect to Ray, so a mistake costs no cluster start.
     """
-    output = Path(output).expanduser().resolve()
+    output = output_location(output)
     files = discover(inputs)
     check_output(output, files, opts.overwrite)
     if sum(f.stat().st_size for f in files) == 0:
@@ -258,15 +259,20 @@ def check_inputs(inputs: list[str | Path], output: str | Path, opts: PrepareOpti
 
 def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) -> dict:
     """Prepare `inputs` into the dataset dir `output` on the Ray this process is connected
-    to (the caller connects: `lmforge.cluster.connect()`); returns the manifest."""
-    output = Path(output).expanduser().resolve()
+    to (the caller connects: `lmforge.cluster.connect()`); returns the manifest.
+
+    `output` may be `s3://bucket/prefix`: the dataset is made in a local temp dir, then
+    uploaded with `manifest.json` last (a reader never sees a dataset without all its files)."""
+    output = output_location(output)
     files = check_inputs(inputs, output, opts)
     if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
         # Ray Data would start a Ray of its own here, without the cluster's address or token.
         raise RuntimeError("prepare() needs a connected Ray: call lmforge.cluster.connect()")
     total_bytes = sum(f.stat().st_size for f in files)
     log.info("prepare: %d file(s), %.1f MB of raw text", len(files), total_bytes / 1e6)
-    tmp = output.with_name(f".{output.name}.tmp")
+    remote = storage.is_remote(output)
+    staging = Path(tempfile.mkdtemp()) if remote else output.parent  # S3: made here, uploaded
+    tmp = staging / (output.name if remote else f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -283,10 +289,13 @@ def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) 
             manifest["documents"], manifest["tokens"], s["train"]["tokens"],
             s["val"]["tokens"], dt, total_bytes / 1e6 / max(dt, 1e-9),
         )  # fmt: skip
-        _swap_into_place(tmp, output)
+        if remote:
+            storage.upload_dir(tmp, output, last=MANIFEST, replace=True)
+        else:
+            _swap_into_place(tmp, output)
         return manifest
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.parent if remote else tmp, ignore_errors=True)
 
 
 def _named(paths: list, most: int = 3) -> str:
@@ -297,7 +306,7 @@ def _named(paths: list, most: int = 3) -> str:
 
 def check_output(output: Path, files: list[Path], overwrite: bool) -> None:
     """Never clobber what is not ours: only an empty dir or a dataset (with --overwrite)."""
-    if any(f.is_relative_to(output) for f in files):
+    if isinstance(output, Path) and any(f.is_relative_to(output) for f in files):
         raise UsageError(f"--output {output}: holds input files; write the dataset elsewhere")
     if output.is_file():
         raise FileExistsError(f"--output {output}: is a file")
@@ -310,6 +319,13 @@ def check_output(output: Path, files: list[Path], overwrite: bool) -> None:
         raise FileExistsError(
             f"--output {output}: not empty and not a dataset; refusing to replace it"
         )
+
+
+def output_location(output: str | Path) -> Path | storage.S3Path:
+    """The dataset dir to write: a local path, or an `S3Path` for s3://bucket/prefix."""
+    if storage.is_s3(output):
+        return storage.resolve(output)
+    return Path(output).expanduser().resolve()
 
 
 def _swap_into_place(tmp: Path, output: Path) -> None:

@@ -202,10 +202,13 @@ class Tracker:
 
         self._tasks.put((f"register the checkpoint of step {state.step}", task))
 
-    def register_restored(self, checkpoint: Path, state: TrainerState) -> None:
+    def register_restored(
+        self, checkpoint: Path, state: TrainerState, files: Path | None = None
+    ) -> None:
         """Register the checkpoint a run resumes from unless it has a version already: a job
-        that died between `ray.train.report` and the end of its registration left none."""
-        self.register(self.stage(checkpoint, state.step), checkpoint, state)
+        that died between `ray.train.report` and the end of its registration left none.
+        `files`: a local copy of it (a checkpoint in S3 is staged from there)."""
+        self.register(self.stage(files or checkpoint, state.step), checkpoint, state)
 
     def close(self, status: str = "FINISHED", timeout_s: float = 600.0) -> None:
         """Flush everything (at most `timeout_s`), mark the run ended, report what failed."""

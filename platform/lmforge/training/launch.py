@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge import storage
 from lmforge.config import Config, ConfigError
 from lmforge.paths import is_uri
 from lmforge.training.plan import LaunchPlan, build_plan, stage_init
@@ -48,7 +49,7 @@ def run_training(
     result = trainer(plan).fit()
     return TrainResult(
         run_dir=plan.run_dir,
-        checkpoint=Path(result.checkpoint.path) if result.checkpoint else None,
+        checkpoint=plan.run_dir / Path(result.checkpoint.path).name if result.checkpoint else None,
         metrics=result.metrics or {},
         mlflow_run_id=run_setup.tracked_run_id(plan.config, plan.run_dir),
     )
@@ -113,6 +114,8 @@ def trainer(plan: LaunchPlan):
     from lmforge.training.loop import train_loop
 
     cfg, s = plan.config, plan.config.scaling
+    storage_path, storage_filesystem = storage.ray_storage(plan.run_dir.parent)
+    remote = storage.is_remote(plan.run_dir) or storage.is_remote(plan.dataset.path)
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config(plan),
@@ -124,7 +127,12 @@ def trainer(plan: LaunchPlan):
         ),
         run_config=ray.train.RunConfig(
             name=plan.run_dir.name,
-            storage_path=str(plan.run_dir.parent),
+            # An S3 run dir: Ray Train writes through its pyarrow S3FileSystem.
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            # s3:// data or storage: the workers reach the store with the driver's AWS_*
+            # variables (credentials too: through the runtime env, never the config).
+            worker_runtime_env={"env_vars": storage.runtime_env_vars()} if remote else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             # A dead worker (or node) restarts the worker group, which resumes from the
             # latest checkpoint Ray has persisted (`ray.train.get_checkpoint()`).

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lmforge import checkpoint as ckpt_io
-from lmforge import dist, faults, models, paths
+from lmforge import dist, faults, models, storage
 from lmforge.config import Config, TrainConfig, config_from_dict
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
@@ -164,11 +164,11 @@ class ResumePoint:
     built (a resume on another number of workers builds it to load a universal checkpoint)."""
 
     local: Path  # its files, on this worker
-    persisted: Path  # where Ray keeps it: the run dir's checkpoint_NNNNNNNN
+    persisted: Path | storage.S3Path  # where Ray keeps it: the run dir's checkpoint_NNNNNNNN
     state: ckpt_io.TrainerState
 
     @classmethod
-    def open(cls, local: Path, persisted: Path) -> ResumePoint:
+    def open(cls, local: Path, persisted: Path | storage.S3Path) -> ResumePoint:
         if why := ckpt_io.incomplete(local):  # Ray records a checkpoint once all ranks copied it
             raise ckpt_io.CheckpointError(f"{local}: an incomplete checkpoint ({why})")
         return cls(local, persisted, ckpt_io.read_state(local))
@@ -211,10 +211,11 @@ class Trainer:
         if not cfg.scaling.use_gpu:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         torch.manual_seed(cfg.train.seed)  # identical init on every rank
-        self.dataset = Dataset(paths.resolve(cfg.data.path))
+        self.dataset = Dataset(storage.resolve(cfg.data.path))
         model = models.build(cfg.model)
         if init_from:  # fine-tuning: start from a checkpoint's weights, fresh optimizer
-            ckpt_io.load_weights(model, Path(init_from))
+            init = storage.resolve(init_from)  # a run in S3: fetched from there
+            ckpt_io.load_weights(model, storage.local_file(init / ckpt_io.WEIGHTS).parent)
             dist.print0(info, f"initialised the weights from {init_from}")
         arch = models.of(model)
         self.n_params = arch.n_params(cfg.model)
@@ -260,7 +261,7 @@ class Trainer:
         self.evals = list(state.evals)
         self.stream.resume(state.data)  # re-dealt when saved on another number of workers
         # Rank 0 may have died before this checkpoint's registration finished.
-        self.tracker.register_restored(resume.persisted, state)
+        self.tracker.register_restored(resume.persisted, state, d)
         dist.print0(self.info, f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
         if state.world_size != self.info.world:
             dist.print0(
@@ -274,8 +275,12 @@ class Trainer:
         """Load a per-rank engine state saved by another number of workers, through
         DeepSpeed's universal checkpoint of it (rank 0 makes it once, in the run dir); the
         engine was built with `checkpoint.load_universal` for it (`deepspeed_config`)."""
-        out = Path(self.run_dir) / "resharded" / d.name
-        if self.info.is_main:
+        remote = storage.is_s3(self.run_dir)
+        if remote:  # a run in S3: each rank converts its own local copy (no shared dir)
+            out = Path(tempfile.mkdtemp(prefix="lmforge-resharded-")) / d.name
+        else:
+            out = Path(self.run_dir) / "resharded" / d.name
+        if self.info.is_main or remote:
             engine_state.to_universal(d, out)
         dist.barrier(self.info)
         engine_state.check_engine_files(
@@ -403,7 +408,7 @@ class Trainer:
             # rank's are. A rank that dies copying never gets here: neither does rank 0.
             dist.barrier(self.info)
             dist.print0(self.info, f"checkpoint step {self.step} -> {self.run_dir}/{name}")
-            self.tracker.register(staged, Path(self.run_dir) / name, state)
+            self.tracker.register(staged, storage.resolve(self.run_dir) / name, state)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -551,12 +556,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     began = time.time()
     _quiet_ray_train_reports()
     cfg = config_from_dict(loop_config["config"])
+    storage.configure(cfg.storage)  # s3:// data or run dir (credentials: the runtime env)
     info = dist.setup(cfg.scaling.use_gpu)
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts or resumes the run
     trainer, status = None, "FAILED"
     try:
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
-            resume = ResumePoint.open(Path(d), Path(checkpoint.path)) if checkpoint else None
+            persisted = (
+                storage.resolve(loop_config["run_dir"]) / Path(checkpoint.path).name
+                if checkpoint
+                else None
+            )
+            resume = ResumePoint.open(Path(d), persisted) if checkpoint else None
             trainer = Trainer(
                 cfg, info, loop_config["run_dir"], loop_config.get("init_from"),
                 loop_config.get("tracking"), resume,

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge import checkpoint as ckpt_io
-from lmforge import paths
+from lmforge import storage
 from lmforge.config import Config, ConfigError
 from lmforge.data.dataset import Dataset
+from lmforge.tokenizer import TOKENIZER_EXTRAS
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ class InitSource:
 class LaunchPlan:
     config: Config  # run name and storage, data path, vocab, model shape and MLflow URI settled
     dataset: Dataset
-    run_dir: Path
-    resume_from: Path | None = None  # the checkpoint a resumed run continues from
+    run_dir: Path | storage.S3Path
+    resume_from: Path | storage.S3Path | None = None  # the checkpoint a resumed run continues from
     resume_state: ckpt_io.TrainerState | None = None
     init: InitSource | None = None
     tags: dict[str, str] | None = None  # MLflow tags known before Ray starts (None: no tracking)
@@ -60,8 +61,9 @@ def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = 
 
     if resume and init_from:
         raise ConfigError("--resume and --init-from exclude each other")
+    storage.configure(cfg.storage)  # s3:// paths: endpoint, region, addressing
     run_dir = find_run_dir(cfg, resume_target(resume, cfg.tracking.tracking_uri))
-    dataset = Dataset(paths.resolve(cfg.data.path))
+    dataset = Dataset(storage.resolve(cfg.data.path))
     dataset.check_shards()  # footers only: a truncated or foreign shard is named before Ray
     init = init_source(init_from, cfg.tracking.tracking_uri) if init_from else None
     model = cfg.model
@@ -108,35 +110,31 @@ def resume_target(resume: bool | str, tracking_uri: str | None) -> bool | str:
     return run_dir
 
 
-def storage_dir(cfg: Config) -> Path:
-    if paths.is_uri(cfg.run.storage_path):
-        raise ConfigError(
-            f"run.storage_path={cfg.run.storage_path}: remote storage is not supported yet; "
-            "use a shared filesystem path"
-        )
-    return paths.resolve(cfg.run.storage_path)
+def storage_dir(cfg: Config) -> Path | storage.S3Path:
+    """The run storage: a local dir, or an `S3Path` for s3://bucket/prefix."""
+    return storage.resolve(cfg.run.storage_path)
 
 
-def find_run_dir(cfg: Config, resume: bool | str) -> Path:
+def find_run_dir(cfg: Config, resume: bool | str) -> Path | storage.S3Path:
     """The run dir to start (a new name when unset) or to resume (a run name or run dir,
     `run.name`, else the newest run in storage); refuses to start over a run with
     checkpoints or to resume one without."""
-    storage, name = storage_dir(cfg), cfg.run.name
+    root, name = storage_dir(cfg), cfg.run.name
     if isinstance(resume, str):  # a run name or a run dir
-        p = Path(resume).expanduser()
+        p = storage.resolve(resume) if storage.is_s3(resume) else Path(resume).expanduser()
         if p.is_dir() and ckpt_io.has_checkpoints(p):
-            storage, name = p.resolve().parent, p.resolve().name
+            root, name = p.resolve().parent, p.resolve().name
         else:
             name = resume
     elif resume and name is None:
         runs = sorted(
-            (d for d in storage.glob("*") if ckpt_io.has_checkpoints(d)),
+            (d for d in root.glob("*") if ckpt_io.has_checkpoints(d)),
             key=lambda d: (d / ckpt_io.RAY_RECORD).stat().st_mtime,
         )
         if not runs:
-            raise ConfigError(f"--resume: no run with a checkpoint under {storage}")
+            raise ConfigError(f"--resume: no run with a checkpoint under {root}")
         name = runs[-1].name
-    run_dir = storage / (name or time.strftime("run-%Y%m%d-%H%M%S"))
+    run_dir = root / (name or time.strftime("run-%Y%m%d-%H%M%S"))
     has_ckpt = ckpt_io.has_checkpoints(run_dir)
     if resume and not has_ckpt:
         raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
@@ -191,7 +189,8 @@ def check_resume(cfg: Config, latest: Path, state: ckpt_io.TrainerState, dataset
         raise ConfigError(
             f"{latest}: saved with zero.stage={old.zero.stage}; resume with the same value"
         )
-    dataset.require_tokenizer(latest / ckpt_io.TOKENIZER, f"checkpoint {latest}")
+    tokenizer = storage.local_file(latest / ckpt_io.TOKENIZER, TOKENIZER_EXTRAS)  # S3: a copy
+    dataset.require_tokenizer(tokenizer, f"checkpoint {latest}")
     if cfg.scaling.num_workers != state.world_size:
         t = cfg.train
         log.warning(
@@ -228,6 +227,12 @@ def stage_init(plan: LaunchPlan) -> Path | None:
     if plan.init is None:
         return None
     dst = plan.init_dir
+    if storage.is_remote(dst):  # a run in S3: the workers fetch them from there
+        dst.remove()
+        for name in ckpt_io.servable_files(plan.init.checkpoint):
+            storage.upload(plan.init.checkpoint / name, dst / name)
+        (dst / "SOURCE").write_text(f"{plan.init.uri}\n")
+        return dst
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)

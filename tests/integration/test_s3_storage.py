@@ -1,0 +1,141 @@
+"""Data and checkpoints in S3 (moto's real S3 API on 127.0.0.1): `prepare --output s3://`,
+2 workers training from shards streamed out of the bucket into run storage in the bucket
+(Ray Train's storage_filesystem), every checkpoint sealed there and registered, a resume
+from S3, `generate --checkpoint s3://...`, damage in an S3 checkpoint caught by files.json;
+the secret key reaches neither MLflow nor the log."""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from lmforge import cli, storage
+from lmforge.checkpoint import FILES, RAY_RECORD, CheckpointError, read_state, resolve_checkpoint
+from lmforge.config import ConfigError
+from lmforge.data.prepare import PrepareOptions, prepare
+from lmforge.tracking import store
+from lmforge.tracking.tracker import RUN_DIR_TAG
+from lmforge.training.plan import build_plan
+from tests.conftest import REPO
+from tests.integration.conftest import tiny_config
+
+SECRET = "it-secret-key-4b9e2a7c"
+EXPERIMENT = "it-s3"
+SETTINGS = {"train.checkpoint_every": 3, "train.eval_every": 3, "train.eval_steps": 1,
+            "train.log_every": 1, "train.warmup_steps": 1, "tracking.experiment": EXPERIMENT}  # fmt: skip
+
+
+def submit(ray_cluster, env: dict[str, str], settings: dict, *extra: str) -> tuple[str, str]:
+    """jobs/train.py through the Jobs API, the AWS_* in the job's runtime env (as a user
+    submits with credentials: driver, Ray Train's controller and workers all get them)."""
+    from ray.job_submission import JobSubmissionClient
+
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["working_dir"] = str(REPO)
+    runtime_env["py_modules"] = [str(REPO / m) for m in runtime_env["py_modules"]]
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+    args = ["python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml", *extra]
+    for k, v in {**SETTINGS, "tracking.tracking_uri": store.resolve_uri(None), **settings}.items():
+        args += ["--set", f"{k}={v}"]
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    job = client.submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env)
+    deadline = time.time() + 600
+    while not (status := client.get_job_status(job)).is_terminal():
+        assert time.time() < deadline, f"job {job} still {status} after 10 min"
+        time.sleep(1)
+    return str(status), client.get_job_logs(job)
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    """This process (the driver) reaches the moto server by the standard AWS_* variables,
+    with a secret key the test looks for everywhere it must not be."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in storage.AWS_ENV:
+            mp.delenv(key, raising=False)
+        for key, value in {**s3_server.env, "AWS_SECRET_ACCESS_KEY": SECRET}.items():
+            mp.setenv(key, value)
+        storage.configure(None)
+        yield s3_server
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(ray_cluster, corpus, s3):
+    uri = s3.uri("datasets", "plays")
+    prepare([corpus], uri, PrepareOptions(vocab_size=512, seq_tokens=128, rows_per_group=4))
+    return uri
+
+
+def test_prepare_writes_the_dataset_to_s3(s3_dataset):
+    ds = storage.resolve(s3_dataset)
+    files = ds.files()
+    assert "manifest.json" in files and "tokenizer.json" in files
+    assert any(f.startswith("train/shard-") for f in files)
+    assert any(f.startswith("val/shard-") for f in files)
+
+
+def test_train_resume_register_and_generate_on_s3(ray_cluster, s3, s3_dataset, capfd):
+    runs = s3.uri("runs")
+    env = {**s3.env, "AWS_SECRET_ACCESS_KEY": SECRET}
+    settings = {"data.path": s3_dataset, "run.storage_path": runs, "run.name": "s3-run"}
+    status, log = submit(ray_cluster, env, {**settings, "train.max_steps": 3})
+    assert status == "SUCCEEDED", log[-4000:]
+    run = storage.resolve(runs) / "s3-run"
+    first = run / "checkpoint_00000003"
+    assert (run / RAY_RECORD).is_file() and (first / FILES).is_file()  # in the bucket
+    assert read_state(first).dataset.path == s3_dataset
+
+    status, log2 = submit(ray_cluster, env, {**settings, "train.max_steps": 6}, "--resume")
+    assert status == "SUCCEEDED", log2[-4000:]
+    assert "resumed from step 3" in log2
+    last = run / "checkpoint_00000006"
+    state = read_state(last)
+    assert state.step == 6 and state.tokens_seen == 6 * 8 * 2 * 64
+    before = read_state(first).data
+    assert [a["offset"] - b["offset"] for a, b in zip(state.data, before, strict=True)] == [
+        3 * 8 * 64
+    ] * 2  # each worker's stream went on from where it stopped, not from the start
+
+    # One MLflow run; a version per checkpoint, each pointing into the bucket.
+    client = MlflowClient(store.resolve_uri(None))
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    mruns = client.search_runs([exp.experiment_id], f"tags.`{RUN_DIR_TAG}` = '{run}'")
+    assert len(mruns) == 1
+    versions = client.search_model_versions(f"name='{EXPERIMENT}'")
+    by_step = {int(v.tags["step"]): v for v in versions if v.run_id == mruns[0].info.run_id}
+    assert sorted(by_step) == [3, 6]
+    assert by_step[6].tags["ray_checkpoint_uri"] == str(last)
+    assert by_step[6].tags["run_dir"] == str(run)
+
+    # The credentials reached the job through its runtime env only: not MLflow, not the log.
+    params = mruns[0].data.params
+    assert params["data.path"] == s3_dataset and params["run.storage_path"] == runs
+    seen = [*params.values(), *mruns[0].data.tags.values()]
+    seen += [str(t) for v in versions for t in v.tags.values()]
+    assert not [s for s in seen if SECRET in s]
+    assert SECRET not in log + log2
+
+    # generate --checkpoint on the run in S3: its latest checkpoint, checked and fetched.
+    capfd.readouterr()
+    code = cli.main(["generate", "--checkpoint", str(run), "--prompt", "KING",
+                     "--max-new-tokens", "8", "--seed", "1"])  # fmt: skip
+    out = capfd.readouterr()
+    assert code in (0, None) and out.out.startswith("KING"), out.err[-2000:]
+
+    # Damage in the bucket is caught by files.json, for generate and for --resume.
+    engine = next(p for p in (last / "deepspeed").files() if p.endswith(".pt"))
+    obj = last / "deepspeed" / engine
+    obj.fs.delete_file(obj.key)
+    with pytest.raises(CheckpointError, match=f"deepspeed/{engine} is missing"):
+        resolve_checkpoint(str(run))
+    with pytest.raises(CheckpointError, match="the run's latest checkpoint is incomplete"):
+        build_plan(tiny_config(s3_dataset, "s3-run", f"run.storage_path={runs}"), resume=True)
+
+
+def test_another_uri_scheme_is_refused():
+    with pytest.raises(ConfigError, match="run.storage_path='gs://b/runs'"):
+        tiny_config("datasets/x", "gs-run", "run.storage_path=gs://b/runs")
