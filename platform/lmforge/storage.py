@@ -165,12 +165,6 @@ def ray_storage(path: Path | S3Path) -> tuple[str, Any]:
     return str(path), None
 
 
-def ray_path(fs_path: str, like: Path | S3Path) -> Path | S3Path:
-    """A path Ray reports (`Checkpoint.path`, on the storage filesystem) as a path of the
-    same kind as `like` (the run's storage)."""
-    return S3Path(fs_path) if isinstance(like, S3Path) else Path(fs_path)
-
-
 def runtime_env_vars() -> dict[str, str]:
     """The AWS_* variables of this process, for Ray's runtime env of the workers (never
     for logs or MLflow)."""
@@ -273,13 +267,8 @@ class S3Path:
         return self.fs.open_input_stream(self.key)
 
     def read_bytes(self) -> bytes:
-        try:
-            with self.open_stream() as f:
-                return f.read()
-        except FileNotFoundError:
-            raise
-        except OSError as err:
-            raise OSError(f"{self}: {err}") from None
+        with self.open_stream() as f:  # pyarrow's errors name the bucket and key
+            return f.read()
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
