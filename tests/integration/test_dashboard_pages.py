@@ -152,46 +152,6 @@ def test_playground_generates_and_compares_and_cuts_a_long_prompt(launched):
     )
 
 
-def test_playground_chat_two_turns_samples_and_colours(launched):
-    at, _ = launched
-    at.switch_page("pages/playground.py")
-    at.run()
-    by_label(at.selectbox, "A: model").set_value(EXPERIMENT)
-    by_label(at.radio, "Mode").set_value("Chat")
-    at.run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    # A version trained on plain text has no template of its own: chat is the default.
-    assert by_label(at.selectbox, "Template").value == "chat"
-    by_label(at.number_input, "Max new tokens").set_value(8)
-    at.chat_input[0].set_value("Good morrow").run(timeout=120)
-    at.chat_input[0].set_value("And to you?").run(timeout=120)
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    history = at.session_state[f"chat:models:/{EXPERIMENT}@best"]
-    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
-    assert [m["content"] for m in history[::2]] == ["Good morrow", "And to you?"]
-    # The preview is the exact text of the next turn: both turns in the chat template.
-    preview = at.code[-1].value
-    assert preview.startswith("<|user|>\nGood morrow\n<|assistant|>\n")
-    assert "<|user|>\nAnd to you?\n<|assistant|>\n" in preview
-    assert preview.endswith("<|user|>\n…\n<|assistant|>")  # st.code drops the last newline
-    by_label(at.button, "Clear the conversation").click().run()
-    assert at.session_state[f"chat:models:/{EXPERIMENT}@best"] == []
-
-    # Complete mode: three samples side by side, shaded by probability, in a template.
-    by_label(at.radio, "Mode").set_value("Complete")
-    at.run()
-    by_label(at.selectbox, "Template").set_value("instruct")
-    by_label(at.number_input, "Samples").set_value(3)
-    by_label(at.toggle, "Colour by probability").set_value(True)
-    by_label(at.text_area, "Prompt").set_value("Name a king.")
-    at.run()
-    assert at.code[-1].value == "### Instruction:\nName a king.\n\n### Response:"
-    by_label(at.button, "Generate").click().run(timeout=120)
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    shaded = [h.proto.body for h in at.get("html")]
-    assert len(shaded) == 3 and all("hsl(" in h and "title=" in h for h in shaded)
-
-
 def test_fine_tune_from_a_version_then_stop_the_job(launched, ray_cluster):
     at, _ = launched
     at.switch_page("pages/models.py")
