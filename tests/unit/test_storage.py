@@ -231,3 +231,24 @@ def test_a_damaged_checkpoint_in_s3_is_caught_by_its_file_list(s3_checkpoint, da
     assert ckpt_io.incomplete(remote) == why
     with pytest.raises(ckpt_io.CheckpointError, match="an incomplete checkpoint"):
         ckpt_io.resolve_checkpoint(str(remote))
+
+
+def test_fine_tune_weights_are_staged_in_an_s3_run_and_load_from_there(s3_checkpoint, prefix):
+    """`--init-from` with the run in S3: stage_init uploads the servable files under the
+    run dir; a worker loads the weights from there (plan.stage_init, loop.Trainer)."""
+    from types import SimpleNamespace
+
+    from lmforge.training.plan import InitSource, stage_init
+
+    remote, model = s3_checkpoint
+    local = ckpt_io.resolve_checkpoint(str(remote))
+    dst = prefix / "ft-run" / "init_from"
+    (dst / "stale").write_text("from an earlier attempt")
+    plan = SimpleNamespace(init=InitSource("models:/base/1", local), init_dir=dst)
+    assert stage_init(plan) == dst
+    assert sorted(dst.files()) == sorted([*ckpt_io.servable_files(local), "SOURCE"])
+    assert (dst / "SOURCE").read_text() == "models:/base/1\n"
+    fresh = models.build(ckpt_io.read_config(dst).model)
+    ckpt_io.load_weights(fresh, storage.local_file(dst / ckpt_io.WEIGHTS).parent)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
