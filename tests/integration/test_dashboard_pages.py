@@ -152,6 +152,46 @@ def test_playground_generates_and_compares_and_cuts_a_long_prompt(launched):
     )
 
 
+def test_playground_chat_two_turns_samples_and_colours(launched):
+    at, _ = launched
+    at.switch_page("pages/playground.py")
+    at.run()
+    by_label(at.selectbox, "A: model").set_value(EXPERIMENT)
+    by_label(at.radio, "Mode").set_value("Chat")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    # A version trained on plain text has no template of its own: chat is the default.
+    assert by_label(at.selectbox, "Template").value == "chat"
+    by_label(at.number_input, "Max new tokens").set_value(8)
+    at.chat_input[0].set_value("Good morrow").run(timeout=120)
+    at.chat_input[0].set_value("And to you?").run(timeout=120)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    history = at.session_state[f"chat:models:/{EXPERIMENT}@best"]
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in history[::2]] == ["Good morrow", "And to you?"]
+    # The preview is the exact text of the next turn: both turns in the chat template.
+    preview = at.code[-1].value
+    assert preview.startswith("<|user|>\nGood morrow\n<|assistant|>\n")
+    assert "<|user|>\nAnd to you?\n<|assistant|>\n" in preview
+    assert preview.endswith("<|user|>\n…\n<|assistant|>")  # st.code drops the last newline
+    by_label(at.button, "Clear the conversation").click().run()
+    assert at.session_state[f"chat:models:/{EXPERIMENT}@best"] == []
+
+    # Complete mode: three samples side by side, shaded by probability, in a template.
+    by_label(at.radio, "Mode").set_value("Complete")
+    at.run()
+    by_label(at.selectbox, "Template").set_value("instruct")
+    by_label(at.number_input, "Samples").set_value(3)
+    by_label(at.toggle, "Colour by probability").set_value(True)
+    by_label(at.text_area, "Prompt").set_value("Name a king.")
+    at.run()
+    assert at.code[-1].value == "### Instruction:\nName a king.\n\n### Response:"
+    by_label(at.button, "Generate").click().run(timeout=120)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    shaded = [h.proto.body for h in at.get("html")]
+    assert len(shaded) == 3 and all("hsl(" in h and "title=" in h for h in shaded)
+
+
 def test_fine_tune_from_a_version_then_stop_the_job(launched, ray_cluster):
     at, _ = launched
     at.switch_page("pages/models.py")
@@ -255,6 +295,52 @@ def test_the_run_column_names_the_jobs_mlflow_run(dashboard_env, ray_cluster):
     at.run()
     assert not at.code
     assert any("`lmforge submit`" in c.value and "no log here" in c.value for c in at.caption)
+
+
+def test_an_imported_folder_fine_tunes_from_the_launch_page(dashboard_env, ray_cluster, dataset):
+    """Models page: import a Hugging Face folder from the data roots (its tokenizer is the
+    dataset's), fine-tune it from the Launch page for 2 steps; the run's version is listed
+    with its architecture and the imported version as its parent."""
+    pytest.importorskip("transformers")
+    from lmforge import paths
+    from tests.unit.test_import_hf import hf_folder
+
+    folder = paths.home() / "uploads" / "hf-dash"
+    hf_folder(folder, dataset / "tokenizer.json")
+    at = new_app()
+    at.switch_page("pages/models.py")
+    at.run()
+    by_label(at.text_input, "Folder").set_value(str(folder))
+    by_label(at.text_input, "Register as").set_value("dash-imported")
+    at.run()
+    by_label(at.button, "Import").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("as `models:/dash-imported/1`" in s.value for s in at.success)
+    by_label(at.button, "Fine-tune from it").click()
+    at.run()
+    at.switch_page("pages/launch.py")
+    at.run()
+    by_label(at.selectbox, "Dataset").set_value(str(dataset))
+    for label, value in [("Steps", 2), ("Evaluate every (steps)", 2), ("Checkpoint every (steps)", 2), ("Warm-up steps", 1)]:  # fmt: skip
+        by_label(at.number_input, label).set_value(value)
+    at.run()
+    by_label(at.button, "Submit job").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.code[0].value.endswith("--init-from models:/dash-imported/1")
+    client = JobClient(ray_cluster.dashboard_url)
+    sid = at.session_state["jobs_selected"]
+    assert client.wait(sid, timeout_s=600) == "SUCCEEDED", client.tail(sid, 60)
+    at.session_state["launch_from"] = None
+
+    at.switch_page("pages/models.py")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value
+    assert list(table["arch"]) == ["gpt2", "gpt2"]  # the fine-tune's version, the import
+    assert table.iloc[0]["source"].endswith("fine-tuned from models:/dash-imported/1")
+    assert table.iloc[1]["source"] == f"imported from {folder.resolve()}"
 
 
 def test_an_imported_folder_fine_tunes_from_the_launch_page(dashboard_env, ray_cluster, dataset):
