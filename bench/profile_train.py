@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -93,6 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     dataset = prepared_dataset(tiny=False)
     storage = tempfile.mkdtemp(prefix="lmforge-profile-train-")
+    try:
+        run_sides(args, dataset, storage)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+def run_sides(args, dataset: Path, storage: str) -> None:
     if args.side in ("both", "plain"):
         import torch
 
