@@ -456,5 +456,14 @@ def describe(info: ClusterInfo) -> str:
         "  submit with: lmforge submit --config FILE (the arguments of lmforge train)\n"
         f"          or: RAY_AUTH_MODE=token ray job submit --address {info.dashboard_url} "
         "--runtime-env cluster/runtime_env.yaml -- python jobs/train.py --config FILE\n"
-        f"  log: {info.log_file}" + (" (and ray-node-*.log beside it)" if info.nodes > 1 else "")
+        f"  log: {info.log_file}" + (MULTI_NODE_NOTE if info.nodes > 1 else "")
     )
+
+
+# Measured (tests/integration/test_multinode.py): out of single-host mode Ray 2.60 binds
+# its raylets', GCS's and workers' gRPC ports on every interface, whatever the node address.
+MULTI_NODE_NOTE = (
+    " (and ray-node-*.log beside it)\n"
+    "  note: with several nodes Ray listens on all interfaces (token auth still required); "
+    "on a shared host keep it behind a firewall"
+)
