@@ -16,6 +16,7 @@ from typing import Any
 from lmforge import storage
 from lmforge.config import Config, ConfigError
 from lmforge.paths import is_uri
+from lmforge.tracking import store
 from lmforge.training.plan import LaunchPlan, build_plan, stage_init
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ def trainer(plan: LaunchPlan):
     cfg, s = plan.config, plan.config.scaling
     storage_path, storage_filesystem = storage.ray_storage(plan.run_dir.parent)
     remote = storage.is_remote(plan.run_dir) or storage.is_remote(plan.dataset.path)
+    # Rank 0 reaches an MLflow server with basic auth by the driver's MLFLOW_TRACKING_*
+    # credentials, handed over like the AWS_* ones: through the runtime env, never the config.
+    env_vars = {**(storage.runtime_env_vars() if remote else {}), **store.credential_env()}
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config(plan),
@@ -132,7 +136,7 @@ def trainer(plan: LaunchPlan):
             storage_filesystem=storage_filesystem,
             # s3:// data or storage: the workers reach the store with the driver's AWS_*
             # variables (credentials too: through the runtime env, never the config).
-            worker_runtime_env={"env_vars": storage.runtime_env_vars()} if remote else None,
+            worker_runtime_env={"env_vars": env_vars} if env_vars else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             # A dead worker (or node) restarts the worker group, which resumes from the
             # latest checkpoint Ray has persisted (`ray.train.get_checkpoint()`).
