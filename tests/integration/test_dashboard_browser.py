@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from lmforge.jobclient import JobClient
 from lmforge.tracking import browse, store
@@ -26,7 +27,8 @@ CHROMIUM = os.environ.get("LMFORGE_CHROMIUM", "/usr/bin/chromium")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 NO_BROWSER = f"no Chromium at {CHROMIUM} (bash scripts/deps.sh installs it)"
 EXPERIMENT = "browser-e2e"
-PAGES = {"1-launch.png", "2-jobs.png", "3-runs.png", "4-models.png", "5-playground.png"}
+PAGES = {"1-launch.png", "2-jobs.png", "3-runs.png", "4-models.png", "5-playground.png",
+         "6-chat.png", "7-cluster.png"}  # fmt: skip
 pytestmark = pytest.mark.skipif(not IN_CI and not Path(CHROMIUM).is_file(), reason=NO_BROWSER)
 
 
@@ -157,6 +159,32 @@ def test_launch_watch_curves_models_playground_in_chromium(
     text = page.locator('[data-testid="stText"]').first.inner_text()
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
     page.screenshot(path=shots / "5-playground.png", full_page=True)
+
+    # Chat mode: two turns; each reply streams into an assistant message; the preview shows
+    # the exact text of the next turn in the chat template.
+    page.get_by_test_id("stRadio").get_by_text("Chat", exact=True).click()
+    settle(page)
+    box = page.get_by_test_id("stChatInputTextArea")
+    for i, said in enumerate(["Good morrow", "And to you?"], 1):
+        box.fill(said)
+        box.press("Enter")
+        settle(page)
+        messages = page.get_by_test_id("stChatMessage")
+        expect(messages).to_have_count(2 * i, timeout=120_000)  # the turn and its reply
+        assert said in messages.nth(2 * i - 2).inner_text()
+        settle(page)
+    assert messages.nth(3).inner_text().strip()  # the second reply
+    page.get_by_text("Exact text the model sees (next turn)").click()
+    preview = page.get_by_test_id("stCode").filter(has_text="<|user|>").last
+    preview.wait_for()
+    text = preview.inner_text()
+    assert "Good morrow" in text and "And to you?" in text and "<|assistant|>" in text
+    page.screenshot(path=shots / "6-chat.png", full_page=True)
+
+    nav(page, "Cluster")
+    page.get_by_role("heading", name="Cluster").wait_for()
+    page.get_by_text(re.compile(r"1 of 1 nodes alive")).wait_for()  # the session's head
+    page.screenshot(path=shots / "7-cluster.png", full_page=True)
 
     versions = browse.versions(store.resolve_uri(), EXPERIMENT)
     assert sorted(v.step for v in versions) == [3, 6]
