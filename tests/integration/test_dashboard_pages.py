@@ -336,6 +336,9 @@ def test_an_imported_folder_fine_tunes_from_the_launch_page(dashboard_env, ray_c
 
     at.switch_page("pages/models.py")
     at.run()
+    # Other tests' models are registered too: pick this one (the page starts at the first).
+    by_label(at.selectbox, "Registered model").set_value("dash-imported")
+    at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     table = at.dataframe[0].value
     assert list(table["arch"]) == ["gpt2", "gpt2"]  # the fine-tune's version, the import
