@@ -118,6 +118,22 @@ class DataConfig(_Section):
         description="A dataset dir made by `lmforge prepare`; relative to LMFORGE_HOME, or "
         "s3://bucket/prefix (streamed from S3).",
     )
+    document_mask: bool = Field(
+        False,
+        description="Attention never crosses a document boundary (the token after each eos "
+        "starts a new one; positions restart there). Always on for SFT datasets.",
+    )
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, description="Rank of each low-rank adapter.")
+    alpha: float = Field(16.0, gt=0, description="Scale: the update is (alpha/r)·B·A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Linear layers to adapt, by their last name (e.g. c_attn, q_proj); "
+        "default every linear layer but the output head.",
+    )
 
 
 class TrainConfig(_Section):
@@ -137,6 +153,15 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
     seed: int = Field(1337, ge=0, description="Seeds init, dropout and the data order.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Compute dtype.")
+    lora: LoraConfig | None = Field(
+        None,
+        description="Train low-rank adapters (peft) on a frozen base instead of every weight; "
+        "needs a base to start from (--init-from).",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward (less memory)."
+    )
+    compile: bool = Field(False, description="torch.compile the model before training.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
