@@ -35,7 +35,7 @@ from lmforge.config import Config, TrainConfig, config_from_dict
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
 from lmforge.perf import peak_flops
-from lmforge.training import engine_state
+from lmforge.training import engine_state, speed
 from lmforge.training.ds_config import deepspeed_config, lr_factor
 
 WARMUP_STEPS = 3  # left out of the steady-state throughput at the end of a run
@@ -45,15 +45,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     """Weight decay on matrices (linear weights, embeddings); none on biases and LayerNorms."""
     decay, no_decay = [], []
     for p in model.parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # a LoRA run's frozen base stays out of the optimizer
+            (decay if p.dim() >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
 
-def consolidated_weights(engine, info: dist.DistInfo) -> dict[str, torch.Tensor]:
+def consolidated_weights(
+    engine, info: dist.DistInfo, trainable_only: bool = False
+) -> dict[str, torch.Tensor]:
     """Full fp32 weights on rank 0 (empty elsewhere). Collective: every rank calls it.
+    `trainable_only`: a LoRA run's adapters, not its frozen base.
 
     Under ZeRO 1-3 the fp32 master copy is the truth (in bf16 the module holds rounded
     weights); `safe_get_full_fp32_param` gathers it. Stage 0 has no partitioned master:
@@ -65,6 +69,8 @@ def consolidated_weights(engine, info: dist.DistInfo) -> dict[str, torch.Tensor]
     masters = _stage0_masters(engine)
     out = {}
     for name, p in engine.module.named_parameters():  # tied weights are listed once
+        if trainable_only and not p.requires_grad:
+            continue
         full = safe_get_full_fp32_param(p)
         if full is None:
             full = masters.get(id(p), p)
@@ -213,10 +219,17 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical init on every rank
         self.dataset = Dataset(storage.resolve(cfg.data.path))
         model = models.build(cfg.model)
+        if cfg.train.lora is not None and not init_from and resume:
+            init_from = ckpt_io.read_base(resume.local).path  # the base the adapters are on
         if init_from:  # fine-tuning: start from a checkpoint's weights, fresh optimizer
             init = storage.resolve(init_from)  # a run in S3: fetched from there
             ckpt_io.load_weights(model, storage.local_file(init / ckpt_io.WEIGHTS).parent)
             dist.print0(info, f"initialised the weights from {init_from}")
+        self.lora, self.base = cfg.train.lora is not None, None
+        if self.lora:  # the base (--init-from; on resume, the run's copy of it) frozen
+            self.base = self._add_adapters(model, init_from, resume)
+        if cfg.train.activation_checkpointing:  # before ZeRO 3 hooks the modules
+            speed.checkpoint_blocks(model)
         arch = models.of(model)
         self.n_params = arch.n_params(cfg.model)
         self.flops_per_token = arch.flops_per_token(cfg.model)
@@ -231,10 +244,12 @@ class Trainer:
                 opt, functools.partial(lr_factor, cfg=cfg)
             ),
         )
+        if cfg.train.compile:
+            speed.compile_engine(self.engine)
         t = cfg.train
         self.stream = TokenStream(
             self.dataset, "train", cfg.model.context_length, t.micro_batch_size,
-            info.rank, info.world, seed=t.seed,
+            info.rank, info.world, seed=t.seed, document_mask=cfg.data.document_mask,
         )  # fmt: skip
         self.tokens_per_step = (
             t.micro_batch_size * t.grad_accum_steps * info.world * cfg.model.context_length
@@ -248,6 +263,28 @@ class Trainer:
         self.tracker = make_tracker(tracking, info.is_main, self.n_params)
         self.startup: dict[str, float] = {}  # wall-clock marks, set by train_loop
 
+    def _add_adapters(self, model, init_from: str, resume: ResumePoint | None):
+        """Freeze `model` (the base's weights), add LoRA adapters; the base's `BaseRef` on
+        rank 0 (what its checkpoints record), else None."""
+        from lmforge import lora
+
+        lora.add_adapters(model, lora.settings_of(self.cfg.train.lora))
+        trainable, total = lora.parameter_counts(model)
+        dist.print0(
+            self.info,
+            f"LoRA r={self.cfg.train.lora.r}: training {trainable:,} of {total:,} parameters "
+            f"({trainable / total:.2%}); the base stays frozen",
+        )
+        if not self.info.is_main:
+            return None
+        if resume is not None:
+            return ckpt_io.read_base(resume.local)
+        init = storage.resolve(init_from)
+        source = init / "SOURCE"  # what --init-from named (training.plan.stage_init)
+        uri = source.read_text().strip() if source.is_file() else init_from
+        local = storage.local_file(init / ckpt_io.WEIGHTS).parent
+        return ckpt_io.BaseRef(uri, init_from, ckpt_io.weights_sha256(local))
+
     # -- resume -----------------------------------------------------------------------
     def restore(self, resume: ResumePoint) -> None:
         d, state = resume.local, resume.state
@@ -256,7 +293,10 @@ class Trainer:
         if resume.resharded(self.info.world):
             self._load_resharded(d)
         else:
-            self.engine.load_checkpoint(str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
+            self.engine.load_checkpoint(
+                str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG,
+                load_module_strict=not self.lora,  # a LoRA state holds no frozen base
+            )  # fmt: skip
         self.step, self.tokens_seen = state.step, state.tokens_seen
         self.evals = list(state.evals)
         self.stream.resume(state.data)  # re-dealt when saved on another number of workers
@@ -286,7 +326,9 @@ class Trainer:
         engine_state.check_engine_files(
             out / engine_state.UNIVERSAL_TAG
         )  # unpickled too: same check
-        self.engine.load_checkpoint(str(out), tag=engine_state.UNIVERSAL_TAG)
+        self.engine.load_checkpoint(
+            str(out), tag=engine_state.UNIVERSAL_TAG, load_module_strict=not self.lora
+        )
 
     # -- one optimizer step -----------------------------------------------------------
     def train_step(self, batches) -> None:
@@ -300,9 +342,9 @@ class Trainer:
         total, wait, grad_norm = torch.zeros((), device=self.info.device), 0.0, None
         for _ in range(accum):
             t_data = time.perf_counter()
-            x, y = next(batches)
+            batch = next(batches)
             wait += time.perf_counter() - t_data
-            _, loss = self.engine(x.to(self.info.device), y.to(self.info.device))
+            loss = self.forward_loss(batch)
             self.engine.backward(loss)  # at the boundary: gradients all-reduced, not clipped
             if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = _grad_norm(self.engine.module)
@@ -335,10 +377,21 @@ class Trainer:
                 "mfu": self.mfu(tokens_per_s),
                 "step_time_s": p.step_time_s,
                 "data_wait_s": p.data_wait_s,  # this worker's time waiting for its next batch
+                "workers": self.info.world,  # elastic runs: how many trained this step
             }
             self.tracker.log_metrics(p.step, m)  # queued; never blocks on MLflow
             out.append(m)
         return out
+
+    def forward_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The loss of one micro-batch from the stream: `(x, y)`, or `(x, y, segments)` for
+        SFT data and `data.document_mask` (y is -100 where no loss is taken; attention and
+        positions stay inside a segment)."""
+        dev = self.info.device
+        if len(batch) == 2:
+            return self.engine(batch[0].to(dev), batch[1].to(dev))[1]
+        x, y, segments = batch
+        return self.engine(x.to(dev), y.to(dev), segments=segments.to(dev))[1]
 
     def mfu(self, tokens_per_s: float) -> float:
         return tokens_per_s / self.info.world * self.flops_per_token / self.peak.flops
@@ -349,13 +402,12 @@ class Trainer:
         val = TokenStream(
             self.dataset, "val", m.context_length, t.micro_batch_size,
             self.info.rank, self.info.world, seed=t.seed, shuffle=False,
+            document_mask=self.cfg.data.document_mask,
         )  # fmt: skip
         self.engine.eval()
         batches, total = val.batches(), torch.zeros(1, device=self.info.device)
         for _ in range(t.eval_steps):
-            x, y = next(batches)
-            _, loss = self.engine(x.to(self.info.device), y.to(self.info.device))
-            total += loss.float()
+            total += self.forward_loss(next(batches)).float()
         self.engine.train()
         val_loss = dist.all_reduce_mean_(total / t.eval_steps, self.info).item()
         self.evals.append({"step": self.step, "val_loss": val_loss})
@@ -374,9 +426,12 @@ class Trainer:
 
         tmp = Path(tempfile.mkdtemp(prefix="lmforge-ckpt-"))
         try:
-            self.engine.save_checkpoint(str(tmp / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG)
+            self.engine.save_checkpoint(
+                str(tmp / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG,
+                exclude_frozen_parameters=self.lora,  # the base is in base.json's folder
+            )  # fmt: skip
             faults.maybe_kill("checkpoint", self.step, self.info.rank)
-            weights = consolidated_weights(self.engine, self.info)
+            weights = consolidated_weights(self.engine, self.info, trainable_only=self.lora)
             # Each rank's data position, and the engine files it adds to the checkpoint dir.
             ranks = dist.all_gather_object(
                 (self.stream.state_dict(), ckpt_io.file_sizes(tmp)), self.info
@@ -396,7 +451,18 @@ class Trainer:
                     metrics=dict(metrics),
                     evals=list(self.evals),
                 )
-                ckpt_io.save_servable(tmp, weights, self.cfg, self.dataset.tokenizer_path, state)
+                if self.lora:
+                    from lmforge.lora import saved_names
+
+                    ckpt_io.save_adapter(
+                        tmp, saved_names(weights), self.cfg, self.dataset.tokenizer_path,
+                        state, self.base,
+                    )  # fmt: skip
+                else:
+                    ckpt_io.save_servable(
+                        tmp, weights, self.cfg, self.dataset.tokenizer_path, state
+                    )
+                ckpt_io.save_template(tmp, self.dataset.template)  # how prompts look
                 ckpt_io.seal(tmp, [files for _, files in ranks[1:]])
                 staged = self.tracker.stage(tmp, self.step)
             name = f"checkpoint_{self.step:08d}"

@@ -25,6 +25,7 @@ from lmforge import storage
 from lmforge.config import Config, ConfigError
 from lmforge.data.dataset import Dataset
 from lmforge.tokenizer import TOKENIZER_EXTRAS
+from lmforge.training import speed
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = 
     run_dir = find_run_dir(cfg, resume_target(resume, cfg.tracking.tracking_uri))
     dataset = Dataset(storage.resolve(cfg.data.path))
     dataset.check_shards()  # footers only: a truncated or foreign shard is named before Ray
+    speed.check(cfg)  # activation checkpointing / compile on this architecture
+    check_lora(cfg, resume, init_from)
     init = init_source(init_from, cfg.tracking.tracking_uri) if init_from else None
     model = cfg.model
     if init is not None:
@@ -94,6 +97,25 @@ def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = 
     cfg = run_setup.pin_uri(cfg)
     tags = run_setup.source_tags(dataset, run_dir, init_from) if cfg.tracking.enabled else None
     return LaunchPlan(cfg, dataset, run_dir, resume_from, state, init, tags)
+
+
+LORA_ZERO_STAGES = (0, 1, 2, 3)  # ZeRO stages a LoRA run (frozen base) trains and resumes under
+
+
+def check_lora(cfg: Config, resume: bool | str, init_from: str | None) -> None:
+    """train.lora trains adapters on a base: one to start from, and a ZeRO stage that works."""
+    if cfg.train.lora is None:
+        return
+    if not (init_from or resume):
+        raise ConfigError(
+            "train.lora: LoRA adapts a base model; name it with --init-from (a version URI, "
+            "a checkpoint or run dir, or an `lmforge import-hf` folder)"
+        )
+    if cfg.zero.stage not in LORA_ZERO_STAGES:
+        raise ConfigError(
+            f"train.lora: zero.stage={cfg.zero.stage} does not train a frozen base; use "
+            f"zero.stage in {list(LORA_ZERO_STAGES)}"
+        )
 
 
 def resume_target(resume: bool | str, tracking_uri: str | None) -> bool | str:
@@ -156,11 +178,12 @@ def check_fits_dataset(cfg: Config, ds: Dataset) -> None:
             f"{ds.vocab_size} tokens (ids up to {ds.vocab_size - 1}); remove model.vocab_size "
             "or use a dataset prepared with the model's tokenizer"
         )
-    world, need = cfg.scaling.num_workers, cfg.model.context_length + 1
+    # Elastic: it must feed the most workers the run may grow to.
+    world, need = cfg.scaling.max_workers, cfg.model.context_length + 1
     train_units = ds.units("train")
     if len(train_units) < world:
         raise ConfigError(
-            f"scaling.num_workers={world}: {ds.path} has only {len(train_units)} train row "
+            f"scaling.num_workers={list_or_int(cfg.scaling.num_workers)}: {ds.path} has only {len(train_units)} train row "
             "groups to share; prepare it with a smaller --rows-per-group or use fewer workers"
         )
     if sum(u.tokens for u in train_units) // world < need:
@@ -185,13 +208,19 @@ def check_resume(cfg: Config, latest: Path, state: ckpt_io.TrainerState, dataset
         raise ConfigError(
             f"{latest}: the config's model does not fit the checkpoint: {', '.join(diff)}"
         )
+    if cfg.train.lora != old.train.lora:
+        raise ConfigError(
+            f"{latest}: saved with train.lora={old.train.lora and old.train.lora.model_dump()}; "
+            "resume with the same value"
+        )
     if cfg.zero.stage != old.zero.stage:
         raise ConfigError(
             f"{latest}: saved with zero.stage={old.zero.stage}; resume with the same value"
         )
     tokenizer = storage.local_file(latest / ckpt_io.TOKENIZER, TOKENIZER_EXTRAS)  # S3: a copy
     dataset.require_tokenizer(tokenizer, f"checkpoint {latest}")
-    if cfg.scaling.num_workers != state.world_size:
+    if not cfg.scaling.elastic and cfg.scaling.num_workers != state.world_size:
+        # (elastic: the worker count is known only when Ray Train starts them; the loop says)
         t = cfg.train
         log.warning(
             "resuming %s, saved by %d workers, on scaling.num_workers=%d: the optimizer state "
@@ -201,6 +230,11 @@ def check_resume(cfg: Config, latest: Path, state: ckpt_io.TrainerState, dataset
             t.micro_batch_size * t.grad_accum_steps * cfg.scaling.num_workers,
             t.micro_batch_size * t.grad_accum_steps * state.world_size,
         )  # fmt: skip
+
+
+def list_or_int(n: int | tuple[int, int]) -> int | list[int]:
+    """num_workers as the config spells it: 2, or [1, 2]."""
+    return list(n) if isinstance(n, tuple) else n
 
 
 def init_source(init_from: str, tracking_uri: str | None) -> InitSource:
