@@ -5,8 +5,15 @@
     tokenizer.json       the dataset's tokenizer (+ its tokenizer_config.json and
                          special_tokens_map.json when it has them: they name its eos)
     trainer_state.json   step, tokens seen, each worker's data position, dataset hashes
+    template.json        the prompt template of an SFT dataset it was trained on (if any)
     deepspeed/           DeepSpeed engine state (model, optimizer, LR schedule) to resume
     files.json           every file above (all ranks' engine shards too) with its size
+
+A LoRA run's checkpoint (`train.lora`) holds `adapter.safetensors` (the adapters only)
+and `base.json` (its base: the version URI or folder it started from, the folder the run
+read it from, the sha256 of its weights) instead of `model.safetensors`; `load_model`
+loads the base, adds the adapters and loads them. A version fetched from the registry
+keeps a copy of its base beside it (`base/`).
 
 `files.json` is written last, just before Ray copies the dir into the run dir; that copy
 (one per rank, files in no set order) can be cut short by a dead worker, so a checkpoint
@@ -31,6 +38,8 @@ from safetensors.torch import load_file, save_file
 from lmforge import models, storage
 from lmforge.config import Config, ConfigError, config_from_dict
 from lmforge.errors import LmforgeError, first_line
+from lmforge.templates import TEMPLATE_FILE, Template
+from lmforge.templates import save as save_template_file
 from lmforge.tokenizer import TOKENIZER_EXTRAS, copy_tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -38,6 +47,10 @@ CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
 STATE = "trainer_state.json"
 SERVABLE = (WEIGHTS, CONFIG, TOKENIZER, STATE)  # all a model needs, without the engine state
+ADAPTER = "adapter.safetensors"  # a LoRA checkpoint's weights: the adapters only
+BASE = "base.json"  # a LoRA checkpoint's base (`BaseRef`)
+BASE_DIR = "base"  # a fetched adapter version's copy of its base (the registry puts it)
+ADAPTER_SERVABLE = (ADAPTER, BASE, CONFIG, TOKENIZER, STATE)
 FILES = "files.json"  # {"files": {relative path: size in bytes}}, the last file written
 ENGINE_DIR = "deepspeed"
 ENGINE_TAG = "state"
@@ -96,6 +109,75 @@ class TrainerState:
         )
 
 
+@dataclass(frozen=True)
+class BaseRef:
+    """`base.json`: the base model a LoRA checkpoint's adapters belong to."""
+
+    uri: str  # what --init-from named: a version URI or a checkpoint / run dir
+    path: str  # the base's servable files as the run read them (its run dir's init_from/)
+    sha256: str  # of the base's model.safetensors: a moved alias or other folder is refused
+
+
+def weights_sha256(ckpt: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(ckpt / WEIGHTS, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_adapter(path: Path | storage.S3Path) -> bool:
+    return (path / ADAPTER).is_file()
+
+
+def read_base(path: Path) -> BaseRef:
+    try:
+        return BaseRef(**json.loads((path / BASE).read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path / BASE}: unreadable ({first_line(err)})") from None
+
+
+def find_base(ckpt: Path) -> Path:
+    """The base checkpoint of the LoRA checkpoint `ckpt`: its fetched copy (`base/`), the
+    folder its run read, or the folder --init-from named; the first whose weights are the
+    ones the adapters were trained on."""
+    ref = read_base(ckpt)
+    for cand in (ckpt / BASE_DIR, ref.path, ref.uri):
+        if str(cand).startswith("models:/"):
+            continue  # the registry resolves those (`fetch_checkpoint` puts it in base/)
+        try:
+            base = resolve_checkpoint(cand)
+        except CheckpointError:
+            continue
+        if weights_sha256(base) == ref.sha256:
+            return base
+    raise CheckpointError(
+        f"{ckpt}: its base {ref.uri} (weights sha256 {ref.sha256[:12]}) is not at {ref.path}; "
+        "load the adapter through its registered version, which brings the base"
+    )
+
+
+def save_adapter(
+    out: Path,
+    adapter: dict[str, torch.Tensor],
+    cfg: Config,
+    tokenizer_path: Path,
+    state: TrainerState,
+    base: BaseRef,
+) -> None:
+    """A LoRA checkpoint's servable files: the adapters, their base, config, tokenizer;
+    `trainer_state.json` last."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.items()}
+    save_file(tensors, str(out / ADAPTER), metadata={"format": "pt", "adapter": "lora"})
+    (out / BASE).write_text(json.dumps(asdict(base), indent=2) + "\n")
+    (out / CONFIG).write_text(cfg.to_yaml())
+    copy_tokenizer(tokenizer_path, out)
+    write_state(out, state)
+
+
 def save_servable(
     out: Path,
     weights: dict[str, torch.Tensor],
@@ -122,8 +204,17 @@ def save_servable(
 
 
 def servable_files(path: Path) -> list[str]:
-    """SERVABLE, and the tokenizer's transformers files the checkpoint at `path` has."""
-    return [*SERVABLE, *(n for n in TOKENIZER_EXTRAS if (path / n).is_file())]
+    """SERVABLE (ADAPTER_SERVABLE for a LoRA checkpoint), and the tokenizer's transformers
+    files the checkpoint at `path` has."""
+    own = ADAPTER_SERVABLE if is_adapter(path) else SERVABLE
+    return [*own, *(n for n in (*TOKENIZER_EXTRAS, TEMPLATE_FILE) if (path / n).is_file())]
+
+
+def save_template(out: Path, template: Template | None) -> None:
+    """`template.json` beside the tokenizer files: the prompt template the run's data was
+    rendered with (an SFT dataset's), so generation formats prompts the same way."""
+    if template is not None:
+        save_template_file(template, out)
 
 
 def file_sizes(path: Path) -> dict[str, int]:
@@ -156,7 +247,8 @@ def incomplete(path: Path | storage.S3Path) -> str | None:
         f = path / rel
         return f.stat().st_size if f.is_file() else None
 
-    missing = [f for f in SERVABLE if size(f) is None]
+    required = ADAPTER_SERVABLE if size(ADAPTER) is not None else SERVABLE
+    missing = [f for f in required if size(f) is None]
     if missing:
         return f"{missing[0]} is missing"
     if size(FILES) is None:
@@ -249,7 +341,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     why = incomplete(p)
     if why is None:
         return fetch_servable(p) if storage.is_remote(p) else p
-    if any((p / f).exists() for f in (*SERVABLE, FILES, ENGINE_DIR)):  # a checkpoint dir
+    if any((p / f).exists() for f in (*SERVABLE, ADAPTER, FILES, ENGINE_DIR)):  # a checkpoint dir
         raise CheckpointError(f"{p}: an incomplete checkpoint ({why})")
     latest = latest_in_run(p)
     if latest is None:
@@ -271,21 +363,26 @@ def fetch_servable(remote: storage.S3Path) -> Path:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer, config) from a checkpoint or run dir; weights via safetensors only."""
+    """(model, tokenizer, config) from a checkpoint or run dir; weights via safetensors only.
+    A LoRA checkpoint gives its base with the adapters added (unmerged)."""
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
     model = models.build(cfg.model)
-    load_weights(model, ckpt, device)
+    if is_adapter(ckpt):
+        from lmforge import lora
+
+        load_weights(model, find_base(ckpt), device)
+        lora.add_adapters(model, lora.settings_of(cfg.train.lora))
+        lora.load_adapter(model, _read_safetensors(ckpt / ADAPTER, device))
+    else:
+        load_weights(model, ckpt, device)
     model.to(device).eval()
     return model, load_tokenizer(ckpt / TOKENIZER), cfg
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
     """Load a checkpoint's safetensors weights into `model` (names and shapes must match)."""
-    try:
-        weights = load_file(str(ckpt / WEIGHTS), device=str(device))
-    except Exception as err:  # safetensors raises its own SafetensorError
-        raise CheckpointError(f"{ckpt / WEIGHTS}: not readable safetensors ({err})") from None
+    weights = _read_safetensors(ckpt / WEIGHTS, device)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k not in models.of(model).tied(model.cfg)]
     if missing or unexpected:
@@ -293,3 +390,10 @@ def load_weights(model: torch.nn.Module, ckpt: Path, device: str | torch.device 
             f"{ckpt / WEIGHTS}: does not fit the config (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]})"
         )
+
+
+def _read_safetensors(file: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file), device=str(device))
+    except Exception as err:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{file}: not readable safetensors ({err})") from None

@@ -63,6 +63,18 @@ def _add_prepare(sub) -> None:
     p.add_argument("--rows-per-group", type=int, default=16, metavar="N",
                    help="rows per Parquet row group, the unit dealt to workers (default 16)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset dir")
+    p.add_argument("--format", choices=("text", "sft"), default="text",
+                   help="text (default): documents, packed; sft: .jsonl rows of prompt/completion "
+                   "or messages, rendered with --template, only completion tokens are targets, "
+                   "one example a row (--seq-tokens is then the longest example)")  # fmt: skip
+    p.add_argument("--template", metavar="NAME|FILE.jinja",
+                   help="sft: plain, instruct, chat, few-shot, chain-of-thought, a Jinja2 file, or "
+                   "chat_template (the one in --tokenizer's tokenizer_config.json)")  # fmt: skip
+    p.add_argument("--prompt-policy", choices=("drop", "cut-prompt"), default="drop",
+                   help="sft: a row longer than --seq-tokens is dropped (default) or loses its "
+                   "prompt's first tokens (dropped if its completion alone is too long)")  # fmt: skip
+    p.add_argument("--template-examples", type=Path, metavar="FILE.jsonl",
+                   help="sft, few-shot: the worked examples (prompt/completion rows)")  # fmt: skip
 
 
 def _add_train(sub) -> None:
@@ -171,6 +183,9 @@ def _add_export_hf(sub) -> None:
     _add_model_source(p)
     p.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA version: fold the adapters into the base and write a plain "
+                   "model (default: a peft adapter folder for the Hugging Face base)")  # fmt: skip
 
 
 def _add_import_hf(sub) -> None:
@@ -225,10 +240,11 @@ def _add_cluster(sub) -> None:
         help="start, stop or inspect a local Ray cluster",
         description="A local Ray cluster with token auth: one node on 127.0.0.1, or with "
         "--nodes N a head on 127.0.0.2 and N-1 worker nodes on 127.0.0.3, ... (each its own "
-        "raylet and resources, as on a real cluster). `status` lists the nodes; `down` "
-        "stops every node `up` started.",
+        "raylet and resources, as on a real cluster). `status` lists the nodes; `add-node` "
+        "starts one more worker node (--node-cpus) on the next address, e.g. to replace a "
+        "lost one; `down` stops every node `up` and `add-node` started.",
     )
-    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("action", choices=["up", "down", "status", "add-node"])
     p.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
     p.add_argument("--dashboard-port", type=int, default=8265,
                    help="dashboard / Jobs API port (default 8265)")  # fmt: skip
@@ -309,6 +325,10 @@ def cmd_prepare(args) -> None:
         rows_per_group=args.rows_per_group,
         tokenizer=tokenizer_file(args.tokenizer, args.tracking_uri),
         overwrite=args.overwrite,
+        format=args.format,
+        template=args.template,
+        prompt_policy=args.prompt_policy,
+        template_examples=args.template_examples,
     )
     check_inputs(args.input, args.output, opts)  # before Ray: a mistake costs no Ray start
     where = connect()  # RAY_ADDRESS, else `lmforge cluster up`'s cluster, else a private Ray
@@ -320,6 +340,19 @@ def cmd_prepare(args) -> None:
         f"  documents {m['documents']:,} | tokens {m['tokens']:,} | vocab {m['tokenizer']['vocab_size']:,}\n"
         f"  train {s['train']['tokens']:,} tokens in {len(s['train']['shards'])} shard(s) | "
         f"val {s['val']['tokens']:,} tokens in {len(s['val']['shards'])} shard(s)"
+    )
+    if "sft" in m:
+        print(sft_summary(m))
+
+
+def sft_summary(m: dict) -> str:
+    """The rows an SFT prepare read, kept, dropped and cut, and its template."""
+    q = m["sft"]
+    return (
+        f"  rows read {q['rows']:,} | examples {q['examples']:,} | dropped (longer than "
+        f"{q['max_tokens']} tokens, --prompt-policy {q['prompt_policy']}) {q['dropped_too_long']:,}"
+        f" | cut {q['cut']:,} | target tokens {q['target_tokens']:,} | template "
+        f"{q['template']['file'] or q['template']['name']}"
     )
 
 
@@ -466,8 +499,9 @@ def cmd_evaluate(args) -> None:
 def cmd_export_hf(args) -> None:
     from lmforge.export_hf import export_hf
 
-    out = export_hf(_checkpoint_of(args), args.output, overwrite=args.overwrite)
-    print(f"wrote a transformers GPT-2 folder: {out}")
+    out = export_hf(_checkpoint_of(args), args.output, overwrite=args.overwrite, merge=args.merge)
+    kind = "a peft adapter" if (out / "adapter_config.json").is_file() else "a transformers"
+    print(f"wrote {kind} folder: {out}")
 
 
 def cmd_import_hf(args) -> None:
@@ -501,6 +535,9 @@ def cmd_cluster(args) -> None:
             nodes=args.nodes, node_cpus=args.node_cpus,
         )  # fmt: skip
         print(cluster.describe(info))
+    elif args.action == "add-node":
+        node = cluster.add_node(args.node_cpus)
+        print(f"started a worker node on {node.ip} ({node.num_cpus:g} CPU); log: {node.log_file}")
     elif args.action == "down":
         print(
             "stopped the local Ray cluster"

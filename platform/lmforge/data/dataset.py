@@ -10,6 +10,12 @@ group, so a reader can split work and seek to a token offset without reading dat
 Shards carry page checksums (verified as they are read) and, in their schema metadata,
 the sha256 of the tokenizer that made them (`SHARD_TOKENIZER_KEY`).
 
+An SFT dataset (`"data_format": "sft"` in the manifest, made by `prepare --format sft`)
+holds one example a row, each ending with the eos, and a second column `targets` (list of
+bool, aligned with `tokens`: True where the token is a loss target, i.e. a completion
+token); the manifest's `sft` section records the template, the mask and the rows read,
+dropped and cut, and `template.json` (`lmforge.templates`) sits beside the manifest.
+
 This module reads and checks a dataset dir; `lmforge.data.writer` writes its shards.
 """
 
@@ -26,6 +32,7 @@ import pyarrow.parquet as pq
 from lmforge import storage
 from lmforge.errors import LmforgeError
 from lmforge.storage import S3Path
+from lmforge.templates import TEMPLATE_FILE, Template
 from lmforge.tokenizer import eot_token, file_sha256, load_tokenizer
 
 FORMAT = "lmforge-dataset/1"
@@ -98,6 +105,22 @@ class Dataset:
         """A local file (a dataset in S3: a copy of its tokenizer files, made once)."""
         extras = tuple(self.manifest["tokenizer"].get("files", []))
         return storage.local_file(self.path / TOKENIZER, extras)
+
+    @property
+    def data_format(self) -> str:
+        """`text` (packed documents) or `sft` (one example a row, with a target mask)."""
+        return self.manifest.get("data_format", "text")
+
+    @functools.cached_property
+    def template(self) -> Template | None:
+        """The template an SFT dataset's rows were rendered with (its `template.json`)."""
+        p = self.path / TEMPLATE_FILE
+        if not p.is_file():
+            return None
+        try:
+            return Template.from_description(json.loads(p.read_text()))
+        except (ValueError, KeyError, TypeError) as err:
+            raise DatasetError(f"{p}: not a template description ({err})") from None
 
     @property
     def tokenizer_sha256(self) -> str:

@@ -8,6 +8,15 @@ the same for the same input, tokenizer and seed however many workers ran. The da
 written to a temporary sibling dir and renamed into place at the end: a crash never leaves
 a half-written dataset behind. It runs on the Ray this process is connected to; the entry
 points (`lmforge prepare`, jobs/prepare.py) connect with `lmforge.cluster.connect()`.
+
+    lmforge prepare --format sft --input rows.jsonl --template instruct --output DIR
+
+`--format sft` reads instruction rows (`lmforge.data.sft`), renders each with a template
+(`lmforge.templates`), and Ray tasks encode them into ids and a target mask; the driver
+splits the examples train/val (the same seeded rule, per example) and writes one example a
+row with a `targets` column beside `tokens` (`ShardWriter.add_example`). Every example ends
+with the tokenizer's eos. The template is saved as `template.json` in the dataset dir and
+described in the manifest's `sft` section, with the rows read, dropped and cut.
 """
 
 from __future__ import annotations
@@ -29,12 +38,14 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from lmforge import __version__, storage
+from lmforge import __version__, storage, templates
+from lmforge.data import sft
 from lmforge.data.dataset import FORMAT, MANIFEST, SPLITS, TOKENIZER
 from lmforge.data.readers import CorpusError, discover, read_documents
 from lmforge.data.writer import ShardWriter
 from lmforge.errors import UsageError
 from lmforge.tokenizer import (
+    EOT,
     TOKENIZER_EXTRAS,
     copy_tokenizer,
     eot_id,
@@ -49,6 +60,8 @@ from lmforge.tokenizer import (
 log = logging.getLogger(__name__)
 TASKS_PER_CPU = 2  # enough to even out unequal files
 TASK_BYTES = 32 << 20  # raw text a tokenize task takes at most, roughly
+TASK_ROWS = 2048  # SFT rows an encode task takes at most
+FORMATS = ("text", "sft")
 
 
 @dataclass(frozen=True)
@@ -62,8 +75,26 @@ class PrepareOptions:
     tokenizer: Path | None = None  # reuse this tokenizer.json instead of training one
     overwrite: bool = False
     max_tasks: int | None = None  # concurrent tokenize tasks at most (default: as CPUs allow)
+    format: str = "text"  # "sft": instruction rows, one example a row, with a target mask
+    template: str | None = None  # sft: a built-in template's name or a .jinja file
+    prompt_policy: str = "drop"  # sft: a row longer than seq_tokens: "drop" or "cut-prompt"
+    template_examples: Path | None = None  # sft, few-shot: prompt/completion JSONL
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {self.format!r})")
+        if self.format == "sft" and not self.template:
+            raise UsageError(
+                f"--format sft needs --template (built in: {', '.join(templates.NAMES)}, "
+                "or a .jinja file)"
+            )
+        if self.format == "text" and (self.template or self.template_examples):
+            raise UsageError("--template is for --format sft; text is not rendered")
+        if self.prompt_policy not in sft.POLICIES:
+            raise UsageError(
+                f"--prompt-policy must be one of {', '.join(sft.POLICIES)} "
+                f"(got {self.prompt_policy!r})"
+            )
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         if self.seq_tokens < 2:
@@ -128,8 +159,7 @@ def split_and_write(
     floor((c+1)f + u) > floor(cf + u): exactly the val fraction, spread evenly through the
     corpus, with the phase u drawn from the seed.
     """
-    vocab = tok.get_vocab_size()
-    dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+    dtype = "uint16" if tok.get_vocab_size() <= 1 << 16 else "uint32"
     tokenizer_sha256 = file_sha256(out / TOKENIZER)
     writers = {
         split: ShardWriter(
@@ -142,12 +172,12 @@ def split_and_write(
         )
         for split in SPLITS
     }
-    phase = int.from_bytes(hashlib.sha256(f"split:{opts.seed}".encode()).digest()[:8]) / 2**64
+    phase = _split_phase(opts.seed)
     f, chunk, n_docs = opts.val_fraction, 0, 0
     for doc in docs:
         n_docs += 1
         for start in range(0, len(doc), opts.seq_tokens):
-            is_val = int((chunk + 1) * f + phase) > int(chunk * f + phase)
+            is_val = _is_val(chunk, f, phase)
             writers["val" if is_val else "train"].add(doc[start : start + opts.seq_tokens])
             chunk += 1
     splits = {split: w.close() for split, w in writers.items()}
@@ -165,19 +195,236 @@ def split_and_write(
         "tokens": n_tokens,
         "token_dtype": dtype,
         "seq_tokens": opts.seq_tokens,
-        "tokenizer": {
-            "file": TOKENIZER,
-            "sha256": tokenizer_sha256,
-            "vocab_size": vocab,
-            "eot_id": eot_id(tok),
-            "eot_token": eot_token(tok),
-            "files": [TOKENIZER, *(n for n in TOKENIZER_EXTRAS if (out / n).is_file())],
-        },
+        "tokenizer": _tokenizer_entry(out, tok, tokenizer_sha256),
         "split": {"val_fraction": f, "seed": opts.seed, "chunk_tokens": opts.seq_tokens},
         "splits": splits,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _tokenizer_entry(out: Path, tok: Tokenizer, sha256: str) -> dict:
+    return {
+        "file": TOKENIZER,
+        "sha256": sha256,
+        "vocab_size": tok.get_vocab_size(),
+        "eot_id": eot_id(tok),
+        "eot_token": eot_token(tok),
+        "files": [TOKENIZER, *(n for n in TOKENIZER_EXTRAS if (out / n).is_file())],
+    }
+
+
+def _is_val(index: int, f: float, phase: float) -> bool:
+    """Chunk (or example) `index` goes to val: exactly the fraction f, spread evenly."""
+    return int((index + 1) * f + phase) > int(index * f + phase)
+
+
+def _split_phase(seed: int) -> float:
+    return int.from_bytes(hashlib.sha256(f"split:{seed}".encode()).digest()[:8]) / 2**64
+
+
+def split_and_write_sft(
+    examples: Iterable[sft.Example | None],
+    out: Path,
+    tok: Tokenizer,
+    opts: PrepareOptions,
+    sources: list,
+    template: templates.Template,
+    template_file: str | None = None,
+) -> dict:
+    """Split encoded SFT examples (None: a row dropped for its length) train/val, one
+    example a row with its target mask, and write the shards, `template.json` and
+    `manifest.json` into `out` (which already holds `tokenizer.json`). Returns the manifest.
+
+    Example e goes to val by the text rule over chunks, applied to examples. Every example
+    ends with the eos: the template's, else one is appended (a target when the token before
+    it is one, so the model learns to stop after a completion); what a template puts after
+    its last eos (formatting whitespace, no target) is left out."""
+    vocab, eot = tok.get_vocab_size(), eot_id(tok)
+    dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+    tokenizer_sha256 = file_sha256(out / TOKENIZER)
+    writers = {
+        split: ShardWriter(
+            out / split,
+            dtype,
+            opts.seq_tokens,
+            opts.rows_per_group,
+            opts.groups_per_shard,
+            tokenizer_sha256,
+            targets=True,
+        )  # fmt: skip
+        for split in SPLITS
+    }
+    phase, f = _split_phase(opts.seed), opts.val_fraction
+    n_rows = n_dropped = n_cut = n_kept = 0
+    for ex in examples:
+        n_rows += 1
+        if ex is None:
+            n_dropped += 1
+            continue
+        ids, targets = _end_with_eos(ex.ids, ex.targets, eot)
+        n_cut += ex.cut > 0
+        writers["val" if _is_val(n_kept, f, phase) else "train"].add_example(ids, targets)
+        n_kept += 1
+    splits = {split: w.close() for split, w in writers.items()}
+    where = _named([s["path"] for s in sources]) or "the input"
+    if n_rows == 0:
+        raise CorpusError(f"{where}: no rows (the input is empty)")
+    if n_kept == 0:
+        raise CorpusError(
+            f"{where}: all {n_rows} row(s) are longer than --seq-tokens {opts.seq_tokens} "
+            f"(--prompt-policy {opts.prompt_policy}); raise --seq-tokens"
+        )
+    if splits["train"]["sequences"] == 0:
+        raise CorpusError(f"{where}: too few rows ({n_kept}), none left for the train split")
+    described = template.describe()
+    described["file"] = template_file
+    templates.save(template, out)
+    manifest = {
+        "format": FORMAT,
+        "data_format": "sft",
+        "created_by": f"lmforge {__version__}",
+        "sources": sources,
+        "documents": n_kept,
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "token_dtype": dtype,
+        "seq_tokens": opts.seq_tokens,
+        "tokenizer": _tokenizer_entry(out, tok, tokenizer_sha256),
+        "split": {"val_fraction": f, "seed": opts.seed, "unit": "example"},
+        "splits": splits,
+        "sft": {
+            "rows": n_rows,
+            "examples": n_kept,
+            "dropped_too_long": n_dropped,
+            "cut": n_cut,
+            "prompt_policy": opts.prompt_policy,
+            "max_tokens": opts.seq_tokens,
+            "target_tokens": sum(s["target_tokens"] for s in splits.values()),
+            "mask": {"column": "targets", "dtype": "bool", "true": "the token is a loss target"},
+            "template": described,
+            "template_file": templates.TEMPLATE_FILE,
+        },
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _end_with_eos(ids: np.ndarray, targets: np.ndarray, eot: int):
+    ends = np.flatnonzero(ids == eot)
+    if len(ends) and not targets[ends[-1] + 1 :].any():
+        return ids[: ends[-1] + 1], targets[: ends[-1] + 1]
+    return np.append(ids, eot), np.append(targets, bool(len(targets) and targets[-1]))
+
+
+def resolve_template(
+    spec: str, eos_token: str, tokenizer: Path | None = None, examples: Path | None = None
+) -> tuple[templates.Template, str | None]:
+    """`--template`: (the template, the file it came from or None). A built-in name, a
+    Jinja2 file, or `chat_template`: the one in --tokenizer's tokenizer_config.json."""
+    if spec.endswith(".jinja") or Path(spec).expanduser().is_file():
+        path = Path(spec).expanduser().resolve()
+        return templates.from_file(path, eos_token=eos_token), str(path)
+    if spec == "chat_template":
+        cfg = None if tokenizer is None else tokenizer.parent / "tokenizer_config.json"
+        found = None if cfg is None else templates.from_tokenizer_config(cfg)
+        if found is None:
+            raise UsageError(
+                "--template chat_template: needs a --tokenizer whose tokenizer_config.json "
+                "has a chat_template"
+            )
+        return found, str(cfg)
+    shots = []
+    if examples is not None:
+        shots = [{"prompt": m[0]["content"], "completion": m[-1]["content"]}
+                 for _, m in sft.read_rows(examples)]  # fmt: skip
+    return templates.get(spec, eos_token=eos_token, examples=shots), None
+
+
+def _encode_batch(batch: pa.Table, tokenizer_files: dict, template: dict, max_tokens: int,
+                  policy: str) -> pa.Table:  # fmt: skip
+    """Ray Data map_batches fn: encode a block of SFT rows (JSON messages lists) into ids,
+    targets and the prompt tokens cut; `keep` is False for a row dropped for its length."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok = tokenizer_from_files(tokenizer_files)
+    tmpl = templates.Template.from_description(template)
+    ids, targets, cut, keep = [], [], [], []
+    for rows in batch.column("rows").to_pylist():
+        for messages in json.loads(rows):
+            ex = sft.encode(tok, tmpl, messages, max_tokens, policy)
+            keep.append(ex is not None)
+            ids.append(np.zeros(0, np.int32) if ex is None else ex.ids.astype(np.int32))
+            targets.append(np.zeros(0, bool) if ex is None else ex.targets)
+            cut.append(0 if ex is None else ex.cut)
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+    flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    mask = np.concatenate(targets) if targets else np.zeros(0, bool)
+    return pa.table({
+        "ids": pa.LargeListArray.from_arrays(offsets, flat),
+        "targets": pa.LargeListArray.from_arrays(offsets, pa.array(mask)),
+        "cut": pa.array(cut, pa.int64()),
+        "keep": pa.array(keep, pa.bool_()),
+    })  # fmt: skip
+
+
+def _encoded_examples(
+    rows: list[list[dict]], tokenizer: Path, template: templates.Template, opts: PrepareOptions
+) -> Iterator[sft.Example | None]:
+    """Each row's Example (None: dropped for its length), in input order; Ray tasks encode."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n = max(1, min(TASKS_PER_CPU * cpus, len(rows)))
+    n = max(n, -(-len(rows) // TASK_ROWS))
+    size = -(-len(rows) // n)
+    chunks = [{"rows": json.dumps(rows[i : i + size])} for i in range(0, len(rows), size)]
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+        _encode_batch,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "tokenizer_files": read_tokenizer_files(tokenizer),
+            "template": template.describe(),
+            "max_tokens": opts.seq_tokens,
+            "policy": opts.prompt_policy,
+        },
+        compute=ray.data.TaskPoolStrategy(size=opts.max_tasks),
+    )
+    ctx = ds.context  # as in _tokenized_docs: input order, no per-operator reservation
+    ctx.execution_options.preserve_order = True
+    ctx.op_resource_reservation_enabled = False
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        keep, cut = batch.column("keep").to_pylist(), batch.column("cut").to_pylist()
+        ids = batch.column("ids").combine_chunks()
+        targets = batch.column("targets").combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        values = ids.values.to_numpy()
+        mask = targets.values.to_numpy(zero_copy_only=False)
+        for i in range(len(keep)):
+            a, b = offsets[i], offsets[i + 1]
+            yield sft.Example(values[a:b].astype(np.int64), mask[a:b], cut[i]) if keep[i] else None
+
+
+def _prepare_sft(files: list[Path], out: Path, opts: PrepareOptions) -> dict:
+    """Read and check every row (errors name file:line), get the tokenizer (reused, or
+    trained on the rendered rows), encode with Ray and write the dataset into `out`."""
+    rows = [messages for f in files for _, messages in sft.read_rows(f)]
+    if not rows:
+        raise CorpusError(f"--input {_named(files)}: no rows (the input is empty)")
+    if opts.tokenizer is not None:
+        tok = load_tokenizer(opts.tokenizer)
+        copy_tokenizer(opts.tokenizer, out)
+        if eot_id(tok) is None:
+            raise UsageError(f"--tokenizer {opts.tokenizer}: names no end token to end examples")
+    else:
+        template, _ = resolve_template(opts.template, EOT, None, opts.template_examples)
+        tok = train_tokenizer((template.render(m) for m in rows), opts.vocab_size)
+        tok.save(str(out / TOKENIZER))
+    template, template_file = resolve_template(
+        opts.template, eot_token(tok) or "", opts.tokenizer, opts.template_examples
+    )
+    sources = [{"path": str(f), "bytes": f.stat().st_size} for f in files]
+    examples = _encoded_examples(rows, out / TOKENIZER, template, opts)
+    return split_and_write_sft(examples, out, tok, opts, sources, template, template_file)
 
 
 def _n_tasks(files: list[Path]) -> int:
@@ -254,6 +501,11 @@ def check_inputs(inputs: list[str | Path], output: str | Path, opts: PrepareOpti
         raise CorpusError(
             f"--input {_named(inputs)}: the corpus is empty ({len(files)} file(s), 0 bytes)"
         )
+    if opts.format == "sft":
+        other = [f for f in files if f.suffix != ".jsonl"]
+        if other:
+            raise CorpusError(f"{other[0]}: --format sft reads .jsonl rows only")
+        resolve_template(opts.template, "", opts.tokenizer, opts.template_examples)  # known?
     return files
 
 
@@ -276,12 +528,16 @@ def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tok = _get_tokenizer(files, opts, tmp)
         t0 = time.perf_counter()
-        sources = [{"path": str(f), "bytes": f.stat().st_size} for f in files]
-        manifest = split_and_write(
-            _tokenized_docs(files, tmp / TOKENIZER, opts.max_tasks), tmp, tok, opts, sources
-        )
+        if opts.format == "sft":
+            manifest = _prepare_sft(files, tmp, opts)
+        else:
+            tok = _get_tokenizer(files, opts, tmp)
+            t0 = time.perf_counter()
+            sources = [{"path": str(f), "bytes": f.stat().st_size} for f in files]
+            manifest = split_and_write(
+                _tokenized_docs(files, tmp / TOKENIZER, opts.max_tasks), tmp, tok, opts, sources
+            )
         dt = time.perf_counter() - t0
         s = manifest["splits"]
         log.info(

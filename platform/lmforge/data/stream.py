@@ -16,6 +16,16 @@ epoch is cut into pieces (a row group from a token on) and dealt round-robin to 
 workers; that pass is their epoch, spelled out in the position as `"pieces"`, and the
 epochs after it are dealt as usual. No token is a target twice; only the edges of the new
 passes (a first token, a tail shorter than a window) go unread.
+
+Masked batches: for an SFT dataset, and for text with `document_mask`, a batch is
+`(x, y, segments)` instead of `(x, y)`, all LongTensor (B, T). `segments[b, t]` numbers
+the examples (documents) of row b from 0 on, non-decreasing: a new one starts after the
+last token of an example (an SFT row) or after each eos (text), so the model keeps
+attention inside a segment and restarts positions there. In an SFT batch `y` is -100
+(cross-entropy's ignore_index) where the token is not a target (the row's `targets`
+mask) and where `x` is the last token of an example (the next example's first token is
+not predicted from another example). Text keeps every target. Positions and resume are
+the same token offsets as for plain batches: the masks are read with the tokens.
 """
 
 from __future__ import annotations
@@ -95,8 +105,14 @@ class TokenStream:
         world: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        document_mask: bool = False,
     ) -> None:
         self.units = dataset.units(split)
+        self.sft = dataset.data_format == "sft"
+        self.masked = self.sft or document_mask  # batches carry segments (and labels)
+        self.eot = dataset.manifest["tokenizer"].get("eot_id")
+        if self.masked and not self.sft and self.eot is None:
+            raise DatasetError(f"{dataset.path}: document_mask needs an eos id in the manifest")
         self.split = split
         self.T = context_length
         self.batch_size = batch_size
@@ -147,11 +163,12 @@ class TokenStream:
         return [(u, 0) for u in self.my_units(epoch)]
 
     def windows(self) -> Iterator[np.ndarray]:
-        """Windows of T+1 tokens, forever, starting at the saved position."""
+        """Windows of T+1 tokens, forever, starting at the saved position (masked: a (3, T+1)
+        array of tokens, targets and example ends)."""
         for epoch, offset, run in self._runs():
             for i in range(self._n_windows(run)):
                 self.epoch, self.offset = epoch, offset + (i + 1) * self.T
-                yield run[i * self.T : (i + 1) * self.T + 1].astype(np.int64)
+                yield run[..., i * self.T : (i + 1) * self.T + 1].astype(np.int64)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(x, y) LongTensor batches of shape (batch_size, T), forever; the position moves
@@ -166,7 +183,7 @@ class TokenStream:
         return self._assemble(runs, partial=True, track=False)
 
     def _n_windows(self, run: np.ndarray) -> int:
-        return (len(run) - 1) // self.T
+        return (run.shape[-1] - 1) // self.T
 
     def _assemble(
         self, runs, partial: bool, track: bool
@@ -189,17 +206,39 @@ class TokenStream:
                     row, n = 0, self._n_windows(run)
                     continue
                 take = min(need, n - row)
-                part = run[row * T : (row + take) * T + 1]
-                xs.append(part[:-1].reshape(take, T))
-                ys.append(part[1:].reshape(take, T))
+                part = run[..., row * T : (row + take) * T + 1]
+                if self.masked:
+                    part = self._masked(part, take)
+                xs.append(part[..., :-1].reshape(-1, take, T))
+                ys.append(part[..., 1:].reshape(-1, take, T))
                 row, need = row + take, need - take
                 if track:
                     self.epoch, self.offset = epoch, offset + row * T
             if need and (not partial or need == B):
                 return
-            x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-            y = ys[0] if len(ys) == 1 else np.concatenate(ys)
-            yield torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+            x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
+            y = ys[0] if len(ys) == 1 else np.concatenate(ys, axis=1)
+            x, y = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+            if self.masked:  # channels: x = (tokens, segments, -), y = (-, -, labels)
+                yield x[0], y[2], x[1]
+            else:
+                yield x[0], y[0]
+
+    def _masked(self, part: np.ndarray, take: int) -> np.ndarray:
+        """(tokens, targets, ends) of `take` windows -> (tokens, segments, labels), each
+        T*take + 1 long, so the x / y slices of the caller pick inputs, segments, labels:
+        segments at x's positions (per window from 0), labels at y's."""
+        T = self.T
+        tokens, targets, ends = part[0], part[1].astype(bool), part[2]
+        e = ends[:-1].reshape(take, T)
+        seg = np.cumsum(e, axis=1) - e  # a segment starts after an end: exclusive cumsum
+        segments = np.append(seg.reshape(-1), 0)
+        labels = tokens.copy()
+        if self.sft:
+            keep = targets.copy()
+            keep[1:] &= ends[:-1] == 0  # never predict an example's first token
+            labels[~keep] = -100
+        return np.stack([tokens, segments, labels])
 
     def _runs(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """(epoch, offset, run) forever from the saved position: `run` holds the windows
@@ -223,21 +262,21 @@ class TokenStream:
     ) -> Iterator[tuple[int, np.ndarray]]:
         """(offset, run) over one epoch's pieces from `offset`, one row group read at a
         time; the tokens after the last whole window of the epoch are dropped."""
-        buf = np.zeros(0, dtype=np.int64)
+        buf = np.zeros((3, 0) if self.masked else 0, dtype=np.int64)
         pos = 0  # stream offset of buf[0]
         for unit, start in pieces:
             n = unit.tokens - start
             if pos + n <= offset:  # entirely before the resume point: skip unread
                 pos += n
                 continue
-            tokens = self._read(unit)[start:]
-            buf = np.concatenate([buf, tokens]) if len(buf) else tokens
+            tokens = self._read(unit)[..., start:]
+            buf = np.concatenate([buf, tokens], axis=-1) if buf.shape[-1] else tokens
             if pos < offset:
-                buf, pos = buf[offset - pos :], offset
+                buf, pos = buf[..., offset - pos :], offset
             n = self._n_windows(buf)
             if n > 0:
-                yield pos, buf[: n * self.T + 1]
-                buf, pos = buf[n * self.T :], pos + n * self.T
+                yield pos, buf[..., : n * self.T + 1]
+                buf, pos = buf[..., n * self.T :], pos + n * self.T
 
     def _read(self, unit: Unit) -> np.ndarray:
         pf = self._files.get(unit.file)
@@ -246,14 +285,23 @@ class TokenStream:
             if len(self._files) >= OPEN_FILES:  # the oldest goes: bounded file handles
                 self._files.pop(next(iter(self._files))).close()
             self._files[unit.file] = pf
-        return _read_unit(pf, unit)
+        if not self.masked:
+            return _read_unit(pf, unit)
+        if self.sft:  # the row ends are the examples' ends
+            tokens, targets, offsets = _read_unit(pf, unit, with_targets=True)
+            ends = np.zeros(len(tokens), dtype=np.int64)
+            ends[offsets[1:] - 1] = 1
+            return np.stack([tokens.astype(np.int64), targets.astype(np.int64), ends])
+        tokens = _read_unit(pf, unit).astype(np.int64)
+        return np.stack([tokens, np.ones_like(tokens), (tokens == self.eot).astype(np.int64)])
 
 
-def _read_unit(pf: pq.ParquetFile, unit: Unit) -> np.ndarray:
+def _read_unit(pf: pq.ParquetFile, unit: Unit, with_targets: bool = False):
     """A row group's tokens in the dtype the shard stores them in (the int64 copy is made
-    once per batch)."""
+    once per batch); `with_targets`: (tokens, targets, the rows' offsets)."""
     try:
-        table = pf.read_row_group(unit.row_group, columns=["tokens"])
+        columns = ["tokens", "targets"] if with_targets else ["tokens"]
+        table = pf.read_row_group(unit.row_group, columns=columns)
     except Exception as err:  # pyarrow's errors for corrupt or truncated files vary
         raise DatasetError(
             f"{unit.file}: cannot read row group {unit.row_group}, a corrupt shard ({err}); "
@@ -266,4 +314,11 @@ def _read_unit(pf: pq.ParquetFile, unit: Unit) -> np.ndarray:
             f"{unit.file}: row group {unit.row_group} has {len(tokens)} tokens, "
             f"the manifest says {unit.tokens}"
         )
-    return tokens
+    if not with_targets:
+        return tokens
+    mask = table.column(1).combine_chunks()
+    targets = mask.flatten().to_numpy(zero_copy_only=False)
+    if len(targets) != len(tokens):
+        raise DatasetError(f"{unit.file}: row group {unit.row_group}: targets not aligned")
+    offsets = col.offsets.to_numpy()
+    return tokens, targets, offsets - offsets[0]

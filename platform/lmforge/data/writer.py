@@ -5,6 +5,10 @@ The layout is the dataset dir contract of `lmforge.data.dataset`, which reads it
 each shard records the tokenizer's sha256 in its schema metadata and page checksums, and
 `close()` returns the split's manifest entry (per shard: rows, tokens per row group, file
 sha256) for `manifest.json`.
+
+An SFT split (`targets=True`) is written one example a row instead (`add_example`): a
+`tokens` column and, aligned with it, a `targets` column (list of bool, True where the
+token is a loss target); the manifest's counts are the same.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class ShardWriter:
         rows_per_group: int,
         groups_per_shard: int,
         tokenizer_sha256: str,
+        targets: bool = False,
     ) -> None:
         self.out_dir = out_dir
         self.tokenizer_sha256 = tokenizer_sha256
@@ -38,6 +43,9 @@ class ShardWriter:
         self.seq_tokens = seq_tokens
         self.rows_per_group = rows_per_group
         self.groups_per_shard = groups_per_shard
+        self.targets = targets
+        self._row_targets: list[np.ndarray] = []
+        self._n_targets = 0
         self.shards: list[dict[str, Any]] = []
         self._pending: list[np.ndarray] = []
         self._pending_len = 0
@@ -57,6 +65,13 @@ class ShardWriter:
             rest = buf[n_full * self.seq_tokens :]
             self._pending, self._pending_len = [rest], len(rest)
 
+    def add_example(self, tokens: np.ndarray, targets: np.ndarray) -> None:
+        """One SFT example as its own row, with its target mask (no packing)."""
+        assert self.targets and len(tokens) == len(targets)
+        self._row_targets.append(np.asarray(targets, dtype=bool))
+        self._n_targets += int(self._row_targets[-1].sum())
+        self._push_row(tokens.astype(self.dtype, copy=False))
+
     def close(self) -> dict[str, Any]:
         """Flush everything (the last row may be short) and return the split's manifest entry."""
         if self._pending_len:
@@ -64,11 +79,14 @@ class ShardWriter:
             self._pending, self._pending_len = [], 0
         self._flush_group()
         self._close_shard()
-        return {
+        entry = {
             "tokens": sum(s["tokens"] for s in self.shards),
             "sequences": sum(s["sequences"] for s in self.shards),
             "shards": self.shards,
         }
+        if self.targets:
+            entry["target_tokens"] = self._n_targets
+        return entry
 
     def _push_row(self, row: np.ndarray) -> None:
         self._rows.append(row.copy())
@@ -81,16 +99,21 @@ class ShardWriter:
         if self._writer is None:
             name = f"shard-{len(self.shards):05d}.parquet"
             self.shards.append({"file": f"{self.out_dir.name}/{name}", "sequences": 0})
-            schema = pa.schema(
-                [("tokens", pa.list_(pa.from_numpy_dtype(self.dtype)))],
-                metadata={SHARD_TOKENIZER_KEY: self.tokenizer_sha256},
-            )
+            fields = [("tokens", pa.list_(pa.from_numpy_dtype(self.dtype)))]
+            if self.targets:
+                fields.append(("targets", pa.list_(pa.bool_())))
+            schema = pa.schema(fields, metadata={SHARD_TOKENIZER_KEY: self.tokenizer_sha256})
             self._writer = pq.ParquetWriter(self.out_dir / name, schema, write_page_checksum=True)
         lengths = np.fromiter((len(r) for r in self._rows), dtype=np.int32)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         values = pa.array(np.concatenate(self._rows))
         col = pa.ListArray.from_arrays(pa.array(offsets), values)
-        self._writer.write_table(pa.table({"tokens": col}), row_group_size=len(self._rows))
+        columns = {"tokens": col}
+        if self.targets:
+            mask = pa.array(np.concatenate(self._row_targets))
+            columns["targets"] = pa.ListArray.from_arrays(pa.array(offsets), mask)
+            self._row_targets = []
+        self._writer.write_table(pa.table(columns), row_group_size=len(self._rows))
         self._groups.append(int(lengths.sum()))
         self.shards[-1]["sequences"] += len(self._rows)
         self._rows = []
