@@ -242,6 +242,27 @@ def _stop_workers() -> int:
     return stopped
 
 
+def add_node(node_cpus: float = 1, timeout_s: float = 180) -> NodeInfo:
+    """Start one more worker node on the running cluster of several nodes (a replacement for
+    a lost one, or more capacity), on the next address no node of this cluster has had: Ray
+    keeps a dead node's entry, so a new node never takes over a lost one's address."""
+    if node_cpus <= 0:
+        raise ClusterError(f"--node-cpus {node_cpus}: must be > 0")
+    info = running()
+    if info is None:
+        raise ClusterError("no local Ray cluster running (start one with `lmforge cluster up`)")
+    if info.nodes == 1:
+        raise ClusterError(
+            "the local cluster has one node (single-host mode, which refuses more nodes): "
+            "start it with `lmforge cluster up --nodes 2` or more to add nodes"
+        )
+    used = [i for i in range(1, MAX_NODES) if worker_node(i).state_file.exists()]
+    i = max(used, default=0) + 1
+    if i >= MAX_NODES:
+        raise ClusterError(f"no address left for another node (at most {MAX_NODES} nodes)")
+    return _start_worker(info, i, node_cpus, _node_env(info.nodes), timeout_s)
+
+
 def down() -> bool:
     """Stop every node `up` started, worker nodes first; False when none was running."""
     workers = _stop_workers()

@@ -107,9 +107,34 @@ def test_impossible_layouts_are_refused(started, kw):
     assert started[0] == []
 
 
+def test_add_node_takes_the_next_address_never_a_lost_nodes(started, monkeypatch):
+    calls, _, _ = started
+    info = cluster.up(port=7001, dashboard_port=7002, nodes=3)
+    monkeypatch.setattr(cluster, "running", lambda: info)
+    for i in (1, 2):  # node 2 was lost: its record is left, its process is gone
+        cluster.worker_node(i).state_file.write_text("{}")
+    cluster.add_node(node_cpus=2)
+    assert calls[-1]["name"] == "cluster-node-3"
+    f = flags(calls[-1]["cmd"])
+    assert f["node-ip-address"] == "127.0.0.5" and f["address"] == info.address
+    assert f["num-cpus"] == "2" and f["temp-dir"] == info.temp_dir
+    assert calls[-1]["env"]["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
+
+
+def test_add_node_needs_a_running_cluster_of_several_nodes(started, monkeypatch):
+    with pytest.raises(cluster.ClusterError, match="no local Ray cluster running"):
+        cluster.add_node()
+    info = cluster.up(port=7001, dashboard_port=7002)
+    monkeypatch.setattr(cluster, "running", lambda: info)
+    with pytest.raises(cluster.ClusterError, match="--nodes 2"):
+        cluster.add_node()
+    assert [c["name"] for c in started[0]] == ["cluster"]
+
+
 def test_cli_cluster_flags():
     args = build_parser().parse_args(["cluster", "up", "--nodes", "3", "--node-cpus", "2"])
     assert (args.nodes, args.node_cpus, args.num_cpus) == (3, 2, None)
+    assert build_parser().parse_args(["cluster", "add-node"]).action == "add-node"
 
 
 def test_nodes_table_shows_id_address_state_and_resources():
