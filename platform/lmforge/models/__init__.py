@@ -9,9 +9,12 @@
     arch.activation_bytes(cfg.model, micro_batch, 2)  # bf16 activations, the logits apart
 
 What `build` returns is an `nn.Module` with `cfg` (its `ModelConfig`) and
-`forward(idx, targets=None, cache=None) -> (logits, loss)`: the loss is None without
-targets; with a cache, `idx` continues the cached sequence and the cache advances. A
-cache has `length` (positions it holds) and `capacity` (the most it can hold).
+`forward(idx, targets=None, cache=None, *, segments=None) -> (logits, loss)`: the loss is
+None without targets; with a cache, `idx` continues the cached sequence and the cache
+advances. A cache has `length` (positions it holds) and `capacity` (the most it can hold).
+`segments` (B, T) ids make `idx` a packed window of several examples that never see each
+other (`attention.segment_layout`; lstm restarts its state at each example). Targets of
+-100 are no targets (`lm_loss`).
 
 Counting, one definition for every caller (the launch estimate, the trainer's log line
 and MFU, the benchmarks):
@@ -59,7 +62,12 @@ class LanguageModel(Protocol):
     cfg: ModelConfig
 
     def __call__(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Any = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: Any = None,
+        *,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
@@ -99,6 +107,22 @@ class Architecture:
         ]
         | None
     ) = None
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (fp32) of `logits` (B, T, V) over the `targets` (B, T) that are not
+    -100 (F.cross_entropy's ignore_index: prompt tokens, padding).
+
+    A batch with no target at all gives a loss of 0 (still on the graph: backward gives zero
+    gradients), not cross_entropy's NaN of 0/0; a caller averaging over micro-batches should
+    weight each by its target count, so such a batch weighs 0. No host sync.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    flat = targets.reshape(-1)
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat)
+    return torch.where((flat != -100).any(), loss, torch.zeros_like(loss))
 
 
 def names() -> tuple[str, ...]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ConfigError, ModelConfig
-from lmforge.models import Architecture, attention
+from lmforge.models import Architecture, attention, lm_loss
 
 LN_EPS = 1e-5
 
@@ -39,11 +39,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: attention.KVCache | None = None, layer: int = 0):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: attention.KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+    ):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = attention.attend(q, k, v, cache, layer, self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        y = attention.attend(q, k, v, cache, layer, p, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -68,8 +75,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=LN_EPS)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: attention.KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: attention.KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+    ):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -104,10 +117,16 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: attention.KVCache | None = None,
+        *,
+        segments: torch.Tensor | None = None,
     ):
-        """Logits for `idx` (B, T); with `targets`, also the mean cross-entropy loss.
+        """Logits for `idx` (B, T); with `targets`, also the mean cross-entropy loss over
+        the targets that are not -100 (`models.lm_loss`).
 
-        With a `cache`, `idx` continues the cached sequence and the cache advances.
+        With a `cache`, `idx` continues the cached sequence and the cache advances. With
+        `segments` (B, T), a packed window: each token attends only to the earlier tokens
+        of its own example and its position restarts at 0 at the example's first token
+        (`attention.segment_layout`); no cache then.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -116,18 +135,22 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens exceeds model.context_length="
                 f"{self.cfg.context_length}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
+        mask = None
+        if segments is None:
+            pos = torch.arange(start, start + T, device=idx.device)
+        else:
+            attention.check_segments(segments, idx, cache)
+            pos, mask = attention.segment_layout(segments)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for i, block in enumerate(self.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, mask)
         x = self.ln_f(x)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return logits, lm_loss(logits, targets)
 
 
 # -- the architecture spec --------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from lmforge.config import ConfigError, ModelConfig
-from lmforge.models import Architecture, attention
+from lmforge.models import Architecture, attention, lm_loss
 
 FFN_MULTIPLE = 32
 TIED = ("lm_head.weight",)  # an alias of embed_tokens.weight when tie_embeddings
@@ -75,6 +75,15 @@ class Rotary:
         self.tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, start: int, T: int, device: torch.device, dtype):
+        cos, sin = self._table(device)
+        return cos[start : start + T].to(dtype), sin[start : start + T].to(dtype)
+
+    def at(self, positions: torch.Tensor, dtype):
+        """cos/sin (B, 1, T, head_dim) of each token's own position (B, T): a packed window."""
+        cos, sin = self._table(positions.device)
+        return cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
+
+    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self.tables:
             dim = self.head_dim
             inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
@@ -82,8 +91,7 @@ class Rotary:
             freqs = pos[:, None] * inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
             self.tables[device] = (emb.cos().to(device), emb.sin().to(device))
-        cos, sin = self.tables[device]
-        return cos[start : start + T].to(dtype), sin[start : start + T].to(dtype)
+        return self.tables[device]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -118,14 +126,17 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache: attention.KVCache | None = None, layer: int = 0):
+    def forward(
+        self, x, cos, sin, cache: attention.KVCache | None = None, layer: int = 0, mask=None
+    ):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        y = attention.attend(q, k, v, cache, layer, self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        y = attention.attend(q, k, v, cache, layer, p, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
@@ -153,8 +164,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, norm_eps(cfg))
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache: attention.KVCache | None = None, layer: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(
+        self, x, cos, sin, cache: attention.KVCache | None = None, layer: int = 0, mask=None
+    ):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -185,11 +198,17 @@ class Llama(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: attention.KVCache | None = None,
+        *,
+        segments: torch.Tensor | None = None,
     ):
-        """Logits for `idx` (B, T); with `targets`, also the mean cross-entropy loss.
+        """Logits for `idx` (B, T); with `targets`, also the mean cross-entropy loss over
+        the targets that are not -100 (`models.lm_loss`).
 
         With a `cache`, `idx` continues the cached sequence (its rotary positions start at
-        `cache.length`) and the cache advances.
+        `cache.length`) and the cache advances. With `segments` (B, T), a packed window:
+        each token attends only to the earlier tokens of its own example and its rotary
+        position restarts at 0 at the example's first token (`attention.segment_layout`);
+        no cache then.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -199,17 +218,22 @@ class Llama(nn.Module):
                 f"{self.cfg.context_length}"
             )
         x = self.embed_tokens(idx)
-        cos, sin = self.rotary(start, T, idx.device, x.dtype)
+        mask = None
+        if segments is None:
+            cos, sin = self.rotary(start, T, idx.device, x.dtype)
+        else:
+            attention.check_segments(segments, idx, cache)
+            pos, mask = attention.segment_layout(segments)
+            cos, sin = self.rotary.at(pos, x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, mask)
         x = self.norm(x)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return logits, lm_loss(logits, targets)
 
 
 # -- the architecture spec --------------------------------------------------------------------

@@ -25,11 +25,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.models import Architecture
+from lmforge.models import Architecture, attention, lm_loss
 
 
 def _vocab(cfg: ModelConfig) -> int:
@@ -78,22 +77,46 @@ class LSTMLM(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: LSTMState | None = None,
+        *,
+        segments: torch.Tensor | None = None,
     ):
-        """Logits for `idx` (B, T); with `targets`, also the mean cross-entropy loss.
+        """Logits for `idx` (B, T); with `targets`, also the mean cross-entropy loss over
+        the targets that are not -100 (`models.lm_loss`).
 
         With a `cache`, `idx` continues the sequence its state has consumed, and it advances.
+        With `segments` (B, T), a packed window: each example starts from a zero state
+        (`_packed`); no cache then.
         """
         x = self.wte(idx)
-        state = (cache.h, cache.c) if cache is not None else None
-        y, (h, c) = self.lstm(x, state)
-        if cache is not None:
-            cache.h, cache.c = h, c
-            cache.length += idx.size(1)
+        if segments is not None:
+            attention.check_segments(segments, idx, cache)
+            y = self._packed(x, segments)
+        else:
+            state = (cache.h, cache.c) if cache is not None else None
+            y, (h, c) = self.lstm(x, state)
+            if cache is not None:
+                cache.h, cache.c = h, c
+                cache.length += idx.size(1)
         logits = self.lm_head(self.drop(y))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return logits, lm_loss(logits, targets)
+
+    def _packed(self, x: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """The LSTM's outputs (B, T, d) for a packed window, each example run from a zero
+        state: every example becomes its own row of a (examples, longest, d) batch, right-
+        padded (a recurrence never looks ahead, so the padding changes no output), one
+        nn.LSTM call, and the outputs go back to their places. Exact, not an approximation;
+        it costs one host sync (the batch's shape) and the padding's compute."""
+        runs = attention.segment_runs(segments)
+        pos = attention.segment_positions(segments)
+        per_row = runs[:, -1] + 1
+        row = (per_row.cumsum(0) - per_row)[:, None] + runs  # each token's example, batch-wide
+        n, longest = int(per_row.sum()), int(pos.max()) + 1
+        rows = x.new_zeros(n, longest, x.size(-1))
+        rows[row, pos] = x
+        y, _ = self.lstm(rows)
+        return y[row, pos]
 
 
 # -- the architecture spec --------------------------------------------------------------------

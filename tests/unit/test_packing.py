@@ -1,0 +1,210 @@
+"""Packing without cross-talk (issue 15): `segments` on the models' forward.
+
+A packed window of several examples gives each example the logits it gets alone (no
+attention across examples, positions restarting per example), a -100 target is no target,
+and without `segments` the models compute exactly what they did before."""
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmforge import models
+from lmforge.config import ModelConfig
+from lmforge.errors import UsageError
+from lmforge.models import attention
+from tests.conftest import REPO
+
+V, CTX = 61, 48
+LENGTHS = (5, 11, 8)  # three examples of different lengths, packed into one window
+CONFIGS = {
+    "gpt2": {"arch": "gpt2", "n_layer": 2, "n_head": 4, "d_model": 32},
+    "llama": {"arch": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32},
+    "lstm": {"arch": "lstm", "n_layer": 2, "d_model": 32},
+}
+# The models as of the commit before `segments` existed: segments=None must match them.
+BEFORE = "45142e9"
+
+
+def build(arch: str):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**CONFIGS[arch], vocab_size=V, context_length=CTX)
+    return models.build(cfg).eval()
+
+
+def examples() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, V, (n,), generator=g) for n in LENGTHS]
+
+
+def packed(exs: list[torch.Tensor], pad: int = 0):
+    """One row: the examples back to back (ids 0, 1, 2), then `pad` padding tokens (id 3)."""
+    ids = torch.cat([*exs, torch.zeros(pad, dtype=torch.long)])
+    seg = torch.cat(
+        [torch.full((len(e),), i) for i, e in enumerate(exs)] + [torch.full((pad,), len(exs))]
+    )
+    return ids[None], seg[None]
+
+
+def test_layout_positions_and_mask():
+    seg = torch.tensor([[0, 0, 1, 1, 1, 2], [4, 4, 4, 4, 4, 4]])
+    pos, mask = attention.segment_layout(seg)
+    assert pos.tolist() == [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]]
+    assert mask.shape == (2, 1, 6, 6)
+    m = mask[0, 0].int().tolist()
+    assert m[1] == [1, 1, 0, 0, 0, 0]  # sees its own example up to itself
+    assert m[3] == [0, 0, 1, 1, 0, 0]  # not the example before it, not the future
+    assert m[5] == [0, 0, 0, 0, 0, 1]
+    assert torch.equal(mask[1, 0], torch.ones(6, 6, dtype=torch.bool).tril())
+    # An id that comes back after another is a new example, as its positions say.
+    pos, mask = attention.segment_layout(torch.tensor([[0, 0, 1, 0]]))
+    assert pos.tolist() == [[0, 1, 0, 0]] and mask[0, 0, 3].tolist() == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "lstm"])
+def test_packed_window_logits_equal_each_example_alone(arch):
+    model, exs = build(arch), examples()
+    with torch.no_grad():
+        ids, seg = packed(exs, pad=4)
+        logits, _ = model(ids, segments=seg)
+        # A second row packed in another order, in the same batch.
+        ids2, seg2 = packed(exs[::-1], pad=4)
+        logits2, _ = model(torch.cat([ids, ids2]), segments=torch.cat([seg, seg2]))
+        start = 0
+        for e in exs:
+            alone, _ = model(e[None])
+            got = logits[0, start : start + len(e)]
+            assert (got - alone[0]).abs().max() < 1e-5
+            assert (logits2[0, start : start + len(e)] - alone[0]).abs().max() < 1e-5
+            start += len(e)
+        start = 0
+        for e in exs[::-1]:
+            alone, _ = model(e[None])
+            assert (logits2[1, start : start + len(e)] - alone[0]).abs().max() < 1e-5
+            start += len(e)
+        # Without segments the later examples do see the earlier ones: the test can fail.
+        plain, _ = model(ids)
+        assert (plain[0, : len(exs[0])] - logits[0, : len(exs[0])]).abs().max() < 1e-5
+        assert (
+            plain[0, len(exs[0]) : sum(LENGTHS)] - logits[0, len(exs[0]) : sum(LENGTHS)]
+        ).abs().max() > 1e-3
+
+
+def hand_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, completion: list[bool]) -> float:
+    """-mean log p(next token) over the positions whose next token is a completion token."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    terms = [-logp[t, ids[t + 1]].item() for t in range(len(ids) - 1) if completion[t + 1]]
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "lstm"])
+def test_masked_loss_is_cross_entropy_over_completion_tokens_only(arch):
+    model, exs = build(arch), examples()
+    prompt_len = (2, 7, 3)  # the first tokens of each example are its prompt
+    completion = [[i >= p for i in range(len(e))] for e, p in zip(exs, prompt_len, strict=True)]
+
+    def targets_of(e, comp):  # target t is token t+1, -100 unless it is a completion token
+        y = torch.full((len(e),), -100)
+        for t in range(len(e) - 1):
+            if comp[t + 1]:
+                y[t] = e[t + 1]
+        return y
+
+    with torch.no_grad():
+        e, comp = exs[1], completion[1]
+        logits, loss = model(e[None], targets_of(e, comp)[None])
+        assert abs(loss.item() - hand_cross_entropy(logits[0], e, comp)) < 1e-5
+        # Packed: the mean over every example's completion tokens, each computed alone.
+        ids, seg = packed(exs, pad=3)
+        y = torch.cat([targets_of(e, c) for e, c in zip(exs, completion, strict=True)])
+        y = torch.cat([y, torch.full((3,), -100)])
+        _, loss = model(ids, y[None], segments=seg)
+        num, den = 0.0, 0
+        for e, c in zip(exs, completion, strict=True):
+            alone, _ = model(e[None])
+            n = sum(c[1:])
+            num += hand_cross_entropy(alone[0], e, c) * n
+            den += n
+        assert abs(loss.item() - num / den) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "lstm"])
+def test_a_batch_without_targets_has_loss_zero_not_nan(arch):
+    model = build(arch).train()
+    ids = examples()[1][None]
+    _, loss = model(ids, torch.full_like(ids, -100))
+    assert loss.item() == 0.0
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "lstm"])
+def test_wrong_segments_are_refused_in_one_line(arch):
+    model = build(arch)
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    with pytest.raises(UsageError, match=r"segments: shape \(2, 5\) does not match .*\(2, 6\)"):
+        model(ids, segments=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(UsageError, match=r"segments: shape \(6,\)"):
+        model(ids, segments=torch.zeros(6, dtype=torch.long))
+    with pytest.raises(UsageError, match="segments: expected integer ids, got dtype torch.float32"):
+        model(ids, segments=torch.zeros(2, 6))
+    arch_ = models.of(model)
+    cache = arch_.new_cache(model, 2, "cpu", torch.float32)
+    with pytest.raises(UsageError, match="not with a KV cache"):
+        model(ids, cache=cache, segments=torch.zeros(2, 6, dtype=torch.long))
+
+
+def _before(arch: str):
+    """The model module `arch` as of BEFORE, loaded from git, or None without the history."""
+    try:
+        src = subprocess.run(
+            ["git", "show", f"{BEFORE}:platform/lmforge/models/{arch}.py"],
+            cwd=REPO, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    name = f"_lmforge_before_{arch}"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    exec(compile(src, f"{BEFORE}:{arch}.py", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "lstm"])
+def test_without_segments_bit_identical_to_before(arch):
+    old = _before(arch)
+    if old is None:
+        pytest.skip(f"git history without {BEFORE}")
+    new = build(arch)
+    torch.manual_seed(0)
+    before = old.ARCH.build(new.cfg).eval()
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(new.state_dict().values(), before.state_dict().values(), strict=True)
+    )
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, V, (3, 20), generator=g)
+    y = torch.randint(0, V, (3, 20), generator=g)
+    with torch.no_grad():
+        a_logits, a_loss = new(ids, y)
+        b_logits, b_loss = before(ids, y)
+        assert torch.equal(a_logits, b_logits) and torch.equal(a_loss, b_loss)
+        # The cache path generation uses: a prompt, then one token at a time.
+        caches = [models.get(arch).new_cache(m, 3, "cpu", torch.float32) for m in (new, before)]
+        outs = []
+        for m, c in zip((new, before), caches, strict=True):
+            first, _ = m(ids[:, :12], cache=c)
+            steps = [m(ids[:, t : t + 1], cache=c)[0] for t in range(12, 15)]
+            outs.append(torch.cat([first, *steps], dim=1))
+        assert torch.equal(outs[0], outs[1])
+    # Training mode with a loss and its gradients too.
+    new.train(), before.train()
+    for m in (new, before):
+        m.zero_grad()
+        m(ids, y)[1].backward()
+    for (name, p), q in zip(new.named_parameters(), before.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
