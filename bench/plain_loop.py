@@ -53,11 +53,11 @@ class PlainResult:
 
 def global_batch(cfg: Config) -> int:
     t = cfg.train
-    return t.micro_batch_size * cfg.scaling.num_workers * t.grad_accum_steps
+    return t.micro_batch_size * cfg.scaling.max_workers * t.grad_accum_steps
 
 
 def total_threads(cfg: Config) -> int:
-    return max(1, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker))
+    return max(1, int(cfg.scaling.max_workers * cfg.scaling.cpus_per_worker))
 
 
 class Stepper:

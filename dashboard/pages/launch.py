@@ -165,7 +165,15 @@ with right:
     choice("zero.stage", "ZeRO stage")
     choice("zero.offload_optimizer", "Offload optimizer")
     choice("zero.offload_params", "Offload parameters (ZeRO 3)")
-    number("scaling.num_workers", "Workers")
+    # num_workers: N, or [N, at most] (elastic) when "at most" is above N.
+    lo, hi = (lambda n: n if isinstance(n, list | tuple) else (n, n))(start("scaling.num_workers"))
+    w1, w2 = st.columns(2)
+    least = w1.number_input("Workers", min_value=1, value=int(lo), key="workers_min",
+                            help=launch_form.form_field("scaling.num_workers").help)  # fmt: skip
+    most = w2.number_input("Elastic: at most", min_value=1, value=int(hi), key="workers_max",
+                           help="Above Workers: elastic, from Workers up to this many")  # fmt: skip
+    fields["scaling.num_workers"] = least if most <= least else [least, most]
+    slots["scaling.num_workers"] = st.empty()
     field("scaling.use_gpu", st.toggle, "One GPU per worker", value=start("scaling.use_gpu"))
     number("scaling.cpus_per_worker", "CPUs per worker", step=0.5)
     st.subheader("Tracking")

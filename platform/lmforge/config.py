@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lmforge.errors import LmforgeError
 
@@ -189,7 +196,14 @@ class ZeroConfig(_Section):
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPUs).")
+    num_workers: int | tuple[int, int] = Field(
+        2,
+        description="Ray Train workers (one per GPU on GPUs), or [min, max] for elastic "
+        "training: Ray Train starts with as many as the cluster fits (at most max), goes on "
+        "with fewer (at least min) from the latest checkpoint when a node is lost, and grows "
+        "back when nodes return. The micro-batch per worker stays fixed, so a step's global "
+        "batch (micro_batch_size x grad_accum_steps x workers) follows the worker count.",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
@@ -198,6 +212,46 @@ class ScalingConfig(_Section):
         "(as many as it can), STRICT_SPREAD (each worker on its own node; fails to start "
         "with fewer nodes than workers).",
     )
+    elastic_resize_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="Elastic num_workers only: how often (seconds) Ray Train checks whether "
+        "the cluster fits more workers than run now, and if so restarts them, more of them, "
+        "from the latest checkpoint.",
+    )
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _num_workers(cls, v: Any) -> Any:
+        def whole(x: Any) -> bool:  # 2.0 from a form's number field is 2; True is not
+            return not isinstance(x, bool) and (
+                isinstance(x, int) or (isinstance(x, float) and x.is_integer())
+            )
+
+        if isinstance(v, list | tuple):
+            if len(v) != 2 or not all(map(whole, v)):
+                raise ValueError("expected a whole number or a [min, max] pair of them")
+            lo, hi = int(v[0]), int(v[1])
+            if not 1 <= lo <= hi:
+                raise ValueError("[min, max] needs 1 <= min <= max")
+            return lo if lo == hi else (lo, hi)
+        if not whole(v):
+            raise ValueError("expected a whole number or a [min, max] pair of them")
+        if v < 1:
+            raise ValueError("needs at least 1 worker")
+        return int(v)
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
 class RunConfig(_Section):
@@ -272,6 +326,13 @@ class TrackingConfig(_Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$",
         description="Registered model that gets a version per checkpoint; the experiment "
         "name when unset.",
+    )
+    outage_wait_s: float = Field(
+        600.0,
+        ge=0,
+        description="At the end of a run, how long rank 0 waits for an MLflow server that "
+        "answered before and is down now to come back and take the rest (metrics, versions); "
+        "a server that never answered gets one last try, then one warning, no wait.",
     )
 
 

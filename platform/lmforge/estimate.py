@@ -40,7 +40,7 @@ def human_bytes(n: float) -> str:
 @dataclass(frozen=True)
 class Estimate:
     n_params: int
-    tokens_per_step: int  # all workers, all micro-steps of one optimizer step
+    tokens_per_step: int  # all workers (elastic: the most), all micro-steps of one step
     flops_per_step: float
     per_worker_bytes: dict[str, float]  # weights, gradients, optimizer, activations, total
     offloaded_bytes: float  # per worker, held in host memory by ZeRO-Offload
@@ -87,9 +87,11 @@ def estimate(cfg: Config, vocab_size: int | None = None) -> Estimate:
     m = model_config(cfg, vocab_size)
     arch = models.get(m.arch)
     p, v = arch.n_params(m), m.vocab_size
-    world, stage = cfg.scaling.num_workers, cfg.zero.stage
+    # Elastic [min, max]: memory with the fewest workers (ZeRO gives each the most to hold),
+    # tokens per step with the most (the global batch follows the worker count).
+    world, stage = cfg.scaling.max_workers, cfg.zero.stage
     mixed = cfg.train.precision != "fp32"
-    weights, grads, optim = model_state_bytes(p, world, stage, mixed)
+    weights, grads, optim = model_state_bytes(p, cfg.scaling.min_workers, stage, mixed)
     offloaded = 0.0
     if cfg.zero.offload_optimizer == "cpu":
         offloaded += optim

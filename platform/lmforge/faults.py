@@ -6,6 +6,15 @@
                                                <prefix>.<point>-<step>-<rank> does not exist (it
                                                is created just before the kill), so the
                                                restarted worker runs on
+    LMFORGE_FAULT_HOLD=<file>                  instead of the kill: create <file> and wait
+                                               (at most HOLD_MAX_S) until it is deleted, so
+                                               something else can be broken at exactly that
+                                               point (the object store stopped while a
+                                               checkpoint is being written)
+
+    LMFORGE_FAULT_STEP_DELAY_S=<seconds>       every worker sleeps this long after each
+                                               optimizer step: a slow run, so that a test
+                                               can act mid-run (kill or add a node)
 
 Points: `step` (right after the step, between checkpoints) and `checkpoint` (while that
 step's checkpoint is being written: after DeepSpeed saved the engine state, before the
@@ -17,11 +26,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from lmforge.errors import UsageError
 
 POINTS = ("step", "checkpoint")
+HOLD_MAX_S = 600.0
 
 
 def parse(spec: str) -> list[tuple[str, int, int]]:
@@ -41,6 +52,9 @@ def parse(spec: str) -> list[tuple[str, int, int]]:
 
 
 def maybe_kill(point: str, step: int, rank: int) -> None:
+    delay = os.environ.get("LMFORGE_FAULT_STEP_DELAY_S")
+    if delay and point == "step":
+        time.sleep(float(delay))
     spec = os.environ.get("LMFORGE_FAULT")
     if not spec or (point, step, rank) not in parse(spec):
         return
@@ -50,5 +64,14 @@ def maybe_kill(point: str, step: int, rank: int) -> None:
         if marker.exists():
             return
         marker.write_text(f"pid {os.getpid()}\n")
+    if hold := os.environ.get("LMFORGE_FAULT_HOLD"):
+        flag = Path(hold)
+        flag.write_text(f"pid {os.getpid()}, rank {rank}, {point} {step}\n")
+        print(f"fault injection: worker rank {rank} holds at {point} {step} until {flag} "
+              "is deleted", flush=True)  # fmt: skip
+        deadline = time.monotonic() + HOLD_MAX_S
+        while flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return
     print(f"fault injection: SIGKILL to worker rank {rank} at {point} {step}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)

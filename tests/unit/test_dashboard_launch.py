@@ -84,7 +84,8 @@ def test_the_form_takes_bounds_help_and_choices_from_the_schema(app):
     widgets = [*app.number_input, *app.selectbox, *app.text_input, *app.toggle]
     keyed = {w.key[2:]: w for w in widgets if (w.key or "").startswith("f_")}
     numbers = [w for w in keyed.values() if w.type == "number_input"]
-    assert len(numbers) >= 14 and "train.precision" in keyed
+    # (scaling.num_workers is two inputs, Workers and "Elastic: at most": see below)
+    assert len(numbers) >= 13 and "train.precision" in keyed
     for key, w in keyed.items():
         if key not in ("preset", "data.path"):
             assert w.help == schema_field(key).description, key
@@ -133,6 +134,26 @@ def test_the_estimate_follows_the_form(app, tmp_path):
     by_label(app.number_input, "Workers").set_value(4)
     app.run()
     assert {m.label: m.value for m in app.metric}["Tokens per step"] == f"{8 * 64 * 4:,}"
+
+
+def test_elastic_workers_from_the_two_worker_inputs(app, tmp_path):
+    """ "Elastic: at most" above Workers makes num_workers [Workers, at most]: the estimate's
+    memory is the fewest workers', its tokens per step the most's."""
+    fake_dataset(tmp_path)
+    app.run()
+    least, most = (
+        by_label(app.number_input, "Workers"),
+        by_label(app.number_input, "Elastic: at most"),
+    )
+    assert (least.value, most.value) == (2, 2)  # tiny.yaml: 2 workers, fixed
+    assert least.help == schema_field("scaling.num_workers").description
+    fixed_mem = {m.label: m.value for m in app.metric}["Memory per worker, ZeRO 2"]
+    most.set_value(4)
+    app.run()
+    assert not app.exception and not app.error
+    shown = {m.label: m.value for m in app.metric}
+    assert shown["Tokens per step"] == f"{8 * 64 * 4:,}"
+    assert shown["Memory per worker, ZeRO 2"] == fixed_mem  # ZeRO over 2 workers, the fewest
 
 
 def test_submit_against_an_unreachable_ray_shows_one_line_not_a_traceback(app, tmp_path):

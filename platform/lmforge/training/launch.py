@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ def run_training(
     if plan.tags is not None:
         plan = dataclasses.replace(plan, tags={**plan.tags, **run_setup.ray_tags(where)})
     log.info("run %s on %s; checkpoints under %s", plan.run_dir.name, where, plan.run_dir)
+    if plan.config.scaling.elastic:
+        log.info(elastic_note(plan.config))
     result = trainer(plan).fit()
     return TrainResult(
         run_dir=plan.run_dir,
@@ -81,13 +84,26 @@ def check_cluster(cfg: Config, nodes: list[dict[str, float]]) -> None:
     if s.placement_strategy == "STRICT_SPREAD":
         need = {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {})}
         fit = sum(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes)
-        if fit < s.num_workers:
+        if fit < s.min_workers:  # elastic: Ray Train starts with as many as fit, min or more
+            least = f"at least {s.min_workers}" if s.elastic else str(s.num_workers)
             raise ConfigError(
                 f"scaling.placement_strategy=STRICT_SPREAD puts each of the "
-                f"{s.num_workers} workers on its own node, but only {fit} of the cluster's "
+                f"{least} workers on its own node, but only {fit} of the cluster's "
                 f"{len(nodes)} nodes have {need}: add nodes, lower scaling.num_workers or use "
                 "SPREAD"
             )
+
+
+def elastic_note(cfg: Config) -> str:
+    """What an elastic run does to the batch, for the job log."""
+    s, t = cfg.scaling, cfg.train
+    per = t.micro_batch_size * t.grad_accum_steps
+    return (
+        f"elastic: {s.min_workers} to {s.max_workers} workers, as many as the cluster fits "
+        f"(checked every {s.elastic_resize_interval_s:g} s); a step is {per} sequences a "
+        f"worker, {per * s.min_workers} to {per * s.max_workers} in all: the global batch "
+        "follows the worker count, and each resize resumes from the latest checkpoint"
+    )
 
 
 def loop_config(plan: LaunchPlan) -> dict[str, Any]:
@@ -107,6 +123,20 @@ def loop_config(plan: LaunchPlan) -> dict[str, Any]:
     }
 
 
+def scaling_config(cfg: Config):
+    """Ray Train's ScalingConfig of our scaling section; [min, max] workers: elastic."""
+    import ray.train
+
+    s = cfg.scaling
+    return ray.train.ScalingConfig(
+        num_workers=s.num_workers,  # (min, max): elastic, resized every interval
+        elastic_resize_monitor_interval_s=s.elastic_resize_interval_s,
+        use_gpu=s.use_gpu,
+        resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+        placement_strategy=s.placement_strategy,
+    )
+
+
 def trainer(plan: LaunchPlan):
     """The Ray Train `TorchTrainer` of a plan (Ray must be connected)."""
     import ray.train
@@ -120,15 +150,12 @@ def trainer(plan: LaunchPlan):
     # Rank 0 reaches an MLflow server with basic auth by the driver's MLFLOW_TRACKING_*
     # credentials, handed over like the AWS_* ones: through the runtime env, never the config.
     env_vars = {**(storage.runtime_env_vars() if remote else {}), **store.credential_env()}
+    # The driver's LMFORGE_FAULT* (fault injection, faults.py) reach the workers too.
+    env_vars |= {k: v for k, v in os.environ.items() if k.startswith("LMFORGE_FAULT")}
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config(plan),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers,
-            use_gpu=s.use_gpu,
-            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
-            placement_strategy=s.placement_strategy,
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=plan.run_dir.name,
             # An S3 run dir: Ray Train writes through its pyarrow S3FileSystem.
