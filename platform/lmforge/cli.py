@@ -163,14 +163,17 @@ def _add_evaluate(sub) -> None:
         "evaluate",
         help="loss and perplexity of a model on a dataset's val split",
         description="Evaluate on the val split of a prepared dataset (same tokenizer as the "
-        "model); with --model, the figures are also logged to the MLflow run of that version.",
+        "model); with --model, the figures are also logged to the MLflow run of that version. "
+        "On SFT data (prepare --format sft): the loss over completion tokens only and the "
+        "exact-match accuracy of greedy answers.",
     )
     _add_model_source(p)
     p.add_argument("--data", required=True, metavar="DIR",
                    help="a dataset dir made by lmforge prepare (relative to LMFORGE_HOME or absolute)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="(default 8)")
     p.add_argument("--max-batches", type=int, default=None, metavar="N",
-                   help="stop after N batches (default: the whole val split)")  # fmt: skip
+                   help="stop after N batches (default: the whole val split; SFT data: the "
+                   "first N * batch-size examples)")  # fmt: skip
 
 
 def _add_export_hf(sub) -> None:
@@ -482,17 +485,26 @@ def cmd_generate(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from lmforge.evaluate import evaluate_checkpoint
+    from lmforge.evaluate import evaluate_checkpoint, log_sft_figures
 
     m = evaluate_checkpoint(_checkpoint_of(args), args.data, args.batch_size, args.max_batches)
+    sft = "exact_match" in m  # an SFT dataset: completion-only loss, greedy exact match
     print(
         f"val_loss {m['val_loss']:.4f} | val_perplexity {m['val_perplexity']:.2f} | "
-        f"{m['tokens']:,} tokens in {m['seconds']:.1f} s"
+        + (
+            f"exact_match {m['exact_match']:.3f} ({m['matched']}/{m['answered']}) | "
+            f"{m['tokens']:,} completion tokens of {m['examples']} examples"
+            if sft
+            else f"{m['tokens']:,} tokens"
+        )
+        + f" in {m['seconds']:.1f} s"
     )
     if args.model:
         from lmforge.tracking.registry import log_evaluation
 
         run_id = log_evaluation(args.model, args.tracking_uri, args.data, m)
+        if sft:
+            log_sft_figures(args.model, args.tracking_uri, m)
         print(f"logged to MLflow run {run_id}")
 
 

@@ -208,3 +208,17 @@ def test_without_segments_bit_identical_to_before(arch):
         m(ids, y)[1].backward()
     for (name, p), q in zip(new.named_parameters(), before.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_training_under_activation_checkpointing_has_the_same_gradients(arch):
+    from lmforge.training.speed import checkpoint_blocks
+
+    plain, recomputed = build(arch).train(), build(arch).train()
+    assert checkpoint_blocks(recomputed) == 2
+    ids, seg = packed(examples(), pad=2)
+    y = torch.roll(ids, -1, 1).masked_fill(seg == len(LENGTHS), -100)
+    for m in (plain, recomputed):
+        m(ids, y, segments=seg)[1].backward()
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
