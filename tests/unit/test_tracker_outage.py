@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,10 +78,18 @@ def test_an_outage_loses_and_doubles_nothing(server_dir, tmp_path, checkpoints, 
         assert len(tracker.registered) == 1
         assert "is unreachable" in capsys.readouterr().out
 
-        proc = _start_server(server_dir, port)  # back, same store
+        # Back (same store) only after close began: a server that answered before is waited for.
+        restart = threading.Timer(2.0, lambda: started.append(_start_server(server_dir, port)))
+        started: list[subprocess.Popen] = []
+        restart.start()
+        t0 = time.monotonic()
         tracker.close(timeout_s=120)
+        restart.join()
+        proc = started[0]
+        assert time.monotonic() - t0 > 2
         assert tracker.failures == []
-        assert "answers again" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "waiting up to 120 s" in out and "answers again" in out
         c = store.client(uri)
         run_id = find_run_id(uri, "outage", str(tmp_path / "run"))
         assert [m.step for m in c.get_metric_history(run_id, "loss")] == list(range(1, 11))
@@ -92,6 +101,33 @@ def test_an_outage_loses_and_doubles_nothing(server_dir, tmp_path, checkpoints, 
         if tracker is not None:
             tracker.close(timeout_s=1)
         kill_group(proc.pid)
+
+
+def test_a_server_gone_for_good_is_waited_for_up_to_the_bound(tmp_path, monkeypatch, capsys):
+    """The store answered, then stops answering for good (every call a refused connection):
+    close waits `outage_wait_s`, then reports what was left undone."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = _settings(uri, tmp_path / "run", "gone")
+    settings.outage_wait_s = 3
+    tracker = Tracker(settings, backoff_s=0.2, max_backoff_s=0.5, flush_every_s=0.2)
+    _wait(lambda: tracker.run_id is not None)
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    for name in ("log_batch", "set_terminated", "get_metric_history"):
+        monkeypatch.setattr(tracker.client, name, refused)
+    tracker.log_metrics(1, {"loss": 1.0})
+    t0 = time.monotonic()
+    tracker.close()
+    assert 3 <= time.monotonic() - t0 < 10
+    gave_up, lost = tracker.failures
+    assert gave_up == (
+        "gave up after 3 s (ConnectionRefusedError: [Errno 111] Connection refused); "
+        "left undone: end the MLflow run"
+    )
+    assert lost == "1 metric values not logged"
+    assert f"MLflow at {uri} is unreachable: waiting up to 3 s" in capsys.readouterr().out
 
 
 def test_an_answer_lost_after_the_store_took_it_is_not_sent_twice(

@@ -116,6 +116,7 @@ def settings(
                 "config.yaml": cfg.to_yaml(),
                 "dataset/manifest.json": (dataset.path / "manifest.json").read_text(),
             },
+            outage_wait_s=cfg.tracking.outage_wait_s,
         )
     )
 

@@ -9,7 +9,9 @@ was lost is checked against the run's history before it is sent again, and a reg
 looks up the version of its checkpoint before it makes one (`registry.register_checkpoint`).
 A call MLflow refuses (a bad request, no permission) is tried `retries` more times, then
 reported and dropped; a checkpoint stays safe in the run dir whatever happens to its
-registration. `close()` waits, bounded, for the rest.
+registration. `close()` waits, bounded (`tracking.outage_wait_s`), for the rest when the
+server went away after answering; a server that never answered is given one last try at
+`close()`, then reported in one line, without waiting.
 
 The MLflow run of a training run is found by its tag `lmforge.run_dir`, so a resumed job
 logs into the same MLflow run instead of starting a new one.
@@ -52,6 +54,7 @@ class TrackingSettings:
     tags: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> text content
+    outage_wait_s: float = 600.0  # close(): the bound on waiting for a server that went away
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -105,7 +108,7 @@ class NullTracker:
     ) -> None:
         pass
 
-    def close(self, status: str = "FINISHED", timeout_s: float = 0.0) -> None:
+    def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
         pass
 
 
@@ -137,6 +140,8 @@ class Tracker:
         self._refusals: dict[str, int] = {}  # failed tries of each piece of work, not outages
         self._delay = 0.0  # back-off before the next try; 0 while MLflow answers
         self._outage: str | None = None  # the first error of the current outage
+        self._answered = False  # the server has answered once: an outage is worth waiting for
+        self._unanswered_tries = 0  # attempts the server did not answer, all told
         self._abandoned = False
         self._lock = threading.Lock()
         self._tasks: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
@@ -210,22 +215,34 @@ class Tracker:
         `files`: a local copy of it (a checkpoint in S3 is staged from there)."""
         self.register(self.stage(files or checkpoint, state.step), checkpoint, state)
 
-    def close(self, status: str = "FINISHED", timeout_s: float = 600.0) -> None:
-        """Flush everything (at most `timeout_s`), mark the run ended, report what failed."""
+    def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
+        """Flush everything, mark the run ended, report what failed. A server that answered
+        before and is down now is waited for, at most `timeout_s` (the settings'
+        `outage_wait_s` when None); one that never answered gets one last try, no more."""
+        timeout_s = self.s.outage_wait_s if timeout_s is None else timeout_s
 
         def end() -> None:
             self._flush_metrics()
             self.client.set_terminated(self.run_id, status)
 
+        tries = self._unanswered_tries
         self._tasks.put(("end the MLflow run", end))
-        self._tasks.put(None)
-        if self._outage is not None:
-            print(
-                f"MLflow at {self.s.uri} is unreachable: waiting up to {timeout_s:.0f} s "
-                "for it to take the rest of this run",
-                flush=True,
-            )
-        self._thread.join(timeout_s)
+        self._tasks.put(None)  # also ends a back-off: the last try is made now
+        deadline, said = time.monotonic() + timeout_s, False
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if not self._answered and self._unanswered_tries > tries:
+                break  # the last try found nobody either: no use waiting
+            if self._outage is not None and self._answered and not said:
+                said = True
+                print(
+                    f"MLflow at {self.s.uri} is unreachable: waiting up to {timeout_s:.0f} s "
+                    "for it to take the rest of this run",
+                    flush=True,
+                )
+            self._thread.join(min(0.1, max(0.0, deadline - time.monotonic())))
+        if self._thread.is_alive() and not self._answered and self._outage is not None:
+            self._never_answered()
+            return
         if self._thread.is_alive():
             self._abandoned = True
             with self._lock:
@@ -246,6 +263,31 @@ class Tracker:
             log.warning("MLflow (%s): %s", self.s.uri, f)
         if not self._thread.is_alive():
             shutil.rmtree(self._stage, ignore_errors=True)
+
+    def _never_answered(self) -> None:
+        """The server never answered, not even at close: say so in one line and stop."""
+        self._abandoned = True
+        with self._lock:
+            undone = [what for what, _ in self._pending]
+            lost = len(self._metrics) + self._dropped
+        while True:
+            try:
+                item = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                undone.append(item[0])
+        steps = [w.rsplit(" ", 1)[-1] for w in undone if w.startswith("register the checkpoint")]
+        line = (
+            f"MLflow at {self.s.uri} never answered: nothing of this run was logged there "
+            f"(metric values: {lost}; checkpoints not registered, kept in the run dir: steps "
+            f"{', '.join(steps) or 'none'}); check tracking.tracking_uri or start the server "
+            "(`lmforge tracking up`)"
+        )
+        for f in self.failures:  # earlier trouble (e.g. an incomplete checkpoint)
+            log.warning("MLflow (%s): %s", self.s.uri, f)
+        self.failures.append(line)
+        print(f"warning: {line}", flush=True)
 
     # -- the background thread ------------------------------------------------------------
     def _work(self) -> None:
@@ -276,8 +318,8 @@ class Tracker:
                 item = self._tasks.get(timeout=left) if left > 0 else self._tasks.get_nowait()
             except queue.Empty:
                 return closing
-            if item is None:
-                closing = True
+            if item is None:  # closing: try once more now, whatever the back-off
+                closing, deadline = True, time.monotonic()
             else:
                 with self._lock:
                     self._pending.append(item)
@@ -332,6 +374,7 @@ class Tracker:
         except Exception as err:  # MLflow raises many types; none may reach training
             last = f"{type(err).__name__}: {first_line(err, 300)}"
             if unreachable(err):
+                self._unanswered_tries += 1
                 if self._outage is None:
                     self._outage = last
                     print(
@@ -354,6 +397,7 @@ class Tracker:
             return
         c, s = self.client, self.s
         exp_id = store.ensure_experiment(c, s.experiment, s.uri)
+        self._answered = True  # from here on an unanswered request is an outage, waited for
         # A run created by an attempt whose answer was lost is found here, not made twice.
         run = find_run(c, exp_id, s.run_dir)
         if run is None:
