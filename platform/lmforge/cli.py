@@ -386,14 +386,18 @@ def submit_spec(args):
     import os
 
     from lmforge.config import load_config
-    from lmforge.jobspec import train_job
+    from lmforge.jobspec import submitter_env, train_job
 
     cfg = load_config(args.config, args.overrides)
     # As for `lmforge train`: the config's tracking URI, else MLFLOW_TRACKING_URI; with
     # neither, the job picks its default where it runs (the local server, else SQLite).
     tracking_uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    resume = args.resume or None
+    # The submitter's AWS_* (S3 data or storage) and MLflow credentials reach the job
+    # through its runtime env, as `lmforge train` hands them to its workers.
+    env = submitter_env(cfg, resume if isinstance(resume, str) else None, args.init_from)
     return train_job(
-        cfg, tracking_uri, resume=args.resume or None, init_from=args.init_from, any_path=True
+        cfg, tracking_uri, resume=resume, init_from=args.init_from, any_path=True, env_vars=env
     )
 
 

@@ -345,7 +345,7 @@ def _init() -> str:
         check_reachable(address, "RAY_ADDRESS")
         import ray
 
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=job_runtime_env())
         return f"Ray cluster at {address}"
     info = running()
     set_client_env(client_env(info.nodes if info else 1), override=True)
@@ -353,11 +353,24 @@ def _init() -> str:
 
     if info is not None:
         check_reachable(info.address, f"the cluster of `lmforge cluster up` ({HEAD.state_file})")
-        ray.init(address=info.address, log_to_driver=True)
+        ray.init(address=info.address, log_to_driver=True, runtime_env=job_runtime_env())
         return f"local Ray cluster at {info.address}"
     ensure_token()
-    ray.init(address="local", log_to_driver=True)
+    ray.init(address="local", log_to_driver=True, runtime_env=job_runtime_env())
     return "a private local Ray (no `lmforge cluster up` running)"
+
+
+def job_runtime_env() -> dict | None:
+    """The runtime env of a job this process starts by `ray.init`: its AWS_* variables, so
+    that Ray Train's controller (an actor, not a worker: `worker_runtime_env` misses it)
+    reaches S3 storage. None inside a submitted job, whose runtime env `lmforge submit` gave
+    them (Ray refuses the same variable from both)."""
+    from lmforge import storage
+
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor
+        return None
+    env_vars = storage.runtime_env_vars()
+    return {"env_vars": env_vars} if env_vars else None
 
 
 def check_reachable(address: str, source: str, timeout_s: float = 5) -> None:

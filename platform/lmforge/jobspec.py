@@ -123,8 +123,11 @@ def train_job(
     resume: str | bool | None = None,
     init_from: str | None = None,
     any_path: bool = False,
+    env_vars: dict[str, str] | None = None,
 ) -> JobSpec:
     """A training job for a validated config: every non-default key as a `--set`.
+    `env_vars`: added to the job's runtime env (`submitter_env`: credentials, never in
+    the entrypoint).
 
     `data.path` must lie inside the data roots and is passed absolute, so the job reads
     the dataset the form showed, whatever its working dir. `resume` and `init_from` take
@@ -170,7 +173,20 @@ def train_job(
     }
     if resume or init_from:
         meta["lmforge.from"] = str(resume or init_from)
-    return JobSpec(entrypoint(args), runtime_env(), meta)
+    return JobSpec(entrypoint(args), runtime_env(env_vars), meta)
+
+
+def submitter_env(cfg: Config, *paths_used: str | None) -> dict[str, str]:
+    """What a job submitted from this process gets of its environment, as `lmforge train`
+    hands it to its workers: the MLflow credentials, and the AWS_* variables when the
+    config (or a resume or init source in `paths_used`) is on S3. For the job's runtime
+    env only (which `lmforge.cluster` passes on to Ray Train): never printed or logged."""
+    from lmforge import storage
+    from lmforge.tracking import store
+
+    used = (cfg.data.path, cfg.run.storage_path, *paths_used)
+    on_s3 = any(str(p).startswith(storage.SCHEME) for p in used if p)
+    return {**(storage.runtime_env_vars() if on_s3 else {}), **store.credential_env()}
 
 
 def prepare_job(

@@ -281,3 +281,23 @@ def test_a_command_pointed_at_a_dead_cluster_fails_in_seconds(tmp_path):
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], out.stderr[-2000:]
     assert took < 30  # mostly importing torch and Ray; Ray alone retries for minutes
+
+
+def test_a_driver_outside_a_ray_job_gives_its_job_the_aws_variables(monkeypatch):
+    """Ray Train's controller is an actor of the driver's job, not a worker: it reaches S3
+    storage only by the job's runtime env, which `_init` sets from this process's AWS_*."""
+    from lmforge import storage
+
+    for k in storage.AWS_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert cluster.job_runtime_env() is None  # nothing to hand over
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-for-the-controller")
+    assert cluster.job_runtime_env() == {
+        "env_vars": {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    }
+    # In a submitted job the job's runtime env has them already (Ray refuses them twice).
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')
+    assert cluster.job_runtime_env() is None

@@ -179,3 +179,50 @@ def test_failure_line_finds_lmforges_error():
     assert jobclient.failure_line("a\nlmforge train: error: zero.stage: 7\n") == "zero.stage: 7"
     assert jobclient.failure_line("Job was stopped\n") == "Job was stopped"
     assert jobclient.failure_line("") == "no message from Ray"
+
+
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+    "AWS_SECRET_ACCESS_KEY": "aws-s3cr3t-value",
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+    "MLFLOW_TRACKING_USERNAME": "alice",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-s3cr3t-value",
+}
+
+
+@pytest.fixture
+def submitter(monkeypatch):
+    for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION",
+              "AWS_ENDPOINT_URL_S3", "AWS_CA_BUNDLE", "MLFLOW_TRACKING_TOKEN"):  # fmt: skip
+        monkeypatch.delenv(k, raising=False)
+    for k, v in SECRETS.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_s3_jobs_get_the_submitters_aws_and_mlflow_credentials_in_the_runtime_env(
+    submitter, fake, capsys
+):
+    """As `lmforge train` hands them to its workers: in the runtime env, never in the
+    entrypoint, the metadata or what submit prints."""
+    spec = cli.submit_spec(parse("--set", "data.path=s3://data/ds", "--set", "run.name=r"))
+    assert {k: spec.runtime_env["env_vars"][k] for k in SECRETS} == SECRETS
+    text = spec.entrypoint + repr(spec.metadata)
+    assert not any(v in text for v in SECRETS.values())
+    storage = cli.submit_spec(parse("--set", "run.storage_path=s3://ckpt/runs"))
+    assert storage.runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "aws-s3cr3t-value"
+    fake()
+    assert cli.cmd_submit(parse("--set", "data.path=s3://data/ds", "--no-wait")) == 0
+    printed = capsys.readouterr()
+    assert not any(v in printed.out + printed.err for v in SECRETS.values())
+
+
+def test_a_local_job_gets_the_mlflow_credentials_and_no_aws_variables(submitter, tmp_path):
+    env = cli.submit_spec(parse("--set", f"data.path={tmp_path}")).runtime_env["env_vars"]
+    assert env["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert env["MLFLOW_TRACKING_PASSWORD"] == "mlflow-s3cr3t-value"
+    assert not any(k.startswith("AWS_") for k in env)
+    # ... unless it resumes or starts from S3.
+    init = cli.submit_spec(parse("--set", f"data.path={tmp_path}", "--init-from", "s3://c/ck"))
+    assert init.runtime_env["env_vars"]["AWS_ACCESS_KEY_ID"] == "AKIDEXAMPLE"
+    resume = cli.submit_spec(parse("--set", f"data.path={tmp_path}", "--resume", "s3://c/run"))
+    assert resume.runtime_env["env_vars"]["AWS_ACCESS_KEY_ID"] == "AKIDEXAMPLE"
