@@ -335,6 +335,20 @@ class TrackingConfig(_Section):
         "a server that never answered gets one last try, then one warning, no wait.",
     )
 
+    @model_validator(mode="after")
+    def _no_credentials(self) -> TrackingConfig:
+        # A model check, not a field one: a field's error would echo the value (the secret).
+        scheme, _, rest = (self.tracking_uri or "").partition("://")
+        user_info, at, _ = rest.split("/", 1)[0].rpartition("@")
+        # A server: no user-info at all (a token as user name too); a database: no password.
+        if at and (scheme.startswith("http") or ":" in user_info):
+            raise ValueError(
+                "tracking.tracking_uri: holds credentials (user:password@); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment "
+                "instead (a database store: its own, e.g. PGPASSWORD)"
+            )
+        return self
+
 
 class Config(_Section):
     model: ModelConfig = ModelConfig()

@@ -96,13 +96,13 @@ def check_endpoint(url: str | None) -> None:
     if url is None:
         return
     parts = urlsplit(url)
+    if "@" in parts.netloc:  # first: the other messages echo the URL
+        raise StorageError(
+            "storage.endpoint_url: holds credentials (user:password@); set AWS_ACCESS_KEY_ID "
+            "and AWS_SECRET_ACCESS_KEY (AWS_* variables) in the environment instead"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise StorageError(f"storage.endpoint_url={url!r}: expected http(s)://host[:port]")
-    if parts.username or parts.password:
-        raise StorageError(
-            "storage.endpoint_url: holds credentials; set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY in the environment instead"
-        )
     if parts.path.strip("/") or parts.query:
         raise StorageError(f"storage.endpoint_url={url!r}: expected no path or query")
 

@@ -69,3 +69,33 @@ def test_presets_derive_from_a_base(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, key, fix",
+    [
+        ("tracking.tracking_uri=http://bob:s3cr3t@mlflow.lan:5000", "tracking.tracking_uri",
+         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+        ("tracking.tracking_uri=https://s3cr3t@mlflow.lan", "tracking.tracking_uri",
+         "MLFLOW_TRACKING_USERNAME"),
+        ("tracking.tracking_uri=postgresql://bob:s3cr3t@db/mlflow", "tracking.tracking_uri",
+         "PGPASSWORD"),
+        ("storage.endpoint_url=http://AKID:s3cr3t@minio:9000", "storage.endpoint_url",
+         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        ("storage.endpoint_url=ftp://AKID:s3cr3t@minio:9000", "storage.endpoint_url",
+         "AWS_ACCESS_KEY_ID"),
+    ],
+)  # fmt: skip
+def test_credentials_in_urls_are_refused_without_echoing_them(override, key, fix):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert msg.startswith(f"{key}: holds credentials") and fix in msg
+    assert "s3cr3t" not in msg and "\n" not in msg
+
+
+def test_urls_without_credentials_still_load():
+    cfg = load_config(None, ["tracking.tracking_uri=postgresql://bob@db/mlflow"])  # PGPASSWORD
+    assert cfg.tracking.tracking_uri == "postgresql://bob@db/mlflow"
+    assert load_config(None, ["tracking.tracking_uri=http://127.0.0.1:5000"]).tracking
+    assert load_config(None, ["storage.endpoint_url=http://127.0.0.1:9000"]).storage
