@@ -1,7 +1,8 @@
 """The cluster configs in cluster/ are known to be valid: `ray up`'s by Ray's own schema (the
 installed ray package's `prepare_config` + `validate_config`, what `ray up` runs first), the
-KubeRay RayJob's entrypoint by lmforge's own argument parser and config checks, and both
-against the pins in constraints.txt."""
+KubeRay RayJob by KubeRay's CRD schema (cluster/schemas/, strict about unknown fields) and
+its entrypoint by lmforge's own argument parser and config checks, and both against the
+pins in constraints.txt."""
 
 from __future__ import annotations
 
@@ -67,6 +68,72 @@ def test_the_schema_check_catches_mistakes(ray_up, break_it):
 
 def test_ray_up_image_is_the_pinned_ray(ray_up):
     assert ray_up["docker"]["image"].startswith(f"rayproject/ray:{pin('ray')}-py311")
+
+
+def strict(schema):
+    """The schema as `kubectl apply --validate=strict` reads it: an object with declared
+    properties takes no others (Kubernetes would drop them silently), unless it says
+    x-kubernetes-preserve-unknown-fields."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def rayjob_schema():
+    """KubeRay's RayJob CRD schema, kept in the repo (source and version: its $comment and
+    cluster/schemas/README.md)."""
+    import json
+
+    from jsonschema import Draft7Validator
+
+    schema = json.loads((CLUSTER / "schemas" / "kuberay-rayjob-v1.schema.json").read_text())
+    assert "ray-project/kuberay" in schema["$comment"] and "v1.7.0" in schema["$comment"]
+    Draft7Validator.check_schema(schema)
+    return Draft7Validator(strict(schema))
+
+
+def test_rayjob_passes_the_kuberay_crd_schema(rayjob, rayjob_schema):
+    assert (rayjob["apiVersion"], rayjob["kind"]) == ("ray.io/v1", "RayJob")  # the schema's
+    errors = [f"{e.json_path}: {e.message}" for e in rayjob_schema.iter_errors(rayjob)]
+    assert errors == []
+
+
+def _workers(c):
+    return c["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+
+
+@pytest.mark.parametrize(
+    "break_it, where",
+    [
+        (lambda c: _workers(c).update(replicas="two"), "$.spec.rayClusterSpec.workerGroupSpecs[0]"),
+        (lambda c: c["spec"].update(shutdownAfterJobFinish=True), "$.spec"),  # misspelt
+        (
+            lambda c: _workers(c)["template"]["spec"]["containers"][0]["resources"]["limits"]
+            .update(cpu="sixty-four"),
+            "$.spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0].resources",
+        ),
+        (lambda c: c["spec"]["rayClusterSpec"]["headGroupSpec"].pop("template"),
+         "$.spec.rayClusterSpec.headGroupSpec"),
+    ],
+    ids=["wrong type", "misspelt key", "bad quantity", "missing required"],
+)  # fmt: skip
+def test_the_crd_schema_catches_mistakes(rayjob, rayjob_schema, break_it, where):
+    broken = copy.deepcopy(rayjob)
+    break_it(broken)
+    errors = list(rayjob_schema.iter_errors(broken))
+    assert errors and all(e.json_path.startswith(where) for e in errors), [
+        (e.json_path, e.message) for e in errors
+    ]
 
 
 def entrypoint_args(rayjob) -> list[str]:
