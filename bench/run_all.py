@@ -46,6 +46,11 @@ SECTIONS = {
     "generate-llama": ("generate", ["--arch", "llama"]),
     "checkpoint": ("checkpoint", []),
     "jobstart": ("jobstart", []),
+    # How cost grows (bench_growth.py): each writes a PNG under bench/plots/, linked here.
+    "growth-model": ("growth", ["--what", "model"]),
+    "growth-data": ("growth", ["--what", "data"]),
+    "growth-workers": ("growth", ["--what", "workers"]),
+    "growth-options": ("growth", ["--what", "options"]),
 }
 BENCHMARKS = [n for n, (s, _) in SECTIONS.items() if (REPO / "bench" / f"bench_{s}.py").is_file()]
 
@@ -174,6 +179,8 @@ def section_lines(r: dict | None, seconds: float, stamp_line: str = "") -> list[
             f"| {f['target']} | {met} |"
         )
     config = {k: v for k, v in r.get("config", {}).items() if k != "machine"}
+    if config.get("plot"):  # a PNG the benchmark wrote, relative to the repo root
+        lines += ["", f"![{r['benchmark']}]({config['plot']})"]
     return lines + ["", f"Config: `{json.dumps(config)}`; ran {seconds:.0f} s."]
 
 

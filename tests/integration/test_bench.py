@@ -119,3 +119,18 @@ def test_run_all_keeps_the_hand_written_notes_last(tmp_path):
     assert md.index("## train-lstm") < md.index("## data") < md.index("## Notes")
     assert md.rstrip().endswith("A profile: gloo all-reduce 115 ms a step.")
     assert run_all.kept_sections(tmp_path / "none.md", rerun_all=False) == {}
+
+
+def test_run_all_links_a_sections_plot():
+    from bench import run_all
+    from bench.common import Figure
+
+    class Args:
+        tiny = False
+
+    fig = Figure("1M ZeRO 0", "tokens/s", {"min": 1.0, "median": 2.0, "max": 3.0})
+    r = {"benchmark": "growth-model", "figures": [fig.__dict__],
+         "config": {"plot": "bench/plots/growth-model.png"}}  # fmt: skip
+    md = run_all.to_markdown({"growth-model": r}, {"growth-model": 1.0}, Args())
+    assert "![growth-model](bench/plots/growth-model.png)" in md
+    assert "| 1M ZeRO 0 | 2 (1-3) tokens/s |  |  |  |  |" in md
