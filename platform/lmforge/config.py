@@ -163,7 +163,9 @@ class TrainConfig(_Section):
     lora: LoraConfig | None = Field(
         None,
         description="Train low-rank adapters (peft) on a frozen base instead of every weight; "
-        "needs a base to start from (--init-from).",
+        "needs a base to start from (--init-from). Works under ZeRO 0-3 (the optimizer and "
+        "its state hold only the adapters); a checkpoint stores only the adapters and a "
+        "reference to the base. Not for lstm (no linear layers to adapt).",
     )
     activation_checkpointing: bool = Field(
         False, description="Recompute each block's activations in backward (less memory)."

@@ -138,3 +138,23 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, all) parameters, for the run's first line."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def settings_of(lora_config) -> LoraSettings:
+    """LoraSettings from the config's `train.lora` section."""
+    targets = lora_config.target_modules
+    return LoraSettings(
+        r=lora_config.r,
+        alpha=lora_config.alpha,
+        dropout=lora_config.dropout,
+        target_modules=tuple(targets) if targets is not None else None,
+    )
+
+
+def saved_names(
+    named: dict[str, torch.Tensor], adapter: str = "default"
+) -> dict[str, torch.Tensor]:
+    """Trainable parameters by `named_parameters()` name -> peft's saved names (the adapter's
+    name dropped: `...lora_A.default.weight` -> `...lora_A.weight`), as
+    `adapter_state_dict` gives them and `load_adapter` takes them."""
+    return {k.replace(f".{adapter}.", "."): v for k, v in named.items()}

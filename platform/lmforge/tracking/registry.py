@@ -5,6 +5,11 @@ holds the servable files of the checkpoint; its tags say where it came from:
 
     step, tokens_seen, val_loss, run_id, ray_checkpoint_uri, run_dir, dataset_manifest_sha256,
     parent (a fine-tune's --init-from)
+    base_version, adapter (a LoRA version: its base's version URI or folder, and "lora")
+
+A LoRA version holds only its adapters (`checkpoint.ADAPTER`) and `base.json`;
+`fetch_checkpoint` fetches its base too (when that is a version) into `base/` beside them,
+so `checkpoint.load_model` finds base + adapter on any machine that reaches the registry.
 
 Aliases: `best` is the version with the lowest val loss; `latest` is the newest version
 (MLflow reserves that alias and resolves `models:/NAME/latest` itself; lmforge accepts
@@ -312,12 +317,34 @@ def fetch_checkpoint(model_uri: str, tracking_uri: str | None = None) -> Path:
             raise RegistryError(
                 f"{model_uri}: version {version.version} holds no complete lmforge checkpoint"
             )
+        if ckpt_io.is_adapter(tmp / ARTIFACT):
+            _fetch_base(tmp / ARTIFACT, tracking_uri)
         shutil.rmtree(cache, ignore_errors=True)
         tmp.rename(cache)  # atomic: a cache dir is always complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("fetched %s (version %s) into %s", model_uri, version.version, cache)
     return cache / ARTIFACT
+
+
+def _fetch_base(adapter: Path, tracking_uri: str | None) -> None:
+    """Copy a LoRA version's base (a version: fetched first) into `adapter/base`."""
+    ref = ckpt_io.read_base(adapter)
+    if not is_model_uri(ref.uri):
+        return  # a folder: `checkpoint.find_base` reads it where it is
+    base = fetch_checkpoint(ref.uri, tracking_uri)
+    if ckpt_io.weights_sha256(base) != ref.sha256:
+        raise RegistryError(
+            f"{ref.uri}: its weights are not the ones the adapter {adapter} was trained on "
+            f"(sha256 {ref.sha256[:12]}); did the alias move? name the base's version number"
+        )
+    out = adapter / ckpt_io.BASE_DIR
+    out.mkdir()
+    for name in [*ckpt_io.servable_files(base), ckpt_io.FILES]:
+        try:
+            (out / name).hardlink_to(base / name)
+        except OSError:
+            shutil.copyfile(base / name, out / name)
 
 
 def version_tags(state: ckpt_io.TrainerState, run_id: str, checkpoint: Path) -> dict[str, str]:
@@ -336,6 +363,9 @@ def version_tags(state: ckpt_io.TrainerState, run_id: str, checkpoint: Path) -> 
     init_source = checkpoint.parent / "init_from" / "SOURCE"
     if init_source.is_file():
         tags["parent"] = init_source.read_text().strip()
+    if (checkpoint / ckpt_io.BASE).is_file():  # a LoRA version: small, on its base
+        tags["base_version"] = ckpt_io.read_base(checkpoint).uri
+        tags["adapter"] = "lora"
     return tags
 
 

@@ -70,6 +70,11 @@ def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = 
     check_lora(cfg, resume, init_from)
     init = init_source(init_from, cfg.tracking.tracking_uri) if init_from else None
     model = cfg.model
+    if init is not None and ckpt_io.is_adapter(init.checkpoint):
+        raise ConfigError(
+            f"--init-from {init.uri}: a LoRA adapter, not a whole model; start from its base "
+            "or from its merged export (export-hf --merge, then import-hf)"
+        )
     if init is not None:
         dataset.require_tokenizer(init.checkpoint / ckpt_io.TOKENIZER, f"--init-from {init.uri}")
         model = init_model(cfg, init)
