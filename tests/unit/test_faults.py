@@ -32,3 +32,28 @@ def test_fires_once_at_its_point_only(tmp_path, monkeypatch):
     monkeypatch.delenv("LMFORGE_FAULT")
     faults.maybe_kill("step", 3, 1)
     assert len(kills) == 1
+
+
+def test_hold_waits_until_its_file_is_deleted_and_kills_nothing(tmp_path, monkeypatch):
+    import threading
+
+    kills = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    monkeypatch.setenv("LMFORGE_FAULT", "checkpoint:8:0")
+    monkeypatch.setenv("LMFORGE_FAULT_ONCE", str(tmp_path / "once"))
+    flag = tmp_path / "held"
+    monkeypatch.setenv("LMFORGE_FAULT_HOLD", str(flag))
+    held = threading.Thread(target=faults.maybe_kill, args=("checkpoint", 8, 0))
+    held.start()
+    for _ in range(100):
+        if flag.exists():
+            break
+        held.join(0.05)
+    assert flag.exists() and held.is_alive()  # holding at its point
+    held.join(0.5)
+    assert held.is_alive()
+    flag.unlink()
+    held.join(5)
+    assert not held.is_alive() and kills == []
+    faults.maybe_kill("checkpoint", 8, 0)  # once: the restarted worker does not hold
+    assert not flag.exists()
