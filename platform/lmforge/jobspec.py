@@ -78,7 +78,10 @@ def safe_token(key: str, value: Any) -> str:
     """`key=value` as one shell-inert token that `--set` parses back to `value`."""
     text = _render(value)
     token = f"{key}={text}"
-    if not SAFE_TOKEN.match(token):
+    # A list of numbers ([1,2]: elastic num_workers) keeps its brackets; shlex.join quotes
+    # the token, and what is inside them must be as inert as any other value.
+    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if not SAFE_TOKEN.match(f"{key}={inner}"):
         bad = "".join(sorted({c for c in text if not SAFE_TOKEN.match(c)}))
         raise JobSpecError(f"{key}: {text!r} holds characters not allowed in a job ({bad!r})")
     if yaml.safe_load(text) != value:
@@ -96,6 +99,10 @@ def _render(value: Any) -> str:
         mantissa, e, exp = text.partition("e")
         # PyYAML reads 1e-05 as a string; 1.0e-05 as a float.
         return f"{mantissa}.0e{exp}" if e and "." not in mantissa else text
+    if isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return "[" + ",".join(map(str, value)) + "]"
     return str(value)
 
 

@@ -142,3 +142,18 @@ def test_the_step_delay_paces_steps_only(monkeypatch):
     faults.maybe_kill("checkpoint", 4, 0)
     t2 = time.perf_counter()
     assert t1 - t0 >= 0.2 and t2 - t1 < 0.1
+
+
+def test_a_job_spec_carries_the_pair_quoted_and_reads_it_back():
+    import shlex
+
+    from lmforge import jobspec
+
+    token = jobspec.safe_token("scaling.num_workers", [1, 2])
+    assert token == "scaling.num_workers=[1,2]"
+    line = jobspec.entrypoint(["python", "jobs/train.py", "--set", token])
+    assert "'scaling.num_workers=[1,2]'" in line  # quoted: no shell glob
+    (arg,) = [a for a in shlex.split(line) if a.startswith("scaling.")]
+    assert load_config(None, [arg]).scaling.num_workers == (1, 2)
+    with pytest.raises(jobspec.JobSpecError, match="not allowed in a job"):
+        jobspec.safe_token("scaling.num_workers", ["1;rm", 2])
