@@ -140,6 +140,11 @@ def test_activation_checkpointing_refused_for_lstm():
     with pytest.raises(ConfigError, match=r"train.activation_checkpointing: model.arch=lstm"):
         speed.check(cfg)
     speed.check(config("model.arch=llama", "train.activation_checkpointing=true"))
+    # As the launch plan checks it: before the dataset has set the vocab.
+    unset = config("train.activation_checkpointing=true")
+    speed.check(
+        unset.model_copy(update={"model": unset.model.model_copy(update={"vocab_size": None})})
+    )
 
 
 def test_compile_same_losses():
