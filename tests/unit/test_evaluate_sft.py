@@ -182,3 +182,78 @@ def test_sft_figures_are_logged_on_the_versions_run_and_tagged_on_the_version(tm
         history = c.get_metric_history(run.info.run_id, f"evaluate.{key}")
         assert [(m.step, m.value) for m in history] == [(7, value)]
     assert c.get_model_version("sft", "1").tags["evaluate.exact_match"] == "0.750000"
+
+
+def copy_task(n: int, seed: int, vocab: int = 40) -> list[sft.Example]:
+    """Prompt: 3-8 random tokens (>= 4), then 1; answer: the prompt's last token, then 0."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        p = rng.integers(4, vocab, int(rng.integers(3, 9)))
+        ids = np.concatenate([p, [1, p[-1], 0]]).astype(np.int64)
+        out.append(sft.Example(ids, np.arange(len(ids)) >= len(ids) - 2))
+    return out
+
+
+def packed_batches(exs, T: int, B: int, masked: bool, rng):
+    """(x, y, segments) of B rows of whole examples packed in a random order, forever;
+    y is -100 off the targets when `masked`, every next token otherwise (no loss mask)."""
+    while True:
+        rows, cur, used = [], [], 0
+        for i in rng.permutation(len(exs)):
+            n = len(exs[i].ids) - 1
+            if used + n > T:
+                rows, cur, used = [*rows, cur], [], 0
+            cur, used = [*cur, exs[i]], used + n
+            if len(rows) < B:
+                continue
+            x = torch.zeros(B, T, dtype=torch.long)
+            y = torch.full((B, T), -100, dtype=torch.long)
+            seg = torch.zeros(B, T, dtype=torch.long)
+            for b, row in enumerate(rows):
+                t = 0
+                for k, e in enumerate(row):
+                    n = len(e.ids) - 1
+                    target = np.where(e.targets[1:] | (not masked), e.ids[1:], -100)
+                    x[b, t : t + n], y[b, t : t + n] = (
+                        torch.from_numpy(e.ids[:-1]),
+                        torch.tensor(target),
+                    )
+                    seg[b, t : t + n] = k
+                    t += n
+                seg[b, t:] = len(row)
+            yield x, y, seg
+            rows = []
+
+
+def test_packed_masked_fine_tune_learns_the_task_and_the_unmasked_one_less():
+    """The model side of SFT end to end, without Ray: packed windows (segments) with a loss
+    mask teach a tiny gpt2 to copy the prompt's last token (>= 90% greedy exact match on
+    held-out prompts after 400 steps; measured: 100%); the same run on every token, no
+    mask, is visibly worse (measured: 43%)."""
+    train, held = copy_task(2000, 0), copy_task(100, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: a second thread only contends on 2 shared cores
+    try:
+        em = {masked: _fine_tune_exact_match(train, held, masked) for masked in (True, False)}
+    finally:
+        torch.set_num_threads(threads)
+    assert em[True] >= 0.9, em
+    assert em[False] <= em[True] - 0.25, em
+
+
+def _fine_tune_exact_match(train, held, masked: bool) -> float:
+    """Greedy exact match on `held` after 400 AdamW steps of a fresh tiny gpt2 on `train`."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="gpt2", vocab_size=40, context_length=64, n_layer=2, n_head=2,
+                      d_model=32, dropout=0.0)  # fmt: skip
+    model = models.build(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batches = packed_batches(train, 64, 16, masked, np.random.default_rng(0))
+    for _ in range(400):
+        x, y, seg = next(batches)
+        loss = model(x, y, segments=seg)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return exact_match(model, held)["exact_match"]
