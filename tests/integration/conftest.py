@@ -3,6 +3,8 @@ shared by every integration test in the session."""
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -86,6 +88,60 @@ def tiny_config(dataset, name, *overrides):
         REPO / "jobs" / "configs" / "tiny.yaml",
         [f"data.path={dataset}", f"run.name={name}", *overrides],
     )
+
+
+def submit_train(
+    ray_cluster, overrides: dict, env: dict[str, str] | None = None, extra: tuple[str, ...] = (),
+    timeout_s: float = 600,
+) -> tuple[str, str]:  # fmt: skip
+    """`python jobs/train.py --config jobs/configs/tiny.yaml [extra] --set K=V...` through
+    the Jobs API, as `ray job submit` does (cluster/runtime_env.yaml, `env` added to its
+    env_vars: driver, Ray Train's controller and workers get them); waits for its end:
+    (status, log)."""
+    from ray.job_submission import JobSubmissionClient
+
+    from lmforge.jobspec import runtime_env
+
+    args = ["python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml", *extra]
+    for k, v in overrides.items():
+        args += ["--set", f"{k}={v}"]
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    job = client.submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env(env))
+    deadline = time.monotonic() + timeout_s
+    while not (status := client.get_job_status(job)).is_terminal():
+        assert time.monotonic() < deadline, f"job {job} still {status} after {timeout_s:.0f} s"
+        time.sleep(1)
+    return str(status), client.get_job_logs(job)
+
+
+def cli_env(home, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of an `lmforge` command run as a user runs it, in its own
+    LMFORGE_HOME: none of this session's RAY_* or MLFLOW_* variables, `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    return {**env, "LMFORGE_HOME": str(home), **(extra or {})}
+
+
+def lmforge(home, *args, timeout=300, check=True, env=None) -> subprocess.CompletedProcess:
+    """`lmforge ARGS...` in LMFORGE_HOME `home` (`env`: extra variables), to its end."""
+    out = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", *map(str, args)],
+        capture_output=True, text=True, env=cli_env(home, env), timeout=timeout,
+    )  # fmt: skip
+    if check:
+        assert out.returncode == 0, f"lmforge {args[0]}: {out.stderr[-3000:]}"
+    return out
+
+
+def cluster_processes(temp_dir: str) -> list:
+    """Every process of a cluster: each names the cluster's own temp dir on its command line
+    (raylet, GCS, dashboard, workers) or is a recorded `ray start`."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in a for a in p.info["cmdline"] or []):
+            found.append(p)
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -5,19 +5,16 @@ Then that run resumed on one worker instead of two."""
 
 from __future__ import annotations
 
-import shlex
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from lmforge.checkpoint import WEIGHTS, read_state
 from lmforge.tracking import store
 from lmforge.tracking.tracker import find_run
-from tests.conftest import REPO
+from tests.integration.conftest import submit_train
 
 STEPS, EVERY = 12, 4
 EXPERIMENT = "it-resilience"
@@ -28,28 +25,13 @@ def submit(
     steps: int = STEPS, workers: int = 2, extra: tuple[str, ...] = (),
 ):  # fmt: skip
     """Submit jobs/train.py through the Jobs API (as `ray job submit` does); wait for it."""
-    from ray.job_submission import JobSubmissionClient
-
-    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-    runtime_env["working_dir"] = str(REPO)
-    runtime_env["py_modules"] = [str(REPO / m) for m in runtime_env["py_modules"]]
-    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
     overrides = {
         "data.path": dataset, "run.storage_path": storage, "run.name": name,
         "train.max_steps": steps, "scaling.num_workers": workers, "train.eval_every": EVERY,
         "train.checkpoint_every": EVERY, "train.log_every": 1, "run.max_failures": 2, "zero.stage": 2,
         "tracking.tracking_uri": store.resolve_uri(None), "tracking.experiment": EXPERIMENT,
     }  # fmt: skip
-    args = ["python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml", *extra]
-    for k, v in overrides.items():
-        args += ["--set", f"{k}={v}"]
-    client = JobSubmissionClient(ray_cluster.dashboard_url)
-    job = client.submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env)
-    deadline = time.time() + 600
-    while not (status := client.get_job_status(job)).is_terminal():
-        assert time.time() < deadline, f"job {job} still {status} after 10 min"
-        time.sleep(1)
-    return str(status), client.get_job_logs(job)
+    return submit_train(ray_cluster, overrides, env, extra)
 
 
 @pytest.fixture(scope="module")

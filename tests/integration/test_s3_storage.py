@@ -6,11 +6,7 @@ the secret key reaches neither MLflow nor the log."""
 
 from __future__ import annotations
 
-import shlex
-import time
-
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from lmforge import cli, storage
@@ -20,8 +16,7 @@ from lmforge.data.prepare import PrepareOptions, prepare
 from lmforge.tracking import store
 from lmforge.tracking.tracker import RUN_DIR_TAG
 from lmforge.training.plan import build_plan
-from tests.conftest import REPO
-from tests.integration.conftest import tiny_config
+from tests.integration.conftest import submit_train, tiny_config
 
 SECRET = "it-secret-key-4b9e2a7c"
 EXPERIMENT = "it-s3"
@@ -32,22 +27,8 @@ SETTINGS = {"train.checkpoint_every": 3, "train.eval_every": 3, "train.eval_step
 def submit(ray_cluster, env: dict[str, str], settings: dict, *extra: str) -> tuple[str, str]:
     """jobs/train.py through the Jobs API, the AWS_* in the job's runtime env (as a user
     submits with credentials: driver, Ray Train's controller and workers all get them)."""
-    from ray.job_submission import JobSubmissionClient
-
-    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-    runtime_env["working_dir"] = str(REPO)
-    runtime_env["py_modules"] = [str(REPO / m) for m in runtime_env["py_modules"]]
-    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
-    args = ["python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml", *extra]
-    for k, v in {**SETTINGS, "tracking.tracking_uri": store.resolve_uri(None), **settings}.items():
-        args += ["--set", f"{k}={v}"]
-    client = JobSubmissionClient(ray_cluster.dashboard_url)
-    job = client.submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env)
-    deadline = time.time() + 600
-    while not (status := client.get_job_status(job)).is_terminal():
-        assert time.time() < deadline, f"job {job} still {status} after 10 min"
-        time.sleep(1)
-    return str(status), client.get_job_logs(job)
+    settings = {**SETTINGS, "tracking.tracking_uri": store.resolve_uri(None), **settings}
+    return submit_train(ray_cluster, settings, env, extra)
 
 
 @pytest.fixture(scope="module")
