@@ -37,3 +37,14 @@ def test_gpu_sh_without_wheels_fails_in_one_line(tmp_path):
         f"bench/gpu.sh: no wheels in {tmp_path / 'none'}/; run bash bench/gpu-wheels.sh "
         "where a registry is reachable"
     ]
+
+
+def test_gpu_train_defaults_are_gpt2_small_bf16_ctx_1024():
+    from bench import gpu_train
+    from lmforge import models
+
+    cfg = gpu_train.make_config(gpu_train.parse([]))
+    m = cfg.model
+    assert (m.arch, m.n_layer, m.d_model, m.n_head, m.context_length) == ("gpt2", 12, 768, 12, 1024)
+    assert 124e6 < models.get("gpt2").n_params(m) < 125e6
+    assert cfg.train.precision == "bf16" and cfg.scaling.use_gpu
