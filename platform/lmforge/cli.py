@@ -156,6 +156,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="after the text, each token's log-probability and its K most likely "
                    "alternatives")  # fmt: skip
+    p.add_argument("--template", default="own", metavar="own|none|NAME",
+                   help="how the prompt is given to the model: own (default) as the user turn "
+                   "of the template it was trained with (its template.json, an SFT run's; raw "
+                   "text without one), none (raw), or a built-in template's name")  # fmt: skip
 
 
 def _add_evaluate(sub) -> None:
@@ -449,9 +453,22 @@ def _checkpoint_of(args) -> Path:
     return resolve_checkpoint(args.checkpoint)
 
 
+def _prompt_template(choice: str, ckpt: Path, tok):
+    """`generate --template`: the template a prompt is put in, or None for raw text."""
+    from lmforge import templates
+    from lmforge.tokenizer import eot_token
+
+    if choice == "none":
+        return None
+    if choice == "own":
+        return templates.trained_with(ckpt)
+    return templates.get(choice, eos_token=eot_token(tok) or "")
+
+
 def cmd_generate(args) -> None:
     import dataclasses
 
+    from lmforge import templates
     from lmforge.checkpoint import load_model
     from lmforge.generation import SamplingParams, complete_samples
     from lmforge.tokenizer import eot_id
@@ -467,8 +484,10 @@ def cmd_generate(args) -> None:
         stop=tuple(args.stop),
         logprobs=args.logprobs,
     )  # checked before the model is read
-    model, tok, _ = load_model(_checkpoint_of(args))
+    ckpt = _checkpoint_of(args)
+    model, tok, _ = load_model(ckpt)
     params = dataclasses.replace(params, stop_token=eot_id(tok))
+    args.prompt = templates.as_prompt(_prompt_template(args.template, ckpt, tok), args.prompt)
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
 
     def echo(piece) -> None:  # one sample streams as it comes

@@ -225,6 +225,20 @@ def of_folder(folder: str | Path) -> Template | None:
     return from_tokenizer_config(Path(folder, "tokenizer_config.json"))
 
 
+def trained_with(folder: str | Path) -> Template | None:
+    """The template a checkpoint's model was trained with: its `template.json` (written
+    when the run's dataset was an SFT one), else None (a chat_template is not implied)."""
+    return of_folder(folder) if Path(folder, TEMPLATE_FILE).is_file() else None
+
+
+def as_prompt(template: Template | None, prompt: str) -> str:
+    """`prompt` as the text the model is given: the user's turn in `template`, ready for
+    the reply (the format it was trained on); `prompt` itself without a template."""
+    if template is None:
+        return prompt
+    return template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+
+
 def to_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     """A data row as messages: {prompt, completion} -> user + assistant; {messages} as is."""
     if "messages" in row:

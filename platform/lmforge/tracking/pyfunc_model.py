@@ -11,7 +11,9 @@ prompts (or a one-column DataFrame); the output one continuation per prompt, or 
 prompt one after another (params={"n": 3}). With `logprobs` > 0 each output is a JSON
 object instead of the bare text: {"text", "finish", "tokens": [{"token", "logprob",
 "top": [[token, logprob], ...]}]}, tokens as text. `stop` is one stop string ("" for
-none). MLflow reserves the alias `latest`: load the newest version as `models:/NAME/latest`.
+none). `template` "own" (the default) puts each prompt in the template the model was
+trained with (the checkpoint's template.json, an SFT run's; raw text without one), "none"
+leaves it raw. MLflow reserves the alias `latest`: load the newest version as `models:/NAME/latest`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ PARAMS: dict[str, Any] = {
     "repetition_penalty": 1.0,
     "stop": "",
     "logprobs": 0,
+    "template": "own",  # the prompt as the user turn of the template it was trained with
 }
 
 
@@ -91,9 +94,20 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        from lmforge.checkpoint import load_model
+        from lmforge import templates
+        from lmforge.checkpoint import load_model, resolve_checkpoint
 
-        self.model, self.tokenizer, self.cfg = load_model(context.artifacts["checkpoint"])
+        ckpt = resolve_checkpoint(context.artifacts["checkpoint"])
+        self.model, self.tokenizer, self.cfg = load_model(ckpt)
+        self.template = templates.trained_with(ckpt)
+
+    def _prompts(self, model_input: pd.DataFrame, params: dict[str, Any] | None) -> list[str]:
+        from lmforge import templates
+
+        own = {**PARAMS, **(params or {})}["template"] == "own"
+        return [
+            templates.as_prompt(self.template if own else None, p) for p in _prompts(model_input)
+        ]
 
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -102,7 +116,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
         sp = sampling_params(self.tokenizer, params)
         out = []
-        for prompt in _prompts(model_input):
+        for prompt in self._prompts(model_input, params):
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
             samples = complete_samples(self.model, self.tokenizer, ids, sp)
             out += [render(self.tokenizer, s) for s in samples]
@@ -114,7 +128,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         """Text pieces of the first prompt's continuation, as they are generated."""
         from lmforge.generation import stream_text
 
-        prompts = _prompts(model_input)
+        prompts = self._prompts(model_input, params)
         yield from stream_text(
             self.model, self.tokenizer, prompts[0], sampling_params(self.tokenizer, params)
         )
