@@ -157,6 +157,9 @@ def elastic_run(nodes3):
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
     env = {**env_for(home), "LMFORGE_FAULT_STEP_DELAY_S": PACE_S, "PYTHONUNBUFFERED": "1"}
+    # After the kill Ray Train first asks for 2 workers again, before the node is marked
+    # dead, and waits this long for them (default 60 s) before it goes on with 1.
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)  # fmt: skip
     lines: list[str] = []
