@@ -198,3 +198,23 @@ def test_text_document_mask_segments_after_each_eos(tmp_path):
         np.testing.assert_array_equal(seg.numpy(), np.cumsum(ends, axis=1) - ends)
         n_docs += int(ends.sum())
     assert n_docs > 0
+
+
+def test_encode_task_returns_rows_in_order_with_drops(tmp_path, tok):
+    """The Ray Data task fn, called directly: ids/targets per row, dropped rows marked."""
+    import pyarrow as pa
+
+    from lmforge.data.prepare import _encode_batch
+    from lmforge.tokenizer import read_tokenizer_files
+
+    t = templates.get("instruct", eos_token=EOT)
+    rows = [templates.to_messages({"prompt": p, "completion": "Red."})
+            for p in ("Hi.", "Name a colour. " * 40, "Name a colour.")]  # fmt: skip
+    tok.save(str(tmp_path / "tokenizer.json"))
+    files = read_tokenizer_files(tmp_path / "tokenizer.json")
+    out = _encode_batch(pa.table({"rows": [json.dumps(rows)]}), files, t.describe(), 64, "drop")
+    assert out.column("keep").to_pylist() == [True, False, True]
+    for i in (0, 2):
+        want = sft.encode(tok, t, rows[i], 64)
+        assert out.column("ids")[i].as_py() == want.ids.tolist()
+        assert out.column("targets")[i].as_py() == want.targets.tolist()
