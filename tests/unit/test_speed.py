@@ -36,10 +36,16 @@ def process_group():
     os.environ.update(env)
     dist.setup(use_gpu=False)
     import deepspeed
+    from deepspeed.utils import groups
 
     deepspeed.init_distributed(dist_backend="gloo")
+    # DeepSpeed keeps a clone of the world group from the first engine of the process: one
+    # an earlier module's group (destroyed with it) left would be used for ZeRO 2/3's
+    # broadcasts. Forget it here and after this module.
+    groups._WORLD_GROUP = None
     yield
     torch.distributed.destroy_process_group()
+    groups._WORLD_GROUP = None
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
