@@ -6,6 +6,7 @@ free port, health-checked before use and killed after.
         s3.bucket         # created, empty
         s3.env            # AWS_* to put in os.environ (dummy credentials, the endpoint)
         s3.uri("runs")    # s3://lmforge/runs
+        s3.pid            # the server process (a test may stop it: SIGSTOP / SIGCONT)
 
 moto keeps everything in memory: each server starts empty.
 """
@@ -32,6 +33,7 @@ class S3Server:
     endpoint_url: str
     bucket: str
     env: dict[str, str] = field(repr=False)
+    pid: int = 0  # the moto server's (its own process group): SIGSTOP makes the store hang
 
     def uri(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *parts])
@@ -70,6 +72,6 @@ def s3_server(
             "AWS_SECRET_ACCESS_KEY": secret,
             "AWS_REGION": "us-east-1",
         }
-        yield S3Server(endpoint, bucket, env)
+        yield S3Server(endpoint, bucket, env, proc.pid)
     finally:
         kill_group(proc.pid)

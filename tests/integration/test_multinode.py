@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
-import subprocess
-import sys
 import uuid
 
 import psutil
@@ -22,30 +19,9 @@ import pytest
 
 from lmforge.services import free_port
 from tests.conftest import CORPUS, REPO
+from tests.integration.conftest import cluster_processes, lmforge
 
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
-
-
-def lmforge(home, *args, timeout=300, check=True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env["LMFORGE_HOME"] = str(home)
-    out = subprocess.run(
-        [sys.executable, "-m", "lmforge.cli", *map(str, args)],
-        capture_output=True, text=True, env=env, timeout=timeout,
-    )  # fmt: skip
-    if check:
-        assert out.returncode == 0, f"lmforge {args[0]}: {out.stderr[-3000:]}"
-    return out
-
-
-def cluster_processes(temp_dir: str) -> list[psutil.Process]:
-    """Every process of the cluster: each names the cluster's own temp dir on its command line
-    (raylet, GCS, dashboard, workers) or is a recorded `ray start`."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in a for a in p.info["cmdline"] or []):
-            found.append(p)
-    return found
 
 
 @pytest.fixture(scope="module")
