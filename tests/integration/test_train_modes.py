@@ -1,7 +1,8 @@
 """The training modes no other test trains, each in a short real run (2 Ray Train workers, the
-2-layer model, a few steps): ZeRO 0 with gradient accumulation in bf16 on the CPU, and ZeRO 3
+2-layer model, a few steps): ZeRO 0 with gradient accumulation in bf16 on the CPU, ZeRO 3
 with optimizer and parameter offload keeping one checkpoint while every checkpoint is
-registered in the background (the registration must not lose a checkpoint Ray deletes).
+registered in the background (the registration must not lose a checkpoint Ray deletes),
+and activation checkpointing (the losses of the same run without it).
 
 Only public entry points (`run_training`, the registry, `load_model`) and what a run leaves
 behind (its run dir, its MLflow run and versions) are read.
@@ -122,3 +123,23 @@ def test_zero3_offload_keeps_one_checkpoint_and_registers_every_one(ray_cluster,
         assert loss == pytest.approx(val[int(v.tags["step"])], abs=1e-4)
         losses.append(loss)
     assert len(set(losses)) == len(losses), losses  # three distinct sets of weights
+
+
+def test_activation_checkpointing_trains_to_the_same_losses(ray_cluster, dataset):
+    """`train.activation_checkpointing` in a real run (ZeRO 3, dropout on): every step's loss
+    is the run's without it (the recomputation replays the same dropout masks)."""
+    steps = 4
+    common = [
+        "zero.stage=3", "model.dropout=0.1", f"train.max_steps={steps}", "train.warmup_steps=1",
+        f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
+        f"tracking.experiment={EXPERIMENT}",
+    ]  # fmt: skip
+    plain = run_training(tiny_config(dataset, "ac-off", *common))
+    ckpt = run_training(
+        tiny_config(dataset, "ac-on", *common, "train.activation_checkpointing=true")
+    )
+    run = _client().get_run(ckpt.mlflow_run_id)
+    assert run.data.params["train.activation_checkpointing"] == "True"
+    off, on = _history(plain.mlflow_run_id, "loss"), _history(ckpt.mlflow_run_id, "loss")
+    assert sorted(on) == list(range(1, steps + 1)) and len(set(on.values())) > 1
+    assert on == pytest.approx(off, rel=1e-5)
