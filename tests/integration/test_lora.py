@@ -1,7 +1,8 @@
 """LoRA from an imported Hugging Face base on the real local Ray: a random transformers
 GPT-2 (the session dataset's tokenizer) imported as a version, 4 steps of `train.lora` on
 2 workers, the adapter registered as its own small version tagged with its base, text
-generated from it by `lmforge generate`, and the run resumed on 1 worker (the adapters'
+generated from it by `lmforge generate`, a worker SIGKILLed mid-run recovered from, and the
+run resumed on 1 worker (the adapters'
 optimizer state re-sharded) to step 6."""
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ NAME = "it-lora-base"
 STAGE = 2
 
 
-def test_lora_from_an_imported_base_registers_generates_and_resumes(ray_cluster, dataset, tmp_path):
+def test_lora_from_an_imported_base_registers_generates_and_resumes(
+    ray_cluster, dataset, tmp_path, monkeypatch
+):
     from lmforge.tokenizer import EOT, load_tokenizer
 
     tok = load_tokenizer(dataset / "tokenizer.json")
@@ -45,8 +48,14 @@ def test_lora_from_an_imported_base_registers_generates_and_resumes(ray_cluster,
         "train.eval_every=2", "train.eval_steps=2", "train.warmup_steps=0", "train.lr=0.01",
         "train.lora.r=2", f"zero.stage={STAGE}", "scaling.num_workers=2",
         f"tracking.experiment={NAME}-lora", f"tracking.registered_model={NAME}-lora",
+        "run.max_failures=1",
     )  # fmt: skip
+    # Rank 1 SIGKILLed after step 3: Ray restarts both workers from the step-2 checkpoint.
+    monkeypatch.setenv("LMFORGE_FAULT", "step:3:1")
+    monkeypatch.setenv("LMFORGE_FAULT_ONCE", str(tmp_path / "fault"))
     result = run_training(run, init_from=base_uri)
+    monkeypatch.delenv("LMFORGE_FAULT")
+    assert (tmp_path / "fault.step-3-1").exists()  # it fired, and the run recovered
     ckpt = result.checkpoint
     assert (ckpt / ckpt_io.ADAPTER).is_file() and not (ckpt / ckpt_io.WEIGHTS).exists()
     base_bytes = (base / ckpt_io.WEIGHTS).stat().st_size
