@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import socket
 
 import pytest
 import torch
 
-from lmforge import dist
 from lmforge.config import load_config
 from lmforge.training.ds_config import deepspeed_config, lr_factor
 from tests.conftest import REPO
@@ -29,27 +26,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """torch.distributed of world size 1 over gloo, as deepspeed.init_distributed makes it
-    from the launcher's environment variables; removed again after this module."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in [*env, "DS_ACCELERATOR", "PATH"]}
-    os.environ.update(env)
-    dist.setup(use_gpu=False)  # DS_ACCELERATOR=cpu before deepspeed is imported
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+def process_group(gloo_group):
+    """torch.distributed over gloo for this module (tests/unit/conftest.py)."""
     yield
-    torch.distributed.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 class TokenModel(torch.nn.Module):

@@ -6,8 +6,6 @@ the frozen base is small and resumes the adapters and their optimizer state exac
 from __future__ import annotations
 
 import functools
-import os
-import socket
 
 import pytest
 import torch
@@ -24,25 +22,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in [*env, "DS_ACCELERATOR", "PATH"]}
-    os.environ.update(env)
-    dist.setup(use_gpu=False)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+def process_group(gloo_group):
+    """torch.distributed over gloo for this module (tests/unit/conftest.py)."""
     yield
-    torch.distributed.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def lora_engine(stage: int):

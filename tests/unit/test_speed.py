@@ -8,13 +8,11 @@ CPU inductor compiles a larger one too slowly for a unit test).
 from __future__ import annotations
 
 import functools
-import os
-import socket
 
 import pytest
 import torch
 
-from lmforge import dist, models
+from lmforge import models
 from lmforge.config import ConfigError, load_config
 from lmforge.training import speed
 from lmforge.training.ds_config import deepspeed_config, lr_factor
@@ -26,31 +24,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in [*env, "DS_ACCELERATOR", "PATH"]}
-    os.environ.update(env)
-    dist.setup(use_gpu=False)
-    import deepspeed
-    from deepspeed.utils import groups
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    # DeepSpeed keeps a clone of the world group from the first engine of the process: one
-    # an earlier module's group (destroyed with it) left would be used for ZeRO 2/3's
-    # broadcasts. Forget it here and after this module.
-    groups._WORLD_GROUP = None
+def process_group(gloo_group):
+    """torch.distributed over gloo for this module (tests/unit/conftest.py)."""
     yield
-    torch.distributed.destroy_process_group()
-    groups._WORLD_GROUP = None
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def config(*overrides: str):
