@@ -23,6 +23,7 @@ from lmforge.evaluate import (
     read_examples,
 )
 from lmforge.tokenizer import EOT, train_tokenizer
+from tests.sft_task import copy_task
 from tests.unit.test_dataset_stream import make_dataset
 
 V, CTX = 53, 24
@@ -182,17 +183,6 @@ def test_sft_figures_are_logged_on_the_versions_run_and_tagged_on_the_version(tm
         history = c.get_metric_history(run.info.run_id, f"evaluate.{key}")
         assert [(m.step, m.value) for m in history] == [(7, value)]
     assert c.get_model_version("sft", "1").tags["evaluate.exact_match"] == "0.750000"
-
-
-def copy_task(n: int, seed: int, vocab: int = 40) -> list[sft.Example]:
-    """Prompt: 3-8 random tokens (>= 4), then 1; answer: the prompt's last token, then 0."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        p = rng.integers(4, vocab, int(rng.integers(3, 9)))
-        ids = np.concatenate([p, [1, p[-1], 0]]).astype(np.int64)
-        out.append(sft.Example(ids, np.arange(len(ids)) >= len(ids) - 2))
-    return out
 
 
 def packed_batches(exs, T: int, B: int, masked: bool, rng):
