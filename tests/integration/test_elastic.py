@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
 import signal
 import subprocess
@@ -32,24 +31,11 @@ from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
 from lmforge.services import free_port
 from tests.conftest import CORPUS, REPO
+from tests.integration.conftest import cli_env, lmforge
 
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 STEPS, EVERY, BATCH = 60, 4, 2
 PACE_S = "0.5"  # each worker sleeps this long after a step: room to act mid-run
-
-
-def env_for(home) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    return {**env, "LMFORGE_HOME": str(home)}
-
-
-def lmforge(home, *args, timeout=300) -> subprocess.CompletedProcess:
-    out = subprocess.run(
-        [sys.executable, "-m", "lmforge.cli", *map(str, args)],
-        capture_output=True, text=True, env=env_for(home), timeout=timeout,
-    )  # fmt: skip
-    assert out.returncode == 0, f"lmforge {args[0]}: {out.stderr[-3000:]}"
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +48,7 @@ def nodes3(tmp_path_factory):
                 home / "ds", "--vocab-size", 300, "--seq-tokens", 64, "--rows-per-group", 4)  # fmt: skip
         yield home
     finally:
-        subprocess.run([sys.executable, "-m", "lmforge.cli", "cluster", "down"],
-                       env=env_for(home), capture_output=True, timeout=120)  # fmt: skip
+        lmforge(home, "cluster", "down", timeout=120, check=False)
 
 
 def kill_node(home, i: int) -> int:
@@ -83,7 +68,7 @@ def add_node(home, i: int) -> None:
         "head = cluster.running()\n"
         f"cluster._start_worker(head, {i}, 1, cluster._node_env(head.nodes), 120)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env_for(home),
+    out = subprocess.run([sys.executable, "-c", code], env=cli_env(home),
                          capture_output=True, text=True, timeout=180)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -156,7 +141,7 @@ def elastic_run(nodes3):
     args = [sys.executable, "-m", "lmforge.cli", "train", "--config", TINY]
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
-    env = {**env_for(home), "LMFORGE_FAULT_STEP_DELAY_S": PACE_S, "PYTHONUNBUFFERED": "1"}
+    env = {**cli_env(home), "LMFORGE_FAULT_STEP_DELAY_S": PACE_S, "PYTHONUNBUFFERED": "1"}
     # After the kill Ray Train first asks for 2 workers again, before the node is marked
     # dead, and waits this long for them (default 60 s) before it goes on with 1.
     env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
