@@ -159,19 +159,8 @@ def split_and_write(
     floor((c+1)f + u) > floor(cf + u): exactly the val fraction, spread evenly through the
     corpus, with the phase u drawn from the seed.
     """
-    dtype = "uint16" if tok.get_vocab_size() <= 1 << 16 else "uint32"
-    tokenizer_sha256 = file_sha256(out / TOKENIZER)
-    writers = {
-        split: ShardWriter(
-            out / split,
-            dtype,
-            opts.seq_tokens,
-            opts.rows_per_group,
-            opts.groups_per_shard,
-            tokenizer_sha256,
-        )
-        for split in SPLITS
-    }
+    dtype, tokenizer_sha256 = _shard_format(tok, out)
+    writers = _split_writers(out, opts, dtype, tokenizer_sha256)
     phase = _split_phase(opts.seed)
     f, chunk, n_docs = opts.val_fraction, 0, 0
     for doc in docs:
@@ -214,6 +203,30 @@ def _tokenizer_entry(out: Path, tok: Tokenizer, sha256: str) -> dict:
     }
 
 
+def _shard_format(tok: Tokenizer, out: Path) -> tuple[str, str]:
+    """The token dtype the shards store and the sha256 of `out`'s tokenizer.json."""
+    dtype = "uint16" if tok.get_vocab_size() <= 1 << 16 else "uint32"
+    return dtype, file_sha256(out / TOKENIZER)
+
+
+def _split_writers(
+    out: Path, opts: PrepareOptions, dtype: str, tokenizer_sha256: str, targets: bool = False
+) -> dict[str, ShardWriter]:
+    """One shard writer per split, under out/<split>/ (with a `targets` column for SFT)."""
+    return {
+        split: ShardWriter(
+            out / split,
+            dtype,
+            opts.seq_tokens,
+            opts.rows_per_group,
+            opts.groups_per_shard,
+            tokenizer_sha256,
+            targets=targets,
+        )
+        for split in SPLITS
+    }
+
+
 def _is_val(index: int, f: float, phase: float) -> bool:
     """Chunk (or example) `index` goes to val: exactly the fraction f, spread evenly."""
     return int((index + 1) * f + phase) > int(index * f + phase)
@@ -240,21 +253,9 @@ def split_and_write_sft(
     ends with the eos: the template's, else one is appended (a target when the token before
     it is one, so the model learns to stop after a completion); what a template puts after
     its last eos (formatting whitespace, no target) is left out."""
-    vocab, eot = tok.get_vocab_size(), eot_id(tok)
-    dtype = "uint16" if vocab <= 1 << 16 else "uint32"
-    tokenizer_sha256 = file_sha256(out / TOKENIZER)
-    writers = {
-        split: ShardWriter(
-            out / split,
-            dtype,
-            opts.seq_tokens,
-            opts.rows_per_group,
-            opts.groups_per_shard,
-            tokenizer_sha256,
-            targets=True,
-        )  # fmt: skip
-        for split in SPLITS
-    }
+    eot = eot_id(tok)
+    dtype, tokenizer_sha256 = _shard_format(tok, out)
+    writers = _split_writers(out, opts, dtype, tokenizer_sha256, targets=True)
     phase, f = _split_phase(opts.seed), opts.val_fraction
     n_rows = n_dropped = n_cut = n_kept = 0
     for ex in examples:
