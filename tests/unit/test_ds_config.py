@@ -22,13 +22,10 @@ from tests.conftest import REPO
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 VOCAB, WIDTH, MICRO, CONTEXT = 32, 16, 4, 8
 # DeepSpeed calls torch.distributed APIs that torch has deprecated; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group(gloo_group):
-    """torch.distributed over gloo for this module (tests/unit/conftest.py)."""
-    yield
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.usefixtures("gloo_group"),  # torch.distributed over gloo (tests/unit/conftest.py)
+]
 
 
 class TokenModel(torch.nn.Module):

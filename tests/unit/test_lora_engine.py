@@ -18,13 +18,10 @@ from lmforge.training.plan import LORA_ZERO_STAGES
 from tests.conftest import REPO
 
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group(gloo_group):
-    """torch.distributed over gloo for this module (tests/unit/conftest.py)."""
-    yield
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.usefixtures("gloo_group"),  # torch.distributed over gloo (tests/unit/conftest.py)
+]
 
 
 def lora_engine(stage: int):

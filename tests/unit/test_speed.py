@@ -20,13 +20,10 @@ from tests.conftest import REPO
 
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 VOCAB, MICRO, CONTEXT, STEPS = 64, 2, 16, 3
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group(gloo_group):
-    """torch.distributed over gloo for this module (tests/unit/conftest.py)."""
-    yield
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.usefixtures("gloo_group"),  # torch.distributed over gloo (tests/unit/conftest.py)
+]
 
 
 def config(*overrides: str):
