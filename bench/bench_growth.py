@@ -15,7 +15,9 @@ excluded), the largest rank's; next to it the launch estimate (`lmforge.estimate
 worker. data: `prepare()` (Ray Data, a private local Ray with every core) on the bundled
 plays repeated with their lines shuffled (copy i with seed i); memory is the driver's peak
 resident set above its level before each prepare (Ray's workers are separate processes, not
-counted). Each section writes a PNG plot (matplotlib) beside BENCHMARKS.md under
+counted). One run a point for model, data and options (their curves span 10-100x, and the
+full bench must fit an idle hour), two for workers, unless `--repeats` says otherwise. Each
+section writes a PNG plot (matplotlib) beside BENCHMARKS.md under
 bench/plots/ (with --tiny, under artifacts/bench-plots/, not meant to be kept).
 """
 
@@ -352,6 +354,7 @@ def grow_data(args, plots: Path) -> tuple[list[Figure], dict]:
     return figures, {"scales": scales, "plays": n_plays, "vocab": vocab}
 
 
+DEFAULT_REPEATS = {"model": 1, "data": 1, "workers": 2, "options": 1}
 WHAT = {"model": grow_model, "data": grow_data, "workers": grow_workers,
         "options": grow_options}  # fmt: skip
 
@@ -359,9 +362,12 @@ WHAT = {"model": grow_model, "data": grow_data, "workers": grow_workers,
 def main(argv: list[str] | None = None) -> None:
     p = bench_args(__doc__.splitlines()[0])
     p.add_argument("--what", choices=sorted(WHAT), required=True)
+    p.set_defaults(repeats=None)
     args = p.parse_args(argv)
     if args.tiny:
         args.repeats = 1
+    elif args.repeats is None:  # curves over 10-100x in size: one run a point; the
+        args.repeats = DEFAULT_REPEATS[args.what]  # 1-vs-2 workers comparison: two
     plots = REPO / ("artifacts/bench-plots" if args.tiny else "bench/plots")
     print(f"load average {os.getloadavg()}", flush=True)
     figures, config = WHAT[args.what](args, plots)

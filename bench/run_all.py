@@ -38,6 +38,7 @@ from bench.common import MARKER, REPO, machine_info  # noqa: E402
 # The script reports under the section's name (bench_train.py --arch llama: train-llama).
 SECTIONS = {
     "train": ("train", []),
+    "train-small": ("train", ["--shape", "small"]),
     "train-llama": ("train", ["--arch", "llama"]),
     "train-lstm": ("train", ["--arch", "lstm"]),
     "data": ("data", []),
@@ -246,14 +247,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown benchmark(s): {', '.join(unknown)} (known: {', '.join(BENCHMARKS)})")
     results, seconds, stamps = {}, {}, {}
-    for name in names:
+    for i, name in enumerate(names):
         with LoadSampler() as load:
             results[name], seconds[name], _ = run_one(name, args.tiny, args.repeats)
         stamps[name] = stamp(args.tiny, args.note, load.samples)
-    # Read at the end, not the start: another --only run may have written meanwhile.
-    kept = kept_sections(args.output, rerun_all=not args.only)
-    args.output.write_text(to_markdown(results, seconds, args, stamps, kept))
-    print(f"\nwrote {args.output}")
+        # Written after each section, so a run stopped part-way keeps what it measured; the
+        # sections not rerun yet stay until the last write. Read each time, not once at the
+        # start: another --only run may have written meanwhile.
+        last = i == len(names) - 1
+        kept = kept_sections(args.output, rerun_all=last and not args.only)
+        args.output.write_text(to_markdown(results, seconds, args, stamps, kept))
+        print(f"\nwrote {args.output} ({i + 1} of {len(names)} sections measured)", flush=True)
     return 0 if all(results.values()) else 1
 
 

@@ -36,6 +36,10 @@ def test_benchmark_runs_tiny_and_reports_its_figures(name, ray_cluster, dataset)
     args = SECTIONS[name][1]
     if "--arch" in args:  # the section measured the architecture it names
         assert result["config"]["model"]["arch"] == args[args.index("--arch") + 1]
+    if "--shape" in args:  # train-small: 4 layers, d_model 128, ctx 64, micro-batch 6
+        model = result["config"]["model"]
+        assert (model["n_layer"], model["d_model"], model["context_length"]) == (4, 128, 64)
+        assert result["config"]["tokens_per_step"] == 2 * 6 * 64
     for f in result["figures"]:
         assert (
             f["name"]
@@ -134,3 +138,26 @@ def test_run_all_links_a_sections_plot():
     md = run_all.to_markdown({"growth-model": r}, {"growth-model": 1.0}, Args())
     assert "![growth-model](bench/plots/growth-model.png)" in md
     assert "| 1M ZeRO 0 | 2 (1-3) tokens/s |  |  |  |  |" in md
+
+
+def test_run_all_writes_each_section_as_it_finishes(tmp_path, monkeypatch):
+    """A run stopped part-way (Ctrl-C, a crash) keeps the sections it measured and the old
+    ones it had not reached yet."""
+    from bench import run_all
+    from bench.common import Figure
+
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\n## prepare\n\nold prepare figures\n\n## Notes\n\nmine\n")
+    fig = Figure.ratio_of("x", "MB/s", [2.0], [4.0], baseline="read", target=0.5)
+
+    def run_one(name, tiny, repeats):
+        if name == "prepare":
+            raise KeyboardInterrupt
+        return {"figures": [fig.__dict__], "config": {}}, 1.0, ""
+
+    monkeypatch.setattr(run_all, "run_one", run_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_all.main(["--only", "data,prepare", "--output", str(out)])
+    md = out.read_text()
+    assert "## data" in md and "| x | 2 (2-2) MB/s |" in md
+    assert "old prepare figures" in md and md.rstrip().endswith("mine")
