@@ -100,3 +100,19 @@ def test_lora_without_a_base_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"^train.lora: LoRA adapts a base model; name it with"):
         check_lora(cfg, resume=False, init_from=None)
     check_lora(cfg, resume=False, init_from="models:/base/1")  # a base: accepted
+
+
+def test_lora_targets_are_checked_before_ray_on_the_plans_model():
+    """lstm has no linear layer to adapt by default, and a misspelt target module is named:
+    both at plan time on a meta-device model, not in a Ray worker."""
+    from lmforge.errors import UsageError
+    from lmforge.training.plan import check_lora_targets
+
+    lstm = load_config(TINY, ["model.arch=lstm", "model.vocab_size=64", "train.lora.r=4"])
+    with pytest.raises(UsageError, match=r"^train.lora: lstm has no linear layers to adapt"):
+        check_lora_targets(lstm)
+    typo = load_config(TINY, ["model.vocab_size=64", "train.lora.r=4",
+                              "train.lora.target_modules=[q_proj]"])  # fmt: skip
+    with pytest.raises(UsageError, match=r"\['q_proj'\] are not linear layers"):
+        check_lora_targets(typo)
+    check_lora_targets(load_config(TINY, ["model.vocab_size=64", "train.lora.r=4"]))  # gpt2: ok

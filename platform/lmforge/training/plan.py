@@ -92,6 +92,7 @@ def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = 
             ),
         }
     )
+    check_lora_targets(cfg)  # the base's architecture is known now (--init-from)
     resume_from = state = None
     if resume:
         resume_from = ckpt_io.latest_in_run(run_dir)
@@ -121,6 +122,21 @@ def check_lora(cfg: Config, resume: bool | str, init_from: str | None) -> None:
             f"train.lora: zero.stage={cfg.zero.stage} does not train a frozen base; use "
             f"zero.stage in {list(LORA_ZERO_STAGES)}"
         )
+
+
+def check_lora_targets(cfg: Config) -> None:
+    """train.lora's target modules exist in the model (lstm has none to adapt by default):
+    checked on a meta-device copy of the model (no memory, no weights) before Ray starts,
+    with the words the worker would otherwise fail with."""
+    if cfg.train.lora is None:
+        return
+    import torch
+
+    from lmforge import lora, models
+
+    with torch.device("meta"):
+        model = models.build(cfg.model)
+    lora.targets(model, lora.settings_of(cfg.train.lora))
 
 
 def resume_target(resume: bool | str, tracking_uri: str | None) -> bool | str:
