@@ -223,20 +223,48 @@ if st.button("Submit job", type="primary", disabled=cfg is None or not datasets)
 
 st.divider()
 with st.expander("Upload a small text corpus and prepare a dataset from it"):
+    sft = (
+        st.radio(
+            "Format",
+            ["Text", "Instruction rows (SFT)"],
+            horizontal=True,
+            help="Text: documents, packed into rows, every token a target. Instruction rows: "
+            '.jsonl of {"prompt", "completion"} or {"messages": [...]}, rendered with a '
+            "template; only the completions are targets, one example a row.",
+        )
+        != "Text"
+    )
     files = st.file_uploader(
-        "Text files (.txt, one document each) or .jsonl (a `text` field per line)",
-        type=["txt", "jsonl"],
+        '.jsonl rows ({"prompt", "completion"} or {"messages": [...]} a line)'
+        if sft
+        else "Text files (.txt, one document each) or .jsonl (a `text` field per line)",
+        type=["jsonl"] if sft else ["txt", "jsonl"],
         accept_multiple_files=True,
     )
     name = st.text_input("Dataset name", placeholder="my-corpus")
     vocab_size = st.number_input("Vocabulary size", 257, 65536, 2048)
-    seq_tokens = st.number_input("Tokens per packed row", 2, 8192, 256)
+    if sft:
+        template = st.selectbox(
+            "Template", jobspec.DASHBOARD_TEMPLATES,
+            help="How a row becomes text; it travels with the dataset into the checkpoints "
+            "and the Playground. A .jinja file or few-shot examples: `lmforge prepare`.",
+        )  # fmt: skip
+        seq_tokens = st.number_input("Longest example (tokens)", 2, 8192, 256)
+        policy = st.radio(
+            "A longer row", ["drop", "cut-prompt"], horizontal=True,
+            help="drop it, or cut its prompt's first tokens (dropped if its completion alone "
+            "is too long)",
+        )  # fmt: skip
+    else:
+        template, policy = None, "drop"
+        seq_tokens = st.number_input("Tokens per packed row", 2, 8192, 256)
     if st.button("Prepare dataset", disabled=not files or not name):
         with ui.guard("Not prepared"):
             corpus, out = launch_form.save_upload(name, [(f.name, f.getvalue()) for f in files])
             spec = jobspec.prepare_job(
-                [corpus], out, vocab_size=vocab_size, seq_tokens=seq_tokens, rows_per_group=4
-            )
+                [corpus], out, vocab_size=vocab_size, seq_tokens=seq_tokens, rows_per_group=4,
+                data_format="sft" if sft else "text", template=template, prompt_policy=policy,
+            )  # fmt: skip
             sid = ui.job_client().submit(spec)
         st.session_state["jobs_selected"] = sid
         size = sum(len(f.getvalue()) for f in files)

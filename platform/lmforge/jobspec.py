@@ -196,6 +196,11 @@ def submitter_env(cfg: Config, *paths_used: str | None) -> dict[str, str]:
     return {**(storage.runtime_env_vars() if on_s3 else {}), **store.credential_env()}
 
 
+# Built-in SFT templates the dashboard offers: few-shot needs an examples file, which the
+# upload form does not take.
+DASHBOARD_TEMPLATES = ("plain", "instruct", "chat", "chain-of-thought")
+
+
 def prepare_job(
     inputs: list[str | os.PathLike],
     output: str | os.PathLike,
@@ -203,8 +208,13 @@ def prepare_job(
     val_fraction: float = 0.05,
     seq_tokens: int = 1024,
     rows_per_group: int = 16,
+    data_format: str = "text",
+    template: str | None = None,
+    prompt_policy: str = "drop",
 ) -> JobSpec:
-    """A `jobs/prepare.py` job: every path inside the data roots, every number checked."""
+    """A `jobs/prepare.py` job: every path inside the data roots, every number checked.
+    `data_format="sft"`: instruction rows rendered with a built-in `template` (a template
+    file or a tokenizer's chat template stays with the CLI: nothing to upload them with)."""
     from lmforge.data.prepare import PrepareOptions
 
     PrepareOptions(  # the same checks as `lmforge prepare`
@@ -212,13 +222,23 @@ def prepare_job(
         val_fraction=val_fraction,
         seq_tokens=seq_tokens,
         rows_per_group=rows_per_group,
+        format=data_format,
+        template=template,
+        prompt_policy=prompt_policy,
     )
+    if data_format == "sft" and template not in DASHBOARD_TEMPLATES:
+        raise JobSpecError(
+            f"template {template!r}: one of {', '.join(DASHBOARD_TEMPLATES)} here "
+            f"(a .jinja file, few-shot examples or chat_template: `lmforge prepare`)"
+        )
     args = ["python", "jobs/prepare.py", "--input"]
     args += [_path_arg(p, "input") for p in inputs]
     out = inside_roots(output, "output")
     args += ["--output", _path_arg(out, "output")]
     args += ["--vocab-size", str(int(vocab_size)), "--val-fraction", repr(float(val_fraction))]
     args += ["--seq-tokens", str(int(seq_tokens)), "--rows-per-group", str(int(rows_per_group))]
+    if data_format == "sft":
+        args += ["--format", "sft", "--template", template, "--prompt-policy", prompt_policy]
     meta = {"lmforge.kind": "prepare", "lmforge.dataset": out.name}
     return JobSpec(entrypoint(args), runtime_env(), meta)
 

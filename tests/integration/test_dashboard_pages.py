@@ -252,6 +252,39 @@ def test_an_uploaded_corpus_becomes_a_dataset_the_form_offers(dashboard_env, ray
     assert str(out) in by_label(at.selectbox, "Dataset").options
 
 
+def test_uploaded_instruction_rows_become_an_sft_dataset(dashboard_env, ray_cluster):
+    """The upload form's SFT format: rows + a built-in template -> a prepare job whose
+    dataset has the target mask and the template that travels with it."""
+    import json
+
+    from lmforge import paths
+    from tests.sft_task import copy_rows
+
+    rows = "".join(json.dumps(r) + "\n" for r in copy_rows(80, seed=3)).encode()
+    at = new_app()
+    by_label(at.radio, "Format").set_value("Instruction rows (SFT)")
+    at.run()
+    at.file_uploader[0].set_value([("rows.jsonl", rows, "application/jsonl")])
+    by_label(at.text_input, "Dataset name").set_value("uploaded-rows")
+    by_label(at.number_input, "Vocabulary size").set_value(300)
+    by_label(at.selectbox, "Template").set_value("instruct")
+    by_label(at.number_input, "Longest example (tokens)").set_value(64)
+    at.run()
+    by_label(at.button, "Prepare dataset").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    client = JobClient(ray_cluster.dashboard_url)
+    sid = at.session_state["jobs_selected"]
+    assert client.wait(sid, timeout_s=300) == "SUCCEEDED", client.tail(sid, 40)
+    out = paths.home() / "datasets" / "uploaded-rows"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data_format"] == "sft" and manifest["sft"]["rows"] == 80, manifest
+    assert manifest["sft"]["target_tokens"] < manifest["tokens"]  # prompts are no targets
+    assert json.loads((out / "template.json").read_text())["name"] == "instruct"
+    at.run()
+    assert str(out) in by_label(at.selectbox, "Dataset").options
+
+
 def test_a_job_that_fails_says_why_on_the_jobs_page(dashboard_env, ray_cluster, dataset):
     """Valid by the schema, refused by the job's own checks: the dataset is too short."""
     at = new_app()

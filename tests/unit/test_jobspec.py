@@ -127,3 +127,22 @@ def test_prepare_job_paths_stay_inside_the_roots(home):
         prepare_job(["/etc"], "datasets/c")
     with pytest.raises(ValueError, match="--vocab-size"):
         prepare_job([home / "uploads" / "c"], "datasets/c", vocab_size=10)
+    assert args.format == "text" and args.template is None
+
+
+def test_prepare_job_for_instruction_rows_parses_as_lmforge_prepare_would(home):
+    from lmforge import templates
+    from lmforge.errors import UsageError
+    from lmforge.jobspec import DASHBOARD_TEMPLATES
+
+    assert set(DASHBOARD_TEMPLATES) < set(templates.NAMES)  # built-in names, few-shot left out
+    spec = prepare_job(
+        [home / "uploads" / "c"], "datasets/c", seq_tokens=128,
+        data_format="sft", template="instruct", prompt_policy="cut-prompt",
+    )  # fmt: skip
+    args = build_parser().parse_args(["prepare", *shlex.split(spec.entrypoint)[3:]])
+    assert (args.format, args.template, args.prompt_policy) == ("sft", "instruct", "cut-prompt")
+    with pytest.raises(UsageError, match="--format sft needs --template"):
+        prepare_job([home / "uploads" / "c"], "datasets/c", data_format="sft")
+    with pytest.raises(JobSpecError, match="template 'few-shot': one of plain, instruct"):
+        prepare_job([home / "uploads" / "c"], "datasets/c", data_format="sft", template="few-shot")
