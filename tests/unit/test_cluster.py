@@ -4,6 +4,7 @@ node commands are captured where `ManagedProcess.start` would run them."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -301,3 +302,19 @@ def test_a_driver_outside_a_ray_job_gives_its_job_the_aws_variables(monkeypatch)
     # In a submitted job the job's runtime env has them already (Ray refuses them twice).
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')
     assert cluster.job_runtime_env() is None
+
+
+def test_the_preemption_watcher_is_off_on_one_node_only_and_a_set_value_stays(monkeypatch):
+    """Ray Train reads RAY_TRAIN_ENABLE_PREEMPTION_WATCHER from the driver's environment."""
+    from lmforge.training import launch
+
+    var = launch.PREEMPTION_WATCHER
+    monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(launch, "_watcher_off_here", False)
+    launch.skip_preemption_watcher([{"CPU": 2.0}])
+    assert os.environ[var] == "0"
+    launch.skip_preemption_watcher([{"CPU": 1.0}, {"CPU": 1.0}])  # same process, 2 nodes
+    assert var not in os.environ  # Ray's default (on) again
+    monkeypatch.setenv(var, "1")  # the user's choice
+    launch.skip_preemption_watcher([{"CPU": 2.0}])
+    assert os.environ[var] == "1"

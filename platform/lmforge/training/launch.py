@@ -41,7 +41,9 @@ def run_training(
     from lmforge.cluster import connect
 
     where = connect()  # before importing ray.train: it sets how Ray finds the cluster
-    check_cluster(plan.config, alive_node_resources())  # before any worker starts
+    nodes = alive_node_resources()
+    check_cluster(plan.config, nodes)  # before any worker starts
+    skip_preemption_watcher(nodes)
 
     from lmforge.tracking import run_setup
 
@@ -64,6 +66,32 @@ def alive_node_resources() -> list[dict[str, float]]:
     import ray
 
     return [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+
+
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def skip_preemption_watcher(nodes: list[dict[str, float]]) -> None:
+    """No Ray Train PreemptionWatcher on a one-node cluster: RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0
+    in this driver's environment, which Ray Train hands to its controller.
+
+    The watcher is one more actor process per run, started by the controller while the
+    workers import torch and DeepSpeed and build their engines, so on a 2-CPU machine it
+    takes CPU from them (measured: see the commit). It lets a run react to a node that Ray
+    is draining (a spot reclaim); with one node that node runs this driver too, so a drain
+    ends the job either way: it costs nothing there. With more nodes it stays on (Ray's
+    default); a value the user set is kept either way.
+    """
+    global _watcher_off_here
+    if os.environ.get(PREEMPTION_WATCHER) is None or _watcher_off_here:
+        _watcher_off_here = len(nodes) == 1
+        if _watcher_off_here:
+            os.environ[PREEMPTION_WATCHER] = "0"
+        else:
+            os.environ.pop(PREEMPTION_WATCHER, None)
+
+
+_watcher_off_here = False  # this module set PREEMPTION_WATCHER (not the user)
 
 
 def check_cluster(cfg: Config, nodes: list[dict[str, float]]) -> None:
