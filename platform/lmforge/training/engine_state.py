@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,6 +41,15 @@ def check_engine_state(path: Path) -> None:
 
 def check_engine_files(folder: Path) -> None:
     """`check_engine_state` for every `*.pt` under `folder` (e.g. a universal checkpoint)."""
+    allowed = _allowed_globals()
+    files = sorted(folder.rglob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{folder}: no DeepSpeed engine state")
+    for f in files:
+        _restricted_load(f, allowed)
+
+
+def _allowed_globals() -> list:
     import importlib
 
     allowed = []
@@ -49,16 +59,104 @@ def check_engine_files(folder: Path) -> None:
             allowed.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             continue  # another DeepSpeed version: that class cannot be in its files either
-    files = sorted(folder.rglob("*.pt"))
-    if not files:
-        raise CheckpointError(f"{folder}: no DeepSpeed engine state")
-    for f in files:
-        try:
-            with torch.serialization.safe_globals(allowed):
-                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # UnpicklingError, RuntimeError for a non-torch file, ...
-            why = str(err).split("WeightsUnpickler error: ")[-1].splitlines()[0]
-            raise CheckpointError(f"{f}: refused, not a plain DeepSpeed state ({why})") from None
+    return allowed
+
+
+def _restricted_load(f: Path, allowed: list) -> Any:
+    """One engine state file through torch's restricted unpickler, memory-mapped (a zip
+    file, DeepSpeed's default): its tensors are views of the page cache until copied."""
+    try:
+        with open(f, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as err:  # UnpicklingError, RuntimeError for a non-torch file, ...
+        why = str(err).split("WeightsUnpickler error: ")[-1].splitlines()[0]
+        raise CheckpointError(f"{f}: refused, not a plain DeepSpeed state ({why})") from None
+
+
+def load_engine_state(engine, load_dir: Path, tag: str, **kwargs) -> None:
+    """`engine.load_checkpoint(load_dir, tag, **kwargs)`, each file read once, safely.
+
+    DeepSpeed's own loading unpickles every file fully (`weights_only=False`), reads the
+    model states file twice (once only to count ranks), and reads each tensor into newly
+    allocated memory before copying it where it belongs. Here its checkpoint engine is
+    stood in for while it loads: every file goes through the restricted unpickler of
+    `check_engine_state` (the check is the load, so nothing is unpickled twice),
+    memory-mapped, so the weights and fp32 partitions are copied straight from the page
+    cache into the engine's tensors, and the optimizer's moments into the ones it already
+    holds (`_into_resident`), instead of into fresh allocations.
+    """
+    if not any((load_dir / tag).glob("*.pt")):
+        raise CheckpointError(f"{load_dir / tag}: no DeepSpeed engine state")
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _StateLoader(inner, _allowed_globals(), _base_optimizer(engine))
+    try:
+        engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
+    finally:
+        engine.checkpoint_engine = inner
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer | None:
+    """The torch optimizer under DeepSpeed's wrapper (ZeRO, bf16/fp16), if any."""
+    opt = engine.optimizer
+    for _ in range(3):
+        if isinstance(opt, torch.optim.Optimizer):
+            return opt
+        opt = getattr(opt, "optimizer", None)
+    return None
+
+
+class _StateLoader:
+    """The engine's checkpoint engine, but `load` as `load_engine_state` says."""
+
+    def __init__(self, inner, allowed: list, optimizer: torch.optim.Optimizer | None):
+        self._inner, self._allowed, self._optimizer = inner, allowed, optimizer
+        self._loaded: dict[str, Any] = {}  # DeepSpeed opens the model states file twice
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None) -> Any:  # noqa: ARG002 - always to the CPU
+        if path not in self._loaded:
+            sd = _restricted_load(Path(path), self._allowed)
+            _into_resident(sd, _current_state(self._optimizer))
+            self._loaded[path] = sd
+        return self._loaded[path]
+
+
+def _current_state(opt: torch.optim.Optimizer | None) -> dict:
+    """The optimizer's state by the indices its `state_dict` (and `load_state_dict`) use;
+    empty where that does not apply (ZeRO 3 swaps its sub-groups' state in and out)."""
+    try:
+        return opt.state_dict()["state"] if opt is not None else {}
+    except (KeyError, RuntimeError):
+        return {}
+
+
+def _into_resident(sd: Any, current: dict, depth: int = 0) -> None:
+    """Find the torch optimizer state (`{"state": {i: {...}}, "param_groups": [...]}`) in a
+    loaded file and make its tensors resident: each copied into the tensor the optimizer
+    holds now (same index, key, shape and dtype: DeepSpeed's load keeps it, no
+    allocation), any other cloned, so no optimizer state stays a view of the file."""
+    if not isinstance(sd, dict) or depth > 4:
+        return
+    state = sd.get("state")
+    if isinstance(state, dict) and isinstance(sd.get("param_groups"), list):
+        for i, entry in state.items():
+            now = current.get(i, {})
+            for key, value in entry.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                have = now.get(key)
+                if (isinstance(have, torch.Tensor) and have.shape == value.shape
+                        and have.dtype == value.dtype):  # fmt: skip
+                    entry[key] = have.copy_(value)  # to the device it is on, too
+                else:
+                    entry[key] = value.clone()
+        return
+    for value in sd.values():
+        _into_resident(value, current, depth + 1)
 
 
 UNIVERSAL_TAG = "universal"  # DeepSpeed's universal checkpoint of an engine state

@@ -289,12 +289,12 @@ class Trainer:
     def restore(self, resume: ResumePoint) -> None:
         d, state = resume.local, resume.state
         # The launcher checked the model, tokenizer and ZeRO stage before Ray started.
-        engine_state.check_engine_state(d)  # DeepSpeed unpickles it: nothing but state, first
         if resume.resharded(self.info.world):
+            engine_state.check_engine_state(d)  # converted by full unpickling: checked first
             self._load_resharded(d)
-        else:
-            self.engine.load_checkpoint(
-                str(d / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG,
+        else:  # each file through the restricted unpickler, once, memory-mapped
+            engine_state.load_engine_state(
+                self.engine, d / ckpt_io.ENGINE_DIR, ckpt_io.ENGINE_TAG,
                 load_module_strict=not self.lora,  # a LoRA state holds no frozen base
             )  # fmt: skip
         self.step, self.tokens_seen = state.step, state.tokens_seen
