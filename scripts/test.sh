@@ -8,4 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 bash scripts/setup.sh
+# The venv's tools first (its ninja, with which Ray's workers build DeepSpeed's JIT op,
+# lmforge.dist._prefer_own_tools): a system ninja in a test process would judge that build
+# stale and rebuild it (30-160 s on 2 cores), and the next worker would rebuild it back.
+export PATH="$PWD/.venv/bin:$PATH"
 exec .venv/bin/python -m pytest "$@"
