@@ -6,4 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"  # the venv's ninja for DeepSpeed's op, as in scripts/test.sh
 exec .venv/bin/python bench/run_all.py "$@"
