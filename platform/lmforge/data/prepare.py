@@ -109,15 +109,35 @@ class PrepareOptions:
             raise UsageError(f"max_tasks must be >= 1 (got {self.max_tasks})")
 
 
+_WORKER_TOKENIZER: dict[str, Tokenizer] = {}  # this worker process's last tokenizer
+
+
+def _worker_tokenizer(tokenizer_files: dict[str, str]) -> Tokenizer:
+    """The tokenizer `tokenizer_files` describe, built once per Ray worker process: Ray
+    reuses its workers for the next task, so only a worker's first task pays the ~40 ms
+    of JSON parsing (bench/bench_prepare.py); the key is the files' content."""
+    # Ray gives each task one CPU; the parallelism is across tasks, not inside tokenizers.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    key = hashlib.sha256(json.dumps(tokenizer_files, sort_keys=True).encode()).hexdigest()
+    tok = _WORKER_TOKENIZER.get(key)
+    if tok is None:
+        tok = tokenizer_from_files(tokenizer_files)
+        _WORKER_TOKENIZER.clear()  # one at a time: a long-lived worker keeps no stale ones
+        _WORKER_TOKENIZER[key] = tok
+    return tok
+
+
 def _tokenize_batch(batch: pa.Table, tokenizer_files: dict[str, str]) -> pa.Table:
     """Ray Data map_batches fn: read each file's documents and tokenize them, each ended by
     the eos the dataset's tokenizer files name (`tokenizer_config.json`'s, if any)."""
-    # Ray gives each task one CPU; the parallelism is across tasks, not inside tokenizers.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tok = tokenizer_from_files(tokenizer_files)
+    tok = _worker_tokenizer(tokenizer_files)
     eot = eot_id(tok)
     keys, ids = [], []
-    for path in batch.column("path").to_pylist():
+    if "paths" in batch.column_names:  # a task's group of files (`_task_groups`)
+        paths = [p for group in batch.column("paths").to_pylist() for p in group]
+    else:
+        paths = batch.column("path").to_pylist()
+    for path in paths:
         docs = list(read_documents(Path(path)))
         encoded = tok.encode_batch([text for _, text in docs], add_special_tokens=False)
         for (key, _), enc in zip(docs, encoded, strict=True):
@@ -345,8 +365,7 @@ def _encode_batch(batch: pa.Table, tokenizer_files: dict, template: dict, max_to
                   policy: str) -> pa.Table:  # fmt: skip
     """Ray Data map_batches fn: encode a block of SFT rows (JSON messages lists) into ids,
     targets and the prompt tokens cut; `keep` is False for a row dropped for its length."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tok = tokenizer_from_files(tokenizer_files)
+    tok = _worker_tokenizer(tokenizer_files)
     tmpl = templates.Template.from_description(template)
     ids, targets, cut, keep = [], [], [], []
     for rows in batch.column("rows").to_pylist():
@@ -440,6 +459,20 @@ def _n_tasks(files: list[Path]) -> int:
     return max(1, min(len(files), max(TASKS_PER_CPU * cpus, -(-total // TASK_BYTES)), 2000))
 
 
+def _task_groups(files: list[Path], n: int) -> list[list[Path]]:
+    """`files` cut into at most `n` runs, in order, of about equal bytes: a file goes to
+    the run its middle byte falls in (an equal count of files per task left one CPU idle
+    at the end whenever the files differ in size)."""
+    sizes = [f.stat().st_size for f in files]
+    total = max(sum(sizes), 1)
+    groups: list[list[Path]] = [[] for _ in range(n)]
+    before = 0
+    for f, size in zip(files, sizes, strict=True):
+        groups[min(n - 1, (2 * before + size) * n // (2 * total))].append(f)
+        before += size
+    return [g for g in groups if g]
+
+
 def _tokenized_docs(
     files: list[Path], tokenizer: Path, max_tasks: int | None = None
 ) -> Iterator[np.ndarray]:
@@ -447,8 +480,11 @@ def _tokenized_docs(
     the tokenizer at `tokenizer` and the transformers files beside it."""
     import ray
 
+    # One item (a list of paths) per block, so one task per group: from_items' own split is
+    # by item count, and files differ in size.
+    groups = _task_groups(files, _n_tasks(files))
     ds = ray.data.from_items(
-        [{"path": str(f)} for f in files], override_num_blocks=_n_tasks(files)
+        [{"paths": [str(f) for f in g]} for g in groups], override_num_blocks=len(groups)
     ).map_batches(
         _tokenize_batch,
         batch_size=None,  # a task tokenizes its whole block: one tokenizer load per task
