@@ -89,7 +89,10 @@ class LoadSampler:
 def stamp(tiny: bool, note: str = "", load: list[float] | None = None) -> str:
     """The line under a section's heading: when, at which commit, on how busy a machine."""
     m = machine_info()
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
+    # The report itself and its plots do not count: this run writes them after each section.
+    outputs = [":(exclude)BENCHMARKS.md", ":(exclude)bench/plots"]
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", *outputs], cwd=REPO)
+    dirty = dirty.returncode != 0
     line = (
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit "
         f"`{m['commit']}`{' (with uncommitted changes in the tree)' if dirty else ''}"
