@@ -65,7 +65,10 @@ class ManagedProcess(Generic[R]):
     def running(self) -> R | None:
         """The record, if the process it names is still the one that was started."""
         rec = self.recorded()
-        return rec if rec is not None and process_start_time(rec.pid) == rec.started else None
+        if rec is None:
+            return None
+        now = process_start_time(rec.pid)
+        return rec if now is not None and abs(now - rec.started) < START_TIME_SLACK_S else None
 
     def start(
         self,
@@ -133,6 +136,13 @@ def http_ok(url: str, headers: dict[str, str] | None = None, timeout_s: float = 
             return r.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+# A process's start time is the boot time plus its ticks since boot, and the kernel's boot
+# time moves when the wall clock is stepped (NTP, a VM resumed from a pause): the same
+# process then reads a start time shifted by the step. A pid reused by another process
+# started within this many seconds of the recorded one is what the slack lets through.
+START_TIME_SLACK_S = 120.0
 
 
 def process_start_time(pid: int) -> float | None:

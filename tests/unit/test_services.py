@@ -11,7 +11,13 @@ from dataclasses import asdict, dataclass, replace
 
 import pytest
 
-from lmforge.services import ManagedProcess, ServiceRecord, log_tail, process_start_time
+from lmforge.services import (
+    START_TIME_SLACK_S,
+    ManagedProcess,
+    ServiceRecord,
+    log_tail,
+    process_start_time,
+)
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,14 @@ def test_a_reused_pid_is_not_the_service(toy):
     toy.state_file.parent.mkdir(parents=True, exist_ok=True)
     toy.state_file.write_text(json.dumps(asdict(mine)))
     assert toy.running() == mine
-    other = replace(mine, started=mine.started - 1)
+    other = replace(mine, started=mine.started - START_TIME_SLACK_S - 1)
     toy.state_file.write_text(json.dumps(asdict(other)))
     assert toy.running() is None and toy.recorded() == other
+    # The wall clock stepped by 5 s since the record (NTP, a resumed VM): the kernel's boot
+    # time moved with it, and so did this process's start time; it is still the service.
+    stepped = replace(mine, started=mine.started + 5)
+    toy.state_file.write_text(json.dumps(asdict(stepped)))
+    assert toy.running() == stepped
     toy.state_file.write_text('{"pid": 1}')  # an older layout
     assert toy.recorded() is None and toy.running() is None
     toy.state_file.unlink()  # (the fixture's stop() must not signal this process)
