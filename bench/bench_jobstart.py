@@ -4,8 +4,8 @@ uses) to its first finished training step, on a warm local cluster, with the bre
     .venv/bin/python bench/bench_jobstart.py           # 3 submissions of the tiny config
     .venv/bin/python bench/bench_jobstart.py --tiny    # one
 
-Uses the cluster of `lmforge cluster up` (started here if none runs, then warmed by one
-job that is not counted). The breakdown comes from the job itself: Ray's job start time,
+Uses the cluster of `lmforge cluster up` (started here if none runs, and then stopped at
+the end), warmed by one job that is not counted. The breakdown comes from the job itself: Ray's job start time,
 and the `startup |` line rank 0 prints (worker start, engine ready, first step), all on this
 machine's clock. Target (issue 16): < 15 s from submit to the first step.
 """
@@ -81,11 +81,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="a prepared dataset dir to train on (default: 3 plays)")
     args = parser.parse_args(argv)
     repeats = 1 if args.tiny else args.repeats
+    from lmforge import cluster
+
+    info = cluster.running()
+    ours = info is None  # started here: stopped again at the end, whatever happens
+    info = info or cluster.up()
+    try:
+        measure(args, info, repeats)
+    finally:
+        if ours:
+            cluster.down()
+
+
+def measure(args, info, repeats: int) -> None:
     from ray.job_submission import JobSubmissionClient
 
     from lmforge import cluster
 
-    info = cluster.running() or cluster.up()
     cluster.connect()  # sets RAY_AUTH_MODE=token, so the client sends the token
     dataset = _dataset(args.data)
     client = JobSubmissionClient(info.dashboard_url)
