@@ -5,8 +5,6 @@ into a freshly built one, continues exactly as the saved one does."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -14,9 +12,9 @@ from lmforge import dist, models
 from lmforge.checkpoint import ENGINE_TAG, CheckpointError
 from lmforge.config import load_config
 from lmforge.training import engine_state
-from lmforge.training.ds_config import deepspeed_config, lr_factor
-from lmforge.training.loop import consolidated_weights, param_groups
+from lmforge.training.loop import consolidated_weights
 from tests.conftest import REPO
+from tests.unit.engines import one_rank_engine
 
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 INFO = dist.DistInfo(0, 1, 0, torch.device("cpu"))
@@ -27,8 +25,6 @@ pytestmark = [
 
 
 def engine(stage: int, precision: str = "fp32", seed: int = 0):
-    import deepspeed
-
     cfg = load_config(
         TINY,
         [f"zero.stage={stage}", f"train.precision={precision}", "model.n_layer=2",
@@ -38,14 +34,7 @@ def engine(stage: int, precision: str = "fp32", seed: int = 0):
     )  # fmt: skip
     torch.manual_seed(seed)  # the fresh engine starts from other weights than the saved one
     model = models.build(cfg.model)
-    eng, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.train.weight_decay),
-        config=deepspeed_config(cfg, world_size=1),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, functools.partial(lr_factor, cfg=cfg)
-        ),
-    )
+    eng = one_rank_engine(model, cfg)
     return eng
 
 

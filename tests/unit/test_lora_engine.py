@@ -5,17 +5,15 @@ the frozen base is small and resumes the adapters and their optimizer state exac
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from lmforge import dist, lora, models
 from lmforge.config import load_config
-from lmforge.training.ds_config import deepspeed_config, lr_factor
-from lmforge.training.loop import consolidated_weights, param_groups
+from lmforge.training.loop import consolidated_weights
 from lmforge.training.plan import LORA_ZERO_STAGES
 from tests.conftest import REPO
+from tests.unit.engines import one_rank_engine
 
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 pytestmark = [
@@ -25,8 +23,6 @@ pytestmark = [
 
 
 def lora_engine(stage: int):
-    import deepspeed
-
     cfg = load_config(
         TINY,
         [f"zero.stage={stage}", "model.n_layer=2", "model.d_model=64", "model.n_head=2",
@@ -37,14 +33,7 @@ def lora_engine(stage: int):
     model = models.build(cfg.model)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     lora.add_adapters(model, lora.settings_of(cfg.train.lora))
-    eng, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.train.weight_decay),
-        config=deepspeed_config(cfg, world_size=1),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, functools.partial(lr_factor, cfg=cfg)
-        ),
-    )
+    eng = one_rank_engine(model, cfg)
     return eng, base
 
 
