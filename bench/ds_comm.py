@@ -5,8 +5,10 @@ variant at a time, against the plain loop (1 process, 2 threads, the same global
     .venv/bin/python bench/ds_comm.py                       # gpt2 14M, ctx 256, ZeRO 2 fp32
     .venv/bin/python bench/ds_comm.py --stage 3 --steps 8 --rounds 2 --small
 
-A variant is a JSON object merged into `zero_optimization` (e.g. {"overlap_comm": true});
-the runs alternate (baseline, variants..., plain, then again) so machine noise lands on all.
+A variant is a JSON object merged into `zero_optimization` (e.g. {"overlap_comm": true}).
+Every run gathers ZeRO's parameters as the trainer does (`cpu_collectives`: a broadcast per
+rank) except "gloo_all_gather" (torch's all_gather_into_tensor, DeepSpeed's own). The runs
+alternate (baseline, variants..., plain, then again) so machine noise lands on all.
 Random tokens; the median step after 3 warm-up steps. No Ray: the engine, model and data
 layout only (what `profile_train.py` says the gap is: gloo's reduce and ZeRO's gathers).
 """
@@ -39,6 +41,9 @@ VARIANTS = {
     "buckets_50M": {"reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
     "buckets_5M": {"reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000},
     "no_contiguous_gradients": {"contiguous_gradients": False},
+    # not a DeepSpeed setting: torch's gloo all_gather_into_tensor for ZeRO's gathers instead
+    # of the trainer's one broadcast per rank (lmforge.training.cpu_collectives)
+    "gloo_all_gather": {"_gloo_all_gather": True},
 }
 
 
@@ -70,7 +75,12 @@ def rank_main(rank: int, a, port: int, variant: dict, out) -> None:
     torch.set_num_threads(1)
     import deepspeed
 
+    from lmforge.training import cpu_collectives
+
     deepspeed.init_distributed(dist_backend="gloo")
+    variant = dict(variant)
+    if not variant.pop("_gloo_all_gather", False):
+        cpu_collectives.install()  # as the trainer does
     cfg = config(a, 2)
     ds = deepspeed_config(cfg, 2)
     ds["zero_optimization"].update(variant)

@@ -35,7 +35,7 @@ from lmforge.config import Config, TrainConfig, config_from_dict
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
 from lmforge.perf import peak_flops
-from lmforge.training import engine_state, speed
+from lmforge.training import cpu_collectives, engine_state, speed
 from lmforge.training.ds_config import deepspeed_config, lr_factor
 
 WARMUP_STEPS = 3  # left out of the steady-state throughput at the end of a run
@@ -211,6 +211,7 @@ class Trainer:
         self.cfg, self.info, self.run_dir = cfg, info, run_dir
         import deepspeed  # after dist.setup chose the accelerator
 
+        cpu_collectives.install()  # ZeRO's all-gathers as broadcasts where the group is gloo
         # DeepSpeed calls torch.distributed APIs that torch has deprecated; not ours to fix.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
