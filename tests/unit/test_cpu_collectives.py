@@ -1,6 +1,8 @@
 """ZeRO's parameter all-gather as broadcasts on gloo (`training.cpu_collectives`): two real
 gloo ranks (processes, no Ray) get the all-gather's exact bytes, and DeepSpeed engines at
-ZeRO 1, 2 and 3 train to the same losses and weights, bit for bit, with it as without."""
+ZeRO 1, 2 and 3 train to the same losses and weights, bit for bit, with it as without; so
+does ZeRO 2 with the gradient all-reduce `deepspeed_config` picks on gloo as with DeepSpeed's
+reduce to each slice's owner."""
 
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def _gathers(rank: int) -> dict[str, bool]:
     return out
 
 
-def _train(stage: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _train(stage: int, zero: dict | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
     """A tiny gpt2 engine as the trainer builds it, STEPS steps on a rank-seeded batch."""
     import deepspeed
 
@@ -60,10 +62,10 @@ def _train(stage: int) -> tuple[list[float], dict[str, torch.Tensor]]:
                              "train.micro_batch_size=2", "train.lr=0.01"])  # fmt: skip
     torch.manual_seed(0)  # the same initial weights on both ranks and in both runs
     model = models.build(cfg.model)
+    ds = deepspeed_config(cfg, world_size=2)
+    ds["zero_optimization"].update(zero or {})
     eng, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.train.weight_decay),
-        config=deepspeed_config(cfg, world_size=2),
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds
     )
     rank = torch.distributed.get_rank()
     x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(100 + rank))
@@ -90,6 +92,8 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     result = {"gathers": _gathers(rank), "plain": {s: _train(s) for s in (1, 2, 3)}}
+    # DeepSpeed's default on gloo too: a reduce of each gradient slice to its owner
+    result["reduce_to_owner"] = _train(2, {"reduce_scatter": True})
     calls = []
     real = cpu_collectives.broadcast_gather
     cpu_collectives.broadcast_gather = lambda *a, **k: calls.append(1) or real(*a, **k)
@@ -132,3 +136,21 @@ def test_zero_trains_bit_for_bit_the_same_through_broadcasts(two_ranks, stage):
     for name, w in plain_weights.items():
         assert torch.equal(w, weights[name]), name
     assert plain_losses[-1] < plain_losses[0]  # it trained
+
+
+def test_the_gradient_all_reduce_on_gloo_trains_as_the_reduce_to_owners(two_ranks):
+    from lmforge.config import load_config
+    from lmforge.training.ds_config import deepspeed_config
+
+    assert (
+        deepspeed_config(load_config(TINY, []), 2)["zero_optimization"]["reduce_scatter"] is False
+    )
+    gpu = load_config(TINY, ["scaling.use_gpu=true"])
+    assert "reduce_scatter" not in deepspeed_config(gpu, 2)["zero_optimization"]  # DeepSpeed's
+    (losses, weights), (ref_losses, ref_weights) = (
+        two_ranks["plain"][2],
+        two_ranks["reduce_to_owner"],
+    )
+    assert losses == ref_losses
+    for name, w in ref_weights.items():
+        assert torch.equal(w, weights[name]), name
