@@ -201,7 +201,9 @@ if cfg is not None:
     c3.metric(f"Memory per worker, ZeRO {cfg.zero.stage}", human_bytes(mem["total"]))
     c4.metric("Offloaded to host, per worker", human_bytes(est.offloaded_bytes))
     st.caption(
-        " | ".join(f"{k} {human_bytes(v)}" for k, v in mem.items() if k != "total")
+        " | ".join(
+            f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in mem.items() if k != "total"
+        )
         + ("" if vocab else " (vocab 8192 assumed until a dataset is chosen)")
         + f" | {est.flops_per_step / 1e12:,.3g} TFLOP per step | activations are approximate"
     )

@@ -12,6 +12,13 @@ what its forward keeps for backward, Korthikanti et al. 2022's per-layer method 
 to the kernels it calls) plus the logits, counted here once for all of them (`logit_bytes`);
 tests/unit/test_estimate.py holds the total within 20% of a CPU training step's measured
 peak for each architecture.
+What DeepSpeed allocates beyond those ideal states is `buffers` (`deepspeed_buffers`:
+its gradient buckets, the fp32 partition it clones, the flat gradient and AdamW's temporaries
+of the step, ZeRO 3's gathered weights, each read from its source), and a CPU worker's fixed
+cost of the DeepSpeed runtime is `runtime` (`RUNTIME_CPU_BYTES`, measured); a CPU worker's
+offloaded optimizer state is its own resident memory, so it counts as `host_offload` there.
+tests/unit/test_estimate.py holds the total within 20% of a real engine's peak resident
+memory at ZeRO 2 and 3 on two gloo ranks, as bench/bench_growth.py --what model compares it.
 Parameters and FLOPs are the architecture's own counts (`lmforge.models`: every parameter
 for memory; 6 x the matmul weights + attention for FLOPs), the functions the trainer's MFU
 uses too. The dashboard's launch form shows these figures live; `lmforge train` prints
@@ -22,10 +29,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from lmforge import models
 from lmforge.config import Config, ModelConfig
 
 GIB = 1024**3
+MIB = 1024**2
+
+# DeepSpeed's defaults for the settings training/ds_config.py leaves unset (elements).
+REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size (runtime/zero/config.py)
+ALLREDUCE_BUCKET = 500_000_000  # ZeRO 0's MEMORY_OPT_ALLREDUCE_SIZE (runtime/engine.py)
+MAX_LIVE_PARAMS = 1_000_000_000  # stage3_max_live_parameters, stage3_max_reuse_distance
+
+# A CPU worker's resident memory that does not grow with the model: the DeepSpeed modules and
+# state deepspeed.initialize loads for the stage, the first step's oneDNN/autograd threads and
+# their allocator arenas. Measured as bench/bench_growth.py measures a peak (each rank's peak
+# RSS above its level before building the model, 6 steps, 2 gloo ranks x 1 thread) with a
+# model of ~700 parameters (gpt2, 1 layer, d_model 8, vocab 16, context 8): ZeRO 0 98 MiB,
+# ZeRO 1 and 2 139 MiB (with optimizer offload too), ZeRO 3 142 MiB; torch 2.13 (CPU),
+# DeepSpeed 0.19.8, 2026-12-03. A GPU worker's device memory holds none of this.
+RUNTIME_CPU_BYTES = {0: 98 * MIB, 1: 139 * MIB, 2: 139 * MIB, 3: 142 * MIB}
 
 
 def human_bytes(n: float) -> str:
@@ -42,7 +66,8 @@ class Estimate:
     n_params: int
     tokens_per_step: int  # all workers (elastic: the most), all micro-steps of one step
     flops_per_step: float
-    per_worker_bytes: dict[str, float]  # weights, gradients, optimizer, activations, total
+    # weights, gradients, optimizer, activations, buffers, runtime (+ host_offload), total
+    per_worker_bytes: dict[str, float]
     offloaded_bytes: float  # per worker, held in host memory by ZeRO-Offload
 
 
@@ -69,6 +94,108 @@ def model_state_bytes(
         n * grad_b / (world if stage >= 2 else 1),
         n * optim_b / (world if stage >= 1 else 1),
     )
+
+
+def largest_param(m: ModelConfig) -> int:
+    """Elements of the model's largest parameter (the embedding, mostly), from a model built
+    on the meta device (shapes, no memory)."""
+    with torch.device("meta"):
+        return max(p.numel() for p in models.build(m).parameters())
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """Memory DeepSpeed (or the torch AdamW it steps) allocates beyond the paper's states."""
+
+    name: str
+    nbytes: float
+    phase: str  # "all": held through the step; else when it lives: backward, reduce, step
+    tensor: float  # bytes of its largest single tensor (what decides where malloc puts it)
+
+
+def deepspeed_buffers(
+    n: float,
+    largest: float,
+    world: int,
+    stage: int,
+    mixed: bool = True,
+    offload: bool = False,
+    gpu: bool = False,
+) -> list[Buffer]:
+    """DeepSpeed's allocations per worker on top of the ZeRO paper's model states, at the
+    sizes the trainer's config (training/ds_config.py) leaves at DeepSpeed's defaults. `n`
+    parameters, `largest` the largest one's elements. Paths under deepspeed/ (0.19.8)."""
+    e = 2.0 if mixed else 4.0  # the model's (and its gradients') bytes per element
+    part = n / world  # the elements of this worker's partition (ZeRO 1-3)
+    out: list[Buffer] = []
+
+    def add(name: str, nbytes: float, phase: str, tensor: float | None = None) -> None:
+        out.append(Buffer(name, nbytes, phase, nbytes if tensor is None else tensor))
+
+    if stage == 0:
+        # engine.py allreduce_bucket, after backward: the gradients flattened into one
+        # all-reduce bucket of at most MEMORY_OPT_ALLREDUCE_SIZE elements.
+        add("allreduce_bucket", e * min(n, ALLREDUCE_BUCKET), "reduce")
+        stepped = largest  # torch's AdamW steps each parameter on its own
+    else:
+        if not mixed:
+            # stage_1_and_2.py __init__ (single_partition_of_fp32_groups) / stage3.py
+            # _create_fp32_partitions: the fp32 master partition is a clone of the weights'
+            # partition even when they are fp32 (in mixed precision it is 4 of the paper's 12
+            # optimizer bytes).
+            add("fp32_partition", 4.0 * part, "all")
+        # stage_1_and_2.py setup_buckets (each backward, released at its epilogue) / stage3.py
+        # __init__ (kept): the reduce (ipg) bucket, torch.empty(reduce_bucket_size), resident
+        # as far as gradients are copied into it.
+        add("reduce_bucket", e * min(n, REDUCE_BUCKET), "all" if stage == 3 else "backward")
+        if stage == 3:
+            # partitioned_param_coordinator.py __params_to_release: a gathered parameter is
+            # released only if not used again within stage3_max_reuse_distance elements, so
+            # a model under it keeps its full weights gathered through forward and backward.
+            add("gathered_weights", e * min(n, MAX_LIVE_PARAMS), "all", e * largest)
+        if stage == 1:
+            # stage_1_and_2.py reduce_gradients / ipg_epilogue: the averaged gradient
+            # partition, get_flat_partition's new fp32 flat tensor (ZeRO 2 reduces into the
+            # gradients' own partition, counted as gradients).
+            add("averaged_gradients", 4.0 * part, "reduce")
+        if offload:
+            # stage_1_and_2.py initialize_optimizer_states: the host fp32 partition's
+            # gradient, kept; temp_grad_buffer_for_cpu_offload: one largest parameter.
+            add("offload_gradients", 4.0 * part, "all")
+            add("offload_grad_staging", 4.0 * largest, "all")
+        else:
+            # stage_1_and_2.py step / stage3.py _prepare_fp32_grad_for_sub_group: the
+            # partition's gradients flattened into a new fp32 tensor for the optimizer.
+            add("flat_gradient", 4.0 * part, "step")
+        stepped = part  # one flat partition a parameter group; the decay group is nearly all
+    if not (offload and gpu):  # DeepSpeedCPUAdam (GPU + offload) steps in place
+        if gpu:  # torch/optim/adamw.py foreach step: `_foreach_sqrt` of all exp_avg_sq
+            add("adamw_step", 4.0 * (part if stage else n), "step", 4.0 * stepped)
+        else:  # on CPU the single-tensor step's `(exp_avg_sq.sqrt() / bias_correction2_sqrt)`
+            add("adamw_step", 8.0 * stepped, "step", 4.0 * stepped)  # two fp32 temporaries
+    return out
+
+
+# glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: a freed block at most this big moves malloc's
+# mmap threshold up to it, and later ones that size come from the heap, which keeps them
+# resident after they are freed; bigger blocks are always mmapped and given back on free.
+MMAP_MAX = 32 * MIB
+
+
+def transient_peak(items: list[Buffer], gpu: bool = False) -> float:
+    """The peak of what a step allocates and frees (activations, buckets, the optimizer's
+    temporaries). Each phase (backward, reduce, step) frees its tensors before the next; on
+    a CPU the ones over MMAP_MAX go back to the system, so those phases peak one at a time,
+    while smaller ones stay in malloc's heap, so they add up over the phases (on the bench's
+    14M model, 16 MiB logits, the measured peaks grow by the sum; on 124M, 98 MiB logits, by
+    the largest phase). On a GPU torch's caching allocator reuses freed blocks: the largest
+    phase."""
+    kept = 0.0 if gpu else sum(b.nbytes for b in items if b.tensor <= MMAP_MAX)
+    phases: dict[str, float] = {}
+    for b in items:
+        if gpu or b.tensor > MMAP_MAX:
+            phases[b.phase] = phases.get(b.phase, 0.0) + b.nbytes
+    return kept + max(phases.values(), default=0.0)
 
 
 def logit_bytes(tokens: int, vocab: int, elem: int) -> float:
@@ -104,11 +231,24 @@ def estimate(cfg: Config, vocab_size: int | None = None) -> Estimate:
     activations = arch.activation_bytes(m, b, elem) + logit_bytes(b * s, v, elem)
     tokens = b * s * cfg.train.grad_accum_steps * world
     flops = arch.flops_per_token(m) * tokens
+    gpu = cfg.scaling.use_gpu
+    offload = cfg.zero.offload_optimizer != "none"
+    bufs = deepspeed_buffers(
+        p, largest_param(m), cfg.scaling.min_workers, stage, mixed, offload, gpu
+    )
+    # The activations peak at the start of backward; the logits are their largest tensors.
+    acts = Buffer("activations", activations, "backward", b * s * v * 4.0)
+    held = sum(x.nbytes for x in bufs if x.phase == "all")
+    peak = transient_peak([acts, *(x for x in bufs if x.phase != "all")], gpu)
     per_worker = {
         "weights": weights,
         "gradients": grads,
         "optimizer": optim,
         "activations": activations,
+        "buffers": held + peak - activations,  # DeepSpeed's, at the step's peak
+        "runtime": 0.0 if gpu else RUNTIME_CPU_BYTES[stage],
     }
+    if offloaded and not gpu:  # a CPU worker's host memory is its own
+        per_worker["host_offload"] = offloaded
     per_worker["total"] = sum(per_worker.values())
     return Estimate(p, tokens, flops, per_worker, offloaded)

@@ -1,5 +1,10 @@
 """The launch form's estimates against their references."""
 
+import os
+import resource
+import socket
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -105,17 +110,21 @@ def test_memory_estimate_is_within_20_percent_of_a_measured_training_step(preset
     cfg = load_config(REPO / "jobs" / "configs" / preset, overrides)
     assert cfg.train.precision == "fp32" and cfg.model.dropout == 0
     est = estimate(cfg).per_worker_bytes
+    # The paper's states and the activations: the step measured is plain torch (no
+    # DeepSpeed buffers) and the profiler counts tensors (no runtime), which the next test
+    # holds against a real engine's resident peak.
+    ideal = est["weights"] + est["gradients"] + est["optimizer"] + est["activations"]
     state, activations = measure_training_step(cfg)
     est_mib, got_mib = est["activations"] / 2**20, activations / 2**20
-    total_mib, got_total_mib = est["total"] / 2**20, (state + activations) / 2**20
+    total_mib, got_total_mib = ideal / 2**20, (state + activations) / 2**20
     print(
         f"{cfg.model.arch}: estimated/measured MiB: activations {est_mib:.2f}/{got_mib:.2f},"
         f" total {total_mib:.2f}/{got_total_mib:.2f}"
     )
     assert activations > state
-    assert est["total"] - est["activations"] == state  # 16 bytes a parameter in fp32
+    assert ideal - est["activations"] == state  # 16 bytes a parameter in fp32
     assert est["activations"] == pytest.approx(activations, rel=0.2)
-    assert est["total"] == pytest.approx(state + activations, rel=0.2)
+    assert ideal == pytest.approx(state + activations, rel=0.2)
 
 
 def test_offload_moves_optimizer_state_to_the_host_and_tokens_count_every_worker():
@@ -132,3 +141,79 @@ def test_human_bytes():
     assert [human_bytes(x) for x in (12, 1536, 5 * 2**20, 3 * 2**30)] == [
         "12 B", "1.5 KiB", "5.0 MiB", "3.0 GiB"
     ]  # fmt: skip
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _engine_peak(rank: int, port: int, overrides: list[str], out_dir: str) -> None:
+    """One of 2 gloo ranks: the trainer's engine (its parameter groups, config, CPU
+    all-gather), 6 steps; writes its peak resident memory above its level before the model
+    was built (imports and the process group excluded), as bench_growth.py measures it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))  # fmt: skip
+    from lmforge import dist
+
+    dist.setup(use_gpu=False)  # DS_ACCELERATOR=cpu before deepspeed is imported
+    import deepspeed
+
+    from lmforge.training import cpu_collectives
+    from lmforge.training.ds_config import deepspeed_config
+    from lmforge.training.loop import param_groups
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    cpu_collectives.install()
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", overrides)
+    before = _rss()
+    torch.manual_seed(0)
+    model = models.build(cfg.model)
+    eng, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=deepspeed_config(cfg, world_size=2),
+    )
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(6):
+        x = torch.randint(
+            0,
+            cfg.model.vocab_size,
+            (cfg.train.micro_batch_size, cfg.model.context_length + 1),
+            generator=g,
+        )
+        _, loss = eng(x[:, :-1], x[:, 1:])
+        eng.backward(loss)
+        eng.step()
+        loss.item()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    (Path(out_dir) / f"peak{rank}").write_text(str(peak))
+    torch.distributed.destroy_process_group()
+
+
+ENGINE_SIZE = ["model.n_layer=4", "model.d_model=256", "model.n_head=4",
+               "model.context_length=128", "model.vocab_size=4096", "train.micro_batch_size=4"]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_memory_estimate_is_within_20_percent_of_a_deepspeed_engines_peak(stage, tmp_path):
+    """2 gloo ranks (fresh processes: no earlier test's memory in the peak), fp32 on CPU:
+    the estimate's total, DeepSpeed's buffers and runtime included, against the larger
+    rank's peak resident memory. A 4.2M-parameter gpt2 (the runtime is about half of the
+    total): measured 299 vs 293 MiB at ZeRO 2, 345-358 vs 304 MiB at ZeRO 3, whose peak
+    runs highest over its estimate (malloc keeps the layers' freed gathered weights)."""
+    import torch.multiprocessing as mp
+
+    overrides = [*ENGINE_SIZE, "scaling.num_workers=2", f"zero.stage={stage}"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_engine_peak, args=(port, overrides, str(tmp_path)), nprocs=2)
+    peak = max(int((tmp_path / f"peak{r}").read_text()) for r in range(2))
+    est = estimate(load_config(REPO / "jobs" / "configs" / "tiny.yaml", overrides))
+    mem = est.per_worker_bytes
+    print(f"ZeRO {stage}: peak {peak / 2**20:.0f} MiB, estimate {mem['total'] / 2**20:.0f} MiB "
+          + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in mem.items()))  # fmt: skip
+    assert mem["total"] == pytest.approx(peak, rel=0.2)
