@@ -55,18 +55,13 @@ def _build_engine(overrides: list[str]):
 
     from lmforge import models
     from lmforge.config import load_config
-    from lmforge.training.ds_config import deepspeed_config
-    from lmforge.training.loop import param_groups
+    from lmforge.training.loop import build_engine
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", overrides)
     torch.manual_seed(0)
     model = models.build(cfg.model)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.train.weight_decay),
-        config=deepspeed_config(cfg, 1),
-    )
+    engine = build_engine(model, cfg, 1)
     x = torch.randint(0, cfg.model.vocab_size, (1, 32))
     _, loss = engine(x, x)  # one step, so the optimizer state exists
     engine.backward(loss)

@@ -88,7 +88,7 @@ def _rank(rank: int, world: int, port: int, overrides, steps: int, threads: int,
 
     from lmforge import models
     from lmforge.training import speed
-    from lmforge.training.ds_config import deepspeed_config
+    from lmforge.training.loop import build_engine
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = config(overrides, world)
@@ -97,9 +97,7 @@ def _rank(rank: int, world: int, port: int, overrides, steps: int, threads: int,
     model = models.build(cfg.model)
     if cfg.train.activation_checkpointing:
         speed.checkpoint_blocks(model)
-    eng, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, world)
-    )
+    eng = build_engine(model, cfg, world)  # the trainer's engine, its gathers included
     if cfg.train.compile:
         speed.compile_engine(eng)
     mb, ctx = cfg.train.micro_batch_size, cfg.model.context_length

@@ -53,6 +53,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+def build_engine(model: torch.nn.Module, cfg: Config, world: int, load_universal: bool = False):
+    """`model` in a DeepSpeed engine as training runs it: our parameter groups, config and LR
+    schedule, and ZeRO's gathers as broadcasts on gloo (`cpu_collectives`). The trainer's,
+    and the tests' and benchmarks' that stand for it. Call after `dist.setup`."""
+    import deepspeed
+
+    cpu_collectives.install()
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=deepspeed_config(cfg, world, load_universal=load_universal),
+        # DeepSpeed steps it at each optimizer step and keeps its state in checkpoints.
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, functools.partial(lr_factor, cfg=cfg)
+        ),
+    )
+    return engine
+
+
 def consolidated_weights(
     engine, info: dist.DistInfo, trainable_only: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -209,9 +228,8 @@ class Trainer:
         resume: ResumePoint | None = None,
     ) -> None:
         self.cfg, self.info, self.run_dir = cfg, info, run_dir
-        import deepspeed  # after dist.setup chose the accelerator
+        import deepspeed  # noqa: F401  after dist.setup chose the accelerator
 
-        cpu_collectives.install()  # ZeRO's all-gathers as broadcasts where the group is gloo
         # DeepSpeed calls torch.distributed APIs that torch has deprecated; not ours to fix.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
@@ -234,16 +252,8 @@ class Trainer:
         arch = models.of(model)
         self.n_params = arch.n_params(cfg.model)
         self.flops_per_token = arch.flops_per_token(cfg.model)
-        self.engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, cfg.train.weight_decay),
-            config=deepspeed_config(
-                cfg, info.world, load_universal=bool(resume and resume.resharded(info.world))
-            ),
-            # DeepSpeed steps it at each optimizer step and keeps its state in checkpoints.
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, functools.partial(lr_factor, cfg=cfg)
-            ),
+        self.engine = build_engine(
+            model, cfg, info.world, load_universal=bool(resume and resume.resharded(info.world))
         )
         if cfg.train.compile:
             speed.compile_engine(self.engine)
