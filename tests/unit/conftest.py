@@ -41,3 +41,14 @@ def gloo_group():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def plain_main(monkeypatch):
+    """A bare `__main__` while a test spawns processes: multiprocessing's spawn re-runs the
+    parent's main file in each child, and after the dashboard's AppTest tests that is
+    dashboard/app.py, whose imports fail outside Streamlit's script runner."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))

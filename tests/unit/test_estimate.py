@@ -198,7 +198,9 @@ ENGINE_SIZE = ["model.n_layer=4", "model.d_model=256", "model.n_head=4",
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("stage", [2, 3])
-def test_memory_estimate_is_within_20_percent_of_a_deepspeed_engines_peak(stage, tmp_path):
+def test_memory_estimate_is_within_20_percent_of_a_deepspeed_engines_peak(
+    stage, tmp_path, plain_main
+):
     """2 gloo ranks (fresh processes: no earlier test's memory in the peak), fp32 on CPU:
     the estimate's total, DeepSpeed's buffers and runtime included, against the larger
     rank's peak resident memory. A 4.2M-parameter gpt2 (the runtime is about half of the
