@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import os
-import resource
 import shutil
 import socket
 import statistics
@@ -73,11 +72,6 @@ def config(overrides: list[str], world: int):
     )  # fmt: skip
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _rank(rank: int, world: int, port: int, overrides, steps: int, threads: int, q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")  # fmt: skip
@@ -86,13 +80,13 @@ def _rank(rank: int, world: int, port: int, overrides, steps: int, threads: int,
     torch.set_num_threads(threads)
     import deepspeed
 
-    from lmforge import models
+    from lmforge import models, perf
     from lmforge.training import speed
     from lmforge.training.loop import build_engine
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = config(overrides, world)
-    before = _rss()
+    before = perf.resident_bytes()
     torch.manual_seed(0)
     model = models.build(cfg.model)
     if cfg.train.activation_checkpointing:
@@ -111,7 +105,7 @@ def _rank(rank: int, world: int, port: int, overrides, steps: int, threads: int,
         eng.step()
         loss.item()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = perf.peak_resident_bytes() - before
     q.put({"rank": rank, "step_s": statistics.median(times[WARMUP:]), "peak": peak,
            "tokens": mb * ctx})  # fmt: skip
     torch.distributed.destroy_process_group()
@@ -295,7 +289,10 @@ class _PeakRSS:
     """The peak of this process's resident set above its level at entry, sampled."""
 
     def __enter__(self):
-        self.base = self.peak = _rss()
+        from lmforge.perf import resident_bytes as rss
+
+        self._rss = rss
+        self.base = self.peak = rss()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -303,12 +300,12 @@ class _PeakRSS:
 
     def _run(self):
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, self._rss())
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, _rss()) - self.base
+        self.peak = max(self.peak, self._rss()) - self.base
 
 
 def grow_data(args, plots: Path) -> tuple[list[Figure], dict]:

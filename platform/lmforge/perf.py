@@ -1,4 +1,5 @@
-"""Throughput figures shared by training logs and benchmarks: peak FLOP/s and MFU.
+"""Throughput and memory figures shared by training logs, benchmarks and tests: peak FLOP/s,
+MFU, and a process's resident memory.
 
     peak = peak_flops(device, "bf16")   # Peak(flops=989.4e12, source="NVIDIA H100 ... datasheet")
     mfu = tokens_per_s * flops_per_token / peak.flops
@@ -11,6 +12,7 @@ on a CPU, and on a GPU the table does not know, it is a timed matmul, and `sourc
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -138,3 +140,23 @@ def measure_peak_flops(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux `/proc/self/statm`)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    """This process's own resident high-water mark (`VmHWM` in `/proc/self/status`).
+
+    Not `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries the high-water mark of the
+    address space an `exec` replaces into it, so a child that multiprocessing spawns from
+    a 1 GiB pytest reports at least 1 GiB however little it touches itself.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM line")

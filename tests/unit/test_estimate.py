@@ -1,7 +1,6 @@
 """The launch form's estimates against their references."""
 
 import os
-import resource
 import socket
 from pathlib import Path
 
@@ -143,38 +142,25 @@ def test_human_bytes():
     ]  # fmt: skip
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _engine_peak(rank: int, port: int, overrides: list[str], out_dir: str) -> None:
-    """One of 2 gloo ranks: the trainer's engine (its parameter groups, config, CPU
-    all-gather), 6 steps; writes its peak resident memory above its level before the model
-    was built (imports and the process group excluded), as bench_growth.py measures it."""
+    """One of 2 gloo ranks: the trainer's engine (`build_engine`), 6 steps; writes its peak
+    resident memory above its level before the model was built (imports and the process
+    group excluded), as bench_growth.py measures it."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))  # fmt: skip
-    from lmforge import dist
+    from lmforge import dist, perf
 
     dist.setup(use_gpu=False)  # DS_ACCELERATOR=cpu before deepspeed is imported
     import deepspeed
 
-    from lmforge.training import cpu_collectives
-    from lmforge.training.ds_config import deepspeed_config
-    from lmforge.training.loop import param_groups
+    from lmforge.training.loop import build_engine
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
-    cpu_collectives.install()
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", overrides)
-    before = _rss()
+    before = perf.resident_bytes()
     torch.manual_seed(0)
-    model = models.build(cfg.model)
-    eng, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.train.weight_decay),
-        config=deepspeed_config(cfg, world_size=2),
-    )
+    eng = build_engine(models.build(cfg.model), cfg, world=2)
     g = torch.Generator().manual_seed(rank)
     for _ in range(6):
         x = torch.randint(
@@ -187,7 +173,7 @@ def _engine_peak(rank: int, port: int, overrides: list[str], out_dir: str) -> No
         eng.backward(loss)
         eng.step()
         loss.item()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = perf.peak_resident_bytes() - before
     (Path(out_dir) / f"peak{rank}").write_text(str(peak))
     torch.distributed.destroy_process_group()
 

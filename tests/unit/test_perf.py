@@ -1,4 +1,5 @@
-"""The MFU denominator: a datasheet peak for a known GPU, a timed matmul on a CPU."""
+"""The MFU denominator: a datasheet peak for a known GPU, a timed matmul on a CPU; and the
+resident memory figures benchmarks and the estimate's test measure with."""
 
 import logging
 
@@ -86,3 +87,28 @@ def test_a_known_gpu_is_not_timed(monkeypatch):
     assert (
         peak_flops(torch.device("cuda", 0), "bf16").source == "NVIDIA L4: L4 datasheet, bf16 dense"
     )
+
+
+def _child_memory(q) -> None:
+    before = perf.resident_bytes()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    q.put((before, perf.peak_resident_bytes(), block.numel()))
+
+
+def test_a_spawned_childs_peak_is_its_own_not_its_parents(plain_main):
+    """The CI failure this guards against: getrusage's ru_maxrss in a child that
+    multiprocessing spawned from a big pytest process reported the parent's size, and the
+    estimate's engine test measured 633 MiB for a 293 MiB engine."""
+    import multiprocessing as mp
+
+    ballast = torch.ones(768 * 2**20 // 4)  # 768 MiB resident in this, the parent
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_memory, args=(q,))
+    p.start()
+    before, peak, _ = q.get(timeout=120)
+    p.join()
+    assert ballast.sum() > 0
+    assert perf.peak_resident_bytes() >= perf.resident_bytes() > ballast.numel() * 4
+    # the child holds torch (a few hundred MiB at most) and its 64 MiB block, not 768 MiB
+    assert before + 60 * 2**20 < peak < 600 * 2**20
