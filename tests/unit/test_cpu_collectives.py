@@ -110,19 +110,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    import sys
-    import types
-
-    main = sys.modules["__main__"]  # see tests/unit/conftest.py plain_main (module scope here)
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        return _spawn(tmp_path_factory)
-    finally:
-        sys.modules["__main__"] = main
-
-
-def _spawn(tmp_path_factory):
+def two_ranks(tmp_path_factory, plain_main):
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("gather")
