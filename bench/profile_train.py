@@ -5,6 +5,7 @@ steps after a warm-up. Prints each side's step time and its top operators by sel
 
     .venv/bin/python bench/profile_train.py --arch llama            # bench_train's full size
     .venv/bin/python bench/profile_train.py --arch lstm --steps 4 --stage 2
+    .venv/bin/python bench/profile_train.py --arch gpt2 --shape small --stage 2 --steps 20
 
 The dataset is bench_train.py's (prepared there on first use). It answers "is the gap in
 DeepSpeed's step (all-reduce, optimizer) or in the arithmetic" without Ray in the way: if
@@ -71,7 +72,9 @@ def worker(rank: int, port: int, args, dataset: Path, storage: str) -> None:
     info = dist.setup(use_gpu=False)
     from lmforge.data.dataset import Dataset
 
-    cfg = build_config(args.arch, dataset, False, 100, Path(storage), args.stage, "fp32")
+    cfg = build_config(
+        args.arch, dataset, False, 100, Path(storage), args.stage, "fp32", args.shape
+    )
     # The launcher's plan sets the vocabulary from the dataset; so does the plain loop.
     model = cfg.model.model_copy(update={"vocab_size": Dataset(dataset).vocab_size})
     trainer = Trainer(cfg.model_copy(update={"model": model}), info, storage)
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="profiled steps (default 5)")
     p.add_argument("--rows", type=int, default=15, help="operators listed (default 15)")
     p.add_argument("--side", choices=["both", "lmforge", "plain"], default="both")
+    p.add_argument("--shape", choices=["full", "small"], default="full",
+                   help="small: bench_train's small-step shape (gpt2 4 layers d 128 ctx 64)")  # fmt: skip
     args = p.parse_args(argv)
     dataset = prepared_dataset(tiny=False)
     storage = tempfile.mkdtemp(prefix="lmforge-profile-train-")
@@ -106,7 +111,9 @@ def run_sides(args, dataset: Path, storage: str) -> None:
 
         from bench import plain_loop
 
-        cfg = build_config(args.arch, dataset, False, WARMUP + args.steps, Path(storage), 1, "fp32")
+        cfg = build_config(
+            args.arch, dataset, False, WARMUP + args.steps, Path(storage), 1, "fp32", args.shape
+        )
         torch.set_num_threads(2)
         state = plain_loop.Stepper(cfg)
         times = profiled(args.steps, state.step, args.rows, "plain loop, 2 threads")
