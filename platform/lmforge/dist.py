@@ -97,13 +97,3 @@ def all_reduce_mean_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(t)
         t /= info.world
     return t
-
-
-def all_reduce_mean(value: float, info: DistInfo) -> float:
-    import torch.distributed as dist
-
-    if info.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return t.item() / info.world

@@ -85,10 +85,6 @@ def add_adapters(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Mod
     return model
 
 
-def is_adapted(model: torch.nn.Module) -> bool:
-    return any("lora_A" in n for n, _ in model.named_parameters())
-
-
 def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights only, under peft's names (`...c_attn.lora_A.weight`)."""
     from peft.utils import get_peft_model_state_dict

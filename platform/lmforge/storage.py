@@ -201,12 +201,6 @@ class S3Path:
         rel = PurePosixPath(str(part)).as_posix().strip("/")
         return S3Path(f"{self.key}/{rel}", self._fs)
 
-    def joinpath(self, *parts: str) -> S3Path:
-        out = self
-        for p in parts:
-            out = out / p
-        return out
-
     @property
     def name(self) -> str:
         return self.key.rsplit("/", 1)[-1]
@@ -258,10 +252,6 @@ class S3Path:
             raise FileNotFoundError(f"{self}: no such object")
         mtime = info.mtime.timestamp() if info.mtime else 0.0
         return SimpleNamespace(st_size=info.size, st_mtime=mtime)
-
-    def open_input(self):
-        """A seekable pyarrow file (Parquet reads only the ranges it needs)."""
-        return self.fs.open_input_file(self.key)
 
     def open_stream(self):
         return self.fs.open_input_stream(self.key)
