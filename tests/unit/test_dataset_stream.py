@@ -236,34 +236,43 @@ def unique_dataset(path, n_docs=60):
 
 
 def read_targets(stream: TokenStream, n: int | None, epoch: int) -> list[int]:
-    """The targets of the next `n` windows (or all windows left in `epoch`)."""
-    out, it = [], stream.windows()
-    while n is None or len(out) < n * stream.T:
-        w = next(it)
+    """The targets of the next `n` batches (or of every batch left in `epoch`), read as
+    training reads them: `batches()`. A batch that runs into the next epoch gives only its
+    rows of `epoch`; the stream's position says how many rows of the next one it holds."""
+    out, it = [], stream.batches()
+    while n is None or len(out) < n * stream.batch_size * stream.T:
+        _, y = next(it)
         if stream.epoch > epoch:
+            spill = stream.offset // stream.T
+            out += y[: len(y) - spill].flatten().tolist()
             break
-        out += w[1:].tolist()
+        out += y.flatten().tolist()
     return out
 
 
 @pytest.mark.parametrize("worlds", [(2, 3), (3, 2), (2, 1), (1, 2), (2, 3, 2)])
 def test_resuming_on_another_number_of_workers_reads_each_target_once(tmp_path, worlds):
-    """Workers stopped mid-epoch, resumed on another number of workers (and again): the
-    targets of the rest of the epoch are read once each, none twice, few left out."""
+    """Workers stopped mid-epoch, resumed on another number of workers (and again) as the
+    trainer resumes them (`resume`, then `batches`): the targets of the rest of the epoch
+    are read once each, none twice, few left out; the next epoch is dealt as usual."""
     ds, every = unique_dataset(tmp_path / "ds")
-    T, read = 16, []
-    streams = [TokenStream(ds, "train", T, 2, r, worlds[0], seed=5) for r in range(worlds[0])]
+    T, B, read = 16, 3, []
+    streams = [TokenStream(ds, "train", T, B, r, worlds[0], seed=5) for r in range(worlds[0])]
     for world in worlds[1:]:
         for s in streams:
-            read += read_targets(s, 7, epoch=0)
+            read += read_targets(s, 3, epoch=0)
         positions = json.loads(json.dumps([s.state_dict() for s in streams]))
-        streams = [TokenStream(ds, "train", T, 2, r, world, seed=5) for r in range(world)]
+        streams = [TokenStream(ds, "train", T, B, r, world, seed=5) for r in range(world)]
         for s in streams:
             s.resume(positions)
             assert s.state_dict()["epoch"] == 0 and "pieces" in s.state_dict()
     for s in streams:
         read += read_targets(s, None, epoch=0)
-        assert s.state_dict() == {"epoch": 1, "offset": T}  # then epochs dealt as usual
+        state = s.state_dict()
+        assert state["epoch"] == 1 and "pieces" not in state  # then epochs dealt as usual:
+        usual, off = epoch_stream(s, 1), state["offset"]  # this worker's share of epoch 1
+        _, y = next(s.batches())
+        np.testing.assert_array_equal(y.numpy(), usual[off + 1 : off + 1 + B * T].reshape(B, T))
     assert len(read) == len(set(read))  # no target read twice
     missed = every - set(read)
     passes = sum(worlds)  # each pass's first token is never a target; its tail is dropped
@@ -274,7 +283,7 @@ def test_a_dealt_pass_resumes_exactly_from_a_checkpoint(tmp_path):
     ds, _ = unique_dataset(tmp_path / "ds")
     old = [TokenStream(ds, "train", 16, 2, r, 2, seed=5) for r in range(2)]
     for s in old:
-        read_targets(s, 5, epoch=0)
+        read_targets(s, 3, epoch=0)
     positions = [s.state_dict() for s in old]
     a = TokenStream(ds, "train", 16, 4, 1, 3, seed=5)
     a.resume(positions)
