@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     engine, cfg, n_params, info = _build_engine(overrides)
     from lmforge import checkpoint as ckpt_io
     from lmforge.training import engine_state
-    from lmforge.training.loop import consolidated_weights
+    from lmforge.training.engine_state import consolidated_weights
 
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-ckpt-", dir=os.environ.get("TMPDIR")))
     tokenizer = work / "tokenizer.json"

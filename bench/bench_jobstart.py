@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import REPO, Figure, bench_args, machine_info, report, spread  # noqa: E402
 
 STARTUP = re.compile(
-    r"startup \| Ray Train workers up (?P<up>[\d.]+) s after the launcher \| worker began at "
+    r"startup \| workers up (?P<up>[\d.]+) s after the launcher \| worker began at "
     r"unix (?P<began>[\d.]+) \| engine ready \+(?P<ready>[\d.]+) s"
     r".*first step done \+(?P<first>[\d.]+) s"
 )

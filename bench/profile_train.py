@@ -66,18 +66,18 @@ def worker(rank: int, port: int, args, dataset: Path, storage: str) -> None:
     import torch.distributed
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)  # as Ray Train on CPU
-    from lmforge import dist
-    from lmforge.training.loop import Trainer
+    from lmforge.training.local_session import LocalSession
 
-    info = dist.setup(use_gpu=False)
+    session = LocalSession(storage, keep=None, use_gpu=False)  # the loop without Ray
     from lmforge.data.dataset import Dataset
+    from lmforge.training.loop import Trainer
 
     cfg = build_config(
         args.arch, dataset, False, 100, Path(storage), args.stage, "fp32", args.shape
     )
     # The launcher's plan sets the vocabulary from the dataset; so does the plain loop.
     model = cfg.model.model_copy(update={"vocab_size": Dataset(dataset).vocab_size})
-    trainer = Trainer(cfg.model_copy(update={"model": model}), info, storage)
+    trainer = Trainer(cfg.model_copy(update={"model": model}), session, storage)
     batches = trainer.stream.batches()
     label = f"lmforge Trainer rank {rank}, ZeRO {args.stage}, 1 thread"
     times = profiled(args.steps, lambda: trainer.train_step(batches), args.rows, label)

@@ -35,7 +35,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from lmforge import models, storage
+from lmforge import models, raycompat, storage
 from lmforge.config import Config, ConfigError, config_from_dict
 from lmforge.errors import LmforgeError, first_line
 from lmforge.templates import TEMPLATE_FILE, Template
@@ -301,35 +301,64 @@ def read_config(path: Path) -> Config:
         raise CheckpointError(f"{path / CONFIG}: {err}") from None
 
 
-RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+RAY_RECORD = raycompat.TRAIN_RECORD  # Ray Train's record of a run's checkpoints
+LOCAL_RECORD = "checkpoints.json"  # a `LocalSession` run's record: {"checkpoints": [names]}
+
+
+def dir_name(step: int) -> str:
+    """The name of a run's checkpoint of `step` in its run dir."""
+    return f"checkpoint_{step:08d}"
+
+
+def in_run(run_dir: str | Path | storage.S3Path, checkpoint: str | Path) -> Path | storage.S3Path:
+    """The run dir's copy of a checkpoint, from its name or any path ending in it (Ray
+    Train's own view of where it persisted it: a worker's or the driver's)."""
+    return storage.resolve(run_dir) / Path(str(checkpoint)).name
+
+
+def record_file(run_dir: Path | storage.S3Path) -> Path | storage.S3Path | None:
+    """The file recording a run's checkpoints (Ray Train's, or a local session's), if any."""
+    for name in (RAY_RECORD, LOCAL_RECORD):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
 
 
 def has_checkpoints(run_dir: Path | storage.S3Path) -> bool:
-    """Whether Ray Train recorded a checkpoint of this run dir (the run can be resumed)."""
-    return (run_dir / RAY_RECORD).is_file()
+    """Whether a checkpoint of this run dir was recorded (the run can be resumed)."""
+    return record_file(run_dir) is not None
 
 
 def latest_in_run(run_dir: Path | storage.S3Path) -> Path | storage.S3Path | None:
-    """The run's latest checkpoint by Ray Train's own record: the one Ray restores a
-    restarted worker group from, and the one `--resume`, `generate --checkpoint RUN` and
-    the registry use too. Ray records a checkpoint only once every rank's copy of it
-    finished, so a dir a dying worker left half-copied is never in the record; what is
-    recorded is still checked against its FILES listing. None when Ray recorded none."""
-    if not has_checkpoints(run_dir):
+    """The run's latest checkpoint by its record: the one Ray restores a restarted worker
+    group from, and the one `--resume`, `generate --checkpoint RUN` and the registry use
+    too. A checkpoint is recorded only once every rank's copy of it finished, so a dir a
+    dying worker left half-copied is never in the record; what is recorded is still checked
+    against its FILES listing. None when none is recorded."""
+    record = record_file(run_dir)
+    if record is None:
         return None
-    from ray.train import Result  # Ray's own reader of its record (no cluster needed)
-
-    fs_path, fs = storage.ray_storage(run_dir)  # an S3 run dir: through its S3FileSystem
     try:
-        latest = Result.from_path(fs_path, storage_filesystem=fs).checkpoint
+        name = _recorded_latest(run_dir, record)
     except Exception as err:  # Ray raises RuntimeError and its own errors for a bad record
-        raise CheckpointError(f"{run_dir / RAY_RECORD}: unreadable ({first_line(err)})") from None
-    if latest is None:
+        raise CheckpointError(f"{record}: unreadable ({first_line(err)})") from None
+    if name is None:
         return None
-    path = run_dir / Path(latest.path).name
+    path = in_run(run_dir, name)
     if why := incomplete(path):
         raise CheckpointError(f"{path}: the run's latest checkpoint is incomplete ({why})")
     return path
+
+
+def _recorded_latest(run_dir: Path | storage.S3Path, record: Path | storage.S3Path) -> str | None:
+    if record.name == LOCAL_RECORD:
+        names = json.loads(record.read_text())["checkpoints"]
+        return names[-1] if names else None
+    from ray.train import Result  # Ray's own reader of its record (no cluster needed)
+
+    fs_path, fs = storage.ray_storage(run_dir)  # an S3 run dir: through its S3FileSystem
+    latest = Result.from_path(fs_path, storage_filesystem=fs).checkpoint
+    return latest.path if latest is not None else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -347,7 +376,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is None:
         raise CheckpointError(
             f"{p}: neither a checkpoint dir nor a run dir with a checkpoint (no {STATE}, "
-            f"no {RAY_RECORD})"
+            f"no {RAY_RECORD} or {LOCAL_RECORD})"
         )
     return fetch_servable(latest) if storage.is_remote(latest) else latest
 

@@ -85,6 +85,10 @@ def _add_train(sub) -> None:
         "Uses RAY_ADDRESS, else the cluster of `lmforge cluster up`, else a private local Ray.",
     )
     add_train_args(p)
+    p.add_argument("--local", action="store_true",
+                   help="no Ray: run scaling.num_workers plain local processes (gloo) with the "
+                   "same training loop, to try a config on a laptop; no restarts, no elastic, "
+                   "a local run.storage_path")  # fmt: skip
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -368,7 +372,9 @@ def cmd_train(args) -> None:
     from lmforge.training.launch import run_training
 
     cfg = load_config(args.config, args.overrides)
-    result = run_training(cfg, resume=args.resume, init_from=args.init_from)
+    result = run_training(
+        cfg, resume=args.resume, init_from=args.init_from, local=getattr(args, "local", False)
+    )
     m = result.metrics
     print(f"run dir: {result.run_dir}")
     if result.mlflow_run_id:

@@ -1,7 +1,8 @@
 """The one place that knows rank, world size and device (nothing else reads RANK).
 
-Inside a Ray Train worker the process group is already up (Ray's TorchConfig: gloo on
-CPU, NCCL on GPU); outside one, everything is rank 0 of 1.
+The session has set up the process group already (Ray Train's TorchConfig, or a local
+session's `init_process_group`: gloo on CPU, NCCL on GPU); without one, everything is
+rank 0 of 1.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup(use_gpu: bool) -> DistInfo:
-    """Read the topology and pick the device; tell DeepSpeed which accelerator to use.
+def setup(use_gpu: bool, device: torch.device | None = None) -> DistInfo:
+    """Read the topology and pick the device (`device`: the orchestrator's choice of GPU,
+    else cuda:LOCAL_RANK); tell DeepSpeed which accelerator to use.
 
     Must run before `deepspeed` is imported in this process: DeepSpeed picks its
     accelerator once, on first use, from DS_ACCELERATOR.
@@ -41,11 +43,7 @@ def setup(use_gpu: bool) -> DistInfo:
         rank, world = 0, 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_gpu:
-        # Ray shares the node's GPUs among its workers through CUDA_VISIBLE_DEVICES; which
-        # index is this worker's follows Ray's GPU assignment, not LOCAL_RANK order.
-        from ray.train.torch import get_device
-
-        device = get_device()
+        device = device or torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -55,7 +55,8 @@ def _train(stage: int, zero: dict | None = None) -> tuple[list[float], dict[str,
     from lmforge import dist, models
     from lmforge.config import load_config
     from lmforge.training.ds_config import deepspeed_config
-    from lmforge.training.loop import consolidated_weights, param_groups
+    from lmforge.training.engine_state import consolidated_weights
+    from lmforge.training.loop import param_groups
 
     cfg = load_config(TINY, [f"zero.stage={stage}", "model.n_layer=2", "model.d_model=64",
                              "model.n_head=2", "model.context_length=16", "model.vocab_size=64",

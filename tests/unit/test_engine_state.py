@@ -12,7 +12,7 @@ from lmforge import dist, models
 from lmforge.checkpoint import ENGINE_TAG, CheckpointError
 from lmforge.config import load_config
 from lmforge.training import engine_state
-from lmforge.training.loop import consolidated_weights
+from lmforge.training.engine_state import consolidated_weights
 from tests.conftest import REPO
 from tests.unit.engines import one_rank_engine
 

@@ -10,7 +10,7 @@ import torch
 
 from lmforge import dist, lora, models
 from lmforge.config import load_config
-from lmforge.training.loop import consolidated_weights
+from lmforge.training.engine_state import consolidated_weights
 from lmforge.training.plan import LORA_ZERO_STAGES
 from tests.conftest import REPO
 from tests.unit.engines import one_rank_engine

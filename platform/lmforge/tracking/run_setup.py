@@ -12,9 +12,7 @@ import json
 import logging
 import os
 import subprocess
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import lmforge
 from lmforge.config import Config
@@ -99,25 +97,23 @@ def ray_tags(where: str) -> dict[str, str]:
 
 def settings(
     cfg: Config, dataset: Dataset, run_dir: Path, tags: dict[str, str]
-) -> dict[str, Any] | None:
-    """What rank 0 needs to log the run, as plain data for the workers (None: tracking off)."""
+) -> TrackingSettings | None:
+    """What rank 0 needs to log the run, for the workers (None: tracking off)."""
     if not cfg.tracking.enabled:
         return None
-    return asdict(
-        TrackingSettings(
-            uri=cfg.tracking.tracking_uri,
-            experiment=cfg.tracking.experiment,
-            registered_model=cfg.registered_model,
-            run_name=cfg.run.name,
-            run_dir=str(run_dir),
-            tags=tags,
-            params=flatten(cfg.to_dict()),
-            artifacts={
-                "config.yaml": cfg.to_yaml(),
-                "dataset/manifest.json": (dataset.path / "manifest.json").read_text(),
-            },
-            outage_wait_s=cfg.tracking.outage_wait_s,
-        )
+    return TrackingSettings(
+        uri=cfg.tracking.tracking_uri,
+        experiment=cfg.tracking.experiment,
+        registered_model=cfg.registered_model,
+        run_name=cfg.run.name,
+        run_dir=str(run_dir),
+        tags=tags,
+        params=flatten(cfg.to_dict()),
+        artifacts={
+            "config.yaml": cfg.to_yaml(),
+            "dataset/manifest.json": (dataset.path / "manifest.json").read_text(),
+        },
+        outage_wait_s=cfg.tracking.outage_wait_s,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lmforge import dist
 from lmforge.checkpoint import ENGINE_DIR, ENGINE_TAG, CheckpointError
 from lmforge.errors import first_line
 
@@ -205,3 +206,55 @@ def to_universal(path: Path, out: Path) -> Path:
         ) from err
     tmp.rename(out / UNIVERSAL_TAG)
     return out
+
+
+def consolidated_weights(
+    engine, info: dist.DistInfo, trainable_only: bool = False
+) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on rank 0 (empty elsewhere). Collective: every rank calls it.
+    `trainable_only`: a LoRA run's adapters, not its frozen base.
+
+    Under ZeRO 1-3 the fp32 master copy is the truth (in bf16 the module holds rounded
+    weights); `safe_get_full_fp32_param` gathers it. Stage 0 has no partitioned master:
+    in fp32 the module's own weights are the full ones, in bf16/fp16 the optimizer's flat
+    fp32 copy is (`_stage0_masters`).
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = _stage0_masters(engine)
+    out = {}
+    for name, p in engine.module.named_parameters():  # tied weights are listed once
+        if trainable_only and not p.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            full = masters.get(id(p), p)
+        if info.is_main:
+            out[name] = full.detach().float().cpu().clone()
+    return out
+
+
+def _stage0_masters(engine) -> dict[int, torch.Tensor]:
+    """id(parameter) -> its fp32 master weight, under ZeRO 0 in bf16/fp16.
+
+    There DeepSpeed wraps the optimizer in its FP16 optimizer (for bf16 too: "DDP_BFLOAT16"):
+    `FP16_UnfusedOptimizer` for torch's AdamW (what lmforge uses), `FP16_Optimizer` for a
+    fused Adam. Both step fp32 copies of the module's rounded weights (`fp16_groups`): one
+    tensor per parameter (`fp32_groups`) or one flat tensor per group (`fp32_groups_flat`),
+    which `safe_get_full_fp32_param` does not reach. Empty for every other optimizer.
+    """
+    from torch._utils import _unflatten_dense_tensors
+
+    opt = engine.optimizer
+    groups = getattr(opt, "fp16_groups", None)
+    if not groups:
+        return {}
+    if flats := getattr(opt, "fp32_groups_flat", None):
+        masters = [_unflatten_dense_tensors(f, ps) for ps, f in zip(groups, flats, strict=True)]
+    elif not (masters := getattr(opt, "fp32_groups", None)):
+        return {}
+    return {
+        id(p): master
+        for params, group in zip(groups, masters, strict=True)
+        for p, master in zip(params, group, strict=True)
+    }

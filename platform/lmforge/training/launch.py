@@ -1,7 +1,9 @@
 """Start a training run on Ray: build the launch plan (every check), then `TorchTrainer.fit()`.
 
 The CLI (`lmforge train`), `jobs/train.py` (for `ray job submit`, `lmforge submit`) and the
-dashboard all call `run_training`.
+dashboard all call `run_training`. `run_training(..., local=True)` runs the same plan on
+plain local processes instead (`local_session`, no Ray): `lmforge train --local`, and the
+tests of the loop.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge import checkpoint as ckpt_io
 from lmforge import storage
 from lmforge.config import Config, ConfigError
 from lmforge.paths import is_uri
 from lmforge.tracking import store
 from lmforge.training.plan import LaunchPlan, build_plan, stage_init
+from lmforge.training.session import WorkerPlan
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +36,18 @@ class TrainResult:
 
 
 def run_training(
-    cfg: Config, resume: bool | str = False, init_from: str | None = None
+    cfg: Config, resume: bool | str = False, init_from: str | None = None, local: bool = False
 ) -> TrainResult:
-    """Plan, connect to Ray, train; returns where the checkpoints are."""
+    """Plan, connect to Ray (`local`: no Ray, local processes), train; returns where the
+    checkpoints are."""
     plan = build_plan(cfg, resume, init_from)
+    if local:
+        from lmforge.training import local_session
+
+        local_session.check(plan.config)
+        stage_init(plan)
+        log.info("run %s on local processes; checkpoints under %s", plan.run_dir.name, plan.run_dir)
+        return result_of(plan, local_session.run(worker_plan(plan)))
     stage_init(plan)
 
     from lmforge.cluster import connect
@@ -52,11 +64,17 @@ def run_training(
     log.info("run %s on %s; checkpoints under %s", plan.run_dir.name, where, plan.run_dir)
     if plan.config.scaling.elastic:
         log.info(elastic_note(plan.config))
-    result = trainer(plan).fit()
+    return result_of(plan, trainer(plan).fit().metrics or {})
+
+
+def result_of(plan: LaunchPlan, metrics: dict[str, Any]) -> TrainResult:
+    """What a finished run left: its latest recorded checkpoint, last metrics, MLflow run."""
+    from lmforge.tracking import run_setup
+
     return TrainResult(
         run_dir=plan.run_dir,
-        checkpoint=plan.run_dir / Path(result.checkpoint.path).name if result.checkpoint else None,
-        metrics=result.metrics or {},
+        checkpoint=ckpt_io.latest_in_run(plan.run_dir),
+        metrics=metrics,
         mlflow_run_id=run_setup.tracked_run_id(plan.config, plan.run_dir),
     )
 
@@ -134,21 +152,21 @@ def elastic_note(cfg: Config) -> str:
     )
 
 
-def loop_config(plan: LaunchPlan) -> dict[str, Any]:
-    """What every worker's `train_loop` receives: plain data, nothing read from globals."""
+def worker_plan(plan: LaunchPlan) -> WorkerPlan:
+    """What every worker receives: typed, nothing read from globals."""
     from lmforge.tracking import run_setup
 
-    return {
-        "config": plan.config.to_dict(),
-        "run_dir": str(plan.run_dir),
-        "init_from": str(plan.init_dir) if plan.init_dir else None,
-        "tracking": (
+    return WorkerPlan(
+        config=plan.config,
+        run_dir=str(plan.run_dir),
+        init_from=str(plan.init_dir) if plan.init_dir else None,
+        tracking=(
             run_setup.settings(plan.config, plan.dataset, plan.run_dir, plan.tags)
             if plan.tags is not None
             else None
         ),
-        "launched_at": time.time(),  # for the startup breakdown rank 0 prints
-    }
+        launched_at=time.time(),  # for the startup breakdown rank 0 prints
+    )
 
 
 def scaling_config(cfg: Config):
@@ -165,16 +183,17 @@ def scaling_config(cfg: Config):
     )
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Each Ray Train worker's entry point: `lmforge.training.loop.train_loop`, imported there.
+def train_loop(config: dict[str, WorkerPlan]) -> None:
+    """Each Ray Train worker's entry point: `ray_session.train_loop`, imported there.
 
     Ray pickles this function by reference, so the driver never imports the loop module
     (DeepSpeed and its accelerator detection: ~1.5 s of the driver's start on 2 loaded CPUs);
-    the workers import it on the first call, as they imported it before to unpickle it.
+    the workers import it on the first call. `config` is {"plan": WorkerPlan}: Ray Train
+    hands a worker function its one argument as a dict.
     """
-    from lmforge.training.loop import train_loop as run
+    from lmforge.training.ray_session import train_loop as run
 
-    run(loop_config)
+    run(config["plan"])
 
 
 def trainer(plan: LaunchPlan):
@@ -192,7 +211,7 @@ def trainer(plan: LaunchPlan):
     env_vars |= {k: v for k, v in os.environ.items() if k.startswith("LMFORGE_FAULT")}
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_config(plan),
+        train_loop_config={"plan": worker_plan(plan)},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=plan.run_dir.name,

@@ -1,8 +1,10 @@
-"""What each Ray Train worker runs: a DeepSpeed engine over its own share of the data.
+"""What each worker runs: a DeepSpeed engine over its own share of the data.
 
-`train_loop(loop_config)` is handed to `TorchTrainer`; `loop_config` (built by the
-launcher from its plan) carries the resolved config as a plain dict: nothing is read from
-globals. Ray has already set up the process group (gloo on CPU, NCCL on GPU).
+`run_worker(plan, session)` is the worker's whole life: the `WorkerPlan` (built by the
+launcher from its `LaunchPlan`) carries the resolved config; the `Session` is the
+orchestrator (`training/session.py`): Ray Train in the product (`RaySession`), plain
+processes in tests and `lmforge train --local` (`LocalSession`). The session has already
+set up the process group (gloo on CPU, NCCL on GPU). Nothing here imports Ray.
 
 What a step does besides training (a progress line, an evaluation, a checkpoint, a report
 to Ray) is decided in one place, `due`. The loss and grad norm stay on the device until a
@@ -12,31 +14,32 @@ all-reduced at once (one collective), and logged to MLflow step by step.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import logging
 import math
-import shutil
 import statistics
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmforge import checkpoint as ckpt_io
 from lmforge import dist, faults, models, storage
-from lmforge.config import Config, TrainConfig, config_from_dict
+from lmforge.config import Config, TrainConfig
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
 from lmforge.perf import peak_flops
-from lmforge.training import cpu_collectives, engine_state, speed
+from lmforge.training import checkpoint_writer, cpu_collectives, engine_state, speed
 from lmforge.training.ds_config import deepspeed_config, lr_factor
+from lmforge.training.session import ResumePoint, Session, WorkerPlan
+
+if TYPE_CHECKING:
+    from lmforge.tracking.tracker import TrackingSettings
 
 WARMUP_STEPS = 3  # left out of the steady-state throughput at the end of a run
 
@@ -72,58 +75,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: int, load_universal
     return engine
 
 
-def consolidated_weights(
-    engine, info: dist.DistInfo, trainable_only: bool = False
-) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on rank 0 (empty elsewhere). Collective: every rank calls it.
-    `trainable_only`: a LoRA run's adapters, not its frozen base.
-
-    Under ZeRO 1-3 the fp32 master copy is the truth (in bf16 the module holds rounded
-    weights); `safe_get_full_fp32_param` gathers it. Stage 0 has no partitioned master:
-    in fp32 the module's own weights are the full ones, in bf16/fp16 the optimizer's flat
-    fp32 copy is (`_stage0_masters`).
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    masters = _stage0_masters(engine)
-    out = {}
-    for name, p in engine.module.named_parameters():  # tied weights are listed once
-        if trainable_only and not p.requires_grad:
-            continue
-        full = safe_get_full_fp32_param(p)
-        if full is None:
-            full = masters.get(id(p), p)
-        if info.is_main:
-            out[name] = full.detach().float().cpu().clone()
-    return out
-
-
-def _stage0_masters(engine) -> dict[int, torch.Tensor]:
-    """id(parameter) -> its fp32 master weight, under ZeRO 0 in bf16/fp16.
-
-    There DeepSpeed wraps the optimizer in its FP16 optimizer (for bf16 too: "DDP_BFLOAT16"):
-    `FP16_UnfusedOptimizer` for torch's AdamW (what lmforge uses), `FP16_Optimizer` for a
-    fused Adam. Both step fp32 copies of the module's rounded weights (`fp16_groups`): one
-    tensor per parameter (`fp32_groups`) or one flat tensor per group (`fp32_groups_flat`),
-    which `safe_get_full_fp32_param` does not reach. Empty for every other optimizer.
-    """
-    from torch._utils import _unflatten_dense_tensors
-
-    opt = engine.optimizer
-    groups = getattr(opt, "fp16_groups", None)
-    if not groups:
-        return {}
-    if flats := getattr(opt, "fp32_groups_flat", None):
-        masters = [_unflatten_dense_tensors(f, ps) for ps, f in zip(groups, flats, strict=True)]
-    elif not (masters := getattr(opt, "fp32_groups", None)):
-        return {}
-    return {
-        id(p): master
-        for params, group in zip(groups, masters, strict=True)
-        for p, master in zip(params, group, strict=True)
-    }
-
-
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     """The global 2-norm of the gradients before clipping, as DeepSpeed reports it for ZeRO
     1-3 (a device tensor: no host sync)."""
@@ -137,16 +88,17 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # manual_seed takes < 2**63
 
 
-def make_tracker(tracking: dict[str, Any] | None, is_main: bool, n_params: int):
+def make_tracker(tracking: TrackingSettings | None, is_main: bool, n_params: int):
     """Rank 0 talks to MLflow; every other rank (and a run with tracking off) gets a
     tracker that does nothing, so the loop never asks which rank it is to log."""
-    from lmforge.tracking.tracker import NullTracker, Tracker, TrackingSettings
+    import dataclasses
+
+    from lmforge.tracking.tracker import NullTracker, Tracker
 
     if not (tracking and is_main):
         return NullTracker()
-    settings = TrackingSettings(**tracking)
-    settings.params["model.n_params"] = str(n_params)
-    return Tracker(settings)
+    params = {**tracking.params, "model.n_params": str(n_params)}
+    return Tracker(dataclasses.replace(tracking, params=params))
 
 
 @dataclass(frozen=True)
@@ -155,8 +107,8 @@ class Due:
 
     line: bool  # a progress line in the job log
     eval: bool  # an evaluation on the val split
-    checkpoint: bool  # a checkpoint (with its report to Ray)
-    report: bool  # a report to Ray without a checkpoint
+    checkpoint: bool  # a checkpoint (with its report to the session)
+    report: bool  # a report to the session without a checkpoint
     last: bool  # the run's last step: the throughput line too
 
     @property
@@ -168,7 +120,7 @@ def due(step: int, first_step: int, t: TrainConfig) -> Due:
     """The one schedule: `step` just finished; `first_step` is where this (re)start began.
 
     Every checkpoint carries a val loss (the registry's `best` is chosen by it), so a
-    checkpoint step is an eval step. Ray Train's report is a barrier across workers, so it
+    checkpoint step is an eval step. The session's report is a barrier across workers, so it
     goes out every `log_every` steps and with each evaluation, not every step.
     """
     last = step == t.max_steps
@@ -181,26 +133,6 @@ def due(step: int, first_step: int, t: TrainConfig) -> Due:
         report=not checkpoint and (step % t.log_every == 0 or evaluate),
         last=last,
     )
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    """The checkpoint Ray hands a (re)started worker group, read once, before the engine is
-    built (a resume on another number of workers builds it to load a universal checkpoint)."""
-
-    local: Path  # its files, on this worker
-    persisted: Path | storage.S3Path  # where Ray keeps it: the run dir's checkpoint_NNNNNNNN
-    state: ckpt_io.TrainerState
-
-    @classmethod
-    def open(cls, local: Path, persisted: Path | storage.S3Path) -> ResumePoint:
-        if why := ckpt_io.incomplete(local):  # Ray records a checkpoint once all ranks copied it
-            raise ckpt_io.CheckpointError(f"{local}: an incomplete checkpoint ({why})")
-        return cls(local, persisted, ckpt_io.read_state(local))
-
-    def resharded(self, world: int) -> bool:
-        """Saved by another number of workers, with per-rank (ZeRO 1-3) engine state."""
-        return self.state.world_size != world and engine_state.is_partitioned(self.local)
 
 
 @dataclass
@@ -221,13 +153,14 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        info: dist.DistInfo,
+        session: Session,
         run_dir: str,
         init_from: str | None = None,
-        tracking: dict[str, Any] | None = None,
+        tracking: TrackingSettings | None = None,
         resume: ResumePoint | None = None,
     ) -> None:
-        self.cfg, self.info, self.run_dir = cfg, info, run_dir
+        self.cfg, self.session, self.run_dir = cfg, session, run_dir
+        self.info = info = session.info
         import deepspeed  # noqa: F401  after dist.setup chose the accelerator
 
         # DeepSpeed calls torch.distributed APIs that torch has deprecated; not ours to fix.
@@ -272,6 +205,8 @@ class Trainer:
         self.own_grad_norm = cfg.zero.stage == 0 and t.precision == "fp32"
         self.peak = peak_flops(info.device, t.precision)  # str(self.peak) says which
         self.tracker = make_tracker(tracking, info.is_main, self.n_params)
+        # Told about every checkpoint (stage, then persisted): MLflow's registration.
+        self.subscribers: list[checkpoint_writer.CheckpointSubscriber] = [self.tracker]
         self.startup: dict[str, float] = {}  # wall-clock marks, set by train_loop
 
     def _add_adapters(self, model, init_from: str, resume: ResumePoint | None):
@@ -426,73 +361,31 @@ class Trainer:
 
     # -- checkpoint -------------------------------------------------------------------
     def save(self, metrics: dict[str, float]) -> None:
-        """Write a checkpoint, hand it to Ray with `metrics`, then queue its registration
-        (rank 0).
+        """Write a checkpoint (`checkpoint_writer.write`), hand it to the session with
+        `metrics`, then tell the subscribers it is persisted (rank 0's tracker registers it).
 
-        Registration starts only once every rank's `ray.train.report` returned, i.e. the
-        whole checkpoint is persisted in the run dir, and checks that it is complete there
-        (`checkpoint.incomplete`).
+        Subscribers hear of it only once every rank's `report` returned, i.e. the whole
+        checkpoint is in the run dir (the tracker checks it is complete there,
+        `checkpoint.incomplete`). A rank that dies persisting never gets that far; neither
+        does rank 0.
         """
-        import ray.train
-
-        tmp = Path(tempfile.mkdtemp(prefix="lmforge-ckpt-"))
-        try:
-            self.engine.save_checkpoint(
-                str(tmp / ckpt_io.ENGINE_DIR), tag=ckpt_io.ENGINE_TAG,
-                exclude_frozen_parameters=self.lora,  # the base is in base.json's folder
+        with tempfile.TemporaryDirectory(prefix="lmforge-ckpt-") as tmp:
+            out = Path(tmp) / ckpt_io.dir_name(self.step)
+            content = checkpoint_writer.Content(
+                self.cfg, self.dataset, self.step, self.tokens_seen, self.stream.state_dict(),
+                metrics, self.evals, self.base,
             )  # fmt: skip
-            faults.maybe_kill("checkpoint", self.step, self.info.rank)
-            weights = consolidated_weights(self.engine, self.info, trainable_only=self.lora)
-            # Each rank's data position, and the engine files it adds to the checkpoint dir.
-            ranks = dist.all_gather_object(
-                (self.stream.state_dict(), ckpt_io.file_sizes(tmp)), self.info
-            )
-            state, staged = None, None  # written by rank 0 only
-            if self.info.is_main:
-                state = ckpt_io.TrainerState(
-                    step=self.step,
-                    tokens_seen=self.tokens_seen,
-                    world_size=self.info.world,
-                    data=[position for position, _ in ranks],
-                    dataset=ckpt_io.DatasetIdentity(
-                        str(self.dataset.path),
-                        self.dataset.manifest_sha256,
-                        self.dataset.tokenizer_sha256,
-                    ),
-                    metrics=dict(metrics),
-                    evals=list(self.evals),
-                )
-                if self.lora:
-                    from lmforge.lora import saved_names
-
-                    ckpt_io.save_adapter(
-                        tmp, saved_names(weights), self.cfg, self.dataset.tokenizer_path,
-                        state, self.base,
-                    )  # fmt: skip
-                else:
-                    ckpt_io.save_servable(
-                        tmp, weights, self.cfg, self.dataset.tokenizer_path, state
-                    )
-                ckpt_io.save_template(tmp, self.dataset.template)  # how prompts look
-                ckpt_io.seal(tmp, [files for _, files in ranks[1:]])
-                staged = self.tracker.stage(tmp, self.step)
-            name = f"checkpoint_{self.step:08d}"
-            ray.train.report(
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                checkpoint_dir_name=name,
-            )  # fmt: skip
-            # `report` returns once this rank's files are copied; after the barrier every
-            # rank's are. A rank that dies copying never gets here: neither does rank 0.
-            dist.barrier(self.info)
-            dist.print0(self.info, f"checkpoint step {self.step} -> {self.run_dir}/{name}")
-            self.tracker.register(staged, storage.resolve(self.run_dir) / name, state)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            state = checkpoint_writer.write(out, self.engine, self.info, content)
+            staged = [s.stage(out, self.step) for s in self.subscribers]
+            self.session.report(metrics, out)
+            dist.barrier(self.info)  # every rank's files are in the run dir now
+            persisted = ckpt_io.in_run(self.run_dir, out.name)
+            dist.print0(self.info, f"checkpoint step {self.step} -> {persisted}")
+            for subscriber, token in zip(self.subscribers, staged, strict=True):
+                subscriber.register(token, persisted, state)
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self) -> None:
-        import ray.train
-
         t, p = self.cfg.train, self.info
         dist.print0(
             p,
@@ -507,7 +400,7 @@ class Trainer:
             metrics = {"step": 0, **self.evaluate()}
             dist.print0(p, _eval_line(metrics))
             self.tracker.log_metrics(0, metrics)
-            ray.train.report(metrics)
+            self.session.report(metrics)
         batches = self.stream.batches()
         started, first_step = time.perf_counter(), self.step
         steps: list[dict[str, float]] = []  # of this (re)start, for the steady throughput
@@ -537,7 +430,7 @@ class Trainer:
             if d.checkpoint:
                 self.save(metrics)
             elif d.report:
-                ray.train.report(metrics)
+                self.session.report(metrics)
 
     def throughput(self, steps: list[dict[str, float]]) -> dict[str, float]:
         """Steady-state figures of this (re)start: the median step after a short warm-up
@@ -567,7 +460,7 @@ def _startup_line(startup: dict[str, float], first_step_done: float) -> str:
     launched = startup.get("launched", began)
     ready = startup.get("engine_ready", began)
     return (
-        f"startup | Ray Train workers up {began - launched:.2f} s after the launcher | worker "
+        f"startup | workers up {began - launched:.2f} s after the launcher | worker "
         f"began at unix {began:.3f} | engine ready +{ready - began:.2f} s (data, model, "
         f"DeepSpeed init) | first step done +{first_step_done - began:.2f} s"
     )
@@ -585,31 +478,14 @@ def _eval_line(m: dict[str, float]) -> str:
     return f"eval step {m['step']:>6} | val_loss {m['val_loss']:.4f} | val_ppl {m['val_perplexity']:.2f}"
 
 
-def _quiet_ray_train_reports() -> None:
-    """Drop Ray Train's INFO line per `report()`, which would drown our progress lines.
-
-    Ray 2.60 names that logger by file path (`logging.getLogger(__file__)` in its
-    execution/context.py), so RunConfig's LoggingConfig, which filters `ray.train.*`
-    records, does not reach it.
-    """
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 RANK_NODES_TAG = "lmforge.rank_nodes"
 
 
-def record_placement(info: dist.DistInfo, tracker) -> list[dict[str, str]]:
+def record_placement(session: Session, tracker) -> list[dict[str, str]]:
     """Which node each rank runs on (a collective): rank 0 prints a line per rank to the job
     log and tags the MLflow run with `rank_nodes_tag`."""
-    import ray
-
-    me = {
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "address": ray.util.get_node_ip_address(),
-    }
-    ranks = dist.all_gather_object(me, info)
+    info = session.info
+    ranks = dist.all_gather_object(session.node(), info)
     for rank, r in enumerate(ranks):
         dist.print0(info, f"rank {rank} on node {r['node_id'][:12]} ({r['address']})")
     tracker.set_tags({RANK_NODES_TAG: rank_nodes_tag(ranks)})
@@ -626,37 +502,25 @@ def rank_nodes_tag(ranks: list[dict[str, str]], limit: int = 5000) -> str:
     return json.dumps(f"{len(ranks)} ranks on {len({r['node_id'] for r in ranks})} nodes")
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """The Ray Train worker entry point."""
-    import ray.train
-
+def run_worker(plan: WorkerPlan, session: Session) -> None:
+    """One worker's run, under any session: build the trainer (resumed when the session
+    has a checkpoint), train, and end the MLflow run with its status on every path."""
     began = time.time()
-    _quiet_ray_train_reports()
-    cfg = config_from_dict(loop_config["config"])
-    storage.configure(cfg.storage)  # s3:// data or run dir (credentials: the runtime env)
-    info = dist.setup(cfg.scaling.use_gpu)
-    checkpoint = ray.train.get_checkpoint()  # set when Ray restarts or resumes the run
+    storage.configure(plan.config.storage)  # s3:// data or run dir (credentials: the env)
     trainer, status = None, "FAILED"
     try:
-        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
-            persisted = (
-                storage.resolve(loop_config["run_dir"]) / Path(checkpoint.path).name
-                if checkpoint
-                else None
-            )
-            resume = ResumePoint.open(Path(d), persisted) if checkpoint else None
+        with session.restore_point() as resume:
             trainer = Trainer(
-                cfg, info, loop_config["run_dir"], loop_config.get("init_from"),
-                loop_config.get("tracking"), resume,
-            )  # fmt: skip
+                plan.config, session, plan.run_dir, plan.init_from, plan.tracking, resume
+            )
             trainer.startup = {
-                "launched": loop_config.get("launched_at", began),
+                "launched": plan.launched_at,
                 "worker_began": began,
                 "engine_ready": time.time(),
             }
             if resume is not None:
                 trainer.restore(resume)
-        record_placement(info, trainer.tracker)
+        record_placement(session, trainer.tracker)
         trainer.fit()
         status = "FINISHED"
     finally:

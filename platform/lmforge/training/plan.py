@@ -97,7 +97,7 @@ def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = 
     if resume:
         resume_from = ckpt_io.latest_in_run(run_dir)
         if resume_from is None:
-            raise ConfigError(f"--resume: {run_dir} has no checkpoint Ray recorded")
+            raise ConfigError(f"--resume: {run_dir} has no recorded checkpoint")
         state = ckpt_io.read_state(resume_from)
         check_resume(cfg, resume_from, state, dataset)
     cfg = run_setup.pin_uri(cfg)
@@ -172,7 +172,7 @@ def find_run_dir(cfg: Config, resume: bool | str) -> Path | storage.S3Path:
     elif resume and name is None:
         runs = sorted(
             (d for d in root.glob("*") if ckpt_io.has_checkpoints(d)),
-            key=lambda d: (d / ckpt_io.RAY_RECORD).stat().st_mtime,
+            key=lambda d: ckpt_io.record_file(d).stat().st_mtime,
         )
         if not runs:
             raise ConfigError(f"--resume: no run with a checkpoint under {root}")

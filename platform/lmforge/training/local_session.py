@@ -1,0 +1,118 @@
+"""`LocalSession`: the session port over plain processes, without Ray.
+
+`run(plan, worker_plan)` spawns `scaling.num_workers` processes (torch's own
+multiprocessing), each a gloo (NCCL on GPUs) rank running the same `run_worker` as a Ray
+Train worker. A checkpoint is persisted as Ray Train persists it: every rank copies its
+checkpoint dir into the run dir, and once all have (a barrier) rank 0 records it in the
+run's `checkpoints.json` and removes the oldest beyond `run.checkpoints_to_keep`. A resumed
+run restores from the latest recorded checkpoint, on any number of workers.
+
+What it does not do: restart a failed rank (a rank that dies ends the run; the last
+recorded checkpoint stays good), elastic worker counts, or storage other than a local
+directory. Those are Ray's: the tests about them run on Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lmforge import checkpoint as ckpt_io
+from lmforge import dist, storage
+from lmforge.config import Config, ConfigError
+from lmforge.training.session import ResumePoint, WorkerPlan
+
+
+class LocalSession:
+    def __init__(self, run_dir: str, keep: int | None, use_gpu: bool) -> None:
+        self.info = dist.setup(use_gpu)
+        self.run_dir, self.keep = Path(run_dir), keep
+        self.reported: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def restore_point(self) -> Iterator[ResumePoint | None]:
+        latest = ckpt_io.latest_in_run(self.run_dir)
+        yield ResumePoint.open(latest, latest) if latest is not None else None
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
+        self.reported.append(dict(metrics))
+        if checkpoint is not None:
+            shutil.copytree(checkpoint, self.run_dir / checkpoint.name, dirs_exist_ok=True)
+        dist.barrier(self.info)  # as Ray Train's report: every rank's files are copied
+        if checkpoint is not None and self.info.is_main:
+            self._record(checkpoint.name)
+
+    def _record(self, name: str) -> None:
+        """Add `name` to the run's record (atomically), then drop the oldest beyond `keep`."""
+        record = self.run_dir / ckpt_io.LOCAL_RECORD
+        names = json.loads(record.read_text())["checkpoints"] if record.is_file() else []
+        names = [n for n in names if n != name] + [name]
+        drop = names[: -self.keep] if self.keep else []
+        names = names[len(drop) :]
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"checkpoints": names}, indent=1) + "\n")
+        os.replace(tmp, record)
+        for old in drop:
+            shutil.rmtree(self.run_dir / old, ignore_errors=True)
+
+    def node(self) -> dict[str, str]:
+        return {"node_id": socket.gethostname(), "address": "127.0.0.1"}
+
+
+def check(cfg: Config) -> None:
+    """What a local run cannot do, refused before any process starts."""
+    if cfg.scaling.elastic:
+        raise ConfigError(
+            "scaling.num_workers: a local run has a fixed number of workers; give one number"
+        )
+    if storage.is_remote(storage.resolve(cfg.run.storage_path)):
+        raise ConfigError(
+            f"run.storage_path={cfg.run.storage_path}: a local run keeps its checkpoints in a "
+            "local directory"
+        )
+
+
+def run(plan: WorkerPlan) -> dict[str, Any]:
+    """Train `plan` on `scaling.num_workers` local processes; rank 0's last reported metrics."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from lmforge.services import free_port
+
+    check(plan.config)
+    world = plan.config.scaling.num_workers
+    with tempfile.TemporaryDirectory(prefix="lmforge-local-") as tmp:
+        result = Path(tmp) / "metrics.json"
+        mp.start_processes(
+            _worker, args=(world, free_port(), plan, str(result)), nprocs=world,
+            join=True, start_method="spawn",
+        )  # fmt: skip
+        return json.loads(result.read_text()) if result.is_file() else {}
+
+
+def _worker(rank: int, world: int, port: int, plan: WorkerPlan, result: str) -> None:
+    """One rank: its process group, then the same `run_worker` as under Ray."""
+    import torch.distributed as tdist
+
+    use_gpu = plan.config.scaling.use_gpu
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+    )  # fmt: skip
+    tdist.init_process_group("nccl" if use_gpu else "gloo", rank=rank, world_size=world)
+    try:
+        session = LocalSession(plan.run_dir, plan.config.run.checkpoints_to_keep, use_gpu)
+        from lmforge.training.loop import run_worker  # after dist.setup chose DeepSpeed's device
+
+        run_worker(plan, session)
+        if session.info.is_main and session.reported:
+            Path(result).write_text(json.dumps(session.reported[-1]))
+    finally:
+        tdist.destroy_process_group()
