@@ -186,6 +186,7 @@ def test_a_dead_jobs_api_fails_in_seconds_naming_it():
 
 # -- before a run starts on a cluster ---------------------------------------------------
 ONE_CPU = {"CPU": 1.0}
+TWO_CPU = {"CPU": 2.0}
 HEAD = {"memory": 1.0}  # the head of `cluster up --nodes N`: no CPU
 
 
@@ -205,9 +206,9 @@ def test_a_local_storage_path_is_refused_on_several_nodes():
 @pytest.mark.parametrize(
     "overrides, nodes",
     [
-        ([], [ONE_CPU]),  # one node: local storage is shared by definition
-        (["run.shared_filesystem=true"], [HEAD, ONE_CPU]),  # an NFS-style mount
-        (["run.storage_path=s3://bucket/runs"], [HEAD, ONE_CPU]),  # a URI is shared
+        ([], [TWO_CPU]),  # one node: local storage is shared by definition
+        (["run.shared_filesystem=true"], [HEAD, ONE_CPU, ONE_CPU]),  # an NFS-style mount
+        (["run.storage_path=s3://bucket/runs"], [HEAD, ONE_CPU, ONE_CPU]),  # a URI is shared
     ],
 )
 def test_shared_or_single_node_storage_passes(overrides, nodes):
@@ -219,7 +220,7 @@ def test_strict_spread_needs_a_node_per_worker_that_fits_one():
     check_cluster(c, [HEAD, ONE_CPU, ONE_CPU])
     with pytest.raises(ConfigError, match="only 1 of the cluster's 3 nodes"):
         check_cluster(c, [HEAD, ONE_CPU, {"CPU": 0.5}])
-    check_cluster(cfg("scaling.placement_strategy=SPREAD"), [ONE_CPU])  # SPREAD may share
+    check_cluster(cfg("scaling.placement_strategy=SPREAD"), [TWO_CPU])  # SPREAD may share
 
 
 def test_placement_strategy_and_shared_filesystem_fields():

@@ -21,6 +21,7 @@ from lmforge import storage
 from lmforge.config import Config, ConfigError
 from lmforge.paths import is_uri
 from lmforge.tracking import store
+from lmforge.training import placement
 from lmforge.training.plan import LaunchPlan, build_plan, stage_init
 from lmforge.training.session import WorkerPlan
 
@@ -119,7 +120,7 @@ def check_cluster(cfg: Config, nodes: list[dict[str, float]]) -> None:
     restore, so with more than one node it must be storage every node sees: a URI (s3://),
     or a local path declared shared (`run.shared_filesystem`, an NFS-style mount).
     """
-    run, s = cfg.run, cfg.scaling
+    run = cfg.run
     if len(nodes) > 1 and not run.shared_filesystem and not is_uri(run.storage_path):
         raise ConfigError(
             f"run.storage_path={run.storage_path!r} is a local directory, but the Ray cluster "
@@ -127,17 +128,8 @@ def check_cluster(cfg: Config, nodes: list[dict[str, float]]) -> None:
             "set run.storage_path to shared storage (s3://bucket/prefix), or, for a path "
             "mounted on every node (NFS), run.shared_filesystem=true"
         )
-    if s.placement_strategy == "STRICT_SPREAD":
-        need = {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {})}
-        fit = sum(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes)
-        if fit < s.min_workers:  # elastic: Ray Train starts with as many as fit, min or more
-            least = f"at least {s.min_workers}" if s.elastic else str(s.num_workers)
-            raise ConfigError(
-                f"scaling.placement_strategy=STRICT_SPREAD puts each of the "
-                f"{least} workers on its own node, but only {fit} of the cluster's "
-                f"{len(nodes)} nodes have {need}: add nodes, lower scaling.num_workers or use "
-                "SPREAD"
-            )
+    # Workers that cannot all be placed: refused, or (an autoscaler) waited for, in one line.
+    placement.check_placement(cfg, nodes, autoscaling=placement.autoscaler_configured)
 
 
 def elastic_note(cfg: Config) -> str:
