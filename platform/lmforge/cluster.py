@@ -471,9 +471,11 @@ def _fmt_resource(key: str, value: float) -> str:
 
 
 def status() -> str:
+    """The running cluster and its nodes; a ClusterError when none runs (`lmforge cluster
+    status` exits non-zero then, as `ray status` does, so a script can tell)."""
     info = running()
     if info is None:
-        return "no local Ray cluster running (start one with `lmforge cluster up`)"
+        raise ClusterError("no local Ray cluster running (start one with `lmforge cluster up`)")
     nodes = list_nodes(info)
     alive = sum(n.get("state") == "ALIVE" for n in nodes)
     return (

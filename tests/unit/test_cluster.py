@@ -132,6 +132,17 @@ def test_add_node_needs_a_running_cluster_of_several_nodes(started, monkeypatch)
     assert [c["name"] for c in started[0]] == ["cluster"]
 
 
+def test_status_without_a_cluster_exits_non_zero(monkeypatch, tmp_path, capsys):
+    """As `ray status` does: a script can tell that no cluster runs."""
+    from lmforge.cli import main
+
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path))  # no cluster.json: none running
+    assert main(["cluster", "status"]) != 0
+    out = capsys.readouterr()
+    assert "no local Ray cluster running" in out.err and "lmforge cluster up" in out.err
+    assert out.out == ""
+
+
 def test_cli_cluster_flags():
     args = build_parser().parse_args(["cluster", "up", "--nodes", "3", "--node-cpus", "2"])
     assert (args.nodes, args.node_cpus, args.num_cpus) == (3, 2, None)
