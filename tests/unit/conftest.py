@@ -55,3 +55,14 @@ def plain_main():
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
         yield
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch):
+    """A fresh embedded MLflow store (SQLite, artifacts in a folder beside it) in a tmp
+    LMFORGE_HOME. A bare `sqlite:///tmp/x.db` would not do: MLflow gives the experiments of
+    a SQLite store its default artifact root, `./mlruns` of the working dir (the repo)."""
+    from lmforge.tracking import store
+
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    return store.sqlite_uri()

@@ -19,10 +19,9 @@ APP = str(REPO / "dashboard" / "app.py")
 
 
 @pytest.fixture
-def app(monkeypatch, tmp_path):
+def app(monkeypatch, tracking_uri):
     monkeypatch.syspath_prepend(str(REPO / "dashboard"))
-    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)  # LMFORGE_HOME is tmp_path/home
     monkeypatch.setenv("RAY_JOBS_ADDRESS", "http://127.0.0.1:9")  # nothing listens there
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()

@@ -137,21 +137,19 @@ def test_pickled_weights_only_are_refused(tmp_path, tokenizer_file):
     assert "safetensors" in _refused(folder, "only pickled weights").split("lmforge does not")[1]
 
 
-def test_a_refused_import_writes_nothing(tmp_path, tokenizer_file, monkeypatch):
-    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+def test_a_refused_import_writes_nothing(tracking_uri, tmp_path, tokenizer_file):
     folder = tmp_path / "hf"
     hf_folder(folder, tokenizer_file, vocab_size=100)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     before = sorted(tmp_path.rglob("*"))
     with pytest.raises(HfImportError):
         import_hf(folder, "unit", tracking_uri=uri)
     assert sorted(tmp_path.rglob("*")) == before  # no store, no checkpoint
 
 
-def test_an_import_registers_a_version_that_loads(tmp_path, tokenizer_file, monkeypatch, capsys):
-    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+def test_an_import_registers_a_version_that_loads(tracking_uri, tmp_path, tokenizer_file, capsys):
     hf = hf_folder(tmp_path / "my-gpt2", tokenizer_file)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     before = os.environ.get("MLFLOW_TRACKING_URI")
     version = import_hf(tmp_path / "my-gpt2", "unit", tracking_uri=uri)
     assert str(version.version) == "1"

@@ -63,8 +63,8 @@ def _settings(uri, run_dir, name="unit"):
     )  # fmt: skip
 
 
-def test_metrics_and_registrations_reach_the_store(tmp_path, checkpoints):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_metrics_and_registrations_reach_the_store(tracking_uri, tmp_path, checkpoints):
+    uri = tracking_uri
     tracker = Tracker(_settings(uri, tmp_path / "run"))
     for step in range(1, 16):
         tracker.log_metrics(step, {"step": step, "loss": 10.0 / step})
@@ -87,8 +87,8 @@ def test_metrics_and_registrations_reach_the_store(tmp_path, checkpoints):
     assert len(c.get_metric_history(run_id, "loss")) == 16
 
 
-def test_a_retried_registration_makes_one_version(tmp_path, checkpoints, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_retried_registration_makes_one_version(tracking_uri, tmp_path, checkpoints, monkeypatch):
+    uri = tracking_uri
     calls = []
     real = registry.update_aliases
 
@@ -107,11 +107,13 @@ def test_a_retried_registration_makes_one_version(tmp_path, checkpoints, monkeyp
     assert len(store.client(uri).search_model_versions("name='flaky'")) == 1
 
 
-def test_a_restored_checkpoint_without_a_version_is_registered(tmp_path, checkpoints, capsys):
+def test_a_restored_checkpoint_without_a_version_is_registered(
+    tracking_uri, tmp_path, checkpoints, capsys
+):
     """Rank 0 died after `ray.train.report` of step 10, before its registration ran; the
     restarted job restores step 10 and registers it. Step 5, registered already, is not
     logged again."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     (d5, s5), (d10, s10), _ = checkpoints
     first = Tracker(_settings(uri, tmp_path / "run", "restored"))
     first.register(first.stage(d5, 5), d5, s5)
@@ -136,8 +138,8 @@ def test_a_restored_checkpoint_without_a_version_is_registered(tmp_path, checkpo
     assert len(logged) == 2  # one logged model per checkpoint: step 5's was not logged twice
 
 
-def test_an_incomplete_checkpoint_is_never_registered(tmp_path, checkpoints):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_an_incomplete_checkpoint_is_never_registered(tracking_uri, tmp_path, checkpoints):
+    uri = tracking_uri
     tracker = Tracker(_settings(uri, tmp_path / "run", "partial"))
     (d5, s5), (d10, s10), _ = checkpoints
     for d in (d5, d10):
@@ -190,12 +192,14 @@ def test_a_server_never_reached_fails_fast_in_one_line(tmp_path, checkpoints, ca
     assert d.is_dir()  # the checkpoint itself is untouched
 
 
-def test_a_refused_run_drops_its_work_after_the_retries(tmp_path, checkpoints, monkeypatch):
+def test_a_refused_run_drops_its_work_after_the_retries(
+    tracking_uri, tmp_path, checkpoints, monkeypatch
+):
     """A server that answers but refuses (here: a bad experiment) is not an outage: after
     `retries` more tries each piece of work is reported once, and close does not wait."""
     from mlflow.exceptions import MlflowException
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     calls = []
 
     def refuse(*args):

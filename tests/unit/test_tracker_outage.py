@@ -103,10 +103,12 @@ def test_an_outage_loses_and_doubles_nothing(server_dir, tmp_path, checkpoints, 
         kill_group(proc.pid)
 
 
-def test_a_server_gone_for_good_is_waited_for_up_to_the_bound(tmp_path, monkeypatch, capsys):
+def test_a_server_gone_for_good_is_waited_for_up_to_the_bound(
+    tracking_uri, tmp_path, monkeypatch, capsys
+):
     """The store answered, then stops answering for good (every call a refused connection):
     close waits `outage_wait_s`, then reports what was left undone."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     settings = _settings(uri, tmp_path / "run", "gone")
     settings.outage_wait_s = 3
     tracker = Tracker(settings, backoff_s=0.2, max_backoff_s=0.5, flush_every_s=0.2)
@@ -131,6 +133,7 @@ def test_a_server_gone_for_good_is_waited_for_up_to_the_bound(tmp_path, monkeypa
 
 
 def test_an_answer_lost_after_the_store_took_it_is_not_sent_twice(
+    tracking_uri,
     tmp_path,
     checkpoints,  # noqa: F811
     monkeypatch,
@@ -139,7 +142,7 @@ def test_an_answer_lost_after_the_store_took_it_is_not_sent_twice(
     its answer: the retry asks what MLflow has, so nothing is doubled."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     tracker = Tracker(_settings(uri, tmp_path / "run", "lost"), backoff_s=0.05)
     real_log_batch, real_register = tracker.client.log_batch, mlflow.register_model
     lost = {"batch": 0, "version": 0}
