@@ -1,12 +1,26 @@
-"""A generated fine-tuning task shared by the unit and integration tests of SFT (issue 15):
-copy the prompt's last item. The unit test trains on token ids directly (`copy_task`), the
-integration test on the same draws as words in JSONL rows (`copy_rows`), through prepare."""
+"""A generated fine-tuning task shared by the SFT tests (issue 15): copy the prompt's last
+word. `copy_rows` gives its JSONL rows (the dashboard's browser test uploads them);
+`copy_datasets` prepares them, without Ray, into an SFT dataset and, for the same training
+examples with no loss mask, a text dataset."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
+from lmforge.checkpoint import TOKENIZER
 from lmforge.data import sft
+from lmforge.data.dataset import Dataset
+from lmforge.data.prepare import (
+    PrepareOptions,
+    resolve_template,
+    split_and_write,
+    split_and_write_sft,
+)
+from lmforge.evaluate import read_examples
+from lmforge.tokenizer import EOT, eot_token, train_tokenizer
 
 # 34 short words, each a single BPE token once the tokenizer has seen the rows.
 WORDS = ["red", "blue", "green", "gold", "pink", "grey", "cyan", "teal", "lime", "navy", "plum",
@@ -14,25 +28,44 @@ WORDS = ["red", "blue", "green", "gold", "pink", "grey", "cyan", "teal", "lime",
          "kiwi", "pear", "date", "sky", "sea", "sun", "moon", "star", "rain", "snow", "wind"]  # fmt: skip
 
 
-def copy_draws(n: int, seed: int, low: int, high: int) -> list[np.ndarray]:
-    """n prompts of 3-8 items drawn from [low, high); the answer is each prompt's last item."""
-    rng = np.random.default_rng(seed)
-    return [rng.integers(low, high, int(rng.integers(3, 9))) for _ in range(n)]
-
-
-def copy_task(n: int, seed: int, vocab: int = 40) -> list[sft.Example]:
-    """Prompt: 3-8 random tokens (>= 4), then 1; answer: the prompt's last token, then 0."""
-    out = []
-    for p in copy_draws(n, seed, 4, vocab):
-        ids = np.concatenate([p, [1, p[-1], 0]]).astype(np.int64)
-        out.append(sft.Example(ids, np.arange(len(ids)) >= len(ids) - 2))
-    return out
-
-
 def copy_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """{"prompt": "w1 w2 ... wk =", "completion": " wk"} rows over `WORDS`."""
+    """{"prompt": "w1 w2 ... wk =", "completion": " wk"} rows of 3-8 words from `WORDS`."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for p in copy_draws(n, seed, 0, len(WORDS)):
-        words = [WORDS[i] for i in p]
+    for _ in range(n):
+        words = [WORDS[i] for i in rng.integers(0, len(WORDS), int(rng.integers(3, 9)))]
         rows.append({"prompt": " ".join(words) + " =", "completion": " " + words[-1]})
     return rows
+
+
+def copy_datasets(root: Path, n: int = 2000, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(sft, text) under `root`: `n` copy rows as `lmforge prepare --format sft --template
+    plain --vocab-size 512 --seq-tokens 32 --val-fraction 0.1 --rows-per-group 16` makes
+    them (the same reading, tokenizer training, encoding and writing; the rows encoded in
+    this process where prepare has Ray Data tasks do it), and the SFT train split's examples
+    as plain text documents with every token a target (`prepare --format text` with the SFT
+    dataset's tokenizer, 64-token rows)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows_file = root / "copy.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in copy_rows(n, seed)))
+    opts = PrepareOptions(format="sft", template="plain", vocab_size=512, seq_tokens=32,
+                          val_fraction=0.1, rows_per_group=16)  # fmt: skip
+    rows = [messages for _, messages in sft.read_rows(rows_file)]
+    out = root / "sft"
+    out.mkdir()
+    template, _ = resolve_template(opts.template, EOT)
+    tok = train_tokenizer((template.render(m) for m in rows), opts.vocab_size)
+    tok.save(str(out / TOKENIZER))
+    template, _ = resolve_template(opts.template, eot_token(tok) or "")
+    examples = (sft.encode(tok, template, m, opts.seq_tokens, opts.prompt_policy) for m in rows)
+    source = [{"path": str(rows_file), "bytes": rows_file.stat().st_size}]
+    split_and_write_sft(examples, out, tok, opts, source, template)
+    ds = Dataset(out)
+
+    text = root / "text"
+    text.mkdir()
+    tok.save(str(text / TOKENIZER))
+    docs = (ex.ids for ex in read_examples(ds, "train"))  # each ends with the eos
+    text_opts = PrepareOptions(seq_tokens=64, val_fraction=0.1, rows_per_group=4)
+    split_and_write(docs, text, tok, text_opts, sources=[])
+    return ds, Dataset(text)
