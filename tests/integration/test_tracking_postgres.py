@@ -90,7 +90,10 @@ def test_without_credentials_the_server_refuses(shared, monkeypatch):
     with pytest.raises(MlflowException, match="401"):
         store.client(shared.url).search_experiments()
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER_PW)
-    assert store.client(shared.url).search_experiments() is not None
+    c = store.client(shared.url)  # the right password: the user writes, then reads it back
+    made = c.create_experiment("it-pg-auth")
+    assert c.get_experiment_by_name("it-pg-auth").experiment_id == made
+    assert "it-pg-auth" in {e.name for e in c.search_experiments()}
 
 
 def test_a_run_registers_and_generates_through_the_server(shared, dataset, monkeypatch, capfd):
