@@ -443,11 +443,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def model_shape(m, vocab_size: int) -> dict:
     """The model's settings as the report shows them: arch, sizes, and the arch's own
-    settings that are set (None: the architecture's default)."""
+    settings that differ from its defaults."""
+    from lmforge import models
+
     keep = ("n_layer", "d_model", "n_head", "context_length")
-    shape = {"arch": m.arch} | {k: getattr(m, k) for k in keep if m.arch != "lstm" or k != "n_head"}
-    extra = ("n_kv_head", "ffn_hidden", "rope_theta", "tie_embeddings")
-    shape |= {k: getattr(m, k) for k in extra if getattr(m, k, None) is not None}
+    shape = {"arch": m.arch} | {k: getattr(m, k) for k in keep if k not in m.unused}
+    own = {k: getattr(m, k) for k in models.own_keys(m.arch)}
+    shape |= {k: v for k, v in own.items() if v != type(m).model_fields[k].default}
     return shape | {"vocab_size": vocab_size}
 
 

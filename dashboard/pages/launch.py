@@ -1,14 +1,14 @@
 """Launch: a training job from a form, validated by the config schema, sent to the Jobs API.
 
 Every field takes its bounds, starting value, help text and choices from the config schema
-(`lmforge.launch_form.form_field`); only labels and layout live here.
+(`lmforge.launch_form.form_field`); only labels and layout live here, but for the settings of
+an architecture's own, which its file labels (`launch_form.arch_fields`).
 """
 
 import streamlit as st
 import ui
 
-from lmforge import jobspec, launch_form, paths
-from lmforge.config import ARCH_SETTINGS
+from lmforge import jobspec, launch_form, models, paths
 from lmforge.data.dataset import Dataset
 from lmforge.estimate import estimate, human_bytes
 
@@ -68,17 +68,18 @@ fields: dict[str, object] = {}
 slots: dict[str, object] = {}
 
 
-def start(key: str):
+def start(key: str, f: launch_form.FormField | None = None):
     """The value a field starts from: the base config's, else the schema's default."""
     section, leaf = key.split(".")
     value = defaults.get(section, {}).get(leaf)
-    return launch_form.form_field(key).default if value is None else value
+    return (f or launch_form.form_field(key)).default if value is None else value
 
 
 def field(key: str, widget, label: str, *args, **kwargs):
     """A widget whose value goes to config key `key`, with a slot below it for its error.
     Its help text is the config field's description."""
-    kwargs.setdefault("help", launch_form.form_field(key).help)
+    if "help" not in kwargs:
+        kwargs["help"] = launch_form.form_field(key).help
     fields[key] = widget(label, *args, key=f"f_{key}", **kwargs)
     slots[key] = st.empty()
 
@@ -90,22 +91,17 @@ def number(key: str, label: str, **kwargs):
     field(key, st.number_input, label, min_value=f.min, max_value=f.max, value=value, **kwargs)
 
 
-def optional_number(key: str, label: str, **kwargs):
-    """A number input for a setting that may stay unset (the architecture's default)."""
-    f, value = launch_form.form_field(key), start(key)
+def setting(key: str, f: launch_form.FormField):
+    """A widget for a setting of the architecture's own: a toggle, or a number input that may
+    stay empty (unset: the architecture's default)."""
+    value, label = start(key, f), f.label or key
+    if f.type is bool:
+        field(key, st.toggle, label, value=bool(value), help=f.help)
+        return
     value = None if value is None else f.type(value)
-    placeholder = "the architecture's default"
     field(key, st.number_input, label, min_value=f.min, max_value=f.max, value=value,
-          placeholder=placeholder, **kwargs)  # fmt: skip
-
-
-# The settings only some architectures have (config.ARCH_SETTINGS), shown for the chosen one.
-ARCH_FIELDS = {
-    "n_kv_head": ("Key/value heads", {}),
-    "ffn_hidden": ("MLP width", {}),
-    "rope_theta": ("RoPE base", {"format": "%.0f"}),
-    "norm_eps": ("Norm epsilon", {"format": "%.1e"}),
-}
+          format="%g" if f.type is float else None, placeholder="the architecture's default",
+          help=f.help)  # fmt: skip
 
 
 def choice(key: str, label: str):
@@ -119,23 +115,17 @@ left, mid, right = st.columns(3)
 with left:
     st.subheader("Model")
     choice("model.arch", "Architecture")
-    arch = fields["model.arch"]
-    own = ARCH_SETTINGS[arch]
+    arch = models.settings(fields["model.arch"])  # its file's `Settings`: the keys it reads
     number("model.n_layer", "Layers")
-    if arch != "lstm":  # a recurrent model has no heads
+    if "n_head" not in arch.unused:  # e.g. a recurrent model has no heads
         number("model.n_head", "Heads")
     number("model.d_model", "Width (d_model)")
     number("model.context_length", "Context")
-    for key, (label, kwargs) in ARCH_FIELDS.items():
-        if key in own:
-            optional_number(f"model.{key}", label, **kwargs)
-    if "tie_embeddings" in own:
-        tied = start("model.tie_embeddings")
-        field("model.tie_embeddings", st.toggle, "Tie input and output embeddings",
-              value=True if tied is None else tied)  # fmt: skip
+    for key, f in launch_form.arch_fields(fields["model.arch"]).items():
+        setting(key, f)
     # Another architecture's settings in the base (a preset, a version) do not carry over.
-    others = set().union(*ARCH_SETTINGS.values()) - own
-    base = {**base, "model": {k: v for k, v in base.get("model", {}).items() if k not in others}}
+    base = {**base, "model": {k: v for k, v in base.get("model", {}).items()
+                              if k in arch.model_fields}}  # fmt: skip
     st.subheader("Data")
     data_default = str(paths.resolve(start("data.path")))
     if st.session_state.get("f_data.path") not in datasets:  # new or vanished datasets

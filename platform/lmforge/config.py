@@ -6,6 +6,9 @@ validated before Ray is touched: an unknown key, a wrong type or an out-of-range
 raises `ConfigError` with one line naming the key and what to do.
 
     cfg = load_config("jobs/configs/tiny.yaml", ["train.max_steps=20"])
+
+The `model` section is `lmforge.models.ModelConfig`: the keys every architecture has, and
+those of its `model.arch`, which its own file declares (`lmforge/models/<arch>.py`).
 """
 
 from __future__ import annotations
@@ -20,103 +23,19 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from lmforge.errors import LmforgeError
-
-
-class ConfigError(LmforgeError, ValueError):
-    """A config that cannot run; the message names the key."""
+from lmforge.errors import ConfigError
+from lmforge.models import ModelConfig
 
 
 class _Section(BaseModel):
     # extra="forbid": a misspelt key is an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Section):
-    """The model: which architecture (`lmforge/models/<arch>.py`) and its sizes."""
-
-    arch: Literal["gpt2", "llama", "lstm"] = Field(
-        "gpt2",
-        description="Architecture: gpt2 (learned positions, LayerNorm, GELU MLP), llama "
-        "(rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases) or lstm "
-        "(a recurrent baseline: embedding, LSTM layers, linear head).",
-    )
-    n_layer: int = Field(2, ge=1, description="Number of blocks (LSTM layers for lstm).")
-    n_head: int = Field(
-        2, ge=1, description="Attention heads per block; must divide d_model (not for lstm)."
-    )
-    d_model: int = Field(
-        128, ge=8, description="Width of the residual stream (embedding and hidden size for lstm)."
-    )
-    context_length: int = Field(128, ge=8, description="Longest sequence the model sees.")
-    dropout: float = Field(
-        0.0,
-        ge=0.0,
-        lt=1.0,
-        description="Dropout on attention and MLP (between LSTM layers and before the head "
-        "for lstm).",
-    )
-    vocab_size: int | None = Field(
-        None, ge=2, description="Taken from the dataset's tokenizer when unset; must match it."
-    )
-    # Settings of one architecture only: None means that architecture's default, and a value
-    # set for an architecture that has no such setting is refused (see _arch_settings).
-    n_kv_head: int | None = Field(
-        None,
-        ge=1,
-        description="llama: key/value heads (grouped-query attention), dividing n_head; "
-        "n_head when unset.",
-    )
-    ffn_hidden: int | None = Field(
-        None, ge=1, description="llama: SwiGLU hidden width; about 8/3 d_model when unset."
-    )
-    rope_theta: float | None = Field(
-        None, gt=0, description="llama: base of the rotary position frequencies; 10000 when unset."
-    )
-    norm_eps: float | None = Field(
-        None, gt=0, description="llama: RMSNorm epsilon; 1e-5 when unset."
-    )
-    tie_embeddings: bool | None = Field(
-        None,
-        description="llama, lstm: the output layer shares the token embedding's weights "
-        "(gpt2 always does); true when unset.",
-    )
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelConfig:
-        if self.arch != "lstm" and self.d_model % self.n_head:
-            raise ValueError(
-                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}"
-            )
-        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
-            raise ValueError(
-                f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _arch_settings(self) -> ModelConfig:
-        own = ARCH_SETTINGS[self.arch]
-        for key in ARCH_SETTINGS["llama"] | ARCH_SETTINGS["lstm"]:
-            if key not in own and getattr(self, key) is not None:
-                raise ValueError(
-                    f"model.{key}={getattr(self, key)} is not a setting of model.arch="
-                    f"{self.arch}; remove it"
-                )
-        return self
-
-
-# Which of ModelConfig's optional settings each architecture reads.
-ARCH_SETTINGS: dict[str, frozenset[str]] = {
-    "gpt2": frozenset(),
-    "llama": frozenset({"n_kv_head", "ffn_hidden", "rope_theta", "norm_eps", "tie_embeddings"}),
-    "lstm": frozenset({"tie_embeddings"}),
-}
 
 
 class DataConfig(_Section):
@@ -353,7 +272,9 @@ class TrackingConfig(_Section):
 
 
 class Config(_Section):
-    model: ModelConfig = ModelConfig()
+    # The `Settings` of model.arch (`lmforge.models`), dumped with its own keys; built when
+    # first needed, as that imports the architecture's file (and torch).
+    model: SerializeAsAny[ModelConfig] = Field(default_factory=ModelConfig)
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     zero: ZeroConfig = ZeroConfig()

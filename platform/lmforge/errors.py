@@ -25,3 +25,8 @@ def first_line(err: BaseException, limit: int | None = None) -> str:
 
 class UsageError(LmforgeError, ValueError):
     """An argument out of its range (a sampling setting, a prepare option, an output dir)."""
+
+
+class ConfigError(LmforgeError, ValueError):
+    """A config that cannot run; the message names the key (`lmforge.config` and the model
+    architectures in `lmforge.models` raise it)."""

@@ -81,13 +81,7 @@ def supported() -> dict[str, str]:
     """Hugging Face architecture -> the `model.arch` that imports it."""
     out = {}
     for name in models.names():
-        try:
-            arch = models.get(name)
-        except ModuleNotFoundError as err:  # an architecture whose module is not written yet
-            if err.name != f"{models.__name__}.{name}":
-                raise
-            continue
-        out.update(dict.fromkeys(arch.hf_architectures, name))
+        out.update(dict.fromkeys(models.get(name).hf_architectures, name))
     return out
 
 

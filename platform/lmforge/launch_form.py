@@ -4,7 +4,8 @@ values validated by the config schema.
 The form copies nothing from the schema: each widget takes its bounds, default, help text
 and choices from the config field it sets (`form_field("train.lr")`), and the values a
 person enters are validated by the same `Config` a job validates (`form_config`), each
-problem filed under its key so the page can show it next to its field.
+problem filed under its key so the page can show it next to its field. An architecture's
+own settings, with their labels, come from its file (`arch_fields("llama")`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lmforge import models
 from lmforge.config import Config, field_errors, merge, read_yaml
 from lmforge.data.dataset import MANIFEST
 from lmforge.jobspec import JobSpecError, data_roots, repo_root
@@ -41,10 +43,12 @@ class FormField:
     min: int | float | None = None
     max: int | float | None = None
     choices: tuple | None = None
+    label: str | None = None  # the field's title, where the schema gives one
 
 
-def form_field(key: str) -> FormField:
-    """The config field `section.key` as a form widget sees it (bounds, default, help)."""
+def form_field(key: str, arch: str | None = None) -> FormField:
+    """The config field `section.key` as a form widget sees it (bounds, default, help); a
+    `model.*` key as architecture `arch`'s `Settings` has it (its own keys included)."""
     *sections, leaf = key.split(".")
     model: Any = Config
     for part in sections:
@@ -52,6 +56,8 @@ def form_field(key: str) -> FormField:
         model = section.annotation if section else None
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise KeyError(f"{key}: {part} is not a config section")
+    if model is models.ModelConfig and arch is not None:
+        model = models.settings(arch)
     info = model.model_fields.get(leaf)
     if info is None:
         raise KeyError(f"{key}: not a config key")
@@ -62,6 +68,8 @@ def form_field(key: str) -> FormField:
     if typing.get_origin(kind) is typing.Literal:
         choices = typing.get_args(kind)
         kind = type(choices[0])
+    elif issubclass(model, models.ModelConfig) and leaf == "arch":
+        choices = models.names()  # the files of lmforge/models/
     bound = {  # pydantic keeps each bound as one annotated_types object (Ge, Gt, Le, Lt)
         name: getattr(m, name)
         for m in info.metadata
@@ -71,7 +79,12 @@ def form_field(key: str) -> FormField:
     lo, hi = bound.get("ge", bound.get("gt")), bound.get("le", bound.get("lt"))
     if kind in (int, float):
         lo, hi = (None if b is None else kind(b) for b in (lo, hi))
-    return FormField(kind, info.default, info.description, lo, hi, choices)
+    return FormField(kind, info.default, info.description, lo, hi, choices, info.title)
+
+
+def arch_fields(arch: str) -> dict[str, FormField]:
+    """The settings architecture `arch` adds to the shared `model.*` keys, by dotted key."""
+    return {f"model.{k}": form_field(f"model.{k}", arch) for k in models.own_keys(arch)}
 
 
 def presets() -> dict[str, Path]:

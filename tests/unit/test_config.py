@@ -1,8 +1,10 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from lmforge.config import ConfigError, load_config, parse_overrides
+from lmforge.config import Config, ConfigError, load_config, parse_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
@@ -99,3 +101,36 @@ def test_urls_without_credentials_still_load():
     assert cfg.tracking.tracking_uri == "postgresql://bob@db/mlflow"
     assert load_config(None, ["tracking.tracking_uri=http://127.0.0.1:5000"]).tracking
     assert load_config(None, ["storage.endpoint_url=http://127.0.0.1:9000"]).storage
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_kv_head=2", "model.n_kv_head=2 is not a setting of model.arch=gpt2; remove it"),
+        ("model.arch=nope", "model.arch: Input should be 'gpt2', 'llama' or 'lstm' (got 'nope')"),
+        ("model.n_kv_haed=2", "model.n_kv_haed: unknown key (known: arch, n_layer"),
+    ],
+)
+def test_model_keys_are_those_of_the_chosen_architecture(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    assert message in str(err.value)
+    llama = load_config(CONFIGS / "tiny.yaml", ["model.arch=llama", "model.n_kv_head=1"]).model
+    assert (llama.n_kv_head, llama.rope_theta, llama.tie_embeddings) == (1, 10000.0, True)
+
+
+def test_a_config_of_before_with_every_architectures_keys_at_null_still_loads():
+    """Configs saved before each architecture owned its keys list them all, unset (None)."""
+    unset = dict.fromkeys(["n_kv_head", "ffn_hidden", "rope_theta", "norm_eps", "tie_embeddings"])
+    cfg = Config.model_validate({"model": {"arch": "gpt2", **unset}})
+    assert cfg.model.arch == "gpt2" and "n_kv_head" not in cfg.to_dict()["model"]
+    lstm = Config.model_validate({"model": {"arch": "lstm", **unset}}).model
+    assert lstm.tie_embeddings is True  # None: the architecture's default
+    assert Config.model_validate(cfg.to_dict()) == cfg  # and a dump loads back
+
+
+def test_the_config_schema_imports_no_torch():
+    """The CLI's job commands and the dashboard's job client read configs: torch is imported
+    only when a config is validated (its architecture's file)."""
+    code = "import sys, lmforge.config, lmforge.jobclient; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

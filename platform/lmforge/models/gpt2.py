@@ -18,16 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ConfigError, ModelConfig
-from lmforge.models import Architecture, attention, lm_loss
+from lmforge.errors import ConfigError
+from lmforge.models import Architecture, ModelConfig, attention, lm_loss, vocab
 
 LN_EPS = 1e-5
 
 
-def _vocab(cfg: ModelConfig) -> int:
-    if cfg.vocab_size is None:
-        raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
-    return cfg.vocab_size
+class Settings(ModelConfig):
+    """gpt2: learned positions, LayerNorm, GELU MLP, tied embeddings; the shared model.*
+    keys only."""
 
 
 class CausalSelfAttention(nn.Module):
@@ -90,7 +89,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(_vocab(cfg), cfg.d_model)
+        self.wte = nn.Embedding(vocab(cfg), cfg.d_model)
         self.wpe = nn.Embedding(cfg.context_length, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -164,7 +163,7 @@ def new_cache(model: GPT, batch: int, device, dtype) -> attention.KVCache:
 
 def n_params(cfg: ModelConfig) -> int:
     """Every parameter of `GPT(cfg)`, the tied embedding once and the position table included."""
-    v, d, t, n = _vocab(cfg), cfg.d_model, cfg.context_length, cfg.n_layer
+    v, d, t, n = vocab(cfg), cfg.d_model, cfg.context_length, cfg.n_layer
     block = (
         2 * 2 * d  # two LayerNorms
         + 3 * d * d + 3 * d  # qkv
@@ -184,7 +183,7 @@ def flops_per_token(cfg: ModelConfig) -> float:
     12·L·d·T is attention's scores and weighted sum over the full T×T (causality not
     discounted). tests/unit/test_model.py checks this against torch's FLOP counter.
     """
-    v, d, t, n = _vocab(cfg), cfg.d_model, cfg.context_length, cfg.n_layer
+    v, d, t, n = vocab(cfg), cfg.d_model, cfg.context_length, cfg.n_layer
     return 6 * (n * 12 * d * d + v * d) + 12 * n * d * t
 
 
@@ -295,7 +294,8 @@ def from_hf(config: dict, weights: dict[str, torch.Tensor]) -> tuple[dict, dict[
     missing = [k for k in HF_SIZES if not isinstance(config.get(k), int)]
     if missing:
         raise ConfigError(f"config.json {missing[0]}: missing or not an integer")
-    fields = {"arch": "gpt2", **{ours: config[key] for key, ours in HF_SIZES.items()}}
+    arch = __name__.rpartition(".")[2]  # this file's name: its model.arch
+    fields = {"arch": arch, **{ours: config[key] for key, ours in HF_SIZES.items()}}
     inner = config.get("n_inner")
     if inner not in (None, 4 * config["n_embd"]):
         raise ConfigError(
@@ -312,7 +312,7 @@ def from_hf(config: dict, weights: dict[str, torch.Tensor]) -> tuple[dict, dict[
 
 
 ARCH = Architecture(
-    name="gpt2",
+    settings=Settings,
     build=GPT,
     n_params=n_params,
     flops_per_token=flops_per_token,

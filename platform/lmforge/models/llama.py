@@ -8,10 +8,10 @@ or untied token embeddings (`tie_embeddings`). Our module names are Hugging Face
 `rotate_half` one (the two halves of each head rotate together, not interleaved pairs), so
 the weights map one-to-one onto it with no permutation (`hf_state_dict`, `from_hf`).
 
-Defaults of the llama-only settings (None in the config): `n_kv_head` = `n_head`,
-`ffn_hidden` = int(8·d/3) rounded up to a multiple of 32 (the SwiGLU width whose three
-matrices hold about the 8·d² of a 4·d GELU MLP, at a matmul-friendly size),
-`rope_theta` = 10000, `norm_eps` = 1e-5, `tie_embeddings` = true.
+The llama-only settings and their defaults are `Settings` below; two follow the sizes
+when unset: `n_kv_head` = `n_head`, `ffn_hidden` = int(8·d/3) rounded up to a multiple of 32
+(the SwiGLU width whose three matrices hold about the 8·d² of a 4·d GELU MLP, at a
+matmul-friendly size).
 
 This module knows nothing of distribution: no Ray, no DeepSpeed, no MLflow, no
 torch.distributed.
@@ -24,42 +24,59 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, model_validator
 from torch import nn
 
-from lmforge.config import ConfigError, ModelConfig
-from lmforge.models import Architecture, attention, lm_loss
+from lmforge.errors import ConfigError
+from lmforge.models import Architecture, ModelConfig, attention, lm_loss, vocab
 
 FFN_MULTIPLE = 32
 TIED = ("lm_head.weight",)  # an alias of embed_tokens.weight when tie_embeddings
 
 
-def _vocab(cfg: ModelConfig) -> int:
-    if cfg.vocab_size is None:
-        raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
-    return cfg.vocab_size
+class Settings(ModelConfig):
+    """llama: rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases."""
+
+    n_kv_head: int | None = Field(
+        None,
+        ge=1,
+        title="Key/value heads",
+        description="Key/value heads (grouped-query attention), dividing n_head; "
+        "n_head when unset.",
+    )
+    ffn_hidden: int | None = Field(
+        None,
+        ge=1,
+        title="MLP width",
+        description="SwiGLU hidden width; about 8/3 d_model when unset.",
+    )
+    rope_theta: float = Field(
+        10000.0, gt=0, title="RoPE base", description="Base of the rotary frequencies."
+    )
+    norm_eps: float = Field(1e-5, gt=0, title="Norm epsilon", description="RMSNorm epsilon.")
+    tie_embeddings: bool = Field(
+        True,
+        title="Tie input and output embeddings",
+        description="The output layer shares the token embedding's weights.",
+    )
+
+    @model_validator(mode="after")
+    def _kv_heads_divide_heads(self) -> Settings:
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}"
+            )
+        return self
 
 
-def kv_heads(cfg: ModelConfig) -> int:
+def kv_heads(cfg: Settings) -> int:
     return cfg.n_kv_head or cfg.n_head
 
 
-def ffn_hidden(cfg: ModelConfig) -> int:
+def ffn_hidden(cfg: Settings) -> int:
     if cfg.ffn_hidden is not None:
         return cfg.ffn_hidden
     return -(-int(8 * cfg.d_model / 3) // FFN_MULTIPLE) * FFN_MULTIPLE
-
-
-def rope_theta(cfg: ModelConfig) -> float:
-    return 10000.0 if cfg.rope_theta is None else float(cfg.rope_theta)
-
-
-def norm_eps(cfg: ModelConfig) -> float:
-    return 1e-5 if cfg.norm_eps is None else float(cfg.norm_eps)
-
-
-def tie(cfg: ModelConfig) -> bool:
-    return True if cfg.tie_embeddings is None else cfg.tie_embeddings
 
 
 class Rotary:
@@ -69,9 +86,9 @@ class Rotary:
     round the fp32 table, and the state dict holds weights only. One table per device.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: Settings) -> None:
         self.head_dim = cfg.d_model // cfg.n_head
-        self.theta, self.length = rope_theta(cfg), cfg.context_length
+        self.theta, self.length = cfg.rope_theta, cfg.context_length
         self.tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, start: int, T: int, device: torch.device, dtype):
@@ -114,7 +131,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: Settings) -> None:
         super().__init__()
         self.n_head, self.n_kv = cfg.n_head, kv_heads(cfg)
         self.head_dim = cfg.d_model // cfg.n_head
@@ -144,7 +161,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: Settings) -> None:
         super().__init__()
         h = ffn_hidden(cfg)
         self.gate_proj = nn.Linear(cfg.d_model, h, bias=False)
@@ -157,11 +174,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: Settings) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, norm_eps(cfg))
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, norm_eps(cfg))
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(
@@ -172,16 +189,16 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: Settings) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(_vocab(cfg), cfg.d_model)
+        self.embed_tokens = nn.Embedding(vocab(cfg), cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model, norm_eps(cfg))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         self.apply(self._init_weights)
-        if tie(cfg):
+        if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Residual projections scaled by 1/sqrt(2 * n_layer), as lmforge's GPT-2.
         for name, p in self.named_parameters():
@@ -245,21 +262,21 @@ def new_cache(model: Llama, batch: int, device, dtype) -> attention.KVCache:
     )
 
 
-def _matmul_weights(cfg: ModelConfig) -> int:
+def _matmul_weights(cfg: Settings) -> int:
     """Weights of one block's matrix multiplies: q, o (d·d each), k, v (d·kv), SwiGLU (3·d·h)."""
     d = cfg.d_model
     kv = kv_heads(cfg) * (d // cfg.n_head)
     return 2 * d * d + 2 * d * kv + 3 * d * ffn_hidden(cfg)
 
 
-def n_params(cfg: ModelConfig) -> int:
+def n_params(cfg: Settings) -> int:
     """Every parameter of `Llama(cfg)`: the tied embedding once, an untied head apart."""
-    v, d, n = _vocab(cfg), cfg.d_model, cfg.n_layer
-    embeddings = v * d * (1 if tie(cfg) else 2)
+    v, d, n = vocab(cfg), cfg.d_model, cfg.n_layer
+    embeddings = v * d * (1 if cfg.tie_embeddings else 2)
     return embeddings + n * (_matmul_weights(cfg) + 2 * d) + d  # + two RMSNorms a block, norm
 
 
-def flops_per_token(cfg: ModelConfig) -> float:
+def flops_per_token(cfg: Settings) -> float:
     """Training FLOPs per token (forward + backward): 6N + 12·L·d·T (PaLM, appendix B).
 
     N: the blocks' matmul weights (grouped-query k and v are n_kv_head/n_head of q's size)
@@ -268,11 +285,11 @@ def flops_per_token(cfg: ModelConfig) -> float:
     sum are over every query head whatever n_kv_head is, so 12·L·d·T as for GPT-2.
     tests/unit/test_llama.py checks this against torch's FLOP counter.
     """
-    v, d, t, n = _vocab(cfg), cfg.d_model, cfg.context_length, cfg.n_layer
+    v, d, t, n = vocab(cfg), cfg.d_model, cfg.context_length, cfg.n_layer
     return 6 * (n * _matmul_weights(cfg) + v * d) + 12 * n * d * t
 
 
-def activation_bytes(cfg: ModelConfig, micro_batch: int, elem: int) -> float:
+def activation_bytes(cfg: Settings, micro_batch: int, elem: int) -> float:
     """Bytes a forward of `micro_batch` sequences keeps for backward, the logits apart.
 
     Korthikanti et al. 2022's per-layer count (sec. 4.1) redone for this block, in units of
@@ -301,13 +318,13 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, elem: int) -> float:
     return n * (2 * norm + attn + mlp + masks) + norm
 
 
-def tied(cfg: ModelConfig) -> tuple[str, ...]:
-    return TIED if tie(cfg) else ()
+def tied(cfg: Settings) -> tuple[str, ...]:
+    return TIED if cfg.tie_embeddings else ()
 
 
 # Hugging Face's LlamaForCausalLM: our names with `model.` in front, lm_head as is; the same
 # (out, in) layouts and the same rotate_half rotary layout, so no transpose, no permutation.
-def hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_state_dict(cfg: Settings, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our weights under `LlamaForCausalLM`'s names (fp32, contiguous; lm_head only untied)."""
     out = {}
     for name, t in weights.items():
@@ -318,12 +335,12 @@ def hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[st
     return out
 
 
-def hf_config(cfg: ModelConfig, eot: int) -> dict:
+def hf_config(cfg: Settings, eot: int) -> dict:
     """`config.json` of the equivalent `LlamaForCausalLM`, as transformers 5 writes it.
 
     `rope_theta` and `rope_scaling: null` at the top level too, for transformers 4 readers.
     """
-    theta = rope_theta(cfg)
+    theta = cfg.rope_theta
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -336,7 +353,7 @@ def hf_config(cfg: ModelConfig, eot: int) -> dict:
         "head_dim": cfg.d_model // cfg.n_head,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.context_length,
-        "rms_norm_eps": norm_eps(cfg),
+        "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "rope_theta": theta,
         "rope_scaling": None,
@@ -348,7 +365,7 @@ def hf_config(cfg: ModelConfig, eot: int) -> dict:
         "bos_token_id": eot,
         "eos_token_id": eot,
         "pad_token_id": None,
-        "tie_word_embeddings": tie(cfg),
+        "tie_word_embeddings": cfg.tie_embeddings,
         "use_cache": True,
         "dtype": "float32",
     }
@@ -378,7 +395,7 @@ def _fields_from_hf(c: dict[str, Any]) -> dict[str, Any]:
     try:
         d, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
         fields = {
-            "arch": "llama",
+            "arch": __name__.rpartition(".")[2],  # this file's name: its model.arch
             "vocab_size": int(c["vocab_size"]),
             "context_length": int(c["max_position_embeddings"]),
             "n_layer": int(c["num_hidden_layers"]),
@@ -420,9 +437,9 @@ def _fields_from_hf(c: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def _shapes(cfg: Settings) -> dict[str, tuple[int, ...]]:
     """Our state dict's names and shapes, without building the model."""
-    d, v, h = cfg.d_model, _vocab(cfg), ffn_hidden(cfg)
+    d, v, h = cfg.d_model, vocab(cfg), ffn_hidden(cfg)
     kv = kv_heads(cfg) * (d // cfg.n_head)
     out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (v, d), "norm.weight": (d,)}
     for i in range(cfg.n_layer):
@@ -438,7 +455,7 @@ def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (h, d),
             p + "mlp.down_proj.weight": (d, h),
         }
-    if not tie(cfg):
+    if not cfg.tie_embeddings:
         out["lm_head.weight"] = (v, d)
     return out
 
@@ -454,7 +471,7 @@ def from_hf(
     """
     fields = _fields_from_hf(config_json)
     try:
-        cfg = ModelConfig(**fields)
+        cfg = Settings(**fields)
     except ValidationError as err:  # an out-of-range size
         problems = "; ".join(
             f"model.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()
@@ -464,7 +481,7 @@ def from_hf(
     for key, t in hf_weights.items():
         if key.endswith("rotary_emb.inv_freq"):  # a buffer old checkpoints saved; recomputed
             continue
-        if key == "lm_head.weight" and tie(cfg):
+        if key == "lm_head.weight" and cfg.tie_embeddings:
             continue  # tied: the embedding is the head (some tied files store both)
         ours[key.removeprefix("model.")] = t
     want = _shapes(cfg)
@@ -485,7 +502,7 @@ def from_hf(
 
 
 ARCH = Architecture(
-    name="llama",
+    settings=Settings,
     build=Llama,
     n_params=n_params,
     flops_per_token=flops_per_token,

@@ -25,26 +25,27 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from lmforge.config import ModelConfig
-from lmforge.models import Architecture, attention, lm_loss
+from lmforge.models import Architecture, ModelConfig, attention, lm_loss, vocab
 
 
-def _vocab(cfg: ModelConfig) -> int:
-    if cfg.vocab_size is None:
-        raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
-    return cfg.vocab_size
+class Settings(ModelConfig):
+    """lstm: a recurrent baseline (embedding, LSTM layers, linear head); no attention."""
 
-
-def _tied(cfg: ModelConfig) -> bool:
-    return cfg.tie_embeddings is not False  # None: the default, tied
+    unused = frozenset({"n_head"})  # no heads to divide d_model
+    tie_embeddings: bool = Field(
+        True,
+        title="Tie input and output embeddings",
+        description="The output layer shares the token embedding's weights.",
+    )
 
 
 class LSTMState:
     """The recurrent state of every layer for a batch: what generation carries across calls."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, device, dtype) -> None:
+    def __init__(self, cfg: Settings, batch: int, device, dtype) -> None:
         shape = (cfg.n_layer, batch, cfg.d_model)
         self.h = torch.zeros(shape, device=device, dtype=dtype)
         self.c = torch.zeros(shape, device=device, dtype=dtype)
@@ -53,11 +54,11 @@ class LSTMState:
 
 
 class LSTMLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: Settings) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.wte = nn.Embedding(_vocab(cfg), d)
+        self.wte = nn.Embedding(vocab(cfg), d)
         # nn.LSTM applies its dropout between layers, not after the last one.
         self.lstm = nn.LSTM(
             d, d, num_layers=cfg.n_layer, batch_first=True, dropout=cfg.dropout * (cfg.n_layer > 1)
@@ -67,7 +68,7 @@ class LSTMLM(nn.Module):
         # Small embeddings, as GPT-2's: a tied head then starts near uniform (loss ~ ln V).
         # The LSTM keeps torch's init, U(-1/sqrt(d), 1/sqrt(d)).
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
-        if _tied(cfg):
+        if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         else:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
@@ -124,16 +125,16 @@ def new_cache(model: LSTMLM, batch: int, device, dtype) -> LSTMState:
     return LSTMState(model.cfg, batch, device, dtype)
 
 
-def n_params(cfg: ModelConfig) -> int:
+def n_params(cfg: Settings) -> int:
     """Every parameter of `LSTMLM(cfg)`: the embedding, each layer's input and recurrent
     weights of the four gates and their two biases (torch keeps b_ih and b_hh), and the
     head unless it is tied to the embedding."""
-    v, d, n = _vocab(cfg), cfg.d_model, cfg.n_layer
+    v, d, n = vocab(cfg), cfg.d_model, cfg.n_layer
     layer = 4 * (d * d + d * d) + 2 * 4 * d
-    return v * d + n * layer + (0 if _tied(cfg) else v * d)
+    return v * d + n * layer + (0 if cfg.tie_embeddings else v * d)
 
 
-def flops_per_token(cfg: ModelConfig) -> float:
+def flops_per_token(cfg: Settings) -> float:
     """Training FLOPs per token (forward + backward): 6N, with no attention term.
 
     N counts the weights of the matrix multiplies (PaLM's convention, as for gpt2): per layer
@@ -142,11 +143,11 @@ def flops_per_token(cfg: ModelConfig) -> float:
     cell update are elementwise, so none is in N. tests/unit/test_lstm.py checks it against
     torch's FLOP counter.
     """
-    v, d, n = _vocab(cfg), cfg.d_model, cfg.n_layer
+    v, d, n = vocab(cfg), cfg.d_model, cfg.n_layer
     return 6 * (n * 4 * (d * d + d * d) + v * d)
 
 
-def activation_bytes(cfg: ModelConfig, micro_batch: int, elem: int) -> float:
+def activation_bytes(cfg: Settings, micro_batch: int, elem: int) -> float:
     """Bytes a forward of `micro_batch` sequences keeps for backward, the logits apart.
 
     nn.LSTM runs one layer at a time (on CPU through oneDNN's RNN primitive,
@@ -169,14 +170,14 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, elem: int) -> float:
 
 
 ARCH = Architecture(
-    name="lstm",
+    settings=Settings,
     build=LSTMLM,
     n_params=n_params,
     flops_per_token=flops_per_token,
     activation_bytes=activation_bytes,
     new_cache=new_cache,
     context_limited=False,
-    tied=lambda cfg: ("lm_head.weight",) if _tied(cfg) else (),
+    tied=lambda cfg: ("lm_head.weight",) if cfg.tie_embeddings else (),
     # No transformers class to map onto: export-hf refuses it, import-hf cannot produce it.
     hf_state_dict=None,
     hf_config=None,
