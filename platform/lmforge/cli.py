@@ -313,15 +313,15 @@ def tokenizer_file(source: str | None, tracking_uri: str | None = None) -> Path 
     version's (fetched into the local cache)."""
     if source is None:
         return None
+    from lmforge.tokenizer import TOKENIZER
     from lmforge.tracking.registry import is_model_uri
 
     if is_model_uri(source):
-        from lmforge.checkpoint import TOKENIZER
         from lmforge.tracking.registry import fetch_checkpoint
 
         return fetch_checkpoint(source, tracking_uri) / TOKENIZER
     path = Path(source).expanduser()
-    return path / "tokenizer.json" if path.is_dir() else path
+    return path / TOKENIZER if path.is_dir() else path
 
 
 def cmd_prepare(args) -> None:

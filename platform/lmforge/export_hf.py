@@ -36,9 +36,9 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge import lora, models
-from lmforge.checkpoint import TOKENIZER, is_adapter, load_model, read_base, resolve_checkpoint
+from lmforge.checkpoint import is_adapter, load_model, read_base, resolve_checkpoint
 from lmforge.errors import UsageError
-from lmforge.tokenizer import eot_id, eot_token
+from lmforge.tokenizer import TOKENIZER, eot_id, eot_token
 
 
 def tokenizer_files(eot_text: str, context_length: int) -> dict[str, dict]:
@@ -95,7 +95,7 @@ def export_hf(
         files.update(tokenizer_files(eot_token(tok), cfg.model.context_length))
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        shutil.copyfile(ckpt / TOKENIZER, tmp / "tokenizer.json")
+        shutil.copyfile(ckpt / TOKENIZER, tmp / TOKENIZER)
         if out.exists():  # move the old export aside first, so `out` is never half-written
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)

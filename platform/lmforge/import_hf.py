@@ -37,7 +37,14 @@ from lmforge import checkpoint as ckpt_io
 from lmforge import models
 from lmforge.config import Config, ConfigError, ModelConfig, config_from_dict
 from lmforge.errors import LmforgeError, first_line
-from lmforge.tokenizer import TOKENIZER_CONFIG, configured_eos, eot_id, load_tokenizer
+from lmforge.tokenizer import (
+    TOKENIZER,
+    TOKENIZER_CONFIG,
+    TOKENIZER_EXTRAS,
+    configured_eos,
+    eot_id,
+    load_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,6 @@ HF_CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = (TOKENIZER_CONFIG, "special_tokens_map.json")  # kept beside tokenizer.json
 
 
 class HfImportError(LmforgeError, ValueError):
@@ -158,12 +164,12 @@ def read_folder(path: str | Path) -> HfModel:
         raise HfImportError(f"{path}: no {HF_CONFIG} (not a Hugging Face model folder)")
     config = _read_json(path / HF_CONFIG)
     hf_architecture, arch = find_arch(path, config)
-    if not (path / ckpt_io.TOKENIZER).is_file():
+    if not (path / TOKENIZER).is_file():
         raise HfImportError(
-            f"{path}: no {ckpt_io.TOKENIZER} (the model's tokenizer is required; a folder "
+            f"{path}: no {TOKENIZER} (the model's tokenizer is required; a folder "
             "with only a slow tokenizer's vocab files needs its fast tokenizer saved first)"
         )
-    tok = load_tokenizer(path / ckpt_io.TOKENIZER)  # UsageError names the file
+    tok = load_tokenizer(path / TOKENIZER)  # UsageError names the file
     hf_weights = read_weights(path)
     try:
         fields, weights = arch.from_hf(config, hf_weights)
@@ -176,7 +182,7 @@ def read_folder(path: str | Path) -> HfModel:
     vocab = tok.get_vocab_size(with_added_tokens=True)
     if vocab > cfg.vocab_size:
         raise HfImportError(
-            f"{path / ckpt_io.TOKENIZER}: {vocab} tokens, more than the model's "
+            f"{path / TOKENIZER}: {vocab} tokens, more than the model's "
             f"vocab_size={cfg.vocab_size} in {HF_CONFIG}"
         )
     return HfModel(path, hf_architecture, cfg, weights, eos_token(path, config, tok))
@@ -194,9 +200,7 @@ def eos_token(path: Path, config: dict[str, Any], tok) -> str:
     if isinstance(eos_id, int):
         token = tok.id_to_token(eos_id)
         if token is None:
-            raise HfImportError(
-                f"{path / HF_CONFIG}: eos_token_id={eos_id} is not in {ckpt_io.TOKENIZER}"
-            )
+            raise HfImportError(f"{path / HF_CONFIG}: eos_token_id={eos_id} is not in {TOKENIZER}")
         return token
     found = eot_id(tok)
     if found is None:
@@ -210,8 +214,8 @@ def write_checkpoint(hf: HfModel, out: Path, model_name: str) -> Config:
         {"model": hf.model.model_dump(), "tracking": {"registered_model": model_name}}
     )
     state = ckpt_io.TrainerState(step=0, tokens_seen=0, world_size=1)
-    ckpt_io.save_servable(out, hf.weights, cfg, hf.path / ckpt_io.TOKENIZER, state)
-    for name in TOKENIZER_FILES:
+    ckpt_io.save_servable(out, hf.weights, cfg, hf.path / TOKENIZER, state)
+    for name in TOKENIZER_EXTRAS:  # kept beside tokenizer.json
         if (hf.path / name).is_file():
             shutil.copyfile(hf.path / name, out / name)
     # The eos the checkpoint's tokenizer ends documents and generation with (load_tokenizer

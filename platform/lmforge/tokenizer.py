@@ -28,6 +28,7 @@ from lmforge.errors import UsageError
 
 EOT = "<|endoftext|>"
 END_TOKENS = (EOT, "<|end_of_text|>", "</s>")  # GPT-2 (and Qwen2), Llama 3, Llama 2 / Mistral
+TOKENIZER = "tokenizer.json"  # its file's name in a dataset dir, a checkpoint, a version
 TOKENIZER_CONFIG = "tokenizer_config.json"  # transformers' file beside tokenizer.json
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"  # its older file, also beside it
 TOKENIZER_EXTRAS = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)  # kept wherever tokenizer.json goes
@@ -97,7 +98,7 @@ def copy_tokenizer(path: str | Path, into: Path) -> None:
     """Copy the tokenizer at `path` (a tokenizer.json, by any name) into the dir `into` as
     `tokenizer.json`, with its tokenizer_config.json / special_tokens_map.json."""
     src = tokenizer_files(path)
-    shutil.copyfile(src[0], into / "tokenizer.json")
+    shutil.copyfile(src[0], into / TOKENIZER)
     for f in src[1:]:
         shutil.copyfile(f, into / f.name)
 
@@ -106,7 +107,7 @@ def read_tokenizer_files(path: str | Path) -> dict[str, str]:
     """The text of the tokenizer at `path` and of its transformers files, by file name
     (`tokenizer.json` for the first), for a process that does not see this filesystem."""
     src = tokenizer_files(path)
-    return {"tokenizer.json": src[0].read_text(), **{f.name: f.read_text() for f in src[1:]}}
+    return {TOKENIZER: src[0].read_text(), **{f.name: f.read_text() for f in src[1:]}}
 
 
 def tokenizer_from_files(files: dict[str, str]) -> Tokenizer:
@@ -116,7 +117,7 @@ def tokenizer_from_files(files: dict[str, str]) -> Tokenizer:
     with tempfile.TemporaryDirectory(prefix="lmforge-tok-") as tmp:
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
-        return load_tokenizer(Path(tmp) / "tokenizer.json")
+        return load_tokenizer(Path(tmp) / TOKENIZER)
 
 
 def eot_token(tok: Tokenizer) -> str | None:

@@ -33,11 +33,10 @@ from lmforge import storage
 from lmforge.errors import LmforgeError
 from lmforge.storage import S3Path
 from lmforge.templates import TEMPLATE_FILE, Template
-from lmforge.tokenizer import eot_token, file_sha256, load_tokenizer
+from lmforge.tokenizer import TOKENIZER, eot_token, file_sha256, load_tokenizer
 
 FORMAT = "lmforge-dataset/1"
 MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.json"
 SPLITS = ("train", "val")
 SHARD_TOKENIZER_KEY = b"lmforge.tokenizer_sha256"
 
