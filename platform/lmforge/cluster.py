@@ -19,7 +19,9 @@ is bound to 127.0.0.1 either way.
 
 Every cluster has its own Ray temp dir: Ray keeps its "current cluster" file there, and a job
 driver finds its cluster through it (`RAY_ADDRESS=auto` in the job supervisor), so two
-clusters on one machine sharing /tmp/ray would send one's jobs to the other.
+clusters on one machine sharing /tmp/ray would send one's jobs to the other. Each worker node
+has its own temp dir inside it (`node_temp_dir`), so that its log monitor forwards only its
+own workers' output: every worker line reaches a job's log once.
 
 Token auth stays on for every node (RAY_AUTH_MODE=token: `ray start` turns it on by itself
 only on a head that finds a token file); clients send the token only with that variable in
@@ -96,6 +98,19 @@ def client_env(nodes: int) -> dict[str, str]:
 def temp_dir_for(port: int) -> str:
     """This cluster's Ray temp dir: short (Ray puts Unix sockets under it) and per GCS port."""
     return str(Path(tempfile.gettempdir()) / f"lmforge-ray-{os.getuid()}-{port}")
+
+
+def node_temp_dir(temp_dir: str, i: int) -> str:
+    """Worker node i's own Ray temp dir, inside the cluster's (the head's).
+
+    Each node's log monitor forwards every worker log file under its node's session dir to
+    the drivers. Nodes sharing one dir (Ray's default for a node joining a head on the same
+    host) would each forward every worker's lines, once per node and each under its own node
+    address, so Ray's log deduplication folds them into "[repeated Nx across cluster]", step
+    lines included. With a dir of its own a node forwards its own workers' lines, once, under
+    its address, as on a real cluster; its logs are `<temp_dir>/node-<i>/session_latest/logs`.
+    """
+    return str(Path(temp_dir) / f"node-{i}")
 
 
 def token_path() -> Path:
@@ -216,7 +231,8 @@ def _start_worker(
     ip = node_ip(i, head.nodes)
     cmd = [
         _ray_bin(), "start", "--block", "--disable-usage-stats",
-        f"--address={head.address}", f"--node-ip-address={ip}", f"--temp-dir={head.temp_dir}",
+        f"--address={head.address}", f"--node-ip-address={ip}",
+        f"--temp-dir={node_temp_dir(head.temp_dir, i)}",  # its own logs: each line once
         f"--num-cpus={_cpus(cpus)}", f"--object-store-memory={NODE_OBJECT_STORE_BYTES}",
         f"--dashboard-agent-listen-port={free_port()}",
     ]  # fmt: skip

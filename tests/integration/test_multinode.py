@@ -1,7 +1,8 @@
 """`lmforge cluster up --nodes 3` on one machine: a head (0 CPUs) on 127.0.0.2 and two worker
 nodes (1 CPU each) on 127.0.0.3 and .4, each its own raylet; a 2-worker STRICT_SPREAD run on
-them whose ranks ran on two nodes, as the job log and the MLflow run say; `cluster down`
-leaves no process. Everything goes through the CLI, in its own LMFORGE_HOME, as a user runs
+them whose ranks ran on two nodes, as the job log and the MLflow run say, and whose log has
+each step line once; a run that cannot fit refused before it starts; `cluster down` leaves
+no process. Everything goes through the CLI, in its own LMFORGE_HOME, as a user runs
 it (beside the test session's own cluster, when one is up: two clusters on one machine).
 
     flock /tmp/lmforge-ray.lock .venv/bin/pytest tests/integration/test_multinode.py -q
@@ -96,6 +97,22 @@ def test_a_local_storage_path_is_refused_before_the_run_starts(nodes3, dataset):
     assert not list((home / "runs").glob("refused-*/checkpoint_*"))
 
 
+def test_workers_that_cannot_all_be_placed_are_refused_before_the_run_starts(nodes3, dataset):
+    """3 workers of 1 CPU, 2 nodes of 1 CPU and no autoscaler: Ray Train would retry its
+    60 s worker-group start without end; refused in one line, in seconds."""
+    home = nodes3[0]
+    out = lmforge(home, "train", "--config", TINY, "--set", f"data.path={dataset}",
+                  "--set", f"run.name=unplaced-{uuid.uuid4().hex[:8]}",
+                  "--set", "run.shared_filesystem=true", "--set", "scaling.num_workers=3",
+                  check=False, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-3000:]
+    (line,) = [ln for ln in out.stderr.splitlines() if "error:" in ln]
+    assert "3 workers of CPU 1 each" in line, line
+    assert "its 3 nodes (1 with CPU 0; 2 with CPU 1) have room for 2" in line
+    assert "no autoscaler" in line
+    assert "WorkerGroupStartupTimeoutError" not in out.stdout + out.stderr
+
+
 def test_strict_spread_ranks_run_on_two_nodes_and_are_recorded(nodes3, dataset):
     home = nodes3[0]
     name = f"spread-{uuid.uuid4().hex[:8]}"  # Train V2 resumes a run of the same name
@@ -113,6 +130,14 @@ def test_strict_spread_ranks_run_on_two_nodes_and_are_recorded(nodes3, dataset):
     log = out.stdout + out.stderr
     placed = dict(re.findall(r"rank (\d) on node [0-9a-f]{12} \((127\.0\.0\.\d+)\)", log))
     assert sorted(placed.values()) == ["127.0.0.3", "127.0.0.4"], log[-3000:]
+    # Each worker line reaches the log once (each node forwards its own workers' output), so
+    # Ray folds none of the step lines into "[repeated Nx across cluster]"
+    steps = [ln for ln in log.splitlines() if re.search(r"\bstep +\d+/4 \|", ln)]
+    numbers = [int(re.search(r"step +(\d+)/4", ln)[1]) for ln in steps]
+    assert numbers == sorted(set(numbers)) and {2, 4} <= set(numbers), steps
+    assert not [ln for ln in steps if "repeated" in ln], steps
+    rank0 = re.search(r"\(RayTrainWorker pid=(\d+), ip=([\d.]+)\)[^\n]*rank 0 on node", log)
+    assert rank0 and rank0[2] == placed["0"]  # under the address of the node it runs on
 
     from lmforge.tracking import store
 

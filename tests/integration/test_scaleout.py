@@ -69,9 +69,8 @@ def scaled(s3_server):
     (the standard AWS_* variables). Its LMFORGE_HOME is not under pytest's basetemp, which
     a concurrent pytest session may prune while this one runs."""
     home = Path(tempfile.mkdtemp(prefix="lmforge-scaleout-"))
-    # The train log is read while it runs. Each line of a worker reaches it once per node
-    # (every node's log monitor reads the cluster's one session dir): lines are told apart
-    # by the worker's pid, not counted, and Ray's folding into "[repeated 2x ...]" is off.
+    # The train log is read while it runs; lines are told apart by the worker's pid, and
+    # Ray's folding of like lines of several workers into "[repeated 2x ...]" is off.
     env = {**s3_server.env, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as mp:
         stack.callback(shutil.rmtree, home, ignore_errors=True)

@@ -82,14 +82,21 @@ def test_nodes_get_their_own_loopback_address_cpus_and_the_head(started, monkeyp
         assert c["env"]["RAY_AUTH_MODE"] == "token"  # token auth on every node
         assert c["env"]["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"  # else --address aborts
         assert "RAY_ADDRESS" not in c["env"]
-        assert flags(c["cmd"])["temp-dir"] == info.temp_dir  # one temp dir per cluster
+    # One temp dir per cluster; in it, each worker node's own (its log monitor forwards its
+    # own workers' lines only: each line once in a job's log)
+    assert [flags(c["cmd"])["temp-dir"] for c in calls] == [
+        info.temp_dir, f"{info.temp_dir}/node-1", f"{info.temp_dir}/node-2"
+    ]  # fmt: skip
 
 
 def test_clusters_on_other_ports_have_their_own_temp_dir():
     # Ray's "current cluster" file lives in the temp dir: a job's driver finds its cluster
     # through it, so two clusters must never share one.
     assert cluster.temp_dir_for(6379) != cluster.temp_dir_for(6380)
-    assert len(cluster.temp_dir_for(65535)) < 50  # Unix socket paths live under it
+    # Unix socket paths (107 bytes at most) live under it, a node's under its own dir:
+    # <temp dir>/node-31/session_<date>_<time>_<us>_<pid>/sockets/plasma_store
+    deepest = cluster.node_temp_dir(cluster.temp_dir_for(65535), 31)
+    assert len(deepest) + len("/session_2026-01-01_00-00-00_000000_4194304/sockets/raylet.x") < 100
 
 
 def test_a_node_that_fails_to_start_stops_the_whole_cluster(started):
@@ -118,7 +125,7 @@ def test_add_node_takes_the_next_address_never_a_lost_nodes(started, monkeypatch
     assert calls[-1]["name"] == "cluster-node-3"
     f = flags(calls[-1]["cmd"])
     assert f["node-ip-address"] == "127.0.0.5" and f["address"] == info.address
-    assert f["num-cpus"] == "2" and f["temp-dir"] == info.temp_dir
+    assert f["num-cpus"] == "2" and f["temp-dir"] == f"{info.temp_dir}/node-3"
     assert calls[-1]["env"]["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
 
 
