@@ -3,7 +3,7 @@
 # local Ray cluster, DeepSpeed engines, `ray job submit` and a real browser). Installs what
 # the tests need first: Chromium (scripts/deps.sh, apt) and .venv (scripts/setup.sh).
 # Extra args go to pytest.
-#   bash scripts/test.sh            bash scripts/test.sh -m "not integration"
+#   bash scripts/test.sh            bash scripts/test.sh -m unit     (markers: README.md, Development)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh

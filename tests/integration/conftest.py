@@ -25,10 +25,27 @@ GCS_PORT, DASHBOARD_PORT = free_port(), free_port()
 PLAYS = ["twelfth_night.txt", "as_you_like_it.txt", "henry_v.txt"]
 
 
+# Fixtures that start Ray: the session's cluster (`dataset` and the others that need it
+# follow) and the modules' own multi-node clusters. A test that starts Ray another way is
+# in FAULT_MODULES or says so itself (`pytestmark = pytest.mark.ray`).
+RAY_FIXTURES = {"ray_cluster", "nodes3"}
+# Modules whose every test waits on workers or nodes killed on purpose (a SIGKILLed worker
+# group, a lost node, a hung object store) and on Ray's recovery from it.
+FAULT_MODULES = {"test_resilience.py", "test_elastic.py", "test_scaleout.py"}
+
+
 def pytest_collection_modifyitems(items):
+    """Every test here is `integration`; `ray` if it starts Ray, `faults` if it kills
+    workers or nodes (pyproject.toml lists the markers, README.md's Development how to pick)."""
     for item in items:
-        if "/integration/" in str(item.fspath):
-            item.add_marker(pytest.mark.integration)
+        if "/integration/" not in str(item.fspath):
+            continue
+        item.add_marker(pytest.mark.integration)
+        faults = item.path.name in FAULT_MODULES
+        if faults or RAY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.ray)
+        if faults:
+            item.add_marker(pytest.mark.faults)
 
 
 @pytest.fixture(scope="session")

@@ -88,6 +88,7 @@ def test_missing_input_path(tmp_path):
         prepare([tmp_path / "nowhere"], tmp_path / "out", PrepareOptions())
 
 
+@pytest.mark.ray  # a private one, without the session's cluster
 def test_prepare_job_without_a_cluster_starts_a_private_ray(corpus, tmp_path):
     """jobs/prepare.py (`lmforge prepare`'s code path) where no cluster runs: the entry point
     connects, to a private local Ray, and the library uses it."""

@@ -15,6 +15,8 @@ import pytest
 
 from lmforge import cluster
 
+pytestmark = pytest.mark.ray  # every test looks at the session's cluster (getfixturevalue)
+
 
 def listening(port: int) -> set[str]:
     """The addresses a TCP socket on `port` listens on, on this machine (IPv4-mapped IPv6

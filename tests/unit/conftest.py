@@ -11,6 +11,13 @@ import torch
 from lmforge import dist
 
 
+def pytest_collection_modifyitems(items):
+    """Every test here is `unit` (no Ray): `bash scripts/test.sh -m unit` runs them."""
+    for item in items:
+        if "/unit/" in str(item.fspath):
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="module")
 def gloo_group():
     """torch.distributed of world size 1 over gloo, as deepspeed.init_distributed makes it
