@@ -101,8 +101,16 @@ def test_run_has_params_per_step_metrics_tags_and_artifacts(tracked):
 
 
 def test_pyfunc_generates_in_a_fresh_process(tracked, tmp_path):
-    """`mlflow models predict` (a new process, another working dir) with sampling params."""
-    request = {"inputs": ["ROMEO:"], "params": {"max_new_tokens": 12, "seed": 3}}
+    """`mlflow models predict` (a new process, another working dir) with sampling params
+    generates what lmforge's sampler generates with them from the @best version's
+    checkpoint: the version carries that checkpoint's weights and tokenizer, and the params
+    reach the sampler."""
+    from lmforge.checkpoint import load_model, resolve_checkpoint
+    from lmforge.generation import complete_samples
+    from lmforge.tracking.pyfunc_model import sampling_params
+
+    params = {"max_new_tokens": 12, "seed": 3}
+    request = {"inputs": ["ROMEO:"], "params": params}
     (tmp_path / "in.json").write_text(json.dumps(request))
     out = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "predict",
@@ -111,8 +119,13 @@ def test_pyfunc_generates_in_a_fresh_process(tracked, tmp_path):
         env={**os.environ, "MLFLOW_TRACKING_URI": store.resolve_uri()},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    predictions = json.loads(out.stdout.strip().splitlines()[-1])["predictions"]
-    assert len(predictions) == 1 and len(predictions[0]) > 0
+    (prediction,) = json.loads(out.stdout.strip().splitlines()[-1])["predictions"]
+    best = registry.get_version(f"models:/{MODEL}@best")
+    model, tok, _ = load_model(resolve_checkpoint(best.tags["ray_checkpoint_uri"]))
+    ids = tok.encode("ROMEO:", add_special_tokens=False).ids
+    (want,) = complete_samples(model, tok, ids, sampling_params(tok, params))
+    assert 0 < len(want.tokens) <= 12 and want.text
+    assert prediction == want.text
 
 
 def test_generate_from_registry_matches_the_checkpoint(tracked, tmp_path):
