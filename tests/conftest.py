@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "shakespeare"
 
@@ -21,3 +23,17 @@ os.environ["LMFORGE_HOME"] = tempfile.mkdtemp(prefix="lmforge-test-home-")
 def pytest_sessionfinish(session, exitstatus):
     """Remove this session's LMFORGE_HOME (datasets, runs, cluster logs)."""
     shutil.rmtree(os.environ["LMFORGE_HOME"], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def plain_main():
+    """A bare `__main__` while a module's tests spawn processes: multiprocessing's spawn
+    re-runs the parent's main file in each child, and after the dashboard's AppTest tests
+    that is dashboard/app.py, whose imports fail outside Streamlit's script runner. Module
+    scope, so module-scoped fixtures that spawn can use it too."""
+    import sys
+    import types
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+        yield

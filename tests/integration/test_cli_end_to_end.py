@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lmforge.tracking import store
 from tests.conftest import REPO
 
 LMFORGE = str(Path(sys.executable).parent / "lmforge")
@@ -27,6 +28,9 @@ def test_train_then_generate_from_the_cli(ray_cluster, dataset):
     checkpoint = [line for line in out.stdout.splitlines() if line.startswith("latest checkpoint:")]
     assert checkpoint and checkpoint[0].endswith("checkpoint_00000008")
     assert log.count("Reporting training result") == 0  # Ray Train's chatter is kept out
+    [run_id] = [ln.split()[2] for ln in out.stdout.splitlines() if ln.startswith("MLflow run:")]
+    tags = store.client(store.resolve_uri()).get_run(run_id).data.tags
+    assert tags["ray.job_id"] and ray_cluster.address in tags["ray.address"]  # where it ran
 
     gen = run("generate", "--checkpoint", checkpoint[0].split(": ", 1)[1], "--prompt", "KING.",
               "--max-new-tokens", "30", "--seed", "1", "--temperature", "0")  # fmt: skip

@@ -15,15 +15,14 @@ from lmforge.data.prepare import PrepareOptions, prepare
 from lmforge.evaluate import evaluate_checkpoint
 from lmforge.import_hf import import_hf
 from lmforge.tracking import registry, store
-from lmforge.training.launch import run_training
-from tests.integration.conftest import tiny_config
+from tests.trainer.conftest import tiny_config, train
 
 transformers = pytest.importorskip("transformers")
 NAME = "it-imported-gpt2"
 
 
 def test_a_fine_tune_from_an_imported_version_learns_and_names_its_parent(
-    ray_cluster, dataset, corpus, tmp_path
+    ray_cluster, dataset, corpus, tmp_path, plain_main
 ):
     from lmforge.tokenizer import load_tokenizer
 
@@ -55,7 +54,7 @@ def test_a_fine_tune_from_an_imported_version_learns_and_names_its_parent(
         "train.eval_every=10", "train.warmup_steps=0", "zero.stage=2", "scaling.num_workers=2",
         f"tracking.experiment={NAME}-ft", f"tracking.registered_model={NAME}-ft",
     )  # fmt: skip
-    result = run_training(run, init_from=parent)
+    result = train(run, init_from=parent)
     c = store.client(store.resolve_uri())
     history = sorted(c.get_metric_history(result.mlflow_run_id, "val_loss"), key=lambda m: m.step)
     assert history[0].step == 0 and history[-1].step == 20

@@ -50,20 +50,6 @@ def gloo_group():
             os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-def plain_main():
-    """A bare `__main__` while a module's tests spawn processes: multiprocessing's spawn
-    re-runs the parent's main file in each child, and after the dashboard's AppTest tests
-    that is dashboard/app.py, whose imports fail outside Streamlit's script runner. Module
-    scope, so module-scoped fixtures that spawn can use it too."""
-    import sys
-    import types
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
-        yield
-
-
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch):
     """A fresh embedded MLflow store (SQLite, artifacts in a folder beside it) in a tmp

@@ -12,12 +12,12 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmforge import checkpoint as ckpt_io
-from lmforge import storage
+from lmforge import raycompat, storage
 from lmforge.config import Config, ConfigError
 from lmforge.paths import is_uri
 from lmforge.tracking import store
@@ -34,6 +34,7 @@ class TrainResult:
     checkpoint: Path | None
     metrics: dict[str, Any]
     mlflow_run_id: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # every report (local runs)
 
 
 def run_training(
@@ -48,11 +49,13 @@ def run_training(
         local_session.check(plan.config)
         stage_init(plan)
         log.info("run %s on local processes; checkpoints under %s", plan.run_dir.name, plan.run_dir)
-        return result_of(plan, local_session.run(worker_plan(plan)))
+        reports = local_session.run(worker_plan(plan))
+        return result_of(plan, reports[-1] if reports else {}, reports)
     stage_init(plan)
 
     from lmforge.cluster import connect
 
+    raycompat.check_version()  # lmforge reaches into Ray internals written for one version
     where = connect()  # before importing ray.train: it sets how Ray finds the cluster
     nodes = alive_node_resources()
     check_cluster(plan.config, nodes)  # before any worker starts
@@ -68,7 +71,9 @@ def run_training(
     return result_of(plan, trainer(plan).fit().metrics or {})
 
 
-def result_of(plan: LaunchPlan, metrics: dict[str, Any]) -> TrainResult:
+def result_of(
+    plan: LaunchPlan, metrics: dict[str, Any], history: list[dict[str, Any]] | None = None
+) -> TrainResult:
     """What a finished run left: its latest recorded checkpoint, last metrics, MLflow run."""
     from lmforge.tracking import run_setup
 
@@ -77,6 +82,7 @@ def result_of(plan: LaunchPlan, metrics: dict[str, Any]) -> TrainResult:
         checkpoint=ckpt_io.latest_in_run(plan.run_dir),
         metrics=metrics,
         mlflow_run_id=run_setup.tracked_run_id(plan.config, plan.run_dir),
+        history=history or [],
     )
 
 

@@ -78,8 +78,9 @@ def check(cfg: Config) -> None:
         )
 
 
-def run(plan: WorkerPlan) -> dict[str, Any]:
-    """Train `plan` on `scaling.num_workers` local processes; rank 0's last reported metrics."""
+def run(plan: WorkerPlan) -> list[dict[str, Any]]:
+    """Train `plan` on `scaling.num_workers` local processes; every report of rank 0, in
+    order (each `log_every` step, each evaluation and checkpoint)."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -89,12 +90,12 @@ def run(plan: WorkerPlan) -> dict[str, Any]:
     check(plan.config)
     world = plan.config.scaling.num_workers
     with tempfile.TemporaryDirectory(prefix="lmforge-local-") as tmp:
-        result = Path(tmp) / "metrics.json"
+        result = Path(tmp) / "reports.json"
         mp.start_processes(
             _worker, args=(world, free_port(), plan, str(result)), nprocs=world,
             join=True, start_method="spawn",
         )  # fmt: skip
-        return json.loads(result.read_text()) if result.is_file() else {}
+        return json.loads(result.read_text()) if result.is_file() else []
 
 
 def _worker(rank: int, world: int, port: int, plan: WorkerPlan, result: str) -> None:
@@ -112,7 +113,7 @@ def _worker(rank: int, world: int, port: int, plan: WorkerPlan, result: str) -> 
         from lmforge.training.loop import run_worker  # after dist.setup chose DeepSpeed's device
 
         run_worker(plan, session)
-        if session.info.is_main and session.reported:
-            Path(result).write_text(json.dumps(session.reported[-1]))
+        if session.info.is_main:
+            Path(result).write_text(json.dumps(session.reported))
     finally:
         tdist.destroy_process_group()

@@ -294,4 +294,5 @@ def stage_init(plan: LaunchPlan) -> Path | None:
     for name in ckpt_io.servable_files(plan.init.checkpoint):
         shutil.copyfile(plan.init.checkpoint / name, dst / name)
     (dst / "SOURCE").write_text(f"{plan.init.uri}\n")
+    ckpt_io.seal(dst)  # a complete checkpoint: what a LoRA run's checkpoints load as base
     return dst

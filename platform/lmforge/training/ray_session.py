@@ -20,6 +20,7 @@ from lmforge.training.session import ResumePoint, WorkerPlan
 
 class RaySession:
     def __init__(self, run_dir: str, use_gpu: bool) -> None:
+        raycompat.check_version()
         raycompat.quiet_train_reports()
         self.run_dir = run_dir
         device = None

@@ -1,4 +1,4 @@
-"""model.arch=llama trains on a real local Ray cluster: 2 workers, DeepSpeed ZeRO 2."""
+"""model.arch=llama trains through the launch plan and loop: 2 local workers, DeepSpeed ZeRO 2."""
 
 import math
 
@@ -8,19 +8,18 @@ from lmforge import models
 from lmforge.checkpoint import load_model, read_state
 from lmforge.config import load_config
 from lmforge.generation import SamplingParams, generate_tokens
-from lmforge.training.launch import run_training
 from tests.conftest import REPO
-from tests.integration.conftest import tiny_config
-from tests.integration.test_train import val_loss_of
+from tests.trainer.conftest import check_golden, tiny_config, train, val_loss_of
 
 
-def test_llama_tiny_learns_and_its_checkpoint_generates(ray_cluster, dataset):
+def test_llama_tiny_learns_and_its_checkpoint_generates(dataset):
     cfg = tiny_config(dataset, "llama-tiny", "model.arch=llama", "model.n_kv_head=1",
                       "zero.stage=2", "train.max_steps=12", "train.eval_every=6",
                       "train.checkpoint_every=12")  # fmt: skip
     preset = load_config(REPO / "jobs" / "configs" / "llama-tiny.yaml")
     assert cfg.model == preset.model  # the preset's model, at the test's data and steps
-    result = run_training(cfg)
+    result = train(cfg)
+    check_golden("llama-zero2", result)
     state = read_state(result.checkpoint)
     assert state.step == 12 and state.world_size == 2
     evals = {e["step"]: e["val_loss"] for e in state.evals}

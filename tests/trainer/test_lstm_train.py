@@ -1,4 +1,4 @@
-"""`model.arch=lstm` through the same job as the Transformer: 2 Ray Train workers, each a
+"""`model.arch=lstm` through the same job as the Transformer: 2 local workers, each a
 DeepSpeed ZeRO 2 engine, tracked in MLflow, a registered version per checkpoint, and the
 checkpoint generates by carrying its recurrent state."""
 
@@ -10,20 +10,20 @@ from lmforge import models
 from lmforge.checkpoint import load_model, read_state
 from lmforge.generation import SamplingParams, generate_tokens
 from lmforge.tracking import store
-from lmforge.training.launch import run_training
-from tests.integration.conftest import tiny_config
+from tests.trainer.conftest import check_golden, tiny_config, train
 
 MODEL = "it-lstm"
 STEPS = 16
 
 
-def test_an_lstm_trains_is_tracked_registered_and_generates(ray_cluster, dataset):
+def test_an_lstm_trains_is_tracked_registered_and_generates(dataset):
     cfg = tiny_config(
         dataset, "lstm", "model.arch=lstm", "zero.stage=2", f"train.max_steps={STEPS}",
         "train.eval_every=8", "train.checkpoint_every=8", "tracking.experiment=it-lstm",
         f"tracking.registered_model={MODEL}",
     )  # fmt: skip
-    result = run_training(cfg)
+    result = train(cfg)
+    check_golden("lstm-zero2", result)
     state = read_state(result.checkpoint)
     assert state.step == STEPS and state.world_size == 2
     evals = {e["step"]: e["val_loss"] for e in state.evals}
@@ -53,15 +53,16 @@ def test_an_lstm_trains_is_tracked_registered_and_generates(ray_cluster, dataset
     assert tok.decode(sample).strip()
 
 
-def test_zero_3_partitions_an_lstm_across_two_workers(ray_cluster, dataset):
+def test_zero_3_partitions_an_lstm_across_two_workers(dataset):
     """ZeRO 3 splits each nn.LSTM weight between the 2 workers and gathers it in forward;
     the run learns and its consolidated weights are the engine's (same val loss)."""
-    from tests.integration.test_train import val_loss_of
+    from tests.trainer.conftest import val_loss_of
 
     cfg = tiny_config(dataset, "lstm-zero3", "model.arch=lstm", "zero.stage=3",
                       f"train.max_steps={STEPS}", "train.eval_every=8",
                       "train.checkpoint_every=16")  # fmt: skip
-    result = run_training(cfg)
+    result = train(cfg)
+    check_golden("lstm-zero3", result)
     evals = {e["step"]: e["val_loss"] for e in read_state(result.checkpoint).evals}
     assert evals[16] < evals[0] - 0.5, f"val loss did not drop: {evals}"
     model, _, saved_cfg = load_model(result.checkpoint)

@@ -1,7 +1,7 @@
-"""The training modes no other test trains, each in a short real run (2 Ray Train workers, the
+"""The training modes no other test trains, each in a short real run (2 local workers, the
 2-layer model, a few steps): ZeRO 0 with gradient accumulation in bf16 on the CPU, ZeRO 3
 with optimizer and parameter offload keeping one checkpoint while every checkpoint is
-registered in the background (the registration must not lose a checkpoint Ray deletes),
+registered in the background (the registration must not lose a checkpoint the session deletes),
 and activation checkpointing (the losses of the same run without it).
 
 Only public entry points (`run_training`, the registry, `load_model`) and what a run leaves
@@ -18,9 +18,7 @@ import torch
 
 from lmforge.checkpoint import ENGINE_DIR, load_model
 from lmforge.tracking import registry, store
-from lmforge.training.launch import run_training
-from tests.integration.conftest import tiny_config
-from tests.integration.test_train import val_loss_of
+from tests.trainer.conftest import check_golden, tiny_config, train, val_loss_of
 
 EXPERIMENT = "it-train-modes"
 WORKERS, MICRO, CONTEXT = 2, 8, 64  # tiny.yaml
@@ -52,7 +50,7 @@ def assert_learned(run_id: str, steps: int) -> None:
     assert all(math.isfinite(v) for v in _history(run_id, "grad_norm").values())
 
 
-def test_zero0_bf16_with_grad_accumulation_learns(ray_cluster, dataset):
+def test_zero0_bf16_with_grad_accumulation_learns(dataset):
     steps, accum = 12, 2
     model_name = "it-zero0-bf16-accum"
     cfg = tiny_config(
@@ -61,7 +59,8 @@ def test_zero0_bf16_with_grad_accumulation_learns(ray_cluster, dataset):
         "train.eval_every=6", f"train.checkpoint_every={steps}",
         f"tracking.experiment={EXPERIMENT}", f"tracking.registered_model={model_name}",
     )  # fmt: skip
-    result = run_training(cfg)
+    result = train(cfg)
+    check_golden("zero0-bf16-accum", result, rel=1e-2)  # bf16: rounding differs more by CPU
     assert result.checkpoint.name == f"checkpoint_{steps:08d}"
     assert_learned(result.mlflow_run_id, steps)
     run = _client().get_run(result.mlflow_run_id)
@@ -87,7 +86,7 @@ def test_zero0_bf16_with_grad_accumulation_learns(ray_cluster, dataset):
     )
 
 
-def test_zero3_offload_keeps_one_checkpoint_and_registers_every_one(ray_cluster, dataset):
+def test_zero3_offload_keeps_one_checkpoint_and_registers_every_one(dataset):
     steps, every = 6, 2
     model_name = "it-zero3-offload-keep1"
     cfg = tiny_config(
@@ -96,19 +95,20 @@ def test_zero3_offload_keeps_one_checkpoint_and_registers_every_one(ray_cluster,
         "train.warmup_steps=1", f"train.eval_every={every}", f"train.checkpoint_every={every}",
         f"tracking.experiment={EXPERIMENT}", f"tracking.registered_model={model_name}",
     )  # fmt: skip
-    result = run_training(cfg)
+    result = train(cfg)
+    check_golden("zero3-offload", result)
     assert_learned(result.mlflow_run_id, steps)
     run = _client().get_run(result.mlflow_run_id)
     assert run.data.params["zero.offload_optimizer"] == run.data.params["zero.offload_params"]
     assert run.data.params["zero.offload_params"] == "cpu"
 
-    # Ray kept the newest checkpoint only; ZeRO 3 saved each worker's partition.
+    # The session kept the newest checkpoint only; ZeRO 3 saved each worker's partition.
     left = sorted(p.name for p in result.run_dir.glob("checkpoint_*") if p.is_dir())
     assert left == [f"checkpoint_{steps:08d}"]
     engine_files = {p.name for p in (result.checkpoint / ENGINE_DIR).rglob("*_optim_states.pt")}
     assert engine_files == {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
 
-    # Yet every checkpoint became a version, registered from its staged copy after Ray had
+    # Yet every checkpoint became a version, registered from its staged copy after the session had
     # deleted the folder, and each version's files are that step's weights.
     versions = _versions(model_name)
     assert [int(v.tags["step"]) for v in versions] == list(range(every, steps + 1, every))
@@ -125,7 +125,7 @@ def test_zero3_offload_keeps_one_checkpoint_and_registers_every_one(ray_cluster,
     assert len(set(losses)) == len(losses), losses  # three distinct sets of weights
 
 
-def test_activation_checkpointing_trains_to_the_same_losses(ray_cluster, dataset):
+def test_activation_checkpointing_trains_to_the_same_losses(dataset):
     """`train.activation_checkpointing` in a real run (ZeRO 3, dropout on): every step's loss
     is the run's without it (the recomputation replays the same dropout masks)."""
     steps = 4
@@ -134,10 +134,9 @@ def test_activation_checkpointing_trains_to_the_same_losses(ray_cluster, dataset
         f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
         f"tracking.experiment={EXPERIMENT}",
     ]  # fmt: skip
-    plain = run_training(tiny_config(dataset, "ac-off", *common))
-    ckpt = run_training(
-        tiny_config(dataset, "ac-on", *common, "train.activation_checkpointing=true")
-    )
+    plain = train(tiny_config(dataset, "ac-off", *common))
+    check_golden("zero3-dropout", plain)
+    ckpt = train(tiny_config(dataset, "ac-on", *common, "train.activation_checkpointing=true"))
     run = _client().get_run(ckpt.mlflow_run_id)
     assert run.data.params["train.activation_checkpointing"] == "True"
     off, on = _history(plain.mlflow_run_id, "loss"), _history(ckpt.mlflow_run_id, "loss")
