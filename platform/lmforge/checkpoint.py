@@ -40,11 +40,11 @@ from lmforge.config import Config, ConfigError, config_from_dict
 from lmforge.errors import LmforgeError, first_line
 from lmforge.templates import TEMPLATE_FILE, Template
 from lmforge.templates import save as save_template_file
-from lmforge.tokenizer import TOKENIZER_EXTRAS, copy_tokenizer, load_tokenizer
+from lmforge.tokenizer import TOKENIZER, TOKENIZER_EXTRAS, copy_tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
-TOKENIZER = "tokenizer.json"
+
 STATE = "trainer_state.json"
 SERVABLE = (WEIGHTS, CONFIG, TOKENIZER, STATE)  # all a model needs, without the engine state
 ADAPTER = "adapter.safetensors"  # a LoRA checkpoint's weights: the adapters only

@@ -42,7 +42,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge import paths
+from lmforge import paths, raycompat
 from lmforge.errors import LmforgeError
 from lmforge.services import ManagedProcess, ServiceRecord, free_port, http_ok
 
@@ -121,11 +121,7 @@ def ensure_token() -> Path:
     """Create Ray's auth token if there is none yet (owner-only permissions)."""
     path = token_path()
     if not path.is_file() and "RAY_AUTH_TOKEN" not in os.environ:
-        from ray._private.authentication.authentication_token_setup import (
-            generate_and_save_token,
-        )
-
-        generate_and_save_token()
+        raycompat.generate_auth_token()
     if path.is_file():
         path.chmod(0o600)
     return path
@@ -297,14 +293,10 @@ def set_client_env(env: dict[str, str], override: bool) -> None:
         # Ray reads these once, at import: its C++ config (RAY_AUTH_MODE), which Ray itself
         # refreshes this way when it turns token auth on (authentication_token_setup.py), and
         # the single-host switch, which decides whether 127.0.0.1 is replaced by the host IP.
-        from ray._private import ray_constants
-        from ray._raylet import Config
-
-        Config.initialize("")
+        cluster_switch = None
         if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env:
-            ray_constants.ENABLE_RAY_CLUSTER = (
-                os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
-            )
+            cluster_switch = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
+        raycompat.reload_client_config(cluster_switch)
 
 
 def connect() -> str:
@@ -338,7 +330,7 @@ KNOWN_NOISE = re.compile(
 
 def drop_known_noise() -> None:
     """Leave KNOWN_NOISE out of the worker output this driver prints (idempotent)."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    dispatcher = raycompat.worker_output_dispatcher()
 
     def drop(data: dict) -> None:
         data["lines"] = [ln for ln in data.get("lines", []) if not KNOWN_NOISE.search(ln)]

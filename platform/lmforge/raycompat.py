@@ -49,6 +49,57 @@ def quiet_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def generate_auth_token() -> None:
+    """Create Ray's token-auth token file (~/.ray/auth_token), as `ray start` would."""
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+    generate_and_save_token()
+
+
+def reload_client_config(cluster_switch: bool | None) -> None:
+    """Make an already imported Ray re-read what it reads once, at import: its C++ config
+    (RAY_AUTH_MODE: Ray itself refreshes it this way when it turns token auth on, in
+    authentication_token_setup.py) and, when `cluster_switch` is given, the single-host
+    switch (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER), which decides whether 127.0.0.1 is replaced
+    by the host IP."""
+    from ray._private import ray_constants
+    from ray._raylet import Config
+
+    Config.initialize("")
+    if cluster_switch is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_switch
+
+
+def autoscaler_node_groups() -> list:
+    """The node groups of the cluster config an autoscaler reported to the GCS (empty:
+    none reported); each has `resources`, `min_count`, `max_count` (-1: unbounded)."""
+    from ray.core.generated.autoscaler_pb2 import ClusterConfig
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get("__autoscaler_cluster_config", namespace="__autoscaler")
+    return list(ClusterConfig.FromString(raw).node_group_configs) if raw else []
+
+
+def gcs_node_types() -> set[str]:
+    """Node types of the nodes and pending launches in the GCS's cluster status."""
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    st = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
+    nodes = [*st.active_nodes, *st.idle_nodes, *st.pending_nodes, *st.pending_launches]
+    return {n.ray_node_type_name for n in nodes}
+
+
+def v1_autoscaler_report() -> dict:
+    """Autoscaler v1's last status report (the monitor on the head), {} when none."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get("__autoscaling_status")  # ray_constants.DEBUG_AUTOSCALING_STATUS
+    return (json.loads(raw) if raw else {}).get("autoscaler_report") or {}
+
+
 def worker_output_dispatcher():
     """Ray's dispatcher of the worker output a driver prints (`ray_print_logs` is its
     handler, added by `ray.init`): `.handlers` [(name, fn)], guarded by `._lock`."""

@@ -19,7 +19,6 @@ not tell.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 
+from lmforge import raycompat
 from lmforge.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,6 @@ def node_kinds(nodes: list[dict[str, float]], bundle: dict[str, float]) -> str:
 # they come from: `ray up` starts its head with RAY_NODE_TYPE_NAME, autoscaler v2 every node,
 # and autoscaler v1 (KubeRay's included) reports its nodes by type in its status.
 UNTYPED = re.compile(r"node_[0-9a-f]*")
-AUTOSCALING_STATUS = "__autoscaling_status"  # v1's report (ray_constants.DEBUG_AUTOSCALING_STATUS)
 
 
 def autoscaler_configured() -> bool:
@@ -169,36 +168,20 @@ def any_configured_type(node_types: set[str]) -> bool:
 def _autoscalable_cluster_config() -> bool:
     """The cluster config an autoscaler reported to the GCS has a node group that can grow
     (the test of Ray Data's is_autoscaling_enabled, ray/data/_internal/cluster_autoscaler)."""
-    from ray.core.generated.autoscaler_pb2 import ClusterConfig
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    raw = _internal_kv_get("__autoscaler_cluster_config", namespace="__autoscaler")
-    if not raw:
-        return False
-    groups = ClusterConfig.FromString(raw).node_group_configs
     return any(
         g.max_count == -1 or g.max_count > g.min_count
-        for g in groups
+        for g in raycompat.autoscaler_node_groups()
         if g.resources and g.max_count != 0
     )
 
 
 def _node_types_from_gcs() -> set[str]:
-    """Node types of the nodes and pending launches in the GCS's cluster status."""
-    import ray
-    from ray.autoscaler.v2.sdk import get_cluster_status
-
-    st = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
-    nodes = [*st.active_nodes, *st.idle_nodes, *st.pending_nodes, *st.pending_launches]
-    return {n.ray_node_type_name for n in nodes}
+    return raycompat.gcs_node_types()
 
 
 def _node_types_from_v1_report() -> set[str]:
-    """Node types in autoscaler v1's last status report (the monitor on the head)."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    raw = _internal_kv_get(AUTOSCALING_STATUS)
-    report = (json.loads(raw) if raw else {}).get("autoscaler_report") or {}
+    """Node types in autoscaler v1's last status report."""
+    report = raycompat.v1_autoscaler_report()
     return (
         set(report.get("active_nodes") or {})
         | set(report.get("idle_nodes") or {})

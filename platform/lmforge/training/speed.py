@@ -42,8 +42,8 @@ def check(cfg: Config) -> None:
         from lmforge import models
 
         arch = models.get(cfg.model.arch)
-        small = {"n_layer": 1, "d_model": 8, "n_head": 1, "n_kv_head": None, "vocab_size": 16}
-        probe = arch.build(cfg.model.model_copy(update=small))  # its module layout only
+        with torch.device("meta"):  # its module layout only: no memory, no weights
+            probe = arch.build(cfg.model.model_copy(update={"vocab_size": 16}))
         if blocks(probe) is None:
             raise ConfigError(
                 f"train.activation_checkpointing: model.arch={cfg.model.arch} has no list of "
