@@ -1,6 +1,7 @@
-"""SFT end to end on the real local Ray: instruction rows prepared into a masked dataset,
-a tiny model trained on it by the normal path (2 workers, packed windows with segments,
-completion-only loss), and the registered version carries the template it was trained with."""
+"""SFT end to end: instruction rows prepared into a masked dataset on the real local Ray,
+a tiny model trained on it by the normal path (2 local workers, packed windows with
+segments, completion-only loss; its losses against their golden file), and the registered
+version carries the template it was trained with."""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from lmforge.checkpoint import read_state
 from lmforge.data.dataset import Dataset
 from lmforge.data.prepare import PrepareOptions, prepare
 from lmforge.tracking import registry
-from lmforge.training.launch import run_training
-from tests.integration.conftest import tiny_config
+from tests.trainer.conftest import check_golden, tiny_config, train
 
 WORDS = ["red", "blue", "green", "amber", "violet", "cyan", "olive", "coral", "ivory", "azure"]
 
 
-def test_sft_prepare_train_and_register(ray_cluster, tmp_path):
+def test_sft_prepare_train_and_register(ray_cluster, tmp_path, plain_main):
     rows = tmp_path / "rows.jsonl"
     lines = [{"prompt": f"Repeat the last word: {WORDS[i % 7]} {WORDS[(i * 3) % 10]}",
               "completion": WORDS[(i * 3) % 10]} for i in range(240)]  # fmt: skip
@@ -35,7 +35,8 @@ def test_sft_prepare_train_and_register(ray_cluster, tmp_path):
     cfg = tiny_config(out, "sft-tiny", "train.max_steps=8", "train.eval_every=4",
                       "train.checkpoint_every=8", "tracking.experiment=it-sft",
                       "tracking.registered_model=it-sft")  # fmt: skip
-    result = run_training(cfg)
+    result = train(cfg)
+    check_golden("sft-packed", result)
     evals = {e["step"]: e["val_loss"] for e in read_state(result.checkpoint).evals}
     assert sorted(evals) == [0, 4, 8] and all(math.isfinite(v) for v in evals.values())
     assert evals[8] < evals[0] - 0.5, evals  # the completion tokens are learnt

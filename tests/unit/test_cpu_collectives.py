@@ -127,15 +127,22 @@ def test_broadcast_gather_gives_the_all_gathers_bytes(two_ranks):
     assert len(two_ranks["gathers"]) == 4
 
 
+def assert_same_training(losses, weights, ref_losses, ref_weights) -> None:
+    """The same losses and weights up to float rounding. Bit-identical on some CPUs; on
+    others (seen on one with avx512_bf16: the second step's loss 1 ulp apart) a sum's SIMD
+    kernel depends on its buffer's alignment, which the collective's temporaries change."""
+    assert losses == pytest.approx(ref_losses, rel=1e-6, abs=0)
+    assert ref_weights.keys() == weights.keys() and ref_weights
+    for name, w in ref_weights.items():
+        torch.testing.assert_close(weights[name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_trains_bit_for_bit_the_same_through_broadcasts(two_ranks, stage):
+def test_zero_trains_the_same_through_broadcasts(two_ranks, stage):
     assert two_ranks["calls"][stage] >= STEPS  # DeepSpeed's gathers went through it
     plain_losses, plain_weights = two_ranks["plain"][stage]
     losses, weights = two_ranks["broadcast"][stage]
-    assert losses == plain_losses
-    assert plain_weights.keys() == weights.keys() and plain_weights
-    for name, w in plain_weights.items():
-        assert torch.equal(w, weights[name]), name
+    assert_same_training(losses, weights, plain_losses, plain_weights)
     assert plain_losses[-1] < plain_losses[0]  # it trained
 
 
@@ -152,6 +159,4 @@ def test_the_gradient_all_reduce_on_gloo_trains_as_the_reduce_to_owners(two_rank
         two_ranks["plain"][2],
         two_ranks["reduce_to_owner"],
     )
-    assert losses == ref_losses
-    for name, w in ref_weights.items():
-        assert torch.equal(w, weights[name]), name
+    assert_same_training(losses, weights, ref_losses, ref_weights)
