@@ -1,6 +1,6 @@
 """ZeRO's parameter all-gather as broadcasts on gloo (`training.cpu_collectives`): two real
 gloo ranks (processes, no Ray) get the all-gather's exact bytes, and DeepSpeed engines at
-ZeRO 1, 2 and 3 train to the same losses and weights, bit for bit, with it as without; so
+ZeRO 1, 2 and 3 train to the same losses and weights (to float rounding) with it as without; so
 does ZeRO 2 with the gradient all-reduce `deepspeed_config` picks on gloo as with DeepSpeed's
 reduce to each slice's owner."""
 
@@ -130,11 +130,14 @@ def test_broadcast_gather_gives_the_all_gathers_bytes(two_ranks):
 def assert_same_training(losses, weights, ref_losses, ref_weights) -> None:
     """The same losses and weights up to float rounding. Bit-identical on some CPUs; on
     others (seen on one with avx512_bf16: the second step's loss 1 ulp apart) a sum's SIMD
-    kernel depends on its buffer's alignment, which the collective's temporaries change."""
-    assert losses == pytest.approx(ref_losses, rel=1e-6, abs=0)
+    kernel depends on its buffer's alignment, which the collective's temporaries change.
+    Adam turns a rounding difference in a near-zero gradient into up to 2 x lr (0.01) of
+    update: the weights are held to a tenth of one step's (measured: 9e-5 apart), a wrong
+    or misplaced slice moves them by whole steps."""
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=0)
     assert ref_weights.keys() == weights.keys() and ref_weights
     for name, w in ref_weights.items():
-        torch.testing.assert_close(weights[name], w, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(weights[name], w, rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
