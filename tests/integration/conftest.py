@@ -3,19 +3,22 @@ shared by every integration test in the session."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from lmforge import cluster, paths
 from lmforge.config import load_config
-from lmforge.services import free_port, kill_group
+from lmforge.services import free_port, kill_group, process_start_time
 from lmforge.tracking import store
 from tests.conftest import CORPUS, REPO
 
@@ -26,17 +29,26 @@ PLAYS = ["twelfth_night.txt", "as_you_like_it.txt", "henry_v.txt"]
 
 
 # Fixtures that start Ray: the session's cluster (`dataset` and the others that need it
-# follow) and the modules' own multi-node clusters. A test that starts Ray another way is
-# in FAULT_MODULES or says so itself (`pytestmark = pytest.mark.ray`).
+# follow) and the session's multi-node cluster. A test that starts Ray another way is in
+# FAULT_MODULES or says so itself (`pytestmark = pytest.mark.ray`).
 RAY_FIXTURES = {"ray_cluster", "nodes3"}
 # Modules whose every test waits on workers or nodes killed on purpose (a SIGKILLed worker
 # group, a lost node, a hung object store) and on Ray's recovery from it.
 FAULT_MODULES = {"test_resilience.py", "test_elastic.py", "test_scaleout.py"}
 
 
+# The modules that share the session's multi-node cluster (`nodes3`), in the order they run:
+# test_multinode first (its status and dashboard checks want a cluster no node has left),
+# then the ones that kill nodes, and last test_multinode's `cluster down`, which stops it.
+MULTINODE_MODULES = ("test_multinode.py", "test_elastic.py", "test_scaleout.py")
+MULTINODE_LAST = "test_multinode.py::test_down_leaves_no_process"
+
+
 def pytest_collection_modifyitems(items):
     """Every test here is `integration`; `ray` if it starts Ray, `faults` if it kills
-    workers or nodes (pyproject.toml lists the markers, README.md's Development how to pick)."""
+    workers or nodes (pyproject.toml lists the markers, README.md's Development how to pick).
+    The multi-node modules run one after another, in MULTINODE_MODULES' order."""
+    order_multinode(items)
     for item in items:
         if "/integration/" not in str(item.fspath):
             continue
@@ -159,6 +171,123 @@ def cluster_processes(temp_dir: str) -> list:
         if any(temp_dir in a for a in p.info["cmdline"] or []):
             found.append(p)
     return found
+
+
+def order_multinode(items: list) -> None:
+    """The tests of MULTINODE_MODULES together, where the first of them was collected, in
+    MULTINODE_MODULES' order (each module's own order kept), MULTINODE_LAST at the end: the
+    shared cluster lives from the first to the last of them, and no other test runs beside
+    it on this machine's few cores."""
+    rank = {name: i for i, name in enumerate(MULTINODE_MODULES)}
+    block = [it for it in items if it.path.parent.name == "integration" and it.path.name in rank]
+    if not block:
+        return
+    first, members = items.index(block[0]), set(block)
+    rest = [it for it in items if it not in members]
+    block.sort(key=lambda it: (it.nodeid.endswith(MULTINODE_LAST), rank[it.path.name]))
+    items[:] = rest[:first] + block + rest[first:]
+
+
+# Ray's node-death detection on the multi-node cluster, short: its GCS health-checks each
+# raylet every `period` ms and marks the node dead after `threshold` checks in a row failed
+# (Ray 2.60's RayConfig, read by the GCS from RAY_<name> in its environment; defaults 3000 ms
+# x 5: a SIGKILLed node is dead 15 s later). A killed raylet refuses the check at once, so a
+# lost node is seen in about 2 s; a live one fails a check only by not answering within
+# `health_check_timeout_ms` (10 s, kept), so a busy machine is no lost node.
+NODE_DEATH_ENV = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4"}
+# Node i's address in a cluster of several nodes (cluster.node_ip): head .2, workers .3, .4
+NODES3 = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+
+# Worker nodes 1 and 2 back as `cluster up --nodes 3` started them; any other node stopped.
+RESTORE_NODES = """
+from lmforge import cluster
+head = cluster.running()
+for i in range(3, cluster.MAX_NODES):  # added by a test (`cluster add-node`)
+    cluster.worker_node(i).stop()
+for i in (1, 2):  # killed by a test: joins again on its address
+    if cluster.worker_node(i).running() is None:
+        cluster.worker_node(i).stop()
+        cluster._start_worker(head, i, 1, cluster._node_env(head.nodes), 120)
+"""
+
+
+class MultiNode:
+    """`lmforge cluster up --nodes 3` in its own LMFORGE_HOME (`home`): a head with 0 CPUs
+    on 127.0.0.2, worker nodes of 1 CPU on .3 and .4. `env`: the variables every `lmforge`
+    command against it gets (the cluster's own are those it was started with). Not under
+    pytest's basetemp, which a concurrent pytest session may prune while this one runs."""
+
+    def __init__(self) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="lmforge-multinode-"))
+        self.env = dict(NODE_DEATH_ENV)
+        self.up_out = ""
+
+    @property
+    def state(self) -> dict:
+        return json.loads((self.home / "cluster.json").read_text())
+
+    def up(self) -> None:
+        self.up_out = lmforge(self.home, "cluster", "up", "--nodes", 3, "--port", free_port(),
+                              "--dashboard-port", free_port(), env=self.env).stdout  # fmt: skip
+
+    def down(self) -> None:
+        lmforge(self.home, "cluster", "down", timeout=120, check=False)
+
+    def alive(self) -> list[str]:
+        """The addresses of the nodes Ray has alive, sorted."""
+        nodes = cluster.state_list(self.state["dashboard_url"], "nodes")
+        return sorted(n["node_ip"] for n in nodes if n["state"] == "ALIVE")
+
+    def restore(self) -> None:
+        """Back to three alive nodes on NODES3 (the cluster started again if it is down):
+        a worker node a test killed joins again on its address, one a test added stops. Ray
+        keeps the dead nodes' entries."""
+        try:
+            alive = self.alive()
+        except (OSError, ValueError, cluster.ClusterError):  # no cluster.json, or no head
+            self.up()
+            alive = self.alive()
+        if alive == list(NODES3) and all(
+            process_start_time(json.loads(f.read_text())["pid"]) is not None
+            for f in self.home.glob("cluster-node-*.json")
+        ):
+            return
+        out = subprocess.run([sys.executable, "-c", RESTORE_NODES], capture_output=True,
+                             text=True, env=cli_env(self.home, self.env), timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        deadline = time.monotonic() + 60
+        while (alive := self.alive()) != list(NODES3):  # a stopped node's entry turns DEAD
+            assert time.monotonic() < deadline, f"alive nodes: {alive}"
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def multinode():
+    """The session's multi-node cluster (MultiNode), shared by MULTINODE_MODULES; stopped by
+    test_multinode's last test, or here at the end."""
+    nodes = MultiNode()
+    try:
+        nodes.up()
+        yield nodes
+    finally:
+        nodes.down()
+        shutil.rmtree(nodes.home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def nodes3(multinode):
+    """The multi-node cluster as `cluster up --nodes 3` left it, at the start of a module."""
+    multinode.restore()
+    return multinode
+
+
+@pytest.fixture(scope="session")
+def nodes3_dataset(multinode):
+    """One play, prepared on the multi-node cluster (Ray Data tasks on the worker nodes)."""
+    out = multinode.home / "ds"
+    lmforge(multinode.home, "prepare", "--input", CORPUS / "twelfth_night.txt", "--output", out,
+            "--vocab-size", 300, "--seq-tokens", 64, "--rows-per-group", 4)  # fmt: skip
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,11 @@
 """Elastic workers: `scaling.num_workers: [1, 2]` on `lmforge cluster up --nodes 3` (a head
-with 0 CPUs, two worker nodes of 1 CPU). One worker node is SIGKILLed mid-run (its raylet and
-its workers); the job goes on with one worker from the latest checkpoint, grows back to two
-when the node joins again, and finishes. The checkpoints' stream positions, replayed by the
-stream itself with each token replaced by its place in the split, show that no token was a
-target twice across the 2 -> 1 -> 2 re-deals; the job log and MLflow say how many workers
-trained when.
+with 0 CPUs, two worker nodes of 1 CPU: the session's, `nodes3`). One worker node is
+SIGKILLed mid-run (its raylet and its workers); the job goes on with one worker from the
+latest checkpoint, grows back to two when the node joins again, and finishes. The
+checkpoints' stream positions, replayed by the stream itself with each token replaced by its
+place in the split, show that no token was a target twice across the 2 -> 1 -> 2 re-deals;
+the job log and MLflow say how many workers trained when, each step once although each
+restart replays a step MLflow already has.
 
     flock /tmp/lmforge-ray.lock .venv/bin/pytest tests/integration/test_elastic.py -q
 """
@@ -29,26 +30,17 @@ import pytest
 from lmforge.checkpoint import RAY_RECORD, CheckpointError, read_state
 from lmforge.data.dataset import Dataset
 from lmforge.data.stream import TokenStream
-from lmforge.services import free_port
-from tests.conftest import CORPUS, REPO
-from tests.integration.conftest import cli_env, lmforge
+from tests.conftest import REPO
+from tests.integration.conftest import cli_env
 
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
-STEPS, EVERY, BATCH = 60, 4, 2
-PACE_S = "0.5"  # each worker sleeps this long after a step: room to act mid-run
-
-
-@pytest.fixture(scope="module")
-def nodes3(tmp_path_factory):
-    home = tmp_path_factory.mktemp("elastic-home")
-    lmforge(home, "cluster", "up", "--nodes", 3, "--port", free_port(),
-            "--dashboard-port", free_port())  # fmt: skip
-    try:
-        lmforge(home, "prepare", "--input", CORPUS / "twelfth_night.txt", "--output",
-                home / "ds", "--vocab-size", 300, "--seq-tokens", 64, "--rows-per-group", 4)  # fmt: skip
-        yield home
-    finally:
-        lmforge(home, "cluster", "down", timeout=120, check=False)
+STEPS, EVERY, BATCH = 16, 4, 2
+# Rank 0 holds (LMFORGE_FAULT_HOLD) right after these steps until its worker group is gone:
+# the 2-worker group one step after checkpoint 4, while its node is killed; the 1-worker
+# group one step after checkpoint 8, while the node joins again and Ray Train grows the
+# group back. Each group logged the step before: the next group replays it from the
+# checkpoint and must not log it again.
+HOLDS = (EVERY + 2, 2 * EVERY + 2)
 
 
 def kill_node(home, i: int) -> int:
@@ -61,16 +53,18 @@ def kill_node(home, i: int) -> int:
     return len(procs)
 
 
-def add_node(home, i: int) -> None:
-    """Worker node i joins the cluster again, on its address, as `cluster up` started it."""
-    code = (
-        "from lmforge import cluster\n"
-        "head = cluster.running()\n"
-        f"cluster._start_worker(head, {i}, 1, cluster._node_env(head.nodes), 120)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=cli_env(home),
-                         capture_output=True, text=True, timeout=180)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+def logged_steps(uri: str, run_dir) -> set[int]:
+    """The steps MLflow has the run's `workers` metric for (none before the run exists)."""
+    from lmforge.tracking import store
+
+    client = store.client(uri)
+    exp = client.get_experiment_by_name("lmforge")
+    if exp is None:
+        return set()
+    found = client.search_runs(
+        [exp.experiment_id], f"tags.`lmforge.run_dir` LIKE '%{run_dir.name}'"
+    )  # fmt: skip
+    return {m.step for r in found for m in client.get_metric_history(r.info.run_id, "workers")}
 
 
 def stretches(values: list[int]) -> list[int]:
@@ -126,12 +120,12 @@ def replay(ds: Dataset, states: dict[int, object], seed: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def elastic_run(nodes3):
-    home = nodes3
+def elastic_run(nodes3, nodes3_dataset):
+    home = nodes3.home
     name = f"elastic-{uuid.uuid4().hex[:8]}"  # Train V2 resumes a run of the same name
     uri = f"sqlite:///{home}/mlflow/mlflow.db"
     sets = {
-        "data.path": home / "ds", "run.name": name, "run.shared_filesystem": "true",
+        "data.path": nodes3_dataset, "run.name": name, "run.shared_filesystem": "true",
         "tracking.tracking_uri": uri, "scaling.num_workers": "[1,2]",
         "scaling.elastic_resize_interval_s": 3, "run.max_failures": 3,
         "train.max_steps": STEPS, "train.checkpoint_every": EVERY, "train.eval_every": STEPS,
@@ -141,10 +135,15 @@ def elastic_run(nodes3):
     args = [sys.executable, "-m", "lmforge.cli", "train", "--config", TINY]
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
-    env = {**cli_env(home), "LMFORGE_FAULT_STEP_DELAY_S": PACE_S, "PYTHONUNBUFFERED": "1"}
-    # After the kill Ray Train first asks for 2 workers again, before the node is marked
-    # dead, and waits this long for them (default 60 s) before it goes on with 1.
-    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
+    hold = home / "elastic-hold"
+    env = {
+        **cli_env(home, nodes3.env), "PYTHONUNBUFFERED": "1",
+        "LMFORGE_FAULT": ",".join(f"step:{step}:0" for step in HOLDS),
+        "LMFORGE_FAULT_HOLD": str(hold), "LMFORGE_FAULT_ONCE": str(home / "elastic-once"),
+    }  # fmt: skip
+    # If Ray Train restarts before the node is marked dead, it asks for 2 workers again and
+    # waits this long for their placement (default 60 s) before it goes on with 1.
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)  # fmt: skip
     lines: list[str] = []
@@ -161,24 +160,30 @@ def elastic_run(nodes3):
             time.sleep(0.5)
         return time.monotonic() - started
 
-    def world_of(n: int):
-        return lambda: any(s.world_size == n for s in checkpoints(run_dir).values())
+    def held_by(n: int, step: int):
+        """Checkpoint step - 2 recorded, by n workers, and step - 1 in MLflow: rank 0 holds
+        at `step` (it cannot pass it while this test runs)."""
+        return lambda: (
+            (c := checkpoints(run_dir)).get(step - 2) is not None
+            and c[step - 2].world_size == n and step - 1 in logged_steps(uri, run_dir)
+        )  # fmt: skip
 
     try:
-        t_two = wait_for("2-worker checkpoint", world_of(2), 240)
+        t_two = wait_for("2 workers at the first hold", held_by(2, HOLDS[0]), 240)
         killed = kill_node(home, 2)
-        t_one = wait_for("1-worker checkpoint", world_of(1), 180)
-        add_node(home, 2)
+        t_one = wait_for("1 worker at the second hold", held_by(1, HOLDS[1]), 180)
+        nodes3.restore()  # worker node 2 joins again, on its address
         t_back = wait_for("2-worker checkpoint after the 1-worker ones", lambda: (
             (c := checkpoints(run_dir)) and c[max(c)].world_size == 2 and
             any(s.world_size == 1 for s in c.values())), 180)  # fmt: skip
         proc.wait(timeout=300)
         reader.join(timeout=10)
     finally:
+        hold.unlink(missing_ok=True)
         if proc.poll() is None:
             proc.kill()
     log = "".join(lines)
-    (home / "train.log").write_text(log)  # the whole job log, to read when a check fails
+    (home / "elastic.log").write_text(log)  # the whole job log, to read when a check fails
     print(f"2 workers at {t_two:.0f}s, killed {killed} processes, 1 worker at {t_one:.0f}s, "
           f"2 again at {t_back:.0f}s, done at {time.monotonic() - started:.0f}s")  # fmt: skip
     return home, run_dir, uri, proc.returncode, log
@@ -211,10 +216,10 @@ def test_the_job_goes_on_with_fewer_workers_and_grows_back(elastic_run):
     assert stretches(by_step) == [2, 1, 2], by_step
 
 
-def test_no_token_is_a_target_twice_across_the_resizes(elastic_run):
+def test_no_token_is_a_target_twice_across_the_resizes(elastic_run, nodes3_dataset):
     home, run_dir, *_ = elastic_run
     states = checkpoints(run_dir)
     assert all(p["epoch"] == 0 for s in states.values() for p in s.data)  # within one epoch
-    targets = replay(Dataset(home / "ds"), states, seed=1337)
+    targets = replay(Dataset(nodes3_dataset), states, seed=1337)
     assert len(targets) == len(set(targets)), len(targets) - len(set(targets))
     assert len(targets) == states[STEPS].tokens_seen

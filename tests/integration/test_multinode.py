@@ -2,8 +2,11 @@
 nodes (1 CPU each) on 127.0.0.3 and .4, each its own raylet; a 2-worker STRICT_SPREAD run on
 them whose ranks ran on two nodes, as the job log and the MLflow run say, and whose log has
 each step line once; a run that cannot fit refused before it starts; `cluster down` leaves
-no process. Everything goes through the CLI, in its own LMFORGE_HOME, as a user runs
-it (beside the test session's own cluster, when one is up: two clusters on one machine).
+no process. Everything goes through the CLI, in the cluster's own LMFORGE_HOME, as a user
+runs it (beside the test session's own cluster, when one is up: two clusters on one machine).
+The cluster is the session's (`nodes3`, tests/integration/conftest.py), shared with
+test_elastic and test_scaleout: these tests run first, on the fresh cluster, and
+`cluster down` after the other two modules.
 
     flock /tmp/lmforge-ray.lock .venv/bin/pytest tests/integration/test_multinode.py -q
 """
@@ -18,37 +21,20 @@ import uuid
 import psutil
 import pytest
 
-from lmforge.services import free_port
-from tests.conftest import CORPUS, REPO
+from tests.conftest import REPO
 from tests.integration.conftest import cluster_processes, lmforge
 
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def nodes3(tmp_path_factory):
-    home = tmp_path_factory.mktemp("multinode-home")
-    port = free_port()
-    up = lmforge(home, "cluster", "up", "--nodes", 3, "--port", port,
-                 "--dashboard-port", free_port())  # fmt: skip
-    state = json.loads((home / "cluster.json").read_text())
-    try:
-        yield home, state, up.stdout
-    finally:
-        lmforge(home, "cluster", "down", check=False)
-
-
-@pytest.fixture(scope="module")
-def dataset(nodes3):
-    """One play, prepared on the 3-node cluster (Ray Data tasks on the worker nodes)."""
-    home = nodes3[0]
-    lmforge(home, "prepare", "--input", CORPUS / "twelfth_night.txt", "--output",
-            home / "ds", "--vocab-size", 300, "--seq-tokens", 64, "--rows-per-group", 4)  # fmt: skip
-    return home / "ds"
+def dataset(nodes3, nodes3_dataset):
+    """One play, prepared on the multi-node cluster."""
+    return nodes3_dataset
 
 
 def test_status_lists_three_nodes_on_their_own_addresses(nodes3):
-    home, state, up_out = nodes3
+    home, state, up_out = nodes3.home, nodes3.state, nodes3.up_out
     assert state["address"].startswith("127.0.0.2:") and state["nodes"] == 3
     out = lmforge(home, "cluster", "status").stdout
     rows = [ln.split() for ln in out.splitlines() if re.match(r"\s+[0-9a-f]{12}\s", ln)]
@@ -69,7 +55,7 @@ def test_status_lists_three_nodes_on_their_own_addresses(nodes3):
     "network namespaces would confine them",
 )
 def test_every_node_listens_on_loopback_only(nodes3):
-    home, state, _ = nodes3
+    home, state = nodes3.home, nodes3.state
     leaders = [state["pid"]] + [
         json.loads(f.read_text())["pid"] for f in sorted(home.glob("cluster-node-*.json"))
     ]
@@ -88,7 +74,7 @@ def test_every_node_listens_on_loopback_only(nodes3):
 
 
 def test_a_local_storage_path_is_refused_before_the_run_starts(nodes3, dataset):
-    home = nodes3[0]
+    home = nodes3.home
     out = lmforge(home, "train", "--config", TINY, "--set", f"data.path={dataset}",
                   "--set", f"run.name=refused-{uuid.uuid4().hex[:8]}", check=False)  # fmt: skip
     assert out.returncode == 2, out.stderr[-3000:]
@@ -100,7 +86,7 @@ def test_a_local_storage_path_is_refused_before_the_run_starts(nodes3, dataset):
 def test_workers_that_cannot_all_be_placed_are_refused_before_the_run_starts(nodes3, dataset):
     """3 workers of 1 CPU, 2 nodes of 1 CPU and no autoscaler: Ray Train would retry its
     60 s worker-group start without end; refused in one line, in seconds."""
-    home = nodes3[0]
+    home = nodes3.home
     out = lmforge(home, "train", "--config", TINY, "--set", f"data.path={dataset}",
                   "--set", f"run.name=unplaced-{uuid.uuid4().hex[:8]}",
                   "--set", "run.shared_filesystem=true", "--set", "scaling.num_workers=3",
@@ -114,7 +100,7 @@ def test_workers_that_cannot_all_be_placed_are_refused_before_the_run_starts(nod
 
 
 def test_strict_spread_ranks_run_on_two_nodes_and_are_recorded(nodes3, dataset):
-    home = nodes3[0]
+    home = nodes3.home
     name = f"spread-{uuid.uuid4().hex[:8]}"  # Train V2 resumes a run of the same name
     uri = f"sqlite:///{home}/mlflow/mlflow.db"
     out = lmforge(
@@ -154,7 +140,7 @@ def test_strict_spread_ranks_run_on_two_nodes_and_are_recorded(nodes3, dataset):
 def test_dashboard_cluster_page_lists_the_nodes(nodes3, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.setenv("RAY_JOBS_ADDRESS", nodes3[1]["dashboard_url"])
+    monkeypatch.setenv("RAY_JOBS_ADDRESS", nodes3.state["dashboard_url"])
     at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=60).run()
     at.switch_page("pages/cluster.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
@@ -165,7 +151,9 @@ def test_dashboard_cluster_page_lists_the_nodes(nodes3, monkeypatch):
 
 
 def test_down_leaves_no_process(nodes3):
-    home, state, _ = nodes3
+    """Last of the multi-node tests (conftest's MULTINODE_LAST): the cluster has lost and
+    gained nodes by now, and `down` still stops every process of it."""
+    home, state = nodes3.home, nodes3.state
     assert cluster_processes(state["temp_dir"])  # the cluster is up: the probe sees it
     out = lmforge(home, "cluster", "down")
     assert "stopped" in out.stdout

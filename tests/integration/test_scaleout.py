@@ -1,15 +1,17 @@
 """Scale out for real (issue 17): a node lost mid-run. `lmforge cluster up --nodes 3` (a head
-with 0 CPUs on 127.0.0.2, worker nodes of 1 CPU on 127.0.0.3 and .4), data and checkpoints
-in a local S3 API (moto), MLflow on PostgreSQL with its artifacts in S3 (`lmforge tracking
-up`). A 2-worker STRICT_SPREAD run trains uninterrupted; the same run under another name
-loses one worker node to SIGKILL (its raylet and every process it runs) after a checkpoint
-reached S3; STRICT_SPREAD needs a second node again, so `lmforge cluster add-node` starts a
-replacement, and Ray Train restarts the worker group there from the last checkpoint in S3.
-It ends with one MLflow run, one version per checkpoint, and the uninterrupted weights.
-Then a third run meets the S3 API hanging (moto SIGSTOPped) while checkpoint 8 is written
-(LMFORGE_FAULT_HOLD holds rank 0 there while the test stops the store): that checkpoint
-fails cleanly, the run restarts from checkpoint 4 once the store answers, and finishes.
-Everything goes through the CLI, in its own LMFORGE_HOME, as a user runs it.
+with 0 CPUs on 127.0.0.2, worker nodes of 1 CPU on 127.0.0.3 and .4: the session's, `nodes3`),
+data and checkpoints in a local S3 API (moto), MLflow on PostgreSQL with its artifacts in S3
+(`lmforge tracking up`). The run trains uninterrupted on 2 local processes (`lmforge train
+--local`: the same Trainer, data and seed without Ray, the reference weights); on the
+cluster a 2-worker STRICT_SPREAD run of it loses one worker node to SIGKILL (its raylet and
+every process it runs) after a checkpoint reached S3; STRICT_SPREAD needs a second node
+again, so `lmforge cluster add-node` starts a replacement, and Ray Train restarts the worker
+group there from the last checkpoint in S3. It ends with one MLflow run, one version per
+checkpoint, and the uninterrupted weights. Then a third run meets the S3 API hanging (moto
+SIGSTOPped) while checkpoint 8 is written (LMFORGE_FAULT_HOLD holds rank 0 there while the
+test stops the store): that checkpoint fails cleanly, the run restarts from checkpoint 4
+once the store answers, and finishes with the uninterrupted weights. Everything goes through
+the CLI, in the cluster's LMFORGE_HOME, as a user runs it.
 
     flock /tmp/lmforge-ray.lock .venv/bin/pytest tests/integration/test_scaleout.py -q
 """
@@ -20,14 +22,11 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
@@ -63,20 +62,19 @@ def resumed_steps(log: str) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def scaled(s3_server):
-    """The 3-node cluster, PostgreSQL, `lmforge tracking up` over it with artifacts in S3,
-    and a dataset prepared into the bucket; this process reaches the bucket as the jobs do
-    (the standard AWS_* variables). Its LMFORGE_HOME is not under pytest's basetemp, which
-    a concurrent pytest session may prune while this one runs."""
-    home = Path(tempfile.mkdtemp(prefix="lmforge-scaleout-"))
+def scaled(s3_server, nodes3):
+    """The session's 3-node cluster (`nodes3`), PostgreSQL, `lmforge tracking up` over it
+    with artifacts in S3, and a dataset prepared into the bucket; this process reaches the
+    bucket as the jobs do (the standard AWS_* variables, which each run hands its workers
+    through Ray's runtime env: the nodes were started without them)."""
+    home = nodes3.home
     # The train log is read while it runs; lines are told apart by the worker's pid, and
     # Ray's folding of like lines of several workers into "[repeated 2x ...]" is off.
-    env = {**s3_server.env, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    env = {**nodes3.env, **s3_server.env, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as mp:
-        stack.callback(shutil.rmtree, home, ignore_errors=True)
         for key in storage.AWS_ENV:
             mp.delenv(key, raising=False)
-        for key, value in env.items():
+        for key, value in s3_server.env.items():
             mp.setenv(key, value)
         storage.configure(None)
         pg = stack.enter_context(pg_server())
@@ -84,27 +82,23 @@ def scaled(s3_server):
         lmforge(home, "tracking", "up", "--port", port, "--backend-store-uri", pg.uri,
                 "--artifacts-destination", s3_server.uri("scaleout", "mlflow"), env=env)  # fmt: skip
         stack.callback(lmforge, home, "tracking", "down", check=False, env=env)
-        lmforge(home, "cluster", "up", "--nodes", 3, "--port", free_port(),
-                "--dashboard-port", free_port(), env=env)  # fmt: skip
-        stack.callback(lmforge, home, "cluster", "down", check=False, env=env)
         data = s3_server.uri("scaleout", "ds")
         lmforge(home, "prepare", "--input", CORPUS / "twelfth_night.txt", "--output", data,
                 "--vocab-size", 300, "--seq-tokens", 64, "--rows-per-group", 4, env=env)  # fmt: skip
         yield SimpleNamespace(
             home=home, env=env, data=data, runs=s3_server.uri("scaleout", "runs"),
-            tracking=f"http://127.0.0.1:{port}",
-            state=json.loads((home / "cluster.json").read_text()),
+            tracking=f"http://127.0.0.1:{port}", state=nodes3.state, nodes=nodes3,
         )  # fmt: skip
 
 
-def train_args(s, name: str) -> list[str]:
+def train_args(s, name: str, **overrides) -> list[str]:
     settings = {
         "data.path": s.data, "run.storage_path": s.runs, "run.name": name,
         "scaling.num_workers": 2, "scaling.placement_strategy": "STRICT_SPREAD",
         "run.max_failures": 2, "train.max_steps": STEPS, "train.checkpoint_every": EVERY,
         "train.eval_every": EVERY, "train.eval_steps": 1, "train.log_every": 1,
         "train.warmup_steps": 1, "tracking.tracking_uri": s.tracking,
-        "tracking.experiment": EXPERIMENT, "tracking.registered_model": MODEL,
+        "tracking.experiment": EXPERIMENT, "tracking.registered_model": MODEL, **overrides,
     }  # fmt: skip
     args = ["train", "--config", REPO / "jobs" / "configs" / "tiny.yaml"]
     for k, v in settings.items():
@@ -140,11 +134,16 @@ def runs(scaled):
     s = scaled
     suffix = uuid.uuid4().hex[:8]  # Train V2 resumes a run of the same name
     ref_name, lost_name = f"ref-{suffix}", f"lost-{suffix}"
+    # The uninterrupted reference: the same run on 2 local processes (`train --local`: the
+    # same Trainer, data and seed, no Ray), reading the same data from S3; its checkpoints
+    # in a local dir, as a local run keeps them.
     started = time.monotonic()
-    ref = lmforge(s.home, *train_args(s, ref_name), timeout=420, env=s.env)
+    ref_root = s.home / "local-runs"
+    local = {"run.storage_path": ref_root, "tracking.enabled": "false"}
+    ref = lmforge(s.home, *train_args(s, ref_name, **local), "--local", timeout=420, env=s.env)
     ref_s = time.monotonic() - started
 
-    log_file = s.home / "train.log"
+    log_file = s.home / "lost.log"
     with open(log_file, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lmforge.cli", *train_args(s, lost_name)],
@@ -181,14 +180,15 @@ def runs(scaled):
                 p.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         step_at_kill = max(int(x) for x in re.findall(r"step\s+(\d+)/", log_file.read_text()))
-        added = lmforge(s.home, "cluster", "add-node", env=s.env)  # STRICT_SPREAD needs 2
+        # STRICT_SPREAD needs 2 nodes: a new one, started as the others were
+        added = lmforge(s.home, "cluster", "add-node", env=s.nodes.env)
         proc.wait(timeout=420)
     finally:
         if proc.poll() is None:
             proc.kill()
     lost_s = time.monotonic() - killed_at
     return SimpleNamespace(
-        ref=ref, ref_name=ref_name, ref_s=ref_s, name=lost_name, rc=proc.returncode,
+        ref=ref, ref_dir=ref_root / ref_name, ref_s=ref_s, name=lost_name, rc=proc.returncode,
         log=log_file.read_text(), before_kill=before_kill, step_at_kill=step_at_kill,
         victim_ip=victim_ip, node=node, train_workers=train_workers,
         killed={p.pid for p in victims}, added=added.stdout, lost_s=lost_s,
@@ -248,12 +248,12 @@ def test_one_mlflow_run_and_one_version_per_checkpoint(scaled, runs):
 def test_the_final_weights_equal_the_uninterrupted_runs(scaled, runs):
     assert runs.rc == 0, runs.log[-5000:]
     root, name = storage.resolve(scaled.runs), f"checkpoint_{STEPS:08d}"
-    ref = load_safetensors((root / runs.ref_name / name / WEIGHTS).read_bytes())
+    ref = load_safetensors((runs.ref_dir / name / WEIGHTS).read_bytes())
     got = load_safetensors((root / runs.name / name / WEIGHTS).read_bytes())
     assert ref.keys() == got.keys()
     diff = max((ref[k] - got[k]).abs().max().item() for k in ref)
     assert diff < 1e-5, f"max abs weight difference {diff}"
-    a = read_state(root / runs.ref_name / name)
+    a = read_state(runs.ref_dir / name)
     b = read_state(root / runs.name / name)
     assert a.tokens_seen == b.tokens_seen and a.data == b.data
 
@@ -326,7 +326,7 @@ def test_the_object_store_down_during_a_checkpoint(scaled, runs, s3_server):
     versions = client.search_model_versions(f"run_id='{found[0].info.run_id}'")
     assert sorted(int(v.tags["step"]) for v in versions) == list(range(EVERY, STEPS + 1, EVERY))
     ckpt = f"checkpoint_{STEPS:08d}"
-    ref = load_safetensors((storage.resolve(s.runs) / runs.ref_name / ckpt / WEIGHTS).read_bytes())
+    ref = load_safetensors((runs.ref_dir / ckpt / WEIGHTS).read_bytes())
     got = load_safetensors((root / ckpt / WEIGHTS).read_bytes())
     diff = max((ref[k] - got[k]).abs().max().item() for k in ref)
     assert diff < 1e-5, f"max abs weight difference {diff}"
