@@ -1,8 +1,7 @@
 """`LocalSession`: the session port over plain processes, without Ray.
 
-`run(plan, worker_plan)` spawns `scaling.num_workers` processes (torch's own
-multiprocessing), each a gloo (NCCL on GPUs) rank running the same `run_worker` as a Ray
-Train worker. A checkpoint is persisted as Ray Train persists it: every rank copies its
+`run(worker_plan)` starts `scaling.num_workers` processes (torch's own multiprocessing),
+each a gloo (NCCL on GPUs) rank running the same `run_worker` as a Ray Train worker. A checkpoint is persisted as Ray Train persists it: every rank copies its
 checkpoint dir into the run dir, and once all have (a barrier) rank 0 records it in the
 run's `checkpoints.json` and removes the oldest beyond `run.checkpoints_to_keep`. A resumed
 run restores from the latest recorded checkpoint, on any number of workers.
@@ -89,19 +88,34 @@ def run(plan: WorkerPlan) -> list[dict[str, Any]]:
 
     check(plan.config)
     world = plan.config.scaling.num_workers
+    # The ranks fork from a server process that has imported torch and DeepSpeed once
+    # (forkserver), not each from a fresh interpreter (spawn): every run after a process's
+    # first starts ~4 s sooner (7.5 -> 3.3 s for a 4-step tiny run here). DeepSpeed picks its
+    # accelerator when imported: the server's is the one this run asks for.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if plan.config.scaling.use_gpu else "cpu")
+    mp.set_forkserver_preload(["torch", "deepspeed", "lmforge.training.loop"])
+    # A forked rank has the server's environment and working dir: it takes this process's.
+    here = (dict(os.environ), os.getcwd())
     with tempfile.TemporaryDirectory(prefix="lmforge-local-") as tmp:
         result = Path(tmp) / "reports.json"
         mp.start_processes(
-            _worker, args=(world, free_port(), plan, str(result)), nprocs=world,
-            join=True, start_method="spawn",
+            _worker, args=(world, free_port(), plan, str(result), here), nprocs=world,
+            join=True, start_method="forkserver",
         )  # fmt: skip
         return json.loads(result.read_text()) if result.is_file() else []
 
 
-def _worker(rank: int, world: int, port: int, plan: WorkerPlan, result: str) -> None:
-    """One rank: its process group, then the same `run_worker` as under Ray."""
+def _worker(
+    rank: int, world: int, port: int, plan: WorkerPlan, result: str, here: tuple[dict, str]
+) -> None:
+    """One rank: the launching process's environment, its process group, then the same
+    `run_worker` as under Ray."""
     import torch.distributed as tdist
 
+    env, cwd = here
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     use_gpu = plan.config.scaling.use_gpu
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
