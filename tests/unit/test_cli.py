@@ -16,74 +16,89 @@ def run(*args, timeout=60):
     )
 
 
-@pytest.mark.parametrize(
-    "cmd",
-    [
-        [],
-        ["prepare"],
-        ["train"],
-        ["submit"],
-        ["generate"],
-        ["evaluate"],
-        ["export-hf"],
-        ["tracking"],
-        ["cluster"],
-        ["dashboard"],
-    ],
-)
-def test_help(cmd):
-    out = run(*cmd, "--help")
+HELP = [
+    [],
+    ["prepare"],
+    ["train"],
+    ["submit"],
+    ["generate"],
+    ["evaluate"],
+    ["export-hf"],
+    ["tracking"],
+    ["cluster"],
+    ["dashboard"],
+]
+
+BAD = [
+    (["train", "--config", "jobs/configs/tiny.yaml", "--set", "zero.stage=9"], "zero.stage"),
+    (
+        ["train", "--config", "jobs/configs/tiny.yaml", "--set", "train.typo=1"],
+        "train.typo: unknown key",
+    ),
+    (["train", "--config", "nope.yaml"], "nope.yaml: config file not found"),
+    (
+        ["train", "--config", "jobs/configs/tiny.yaml", "--set", "data.path=/nonexistent/ds"],
+        "/nonexistent/ds: dataset dir not found",
+    ),
+    (
+        ["prepare", "--input", "/nonexistent/corpus", "--output", "/tmp/x"],
+        "/nonexistent/corpus: no such file",
+    ),
+    (
+        ["generate", "--checkpoint", "/nonexistent/ckpt", "--prompt", "hi"],
+        "/nonexistent/ckpt: checkpoint dir not found",
+    ),
+    (["generate", "--model", "tiny@best", "--prompt", "hi"], "expected models:/NAME@ALIAS"),
+    (
+        ["generate", "--model", "models:/no-such-model@best", "--prompt", "hi"],
+        "models:/no-such-model@best: not found in the registry",
+    ),
+    (
+        ["evaluate", "--checkpoint", "/nonexistent/ckpt", "--data", "datasets/x"],
+        "/nonexistent/ckpt: checkpoint dir not found",
+    ),
+    (
+        [
+            "train",
+            "--config",
+            "jobs/configs/tiny.yaml",
+            "--set",
+            "tracking.registered_model=a/b",
+        ],
+        "tracking.registered_model",
+    ),
+    (
+        ["train", "--config", "jobs/configs/tiny.yaml", "--resume", "models:/nope/1"],
+        "models:/nope/1: not found in the registry",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def ran():
+    """Every command of the two tests below, each its own `lmforge` process as a user runs
+    it, four at a time (each is mostly Python importing: 2-6 s alone); the two that open the
+    session's MLflow store run after the rest, one at a time (SQLite's first migration is
+    not safe to race)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cmds = [(*c, "--help") for c in HELP] + [tuple(a) for a, _ in BAD]
+    registry = [c for c in cmds if any(a.startswith("models:/") for a in c)]
+    with ThreadPoolExecutor(4) as pool:
+        rest = [c for c in cmds if c not in registry]
+        out = dict(zip(rest, pool.map(lambda c: run(*c), rest), strict=True))
+    return out | {c: run(*c) for c in registry}
+
+
+@pytest.mark.parametrize("cmd", HELP)
+def test_help(cmd, ran):
+    out = ran[(*cmd, "--help")]
     assert out.returncode == 0 and "usage: lmforge" in out.stdout
 
 
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["train", "--config", "jobs/configs/tiny.yaml", "--set", "zero.stage=9"], "zero.stage"),
-        (
-            ["train", "--config", "jobs/configs/tiny.yaml", "--set", "train.typo=1"],
-            "train.typo: unknown key",
-        ),
-        (["train", "--config", "nope.yaml"], "nope.yaml: config file not found"),
-        (
-            ["train", "--config", "jobs/configs/tiny.yaml", "--set", "data.path=/nonexistent/ds"],
-            "/nonexistent/ds: dataset dir not found",
-        ),
-        (
-            ["prepare", "--input", "/nonexistent/corpus", "--output", "/tmp/x"],
-            "/nonexistent/corpus: no such file",
-        ),
-        (
-            ["generate", "--checkpoint", "/nonexistent/ckpt", "--prompt", "hi"],
-            "/nonexistent/ckpt: checkpoint dir not found",
-        ),
-        (["generate", "--model", "tiny@best", "--prompt", "hi"], "expected models:/NAME@ALIAS"),
-        (
-            ["generate", "--model", "models:/no-such-model@best", "--prompt", "hi"],
-            "models:/no-such-model@best: not found in the registry",
-        ),
-        (
-            ["evaluate", "--checkpoint", "/nonexistent/ckpt", "--data", "datasets/x"],
-            "/nonexistent/ckpt: checkpoint dir not found",
-        ),
-        (
-            [
-                "train",
-                "--config",
-                "jobs/configs/tiny.yaml",
-                "--set",
-                "tracking.registered_model=a/b",
-            ],
-            "tracking.registered_model",
-        ),
-        (
-            ["train", "--config", "jobs/configs/tiny.yaml", "--resume", "models:/nope/1"],
-            "models:/nope/1: not found in the registry",
-        ),
-    ],
-)
-def test_bad_input_is_one_line_before_ray_starts(args, needle):
-    out = run(*args)
+@pytest.mark.parametrize("args, needle", BAD)
+def test_bad_input_is_one_line_before_ray_starts(args, needle, ran):
+    out = ran[tuple(args)]
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], out.stderr
