@@ -29,9 +29,9 @@ PLAYS = ["twelfth_night.txt", "as_you_like_it.txt", "henry_v.txt"]
 
 
 # Fixtures that start Ray: the session's cluster (`dataset` and the others that need it
-# follow) and the session's multi-node cluster. A test that starts Ray another way is in
-# FAULT_MODULES or says so itself (`pytestmark = pytest.mark.ray`).
-RAY_FIXTURES = {"ray_cluster", "nodes3"}
+# follow) and the session's multi-node cluster (`nodes3`, `nodes3_dataset` follow). A test
+# that starts Ray another way is in FAULT_MODULES or says so itself (`pytestmark = ...ray`).
+RAY_FIXTURES = {"ray_cluster", "multinode"}
 # Modules whose every test waits on workers or nodes killed on purpose (a SIGKILLed worker
 # group, a lost node, a hung object store) and on Ray's recovery from it.
 FAULT_MODULES = {"test_resilience.py", "test_elastic.py", "test_scaleout.py"}
@@ -231,7 +231,8 @@ class MultiNode:
                               "--dashboard-port", free_port(), env=self.env).stdout  # fmt: skip
 
     def down(self) -> None:
-        lmforge(self.home, "cluster", "down", timeout=120, check=False)
+        if list(self.home.glob("cluster*.json")):  # not stopped yet (by test_multinode's last)
+            lmforge(self.home, "cluster", "down", timeout=120, check=False)
 
     def alive(self) -> list[str]:
         """The addresses of the nodes Ray has alive, sorted."""

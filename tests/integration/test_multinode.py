@@ -150,10 +150,11 @@ def test_dashboard_cluster_page_lists_the_nodes(nodes3, monkeypatch):
     assert set(rows["state"]) == {"ALIVE"}
 
 
-def test_down_leaves_no_process(nodes3):
-    """Last of the multi-node tests (conftest's MULTINODE_LAST): the cluster has lost and
-    gained nodes by now, and `down` still stops every process of it."""
-    home, state = nodes3.home, nodes3.state
+def test_down_leaves_no_process(multinode):
+    """Last of the multi-node tests (conftest's MULTINODE_LAST), on the cluster as the
+    others left it (not restored): nodes lost, added, joined again; `down` stops every
+    process of it."""
+    home, state = multinode.home, multinode.state
     assert cluster_processes(state["temp_dir"])  # the cluster is up: the probe sees it
     out = lmforge(home, "cluster", "down")
     assert "stopped" in out.stdout

@@ -42,7 +42,7 @@ from tests.conftest import CORPUS, REPO
 from tests.integration.conftest import cli_env, lmforge
 from tests.pgserver import pg_server
 
-STEPS, EVERY = 16, 4
+STEPS, EVERY = 12, 4  # checkpoints 4 (the resume point), 8 (lost to the store), 12
 EXPERIMENT = MODEL = "it-scaleout"
 RANK_LINE = re.compile(r"rank (\d) on node [0-9a-f]{12} \((127\.0\.0\.\d+)\)")
 # Rank 0 prints where each rank runs: (rank 0's pid, rank, node address).
