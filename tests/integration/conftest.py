@@ -263,16 +263,18 @@ class MultiNode:
 
 
 @pytest.fixture(scope="session")
-def multinode():
+def multinode(request):
     """The session's multi-node cluster (MultiNode), shared by MULTINODE_MODULES; stopped by
-    test_multinode's last test, or here at the end."""
+    test_multinode's last test, or here at the end. Its LMFORGE_HOME (the runs' logs, each
+    node's `ray start` log under cluster/) is kept when a test of the session failed."""
     nodes = MultiNode()
     try:
         nodes.up()
         yield nodes
     finally:
         nodes.down()
-        shutil.rmtree(nodes.home, ignore_errors=True)
+        if not request.session.testsfailed:
+            shutil.rmtree(nodes.home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
