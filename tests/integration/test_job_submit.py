@@ -1,5 +1,9 @@
 """A real `ray job submit` (and `lmforge submit`) of jobs/train.py against the cluster
-`lmforge cluster up` starts."""
+`lmforge cluster up` starts.
+
+The job that Ctrl-C leaves running is started first and checked last: it trains beside the
+other tests' jobs (two jobs on the cluster at once, as a user's would be) instead of
+being waited for alone."""
 
 import os
 import re
@@ -7,6 +11,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from lmforge.checkpoint import read_state
 from lmforge.jobclient import JobClient
@@ -22,6 +29,47 @@ def submit(dashboard_url: str, *args: str, auth: bool = True) -> subprocess.Comp
     cmd = [str(ray_bin), "job", "submit", "--address", dashboard_url,
            "--runtime-env", "cluster/runtime_env.yaml", "--", *args]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def lmforge_submit(ray_cluster, dataset, storage, name, *extra):
+    return [
+        sys.executable, "-m", "lmforge.cli", "submit", "--config", "jobs/configs/tiny.yaml",
+        "--set", f"data.path={dataset}", "--set", f"run.storage_path={storage}",
+        "--set", f"run.name={name}", "--set", "tracking.experiment=cli-submit",
+        "--set", "train.warmup_steps=1",
+        "--address", ray_cluster.dashboard_url, *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def interrupted(ray_cluster, dataset, tmp_path_factory):
+    """`lmforge submit`, Ctrl-C (SIGINT) once the followed log has started: (sid, exit code,
+    stderr). The job runs on while the module's other tests run theirs."""
+    cmd = lmforge_submit(ray_cluster, dataset, tmp_path_factory.mktemp("detached"), "cli-detached",
+                         "--set", "train.max_steps=2", "--set", "train.eval_every=2",
+                         "--set", "train.checkpoint_every=2")  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        first = proc.stdout.readline()
+        (sid,) = re.findall(r"^submitted job (raysubmit_\w+) ", first)
+        for line in proc.stdout:  # the followed log has started
+            if line.strip():
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return SimpleNamespace(sid=sid, returncode=proc.returncode, err=err)
+
+
+def test_ctrl_c_stops_following(interrupted, ray_cluster):
+    sid, err = interrupted.sid, interrupted.err
+    assert interrupted.returncode == 130, err[-3000:]
+    assert f"stopped following; job {sid} keeps running" in err
+    assert f"ray job stop --address {ray_cluster.dashboard_url} {sid}" in err
+    assert "Traceback" not in err
 
 
 def test_ray_job_submit_trains_checkpoints_and_registers(
@@ -68,16 +116,6 @@ def test_bad_config_fails_the_job_with_the_key_named(ray_cluster, dataset):
     assert "zero.stage" in out.stdout + out.stderr
 
 
-def lmforge_submit(ray_cluster, dataset, storage, name, *extra):
-    return [
-        sys.executable, "-m", "lmforge.cli", "submit", "--config", "jobs/configs/tiny.yaml",
-        "--set", f"data.path={dataset}", "--set", f"run.storage_path={storage}",
-        "--set", f"run.name={name}", "--set", "tracking.experiment=cli-submit",
-        "--set", "train.warmup_steps=1",
-        "--address", ray_cluster.dashboard_url, *extra,
-    ]  # fmt: skip
-
-
 def test_lmforge_submit_follows_the_job_to_its_end(ray_cluster, dataset, tmp_path):
     storage = tmp_path / "runs"
     cmd = lmforge_submit(ray_cluster, dataset, storage, "cli-submitted",
@@ -108,27 +146,9 @@ def test_lmforge_submit_follows_the_job_to_its_end(ray_cluster, dataset, tmp_pat
     assert run is not None and run.name == "cli-submitted" and run.experiment == "cli-submit"
 
 
-def test_ctrl_c_stops_following_and_the_job_runs_on(ray_cluster, dataset, tmp_path):
-    cmd = lmforge_submit(ray_cluster, dataset, tmp_path / "runs", "cli-detached",
-                         "--set", "train.max_steps=2", "--set", "train.eval_every=2",
-                         "--set", "train.checkpoint_every=2")  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        first = proc.stdout.readline()
-        (sid,) = re.findall(r"^submitted job (raysubmit_\w+) ", first)
-        for line in proc.stdout:  # the followed log has started
-            if line.strip():
-                break
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-3000:]
-    assert f"stopped following; job {sid} keeps running" in err
-    assert f"ray job stop --address {ray_cluster.dashboard_url} {sid}" in err
-    assert "Traceback" not in err
+def test_the_job_ctrl_c_left_runs_on_to_its_end(interrupted, ray_cluster):
     client = JobClient(ray_cluster.dashboard_url)
-    assert client.wait(sid, timeout_s=600) == "SUCCEEDED", client.tail(sid, 60)
-    assert "step      2/2" in client.logs(sid)
+    assert client.wait(interrupted.sid, timeout_s=600) == "SUCCEEDED", client.tail(
+        interrupted.sid, 60
+    )
+    assert "step      2/2" in client.logs(interrupted.sid)
