@@ -1,7 +1,9 @@
 """Every dashboard page in Streamlit's AppTest against the real local Ray (Jobs API) and MLflow.
 
 One job is launched from the Launch page's form and followed through Jobs, Runs, Models
-and the Playground, as a person would.
+and the Playground, as a person would. It is submitted by the first test and trains while
+the tests that need no finished run (uploads, an import and its fine-tune, a failing job)
+go on beside it; the tests that follow it wait for its end (`launched`).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def new_app() -> AppTest:
 
 
 @pytest.fixture(scope="module")
-def launched(dashboard_env, ray_cluster, dataset):
-    """Submit a 6-step job from the Launch page; wait for it; (AppTest, submission id)."""
+def submitted(dashboard_env, ray_cluster, dataset):
+    """Submit a 6-step job from the Launch page: (AppTest, submission id)."""
     at = new_app()
     by_label(at.selectbox, "Dataset").set_value(str(dataset))
     for label, value in [("Steps", 6), ("Evaluate every (steps)", 3), ("Checkpoint every (steps)", 3), ("Warm-up steps", 1)]:  # fmt: skip
@@ -60,9 +62,174 @@ def launched(dashboard_env, ray_cluster, dataset):
         code.value.startswith("exec python jobs/train.py --set")
         and f"data.path={dataset}" in code.value
     )
-    status = JobClient(ray_cluster.dashboard_url).wait(sid, timeout_s=600)
-    assert status == "SUCCEEDED", JobClient(ray_cluster.dashboard_url).tail(sid, 60)
     return at, sid
+
+
+@pytest.fixture(scope="module")
+def launched(submitted, ray_cluster):
+    """The Launch page's job, finished: (AppTest, submission id)."""
+    at, sid = submitted
+    client = JobClient(ray_cluster.dashboard_url)
+    assert client.wait(sid, timeout_s=600, poll_s=0.5) == "SUCCEEDED", client.tail(sid, 60)
+    return at, sid
+
+
+def test_the_launch_page_submits_a_train_job(submitted, ray_cluster):
+    """First, so that its job trains while the tests that need no finished run go on."""
+    _, sid = submitted
+    row = JobClient(ray_cluster.dashboard_url).job(sid)
+    assert row.kind == "SUBMISSION" and row.metadata["lmforge.kind"] == "train"
+    assert row.metadata["lmforge.experiment"] == EXPERIMENT
+
+
+def test_an_imported_folder_fine_tunes_from_the_launch_page(dashboard_env, ray_cluster, dataset):
+    """Models page: import a Hugging Face folder from the data roots (its tokenizer is the
+    dataset's), fine-tune it from the Launch page for 2 steps; the run's version is listed
+    with its architecture and the imported version as its parent."""
+    pytest.importorskip("transformers")
+    from lmforge import paths
+    from tests.unit.test_import_hf import hf_folder
+
+    folder = paths.home() / "uploads" / "hf-dash"
+    hf_folder(folder, dataset / "tokenizer.json")
+    at = new_app()
+    at.switch_page("pages/models.py")
+    at.run()
+    by_label(at.text_input, "Folder").set_value(str(folder))
+    by_label(at.text_input, "Register as").set_value("dash-imported")
+    at.run()
+    by_label(at.button, "Import").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("as `models:/dash-imported/1`" in s.value for s in at.success)
+    by_label(at.button, "Fine-tune from it").click()
+    at.run()
+    at.switch_page("pages/launch.py")
+    at.run()
+    by_label(at.selectbox, "Dataset").set_value(str(dataset))
+    for label, value in [("Steps", 2), ("Evaluate every (steps)", 2), ("Checkpoint every (steps)", 2), ("Warm-up steps", 1)]:  # fmt: skip
+        by_label(at.number_input, label).set_value(value)
+    at.run()
+    by_label(at.button, "Submit job").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.code[0].value.endswith("--init-from models:/dash-imported/1")
+    client = JobClient(ray_cluster.dashboard_url)
+    sid = at.session_state["jobs_selected"]
+    assert client.wait(sid, timeout_s=600) == "SUCCEEDED", client.tail(sid, 60)
+    at.session_state["launch_from"] = None
+
+    at.switch_page("pages/models.py")
+    at.run()
+    # Other tests' models are registered too: pick this one (the page starts at the first).
+    by_label(at.selectbox, "Registered model").set_value("dash-imported")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value
+    assert list(table["arch"]) == ["gpt2", "gpt2"]  # the fine-tune's version, the import
+    assert table.iloc[0]["source"].endswith("fine-tuned from models:/dash-imported/1")
+    assert table.iloc[1]["source"] == f"imported from {folder.resolve()}"
+
+
+def test_an_uploaded_corpus_becomes_a_dataset_the_form_offers(dashboard_env, ray_cluster):
+    from lmforge import paths
+    from tests.conftest import CORPUS
+
+    at = new_app()
+    play = (CORPUS / "twelfth_night.txt").read_bytes()
+    at.file_uploader[0].set_value([("twelfth_night.txt", play, "text/plain")])
+    by_label(at.text_input, "Dataset name").set_value("uploaded-play")
+    by_label(at.number_input, "Vocabulary size").set_value(512)
+    by_label(at.number_input, "Tokens per packed row").set_value(64)
+    at.run()
+    by_label(at.button, "Prepare dataset").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    sid = at.session_state["jobs_selected"]
+    client = JobClient(ray_cluster.dashboard_url)
+    assert client.wait(sid, timeout_s=300) == "SUCCEEDED", client.tail(sid, 40)
+    out = paths.home() / "datasets" / "uploaded-play"
+    assert (paths.home() / "uploads" / "uploaded-play" / "twelfth_night.txt").read_bytes() == play
+    at.run()
+    assert str(out) in by_label(at.selectbox, "Dataset").options
+
+
+def test_uploaded_instruction_rows_become_an_sft_dataset(dashboard_env, ray_cluster):
+    """The upload form's SFT format: rows + a built-in template -> a prepare job whose
+    dataset has the target mask and the template that travels with it."""
+    import json
+
+    from lmforge import paths
+    from tests.sft_task import copy_rows
+
+    rows = "".join(json.dumps(r) + "\n" for r in copy_rows(80, seed=3)).encode()
+    at = new_app()
+    by_label(at.radio, "Format").set_value("Instruction rows (SFT)")
+    at.run()
+    at.file_uploader[0].set_value([("rows.jsonl", rows, "application/jsonl")])
+    by_label(at.text_input, "Dataset name").set_value("uploaded-rows")
+    by_label(at.number_input, "Vocabulary size").set_value(300)
+    by_label(at.selectbox, "Template").set_value("instruct")
+    by_label(at.number_input, "Longest example (tokens)").set_value(64)
+    at.run()
+    by_label(at.button, "Prepare dataset").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    client = JobClient(ray_cluster.dashboard_url)
+    sid = at.session_state["jobs_selected"]
+    assert client.wait(sid, timeout_s=300) == "SUCCEEDED", client.tail(sid, 40)
+    out = paths.home() / "datasets" / "uploaded-rows"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data_format"] == "sft" and manifest["sft"]["rows"] == 80, manifest
+    assert manifest["sft"]["target_tokens"] < manifest["tokens"]  # prompts are no targets
+    assert json.loads((out / "template.json").read_text())["name"] == "instruct"
+    at.run()
+    assert str(out) in by_label(at.selectbox, "Dataset").options
+
+
+def test_a_job_that_fails_says_why_on_the_jobs_page(dashboard_env, ray_cluster, dataset):
+    """Valid by the schema, refused by the job's own checks: the dataset is too short."""
+    at = new_app()
+    by_label(at.selectbox, "Dataset").set_value(str(dataset))
+    by_label(at.number_input, "Context").set_value(100_000)
+    at.run()
+    by_label(at.button, "Submit job").click()
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    sid = at.session_state["jobs_selected"]
+    assert JobClient(ray_cluster.dashboard_url).wait(sid, timeout_s=300) == "FAILED"
+    at.switch_page("pages/jobs.py")
+    at.run()
+    assert not at.exception
+    (err,) = [e.value for e in at.error]
+    assert err.startswith("The job failed: model.context_length=100000: too long for"), err
+
+
+def test_the_run_column_names_the_jobs_mlflow_run(dashboard_env, ray_cluster):
+    """The MLflow run tagged with the job's submission id (as the launcher tags it) names
+    the job's run; without one, the job's metadata does; a Ray driver points to submit."""
+    from lmforge.jobspec import JobSpec
+
+    client = JobClient(ray_cluster.dashboard_url)
+    tagged = client.submit(JobSpec("python -c 'print(1)'", {}))  # no lmforge metadata
+    named = client.submit(JobSpec("python -c 'print(2)'", {}, {"lmforge.run_name": "from-meta"}))
+    uri = store.resolve_uri()
+    mlflow = store.client(uri)
+    exp = store.ensure_experiment(mlflow, "dash-run-column", uri)
+    mlflow.create_run(exp, run_name="from-mlflow", tags={"ray.submission_id": tagged})
+    at = new_app()
+    at.switch_page("pages/jobs.py")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value
+    run = dict(zip(table["job"], table["run"], strict=True))
+    assert (run[tagged], run[named]) == ("from-mlflow", "from-meta")
+    # This test process is a Ray driver (the session fixture connected it): no log, but a hint.
+    driver = next(j.job_id for j in client.jobs() if j.kind == "DRIVER" and not j.finished)
+    by_label(at.selectbox, "Job").set_value(driver)
+    at.run()
+    assert not at.code
+    assert any("`lmforge submit`" in c.value and "no log here" in c.value for c in at.caption)
 
 
 def test_jobs_page_lists_the_job_with_its_log_and_run(launched):
@@ -227,153 +394,3 @@ def test_fine_tune_from_a_version_then_stop_the_job(launched, ray_cluster):
     assert not any(b.label == "Stop job" for b in at.button)
     assert any("STOPPED" in h.value for h in at.subheader)
     at.session_state["launch_from"] = None  # leave the Launch page as it was
-
-
-def test_an_uploaded_corpus_becomes_a_dataset_the_form_offers(dashboard_env, ray_cluster):
-    from lmforge import paths
-    from tests.conftest import CORPUS
-
-    at = new_app()
-    play = (CORPUS / "twelfth_night.txt").read_bytes()
-    at.file_uploader[0].set_value([("twelfth_night.txt", play, "text/plain")])
-    by_label(at.text_input, "Dataset name").set_value("uploaded-play")
-    by_label(at.number_input, "Vocabulary size").set_value(512)
-    by_label(at.number_input, "Tokens per packed row").set_value(64)
-    at.run()
-    by_label(at.button, "Prepare dataset").click()
-    at.run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    sid = at.session_state["jobs_selected"]
-    client = JobClient(ray_cluster.dashboard_url)
-    assert client.wait(sid, timeout_s=300) == "SUCCEEDED", client.tail(sid, 40)
-    out = paths.home() / "datasets" / "uploaded-play"
-    assert (paths.home() / "uploads" / "uploaded-play" / "twelfth_night.txt").read_bytes() == play
-    at.run()
-    assert str(out) in by_label(at.selectbox, "Dataset").options
-
-
-def test_uploaded_instruction_rows_become_an_sft_dataset(dashboard_env, ray_cluster):
-    """The upload form's SFT format: rows + a built-in template -> a prepare job whose
-    dataset has the target mask and the template that travels with it."""
-    import json
-
-    from lmforge import paths
-    from tests.sft_task import copy_rows
-
-    rows = "".join(json.dumps(r) + "\n" for r in copy_rows(80, seed=3)).encode()
-    at = new_app()
-    by_label(at.radio, "Format").set_value("Instruction rows (SFT)")
-    at.run()
-    at.file_uploader[0].set_value([("rows.jsonl", rows, "application/jsonl")])
-    by_label(at.text_input, "Dataset name").set_value("uploaded-rows")
-    by_label(at.number_input, "Vocabulary size").set_value(300)
-    by_label(at.selectbox, "Template").set_value("instruct")
-    by_label(at.number_input, "Longest example (tokens)").set_value(64)
-    at.run()
-    by_label(at.button, "Prepare dataset").click()
-    at.run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    client = JobClient(ray_cluster.dashboard_url)
-    sid = at.session_state["jobs_selected"]
-    assert client.wait(sid, timeout_s=300) == "SUCCEEDED", client.tail(sid, 40)
-    out = paths.home() / "datasets" / "uploaded-rows"
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["data_format"] == "sft" and manifest["sft"]["rows"] == 80, manifest
-    assert manifest["sft"]["target_tokens"] < manifest["tokens"]  # prompts are no targets
-    assert json.loads((out / "template.json").read_text())["name"] == "instruct"
-    at.run()
-    assert str(out) in by_label(at.selectbox, "Dataset").options
-
-
-def test_a_job_that_fails_says_why_on_the_jobs_page(dashboard_env, ray_cluster, dataset):
-    """Valid by the schema, refused by the job's own checks: the dataset is too short."""
-    at = new_app()
-    by_label(at.selectbox, "Dataset").set_value(str(dataset))
-    by_label(at.number_input, "Context").set_value(100_000)
-    at.run()
-    by_label(at.button, "Submit job").click()
-    at.run()
-    assert not at.error, [e.value for e in at.error]
-    sid = at.session_state["jobs_selected"]
-    assert JobClient(ray_cluster.dashboard_url).wait(sid, timeout_s=300) == "FAILED"
-    at.switch_page("pages/jobs.py")
-    at.run()
-    assert not at.exception
-    (err,) = [e.value for e in at.error]
-    assert err.startswith("The job failed: model.context_length=100000: too long for"), err
-
-
-def test_the_run_column_names_the_jobs_mlflow_run(dashboard_env, ray_cluster):
-    """The MLflow run tagged with the job's submission id (as the launcher tags it) names
-    the job's run; without one, the job's metadata does; a Ray driver points to submit."""
-    from lmforge.jobspec import JobSpec
-
-    client = JobClient(ray_cluster.dashboard_url)
-    tagged = client.submit(JobSpec("python -c 'print(1)'", {}))  # no lmforge metadata
-    named = client.submit(JobSpec("python -c 'print(2)'", {}, {"lmforge.run_name": "from-meta"}))
-    uri = store.resolve_uri()
-    mlflow = store.client(uri)
-    exp = store.ensure_experiment(mlflow, "dash-run-column", uri)
-    mlflow.create_run(exp, run_name="from-mlflow", tags={"ray.submission_id": tagged})
-    at = new_app()
-    at.switch_page("pages/jobs.py")
-    at.run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    table = at.dataframe[0].value
-    run = dict(zip(table["job"], table["run"], strict=True))
-    assert (run[tagged], run[named]) == ("from-mlflow", "from-meta")
-    # This test process is a Ray driver (the session fixture connected it): no log, but a hint.
-    driver = next(j.job_id for j in client.jobs() if j.kind == "DRIVER" and not j.finished)
-    by_label(at.selectbox, "Job").set_value(driver)
-    at.run()
-    assert not at.code
-    assert any("`lmforge submit`" in c.value and "no log here" in c.value for c in at.caption)
-
-
-def test_an_imported_folder_fine_tunes_from_the_launch_page(dashboard_env, ray_cluster, dataset):
-    """Models page: import a Hugging Face folder from the data roots (its tokenizer is the
-    dataset's), fine-tune it from the Launch page for 2 steps; the run's version is listed
-    with its architecture and the imported version as its parent."""
-    pytest.importorskip("transformers")
-    from lmforge import paths
-    from tests.unit.test_import_hf import hf_folder
-
-    folder = paths.home() / "uploads" / "hf-dash"
-    hf_folder(folder, dataset / "tokenizer.json")
-    at = new_app()
-    at.switch_page("pages/models.py")
-    at.run()
-    by_label(at.text_input, "Folder").set_value(str(folder))
-    by_label(at.text_input, "Register as").set_value("dash-imported")
-    at.run()
-    by_label(at.button, "Import").click()
-    at.run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    assert any("as `models:/dash-imported/1`" in s.value for s in at.success)
-    by_label(at.button, "Fine-tune from it").click()
-    at.run()
-    at.switch_page("pages/launch.py")
-    at.run()
-    by_label(at.selectbox, "Dataset").set_value(str(dataset))
-    for label, value in [("Steps", 2), ("Evaluate every (steps)", 2), ("Checkpoint every (steps)", 2), ("Warm-up steps", 1)]:  # fmt: skip
-        by_label(at.number_input, label).set_value(value)
-    at.run()
-    by_label(at.button, "Submit job").click()
-    at.run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    assert at.code[0].value.endswith("--init-from models:/dash-imported/1")
-    client = JobClient(ray_cluster.dashboard_url)
-    sid = at.session_state["jobs_selected"]
-    assert client.wait(sid, timeout_s=600) == "SUCCEEDED", client.tail(sid, 60)
-    at.session_state["launch_from"] = None
-
-    at.switch_page("pages/models.py")
-    at.run()
-    # Other tests' models are registered too: pick this one (the page starts at the first).
-    by_label(at.selectbox, "Registered model").set_value("dash-imported")
-    at.run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    table = at.dataframe[0].value
-    assert list(table["arch"]) == ["gpt2", "gpt2"]  # the fine-tune's version, the import
-    assert table.iloc[0]["source"].endswith("fine-tuned from models:/dash-imported/1")
-    assert table.iloc[1]["source"] == f"imported from {folder.resolve()}"
