@@ -1,19 +1,49 @@
-"""The CLI as a user runs it: `lmforge train` joins the running cluster, then `generate`."""
+"""The CLI as a user runs it: `lmforge train` joins the running cluster, then `generate`;
+where no cluster runs, `lmforge train` starts a private Ray.
+
+The private-Ray run is started with the module (`private_run`, used by every test here)
+and trains beside the joining one: two independent `lmforge train` processes on two Ray
+instances at once, each checked on its own output."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+from lmforge.services import kill_group
 from lmforge.tracking import store
 from tests.conftest import REPO
 
 LMFORGE = str(Path(sys.executable).parent / "lmforge")
+pytestmark = pytest.mark.usefixtures("private_run")  # started with the module's first test
 
 
 def run(*args):
     return subprocess.run([LMFORGE, *args], cwd=REPO, env=dict(os.environ), capture_output=True,
                           text=True, timeout=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def private_run(dataset, tmp_path_factory):
+    """`lmforge train` in a home with no `lmforge cluster up` record and no RAY_ADDRESS,
+    started (not waited for): the process, its home and its output file."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    home = tmp_path_factory.mktemp("private") / "home"
+    env["LMFORGE_HOME"] = str(home)
+    log = home.parent / "train.log"  # a file, not a pipe nobody reads until the end
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [LMFORGE, "train", "--config", "jobs/configs/tiny.yaml", "--set", f"data.path={dataset}",
+             "--set", "run.name=private", "--set", "train.max_steps=3", "--set", "train.warmup_steps=1", "--set", "train.eval_every=3",
+             "--set", "train.checkpoint_every=3"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    yield SimpleNamespace(proc=proc, home=home, log=log)
+    if proc.poll() is None:  # a test failed before it ended: it and the Ray it started
+        kill_group(proc.pid)
 
 
 def test_train_then_generate_from_the_cli(ray_cluster, dataset):
@@ -41,17 +71,9 @@ def test_train_then_generate_from_the_cli(ray_cluster, dataset):
     assert again.stdout == gen.stdout  # greedy is repeatable
 
 
-def test_train_without_a_cluster_starts_a_private_ray(dataset, tmp_path):
-    # A home with no `lmforge cluster up` record and no RAY_ADDRESS: train brings its own Ray.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["LMFORGE_HOME"] = str(tmp_path / "home")
-    out = subprocess.run(
-        [LMFORGE, "train", "--config", "jobs/configs/tiny.yaml", "--set", f"data.path={dataset}",
-         "--set", "run.name=private", "--set", "train.max_steps=3", "--set", "train.warmup_steps=1", "--set", "train.eval_every=3",
-         "--set", "train.checkpoint_every=3"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-3000:]
+def test_train_without_a_cluster_starts_a_private_ray(private_run):
+    code = private_run.proc.wait(timeout=600)
+    log = private_run.log.read_text()
+    assert code == 0, log[-3000:]
     assert "a private local Ray" in log
-    assert (tmp_path / "home" / "runs" / "private" / "checkpoint_00000003").is_dir()
+    assert (private_run.home / "runs" / "private" / "checkpoint_00000003").is_dir()
