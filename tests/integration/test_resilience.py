@@ -1,10 +1,19 @@
 """Workers SIGKILLed in the middle of a job (between checkpoints, and while a checkpoint is
 being written): Ray Train restarts the worker group from the latest checkpoint, the job
 finishes, and it ends with the weights of an uninterrupted run and one metric history.
-Then that run resumed on one worker instead of two."""
+Then that run resumed on one worker instead of two.
+
+Only the killed job is about Ray. The uninterrupted reference and the resume on one worker
+run the same launch plan and loop on local gloo ranks (`run_training(..., local=True)`, no
+Ray): the reference's role is its weights, data positions and losses, which a local run of
+the same seed gives to the bit (checked against a Ray job when this was written: equal
+weights); the re-shard is the loop's, and Ray's own re-sharded restarts are test_elastic's.
+"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,44 +21,50 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.checkpoint import WEIGHTS, read_state
+from lmforge.config import load_config
 from lmforge.tracking import store
 from lmforge.tracking.tracker import find_run
+from lmforge.training.launch import run_training
+from tests.conftest import REPO
 from tests.integration.conftest import submit_train
 
+TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 STEPS, EVERY = 12, 4
 EXPERIMENT = "it-resilience"
 
 
-def submit(
-    ray_cluster, dataset, storage: Path, name: str, env: dict[str, str],
-    steps: int = STEPS, workers: int = 2, extra: tuple[str, ...] = (),
-):  # fmt: skip
-    """Submit jobs/train.py through the Jobs API (as `ray job submit` does); wait for it."""
-    overrides = {
+def settings(dataset, storage: Path, name: str, steps: int = STEPS, workers: int = 2) -> dict:
+    """The run's `--set` overrides of jobs/configs/tiny.yaml."""
+    return {
         "data.path": dataset, "run.storage_path": storage, "run.name": name,
         "train.max_steps": steps, "scaling.num_workers": workers, "train.eval_every": EVERY,
         "train.checkpoint_every": EVERY, "train.log_every": 1, "run.max_failures": 2, "zero.stage": 2,
         "tracking.tracking_uri": store.resolve_uri(None), "tracking.experiment": EXPERIMENT,
     }  # fmt: skip
-    return submit_train(ray_cluster, overrides, env, extra)
+
+
+def train_locally(settings: dict):
+    """The same plan and loop on local gloo ranks, no Ray (`lmforge train --local`)."""
+    return run_training(load_config(TINY, [f"{k}={v}" for k, v in settings.items()]), local=True)
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, dataset, tmp_path_factory):
+def runs(ray_cluster, dataset, tmp_path_factory, plain_main):
+    """The killed job (jobs/train.py through the Jobs API, as `ray job submit` does) and
+    its uninterrupted reference (local ranks: see the module's docstring)."""
     storage = tmp_path_factory.mktemp("resilience")
     once = storage / "fault-fired"
-    ref = submit(ray_cluster, dataset, storage, "uninterrupted", {})
     faults = {
         "LMFORGE_FAULT": f"step:6:1,checkpoint:{2 * EVERY}:0",
         "LMFORGE_FAULT_ONCE": str(once),
     }
-    hit = submit(ray_cluster, dataset, storage, "killed", faults)
-    return storage, ref, hit, once
+    hit = submit_train(ray_cluster, settings(dataset, storage, "killed"), faults)
+    train_locally(settings(dataset, storage, "uninterrupted"))
+    return storage, hit, once
 
 
 def test_killed_workers_are_restarted_and_the_job_finishes(runs):
-    storage, (ref_status, ref_log), (status, log), once = runs
-    assert ref_status == "SUCCEEDED", ref_log[-3000:]
+    storage, (status, log), once = runs
     assert status == "SUCCEEDED", log[-4000:]
     # Both faults fired: rank 1 after step 6, rank 0 while writing checkpoint 8.
     assert (Path(f"{once}.step-6-1")).exists() and (Path(f"{once}.checkpoint-8-0")).exists()
@@ -92,15 +107,20 @@ def test_one_metric_history_and_one_version_per_checkpoint(runs):
     assert sorted(int(v.tags["step"]) for v in versions) == [EVERY, 2 * EVERY, STEPS]
 
 
-def test_a_run_resumes_on_another_number_of_workers(runs, ray_cluster, dataset):
+def test_a_run_resumes_on_another_number_of_workers(runs, dataset):
     """The recovered 2-worker run, resumed for more steps on one worker: DeepSpeed's ZeRO-2
-    state is re-partitioned and the unread rest of both workers' epoch goes to the one."""
+    state is re-partitioned and the unread rest of both workers' epoch goes to the one.
+    (`lmforge train --local --resume`, as a user types it: see the module's docstring.)"""
     storage, *_ = runs
-    status, log = submit(
-        ray_cluster, dataset, storage, "killed", {}, steps=STEPS + EVERY, workers=1,
-        extra=("--resume",),
+    args = [
+        f"--set={k}={v}" for k, v in settings(dataset, storage, "killed", STEPS + EVERY, 1).items()
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "train", "--local", "--resume", "--config", str(TINY), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert status == "SUCCEEDED", log[-4000:]
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
     assert "saved by 2 workers, on scaling.num_workers=1" in log  # the launcher says so
     assert "re-sharded: the checkpoint was saved by 2 worker(s), this run has 1" in log
     assert f"resumed from step {STEPS}" in log
