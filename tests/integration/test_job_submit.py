@@ -48,9 +48,13 @@ def interrupted(ray_cluster, dataset, tmp_path_factory):
     cmd = lmforge_submit(ray_cluster, dataset, tmp_path_factory.mktemp("detached"), "cli-detached",
                          "--set", "train.max_steps=2", "--set", "train.eval_every=2",
                          "--set", "train.checkpoint_every=2")  # fmt: skip
+    # SIGINT's default action in the child, as in a terminal: a test run started in the
+    # background by a non-interactive shell (`pytest ... &`) ignores SIGINT, and a child
+    # inherits that, so Ctrl-C would never reach it.
     proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         first = proc.stdout.readline()
         (sid,) = re.findall(r"^submitted job (raysubmit_\w+) ", first)
