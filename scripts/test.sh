@@ -12,4 +12,6 @@ bash scripts/setup.sh
 # lmforge.dist._prefer_own_tools): a system ninja in a test process would judge that build
 # stale and rebuild it (30-160 s on 2 cores), and the next worker would rebuild it back.
 export PATH="$PWD/.venv/bin:$PATH"
-exec .venv/bin/python -m pytest "$@"
+# Two processes (pytest-xdist), the Ray tests grouped (tests/conftest.py's scheduler): one
+# worker computes while the other waits on Ray, so the 2 cores stay busy.
+exec .venv/bin/python -m pytest -n 2 "$@"

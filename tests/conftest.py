@@ -20,6 +20,29 @@ CORPUS = REPO / "data" / "shakespeare"
 os.environ["LMFORGE_HOME"] = tempfile.mkdtemp(prefix="lmforge-test-home-")
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """How `pytest -n 2` (scripts/test.sh) deals tests to its workers: the single-node Ray
+    tests (tests/integration, the session's cluster) to one worker, the multi-node modules
+    (their cluster) to one worker, each unit or trainer module to one worker; a group
+    runs in collection order, the two Ray groups first. A session fixture (a cluster, a
+    trained run) is then set up by one worker, a module fixture once, and one worker
+    computes while the other waits on Ray. (pytest-xdist's own `--dist loadgroup` marks
+    node ids in a way pytest 9 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    from tests.integration.conftest import MULTINODE_MODULES
+
+    class TierScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            if path.startswith("tests/integration/"):
+                return "multinode" if Path(path).name in MULTINODE_MODULES else "ray"
+            return path
+
+    config.option.loadscopereorder = False  # collection order: the two Ray groups first
+    return TierScheduling(config, log)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Remove this session's LMFORGE_HOME (datasets, runs, cluster logs)."""
     shutil.rmtree(os.environ["LMFORGE_HOME"], ignore_errors=True)

@@ -47,7 +47,8 @@ MULTINODE_LAST = "test_multinode.py::test_down_leaves_no_process"
 def pytest_collection_modifyitems(items):
     """Every test here is `integration`; `ray` if it starts Ray, `faults` if it kills
     workers or nodes (pyproject.toml lists the markers, README.md's Development how to pick).
-    The multi-node modules run one after another, in MULTINODE_MODULES' order."""
+    The multi-node modules run one after another, in MULTINODE_MODULES' order (and, under
+    pytest-xdist, in one worker: tests/conftest.py's scheduler)."""
     order_multinode(items)
     for item in items:
         if "/integration/" not in str(item.fspath):

@@ -144,8 +144,9 @@ def elastic_run(nodes3, nodes3_dataset):
     # After the kill Ray Train asks for 2 workers again as long as its view of the cluster
     # (Ray Data's AutoscalingCoordinator, refreshed every 20 s) has the dead node, waits this
     # long for their placement (default 60 s), and decides again: a retry without limit, not
-    # one of run.max_failures. A placement the cluster has room for is not waited for.
-    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "3"
+    # one of run.max_failures. A placement the cluster has room for is not waited for, but
+    # its workers must start within it: 3 s was too short with the other test worker busy.
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)  # fmt: skip
     lines: list[str] = []
