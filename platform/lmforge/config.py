@@ -38,17 +38,109 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SourceConfig(_Section):
+    """One dataset of a mixture (`data.sources`)."""
+
+    path: str = Field(description="A dataset dir made by `lmforge prepare` (as data.path).")
+    weight: float = Field(
+        1.0,
+        description="Its share of the training TOKENS, relative to the others' (0.3 of a sum "
+        "of 1: 30% of every step's tokens, whatever its documents' lengths).",
+    )
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Its name in metrics (data/<name>/tokens, val_loss/<name>); the dir's "
+        "name when unset.",
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+class SchedulePoint(_Section):
+    """The mixture's weights from one step on (`data.schedule`)."""
+
+    step: int = Field(ge=0, description="The optimizer step these weights hold at.")
+    weights: dict[str, float] = Field(
+        description="Weight per source name; a source left out has weight 0 here."
+    )
+
+
 class DataConfig(_Section):
     path: str = Field(
         "datasets/shakespeare",
         description="A dataset dir made by `lmforge prepare`; relative to LMFORGE_HOME, or "
-        "s3://bucket/prefix (streamed from S3).",
+        "s3://bucket/prefix (streamed from S3). Unused when data.sources is set.",
+    )
+    sources: list[SourceConfig] | None = Field(
+        None,
+        description="A mixture instead of data.path: several datasets prepared with the same "
+        "tokenizer, [{path, weight, name}], mixed by token weight into one stream.",
+    )
+    schedule: list[SchedulePoint] | None = Field(
+        None,
+        description="Mixture weights that change with the step: [{step, weights: {name: w}}] "
+        "in step order; before the first point its weights, after the last the last's.",
+    )
+    schedule_interpolation: Literal["linear", "step"] = Field(
+        "linear",
+        description="Between two schedule points: linear (weights move step by step) or "
+        "step (a point's weights hold until the next point).",
     )
     document_mask: bool = Field(
         False,
         description="Attention never crosses a document boundary (the token after each eos "
         "starts a new one; positions restart there). Always on for SFT datasets.",
     )
+
+    @model_validator(mode="after")
+    def _mixture(self) -> DataConfig:
+        if self.sources is None:
+            if self.schedule is not None:
+                raise ValueError("data.schedule: needs data.sources (a mixture) to weight")
+            return self
+        if not self.sources:
+            raise ValueError("data.sources: empty; name at least one dataset, or use data.path")
+        names = [s.label for s in self.sources]
+        for i, (s, name) in enumerate(zip(self.sources, names, strict=True)):
+            if names.index(name) != i:
+                raise ValueError(
+                    f"data.sources[{i}].name={name!r}: another source has that name; give "
+                    "each a distinct name"
+                )
+            if not s.weight >= 0:  # NaN too
+                raise ValueError(f"data.sources[{i}].weight={s.weight} ({name}): must be >= 0")
+        if self.schedule is None and sum(s.weight for s in self.sources) <= 0:
+            raise ValueError(
+                "data.sources: the weights sum to 0; give at least one source a positive weight"
+            )
+        for i, point in enumerate(self.schedule or []):
+            if i and point.step <= self.schedule[i - 1].step:
+                raise ValueError(
+                    f"data.schedule[{i}].step={point.step}: out of order, after step "
+                    f"{self.schedule[i - 1].step}; list the points by increasing step"
+                )
+            for name, w in point.weights.items():
+                if name not in names:
+                    raise ValueError(
+                        f"data.schedule[{i}].weights: no source named {name!r} (sources: "
+                        f"{', '.join(names)})"
+                    )
+                if not w >= 0:
+                    raise ValueError(f"data.schedule[{i}].weights.{name}={w}: must be >= 0")
+            if sum(point.weights.values()) <= 0:
+                raise ValueError(
+                    f"data.schedule[{i}] (step {point.step}): the weights sum to 0; give at "
+                    "least one source a positive weight"
+                )
+        return self
+
+    @property
+    def paths(self) -> list[str]:
+        """Every dataset dir the run reads (one, or each source's)."""
+        return [s.path for s in self.sources] if self.sources else [self.path]
 
 
 class LoraConfig(_Section):
@@ -287,9 +379,13 @@ class Config(_Section):
     def _cross_section(self) -> Config:
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
+        sources = [
+            (f"data.sources[{i}].path", s.path) for i, s in enumerate(self.data.sources or [])
+        ]
         for key, value in (
             ("run.storage_path", self.run.storage_path),
             ("data.path", self.data.path),
+            *sources,
         ):
             if "://" in value and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?", value):
                 raise ValueError(

@@ -19,6 +19,7 @@ from typing import Any
 from lmforge import checkpoint as ckpt_io
 from lmforge import raycompat, storage
 from lmforge.config import Config, ConfigError
+from lmforge.data.mixture import datasets_of
 from lmforge.paths import is_uri
 from lmforge.tracking import store
 from lmforge.training import placement
@@ -201,7 +202,9 @@ def trainer(plan: LaunchPlan):
 
     cfg, s = plan.config, plan.config.scaling
     storage_path, storage_filesystem = storage.ray_storage(plan.run_dir.parent)
-    remote = storage.is_remote(plan.run_dir) or storage.is_remote(plan.dataset.path)
+    remote = storage.is_remote(plan.run_dir) or any(
+        storage.is_remote(ds.path) for _, ds in datasets_of(plan.dataset)
+    )
     # Rank 0 reaches an MLflow server with basic auth by the driver's MLFLOW_TRACKING_*
     # credentials, handed over like the AWS_* ones: through the runtime env, never the config.
     env_vars = {**(storage.runtime_env_vars() if remote else {}), **store.credential_env()}

@@ -31,7 +31,7 @@ import torch
 from lmforge import checkpoint as ckpt_io
 from lmforge import dist, faults, models, storage
 from lmforge.config import Config, TrainConfig
-from lmforge.data.dataset import Dataset
+from lmforge.data import mixture
 from lmforge.data.stream import TokenStream
 from lmforge.perf import peak_flops
 from lmforge.training import checkpoint_writer, cpu_collectives, engine_state, speed
@@ -145,6 +145,7 @@ class _Pending:
     lr: float
     step_time_s: float
     data_wait_s: float
+    data: dict[str, float]  # the stream's own numbers (a mixture's tokens per source)
 
 
 class Trainer:
@@ -169,7 +170,7 @@ class Trainer:
         if not cfg.scaling.use_gpu:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         torch.manual_seed(cfg.train.seed)  # identical init on every rank
-        self.dataset = Dataset(storage.resolve(cfg.data.path))
+        self.dataset = mixture.open_data(cfg.data)  # data.path's, or data.sources' mixture
         model = models.build(cfg.model)
         if cfg.train.lora is not None and not init_from and resume:
             init_from = ckpt_io.read_base(resume.local).path  # the base the adapters are on
@@ -191,9 +192,10 @@ class Trainer:
         if cfg.train.compile:
             speed.compile_engine(self.engine)
         t = cfg.train
-        self.stream = TokenStream(
-            self.dataset, "train", cfg.model.context_length, t.micro_batch_size,
-            info.rank, info.world, seed=t.seed, document_mask=cfg.data.document_mask,
+        self.stream = mixture.train_stream(
+            self.dataset, cfg.model.context_length, t.micro_batch_size, info.rank, info.world,
+            t.seed, cfg.data.document_mask, windows_per_step=t.micro_batch_size * t.grad_accum_steps,
+            say=functools.partial(dist.print0, info),
         )  # fmt: skip
         self.tokens_per_step = (
             t.micro_batch_size * t.grad_accum_steps * info.world * cfg.model.context_length
@@ -301,7 +303,15 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         self.pending.append(
-            _Pending(self.step, total / accum, grad_norm, lr, time.perf_counter() - t0, wait)
+            _Pending(
+                self.step,
+                total / accum,
+                grad_norm,
+                lr,
+                time.perf_counter() - t0,
+                wait,
+                self.stream.step_metrics(),
+            )  # fmt: skip
         )
 
     def sync(self) -> list[dict[str, float]]:
@@ -324,6 +334,7 @@ class Trainer:
                 "step_time_s": p.step_time_s,
                 "data_wait_s": p.data_wait_s,  # this worker's time waiting for its next batch
                 "workers": self.info.world,  # elastic runs: how many trained this step
+                **p.data,
             }
             self.tracker.log_metrics(p.step, m)  # queued; never blocks on MLflow
             out.append(m)
@@ -344,20 +355,32 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """The val loss (one collective); a mixture's per source too (`val_loss/<name>`),
+        and its `val_loss` the sources' weighted by the mixture's (final) weights."""
         t, m = self.cfg.train, self.cfg.model
-        val = TokenStream(
-            self.dataset, "val", m.context_length, t.micro_batch_size,
-            self.info.rank, self.info.world, seed=t.seed, shuffle=False,
-            document_mask=self.cfg.data.document_mask,
-        )  # fmt: skip
+        sets = mixture.val_sets(self.dataset)
+        totals = torch.zeros(len(sets), device=self.info.device)
         self.engine.eval()
-        batches, total = val.batches(), torch.zeros(1, device=self.info.device)
-        for _ in range(t.eval_steps):
-            total += self.forward_loss(next(batches)).float()
+        for i, (_, ds) in enumerate(sets):
+            val = TokenStream(
+                ds, "val", m.context_length, t.micro_batch_size, self.info.rank,
+                self.info.world, seed=t.seed, shuffle=False,
+                document_mask=self.cfg.data.document_mask,
+            )  # fmt: skip
+            batches = val.batches()
+            for _ in range(t.eval_steps):
+                totals[i] += self.forward_loss(next(batches)).float()
         self.engine.train()
-        val_loss = dist.all_reduce_mean_(total / t.eval_steps, self.info).item()
+        losses = dist.all_reduce_mean_(totals / t.eval_steps, self.info).tolist()
+        out: dict[str, float] = {}
+        for (name, _), loss in zip(sets, losses, strict=True):
+            if name is not None:
+                out[f"val_loss/{name}"] = loss
+                out[f"val_perplexity/{name}"] = math.exp(min(loss, 50.0))
+        weights = mixture.val_weights(self.dataset)
+        val_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True))
         self.evals.append({"step": self.step, "val_loss": val_loss})
-        return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
+        return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0)), **out}
 
     # -- checkpoint -------------------------------------------------------------------
     def save(self, metrics: dict[str, float]) -> None:
