@@ -54,9 +54,28 @@ class SourceConfig(_Section):
         "name when unset.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        """`NAME:WEIGHT:PATH` (what --set data.sources=[a:0.7:DIR,b:0.3:DIR] gives) or PATH."""
+        if not isinstance(v, str):
+            return v
+        parts = v.split(":", 2)
+        if len(parts) == 3 and "/" not in parts[0] and "/" not in parts[1]:
+            try:
+                return {"name": parts[0], "weight": float(parts[1]), "path": parts[2]}
+            except ValueError:
+                pass
+        return {"path": v}
+
     @property
     def label(self) -> str:
         return self.name or self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def short(self) -> str:
+        """NAME:WEIGHT:PATH, what `_short_form` reads back."""
+        return f"{self.label}:{self.weight!r}:{self.path}"
 
 
 class SchedulePoint(_Section):
@@ -154,6 +173,40 @@ class LoraConfig(_Section):
     )
 
 
+class SpikeConfig(_Section):
+    factor: float = Field(
+        5.0, gt=1, description="A step's loss above factor x the median of the last window."
+    )
+    window: int = Field(20, ge=2, description="Steps whose median loss a step is compared with.")
+
+
+class GuardConfig(_Section):
+    """What the guard does when a run diverges (`lmforge.guard`). It looks at the steps'
+    losses and grad norms where the loop syncs them anyway (the log steps), on every rank
+    alike, so it adds no collective and no host sync."""
+
+    nonfinite: Literal["rollback", "stop", "off"] = Field(
+        "rollback",
+        description="A NaN/inf loss or grad norm (on any rank): roll back to the last sound "
+        "checkpoint and go on, stop the run, or do nothing. A spike does the same (off: "
+        "rollback).",
+    )
+    spike: SpikeConfig | None = Field(
+        None, description="Also act on a loss spike: {factor: F, window: W}; unset: not."
+    )
+    max_rollbacks: int = Field(
+        3, ge=0, description="Rollbacks allowed; the next trigger stops the run, saying why."
+    )
+    skip_batches: bool = Field(
+        True,
+        description="After a rollback, skip the data from the checkpoint to the trigger "
+        "(recorded in the run, so a resume skips it too); false: read it again.",
+    )
+    lr_scale_after: float = Field(
+        1.0, gt=0, le=1, description="Multiply the learning rate by this after each rollback."
+    )
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(200, ge=1, description="Optimizer steps to train for.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per micro-step.")
@@ -177,6 +230,12 @@ class TrainConfig(_Section):
         "needs a base to start from (--init-from). Works under ZeRO 0-3 (the optimizer and "
         "its state hold only the adapters); a checkpoint stores only the adapters and a "
         "reference to the base. Not for lstm (no linear layers to adapt).",
+    )
+    guard: GuardConfig | None = Field(
+        None,
+        description="Guardrails against divergence: roll back past a NaN/inf or a loss "
+        "spike to the last sound checkpoint, skip that data, optionally lower the LR, or "
+        "stop; unset: no guard.",
     )
     activation_checkpointing: bool = Field(
         False, description="Recompute each block's activations in backward (less memory)."

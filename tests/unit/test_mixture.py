@@ -110,15 +110,16 @@ def test_weights_follow_a_schedule_linear_or_stepwise(sources):
     assert all(c.tolist() == [0, 8, 0] for c in per_step[10:])
 
 
-def test_resume_continues_exactly(sources):
+@pytest.mark.parametrize("T", [16, 256])  # a batch's rows gathered at once, or copied
+def test_resume_continues_exactly(sources, T):
     mix = Mixture(data_cfg(sources))
-    whole = [next(it) for it in [streams(mix, 1)[0].batches()] for _ in range(60)]
-    first = streams(mix, 1)[0]
+    whole = [next(it) for it in [streams(mix, 1, T=T)[0].batches()] for _ in range(60)]
+    first = streams(mix, 1, T=T)[0]
     it = first.batches()
-    for _ in range(25):
+    for _ in range(25):  # mid-block (16 batches a block): the position is the 25th batch's
         next(it)
     saved = json.loads(json.dumps(first.state_dict()))  # as a checkpoint keeps it
-    again = streams(mix, 1)[0]
+    again = streams(mix, 1, T=T)[0]
     again.resume([saved])
     it = again.batches()
     for x, y in whole[25:]:

@@ -8,9 +8,10 @@
 Every batch row is one window of T+1 tokens (T targets) of one source, so a source's share
 of the windows is its share of the training tokens, whatever its documents' lengths. Which
 source the next window comes from is a deterministic credit count (smooth weighted round
-robin): before each window every source gains its weight (normalised to sum 1, at the
-window's optimizer step: `data.schedule`), the source with the most credit gives the window
-and loses 1. Over n windows each source's count is within about one window of weight x n,
+robin, a batch at a time): before each batch every source gains its weight x the batch's
+windows (weights normalised to sum 1, at the batch's optimizer step: `data.schedule`), each
+gives the whole windows it is owed and the most owed give the rest (`counts`). Over n
+windows each source's count is within about one window of weight x n,
 and every rank makes the same choices, so each rank's batch, and the step, has the same
 composition. Each source is its own `TokenStream` over this worker's share of it: a source
 that runs out starts its next epoch (and says so), the others go on.
@@ -23,8 +24,10 @@ and the choice of sources goes on where it stood.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,61 +242,116 @@ class MixtureStream:
         self.windows_per_step = windows_per_step
         self.windows = 0  # windows this worker has taken (the same count on every rank)
         self.credit = [0.0] * len(self.names)
-        self.taken = [0] * len(self.names)  # windows per source since `step_metrics`
+        self._handed = [0] * len(self.names)  # windows given, before the current block
+        self._reported = [0] * len(self.names)  # ... as of the last `step_metrics`
+        self._k = 0  # batches of the current block handed out
         self.say = say or (lambda line: None)
+        self._block: tuple | None = None  # the block being handed out (`batches`)
 
     # -- the choice of sources ----------------------------------------------------------
     def counts(self, n: int) -> list[int]:
-        """How many of the next `n` windows each source gives; moves the choice on."""
-        out = [0] * len(self.names)
-        credit = self.credit
-        for _ in range(n):
-            w = self.weights.at(self.windows // self.windows_per_step)
-            best = -1
-            for i, wi in enumerate(w):
-                credit[i] += wi
-                if wi > 0 and (best < 0 or credit[i] > credit[best]):
-                    best = i
-            credit[best] -= 1.0
-            out[best] += 1
-            self.windows += 1
+        """How many of the next `n` windows (a batch: all of one step) each source gives;
+        moves the choice on. Each source's credit is the windows it is owed (its weights'
+        share so far minus what it gave): a batch gives each the whole windows it is owed,
+        the rest to the most owed (largest remainder; ties: the first source), so no credit
+        strays past about one window. A weight-0 source keeps its credit."""
+        w = self.weights.at(self.windows // self.windows_per_step)
+        credit, out, rest, left = self.credit, [0] * len(w), [], n
+        for i, wi in enumerate(w):
+            if wi > 0:
+                owed = credit[i] + n * wi
+                k = max(0, math.floor(owed))
+                out[i], credit[i] = k, owed
+                left -= k
+                rest.append((k - owed, i))  # most owed first when sorted
+        rest.sort()
+        while left > 0:
+            for _, i in rest[:left]:
+                out[i] += 1
+                left -= 1
+        while left < 0:
+            for _, i in reversed(rest):
+                if left < 0 and out[i] > 0:
+                    out[i] -= 1
+                    left += 1
+        for _, i in rest:
+            credit[i] -= out[i]
+        self.windows += n
         return out
 
     # -- the TokenStream interface ------------------------------------------------------
     def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Batches from the current position, forever. They are cut BLOCK at a time: the
+        block's choices first, then each source's windows for all of them in one take, put
+        in batch order with one copy; a batch is then a slice (per-batch work in Python made
+        a 3-source mixture 0.5x one source at context 64; bench/bench_mixture.py).
+        `state_dict` stays the position of the batches handed out."""
         cursors = [s.cursor() for s in self.streams]
         epochs = [s.epoch for s in self.streams]
+        B, from_numpy = self.batch_size, torch.from_numpy
+        self._block = None
         while True:
-            xs: list[np.ndarray] = []
-            ys: list[np.ndarray] = []
-            for i, n in enumerate(self.counts(self.batch_size)):
-                if not n:
-                    continue
-                x, y, _ = cursors[i].take(n)
-                xs += x
-                ys += y
-                self.taken[i] += n
+            start = [s.state_dict() for s in self.streams]
+            plan, choices = [], []
+            for _ in range(BLOCK):
+                plan.append(self.counts(B))
+                choices.append((self.windows, list(self.credit)))
+            xs, ys = [], []  # each source's windows of the block: (channels, rows, T) pieces
+            for i, cursor in enumerate(cursors):
+                need = sum(c[i] for c in plan)
+                x, y = (cursor.take(need)[:2]) if need else ([], [])
+                xs.append(x)
+                ys.append(y)
                 if self.streams[i].epoch != epochs[i]:
                     epochs[i] = self.streams[i].epoch
                     self.say(
                         f"data: source {self.names[i]} ran out; it starts its epoch "
                         f"{epochs[i]} (its next pass, reshuffled), the others go on"
                     )
-            yield self.streams[0].tensors(xs, ys)
+            x, y = _in_batch_order(xs, plan, B), _in_batch_order(ys, plan, B)
+            handed = np.cumsum(plan, axis=0).tolist()  # per source, after each batch
+            self._block = (start, plan, choices, handed, self._handed)
+            masked = self.streams[0].masked
+            for k in range(BLOCK):
+                self._k = k + 1  # batches of this block handed out
+                a, b = k * B, (k + 1) * B  # numpy slices: a torch index costs more
+                if masked:  # channels as TokenStream.tensors
+                    yield from_numpy(x[0, a:b]), from_numpy(y[2, a:b]), from_numpy(x[1, a:b])
+                else:
+                    yield from_numpy(x[0, a:b]), from_numpy(y[0, a:b])
+            self._handed = [a + b for a, b in zip(self._handed, handed[-1], strict=True)]
+            self._block = None
+
+    def handed_out(self) -> list[int]:
+        """Windows each source has given (this process, since the stream was made)."""
+        if self._block is None:
+            return list(self._handed)
+        before, done = self._block[4], self._block[3][self._k - 1]
+        return [a + b for a, b in zip(before, done, strict=True)]
 
     def step_metrics(self) -> dict[str, float]:
         """Each source's training tokens (all workers) since the last call: a step's."""
+        now = self.handed_out()
         out = {
-            f"data/{name}/tokens": float(n * self.T * self.world)
-            for name, n in zip(self.names, self.taken, strict=True)
+            f"data/{name}/tokens": float((n - m) * self.T * self.world)
+            for name, n, m in zip(self.names, now, self._reported, strict=True)
         }
-        self.taken = [0] * len(self.names)
+        self._reported = now
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """The position after the batches handed out: within a block, each source's is its
+        block start moved on by the windows handed out (re-read: only at checkpoints)."""
+        sources = [s.state_dict() for s in self.streams]
+        windows, credit = self.windows, list(self.credit)
+        if self._block is not None and self._k < BLOCK:
+            start, _, choices, handed, _ = self._block
+            windows, credit = choices[self._k - 1][0], list(choices[self._k - 1][1])
+            for i, stream in enumerate(self.streams):
+                sources[i] = _moved_on(stream, start[i], handed[self._k - 1][i])
         return {
-            "mixture": {"windows": self.windows, "credit": list(self.credit)},
-            "sources": {n: s.state_dict() for n, s in zip(self.names, self.streams, strict=True)},
+            "mixture": {"windows": windows, "credit": credit},
+            "sources": dict(zip(self.names, sources, strict=True)),
         }
 
     def resume(self, positions: list[dict[str, Any]]) -> None:
@@ -309,8 +367,59 @@ class MixtureStream:
         mix = positions[0]["mixture"]
         self.windows = int(mix["windows"])
         self.credit = [float(c) for c in mix["credit"]]
+        self._block = None
         for name, stream in zip(self.names, self.streams, strict=True):
             stream.resume([p["sources"][name] for p in positions])
+
+
+BLOCK = 16  # batches cut at once (`MixtureStream.batches`)
+
+
+def _in_batch_order(parts: list[list[np.ndarray]], plan: list[list[int]], B: int) -> np.ndarray:
+    """One int64 array (channels, BLOCK*B, T) of the sources' windows (each source's a
+    list of (channels, rows, T) pieces), batch k's rows at k*B: each source's next
+    plan[k][i] windows, source by source. Short windows: one gather (Python per segment
+    costs more than the copies); long ones: each segment cast into place (one copy)."""
+    some = next(p[0] for p in parts if p)
+    C, T = some.shape[0], some.shape[2]
+    if T < LONG_WINDOW:
+        joined = np.concatenate([p for ps in parts for p in ps], axis=1, dtype=np.int64)
+        counts = np.asarray(plan, dtype=np.intp)  # (batches, sources)
+        first = np.concatenate([[0], np.cumsum(counts.sum(axis=0))[:-1]])  # a source's rows
+        before = np.cumsum(counts, axis=0) - counts  # its rows given by earlier batches
+        start = (first[None, :] + before).ravel()  # each (batch, source) segment's first row
+        length = counts.ravel()
+        out_start = np.cumsum(length) - length
+        return joined[:, np.repeat(start - out_start, length) + np.arange(length.sum())]
+    out = np.empty((C, len(plan) * B, T), dtype=np.int64)
+    at = [[0, 0] for _ in parts]  # per source: its piece, the row in it
+    row = 0
+    for c in plan:
+        for i, n in enumerate(c):
+            while n:
+                piece, r = at[i]
+                src = parts[i][piece]
+                take = min(n, src.shape[1] - r)
+                out[:, row : row + take] = src[:, r : r + take]
+                row, n = row + take, n - take
+                at[i] = [piece + 1, 0] if r + take == src.shape[1] else [piece, r + take]
+    return out
+
+
+LONG_WINDOW = 256  # tokens: from here `_in_batch_order` copies segment by segment
+
+
+def _moved_on(stream: TokenStream, start: dict[str, Any], n: int) -> dict[str, Any]:
+    """The position of `stream` `n` windows after `start` (read again from its shards)."""
+    if n == 0:
+        return start
+    replay = copy.copy(stream)
+    replay._files = {}
+    replay.load_state_dict(start)
+    replay.cursor().take(n)
+    for f in replay._files.values():
+        f.close()
+    return replay.state_dict()
 
 
 def train_stream(

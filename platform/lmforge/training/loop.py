@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmforge import checkpoint as ckpt_io
-from lmforge import dist, faults, models, storage
+from lmforge import dist, faults, guard, models, storage
 from lmforge.config import Config, TrainConfig
 from lmforge.data import mixture
 from lmforge.data.stream import TokenStream
@@ -209,6 +209,10 @@ class Trainer:
         self.tracker = make_tracker(tracking, info.is_main, self.n_params)
         # Told about every checkpoint (stage, then persisted): MLflow's registration.
         self.subscribers: list[checkpoint_writer.CheckpointSubscriber] = [self.tracker]
+        # Watches the synced steps (train.guard): rolls the trainer back (`rewind`) or stops.
+        self.guard = guard.Guard(t.guard, run_dir, info, self.tracker, self.say)
+        self.logged: dict[str, int] = {}  # each metric's last step sent to MLflow
+        self.batches = None  # the stream's batches, from where it stands (`fit`, `rewind`)
         self.startup: dict[str, float] = {}  # wall-clock marks, set by train_loop
 
     def _add_adapters(self, model, init_from: str, resume: ResumePoint | None):
@@ -248,6 +252,7 @@ class Trainer:
         self.step, self.tokens_seen = state.step, state.tokens_seen
         self.evals = list(state.evals)
         self.stream.resume(state.data)  # re-dealt when saved on another number of workers
+        self.guard.on_resume(self, state.step, state.guard)  # skips what a rollback skipped
         # Rank 0 may have died before this checkpoint's registration finished.
         self.tracker.register_restored(resume.persisted, state, d)
         dist.print0(self.info, f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
@@ -292,7 +297,7 @@ class Trainer:
             t_data = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t_data
-            loss = self.forward_loss(batch)
+            loss = faults.corrupt_loss(self.forward_loss(batch), self.step + 1, self.info.rank)
             self.engine.backward(loss)  # at the boundary: gradients all-reduced, not clipped
             if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = _grad_norm(self.engine.module)
@@ -336,9 +341,45 @@ class Trainer:
                 "workers": self.info.world,  # elastic runs: how many trained this step
                 **p.data,
             }
-            self.tracker.log_metrics(p.step, m)  # queued; never blocks on MLflow
+            self.log(p.step, m)  # queued; never blocks on MLflow
             out.append(m)
         return out
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """To MLflow, each metric once a step: the steps a rollback trains again are not
+        sent twice."""
+        fresh = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
+        self.logged.update(dict.fromkeys(fresh, step))
+        if fresh:
+            self.tracker.log_metrics(step, fresh)
+
+    def say(self, line: str) -> None:
+        dist.print0(self.info, line)
+
+    # -- the guard's port (`guard.Rewindable`) ----------------------------------------
+    def data_positions(self) -> list[dict[str, Any]]:
+        return dist.all_gather_object(self.stream.state_dict(), self.info)
+
+    def rewind(
+        self, checkpoint: Path | None, positions: list[dict[str, Any]] | None, lr_scale: float
+    ) -> None:
+        if checkpoint is not None:
+            state = ckpt_io.read_state(checkpoint)
+            engine_state.load_engine_state(
+                self.engine, checkpoint / ckpt_io.ENGINE_DIR, ckpt_io.ENGINE_TAG,
+                load_module_strict=not self.lora,
+            )  # fmt: skip
+            self.step, self.tokens_seen = state.step, state.tokens_seen
+            self.evals, self.pending = list(state.evals), []
+            positions = state.data if positions is None else positions
+        if positions is not None:
+            self.stream.resume(positions)
+        if lr_scale != 1:
+            scheduler = self.engine.lr_scheduler
+            scheduler.base_lrs = [lr * lr_scale for lr in scheduler.base_lrs]
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] *= lr_scale
+        self.batches = self.stream.batches()
 
     def forward_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The loss of one micro-batch from the stream: `(x, y)`, or `(x, y, segments)` for
@@ -396,7 +437,7 @@ class Trainer:
             out = Path(tmp) / ckpt_io.dir_name(self.step)
             content = checkpoint_writer.Content(
                 self.cfg, self.dataset, self.step, self.tokens_seen, self.stream.state_dict(),
-                metrics, self.evals, self.base,
+                metrics, self.evals, self.base, self.guard.state(),
             )  # fmt: skip
             state = checkpoint_writer.write(out, self.engine, self.info, content)
             staged = [s.stage(out, self.step) for s in self.subscribers]
@@ -422,19 +463,23 @@ class Trainer:
         if self.step == 0:
             metrics = {"step": 0, **self.evaluate()}
             dist.print0(p, _eval_line(metrics))
-            self.tracker.log_metrics(0, metrics)
+            self.log(0, metrics)
             self.session.report(metrics)
-        batches = self.stream.batches()
+        self.batches = self.stream.batches()
         started, first_step = time.perf_counter(), self.step
         steps: list[dict[str, float]] = []  # of this (re)start, for the steady throughput
         while self.step < t.max_steps:
-            self.train_step(batches)
+            self.train_step(self.batches)
             s = self.step
             faults.maybe_kill("step", s, p.rank)
             d = due(s, first_step, t)
             if not d.anything:
                 continue
             synced = self.sync()
+            if (event := self.guard.observe(synced)) is not None:
+                self.guard.act(event, self)  # rolled back (or GuardStop raised)
+                first_step = min(first_step, self.step)
+                continue
             steps += synced
             metrics = dict(synced[-1])  # this step's
             if s == first_step + 1:
@@ -449,7 +494,7 @@ class Trainer:
                 evaluation = self.evaluate()
                 metrics.update(evaluation)
                 dist.print0(p, _eval_line(metrics))
-                self.tracker.log_metrics(s, evaluation)
+                self.log(s, evaluation)
             if d.checkpoint:
                 self.save(metrics)
             elif d.report:
