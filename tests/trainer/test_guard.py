@@ -63,7 +63,8 @@ def test_a_nan_rolls_back_skips_its_window_and_ends_as_if_never_seen(dataset, mo
     steps = [p.step for p in client.get_metric_history(run_id, "loss")]
     assert sorted(steps) == list(range(1, 9)), steps  # nothing logged twice
     history = [m for m in guarded.history if "loss" in m]
-    assert [m["step"] for m in history] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # reported: both
+    # Reported to the session: the trigger step is not (it was rolled back), then 5..8.
+    assert [m["step"] for m in history] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
 
 
 def test_stop_ends_the_job_with_the_message_and_a_nonzero_status(dataset, tmp_path):

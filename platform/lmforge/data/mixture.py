@@ -289,7 +289,7 @@ class MixtureStream:
         cursors = [s.cursor() for s in self.streams]
         epochs = [s.epoch for s in self.streams]
         B, from_numpy = self.batch_size, torch.from_numpy
-        self._block = None
+        self._close_block()  # a generator before this one may have stopped mid-block
         while True:
             start = [s.state_dict() for s in self.streams]
             plan, choices = [], []
@@ -319,8 +319,11 @@ class MixtureStream:
                     yield from_numpy(x[0, a:b]), from_numpy(y[2, a:b]), from_numpy(x[1, a:b])
                 else:
                     yield from_numpy(x[0, a:b]), from_numpy(y[0, a:b])
-            self._handed = [a + b for a, b in zip(self._handed, handed[-1], strict=True)]
-            self._block = None
+            self._close_block()
+
+    def _close_block(self) -> None:
+        """Count the handed-out batches of the current block as given; no block now."""
+        self._handed, self._block = self.handed_out(), None
 
     def handed_out(self) -> list[int]:
         """Windows each source has given (this process, since the stream was made)."""
@@ -367,7 +370,7 @@ class MixtureStream:
         mix = positions[0]["mixture"]
         self.windows = int(mix["windows"])
         self.credit = [float(c) for c in mix["credit"]]
-        self._block = None
+        self._close_block()
         for name, stream in zip(self.names, self.streams, strict=True):
             stream.resume([p["sources"][name] for p in positions])
 
