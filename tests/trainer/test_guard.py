@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from lmforge.checkpoint import LOCAL_RECORD, read_state, seal
@@ -84,3 +85,20 @@ def test_stop_ends_the_job_with_the_message_and_a_nonzero_status(dataset, tmp_pa
     assert "train.guard.nonfinite=stop" in log
     run = tmp_path / "home" / "runs" / "stops"
     assert json.loads((run / LOCAL_RECORD).read_text())["checkpoints"] == ["checkpoint_00000002"]
+
+
+def test_a_spike_rolls_back_and_scales_the_lr(dataset, monkeypatch):
+    monkeypatch.setenv("LMFORGE_FAULT", "spike:step:4:50")
+    guard = ("train.guard={spike: {factor: 3, window: 2}, max_rollbacks: 1, "
+             "lr_scale_after: 0.5}")  # fmt: skip
+    run = train(tiny_config(dataset, "spiky", "train.max_steps=5", "train.checkpoint_every=2",
+                            "train.eval_every=100", guard))  # fmt: skip
+    (rollback,) = json.loads((run.run_dir / RECORD).read_text())["rollbacks"]
+    assert (rollback["reason"], rollback["step"], rollback["rolled_back_to"]) == (
+        "loss spike", 4, 2,
+    )  # fmt: skip
+    lrs = [(m["step"], m["lr"]) for m in run.history if "lr" in m]
+    first, again = dict(lrs[:3]), dict(lrs[3:])  # steps 1..3, then 3..5 after the rollback
+    assert list(first) == [1, 2, 3] and list(again) == [3, 4, 5]
+    assert again[3] == pytest.approx(first[3] * 0.5, rel=1e-9)
+    assert read_state(run.checkpoint).step == 5

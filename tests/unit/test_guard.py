@@ -104,3 +104,14 @@ def test_the_runs_page_reads_the_events_from_the_tags():
         (6, "rollback 1: loss spike -> step 4"),
         (9, "stopped: guard: non-finite loss at step 9 (loss nan)"),
     ]
+
+
+def test_the_runs_page_offers_a_mixtures_per_source_curves():
+    from lmforge.tracking.browse import source_curves, source_val_curves
+
+    metrics = {"loss": 1.0, "val_loss": 2.0, "val_loss/code": 2.1, "val_perplexity/code": 8.0,
+               "data/code/tokens": 512.0, "val_loss/books": 1.9}  # fmt: skip
+    rows = [RunRow("r", "run", "exp", "RUNNING", None, None, metrics)]
+    keys = source_curves(rows)
+    assert keys == ["data/code/tokens", "val_loss/books", "val_loss/code", "val_perplexity/code"]
+    assert source_val_curves(keys) == ["val_loss/books", "val_loss/code"]
