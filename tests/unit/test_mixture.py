@@ -56,9 +56,10 @@ def data_cfg(sources, weights=(0.5, 0.3, 0.2), **extra) -> DataConfig:
     return DataConfig(sources=raw, **extra)
 
 
-def streams(mix, world, B=4, accum=1, T=16, said=None):
+def streams(mix, world, B=4, accum=1, T=16, said=None, document_mask=False):
     return [
-        MixtureStream(mix, T, B, r, world, seed=7, windows_per_step=B * accum,
+        MixtureStream(mix, T, B, r, world, seed=7, document_mask=document_mask,
+                      windows_per_step=B * accum,
                       say=said.append if said is not None and r == 0 else None)
         for r in range(world)
     ]  # fmt: skip
@@ -194,3 +195,17 @@ def test_what_cannot_mix_is_refused_in_one_line(sources, tmp_path, tok):
             {"step": 10, "weights": {"a": 1}}, {"step": 5, "weights": {"a": 1}}]}})  # fmt: skip
     for e in (ConfigError, DatasetError):
         assert "\n" not in str(e)
+
+
+def test_sft_and_text_mix_only_with_document_masks(sources, tmp_path, tok):
+    from tests.unit.test_sft_stream import make_sft, synthetic
+
+    chat, _ = make_sft(tmp_path / "chat", tok, synthetic(200))
+    raw = [{"path": str(sources[0].path), "name": "text"}, {"path": str(chat.path), "name": "chat"}]
+    with pytest.raises(DatasetError, match=r"chat is an SFT dataset and text is text; .*"
+                       r"data.document_mask=true"):  # fmt: skip
+        Mixture(DataConfig(sources=raw))
+    mix = Mixture(DataConfig(sources=raw, document_mask=True))
+    (s,) = streams(mix, 1, B=4, document_mask=True)
+    x, y, segments = next(s.batches())  # masked batches from both: (x, labels, segments)
+    assert x.shape == y.shape == segments.shape == (4, 16)
