@@ -14,7 +14,7 @@ from lmforge import faults
 from lmforge.config import ConfigError, GuardConfig, config_from_dict
 from lmforge.dist import DistInfo
 from lmforge.errors import UsageError
-from lmforge.guard import Guard, GuardStop
+from lmforge.guard import Guard, GuardStop, raise_if_stopped
 from lmforge.tracking.browse import RunRow, guard_events
 
 
@@ -64,6 +64,9 @@ def test_stop_and_used_up_rollbacks_say_why_and_where(tmp_path):
     with pytest.raises(GuardStop, match=r"guard: non-finite loss at step 7 .*nonfinite=stop"):
         g.act(g.observe(steps(*[1.0] * 6, math.nan)), trainer=None)
     assert said and g.tracker.tags["guard/stopped"].startswith("guard: non-finite loss at step 7")
+    # Recorded for the launcher, which ends the job with it (the workers end without error).
+    with pytest.raises(GuardStop, match="at step 7"):
+        raise_if_stopped(tmp_path)
     g = guard(tmp_path, max_rollbacks=0)
     with pytest.raises(GuardStop, match=r"after 0 rollback\(s\) \(train.guard.max_rollbacks=0\)"):
         g.act(g.observe(steps(math.nan)), trainer=None)

@@ -11,6 +11,6 @@ the same numbers and comes to the same decision without a collective of its own.
 `lmforge.guard.watch`.
 """
 
-from lmforge.guard.watch import Event, Guard, GuardStop, Rewindable
+from lmforge.guard.watch import Event, Guard, GuardStop, Rewindable, raise_if_stopped
 
-__all__ = ["Event", "Guard", "GuardStop", "Rewindable"]
+__all__ = ["Event", "Guard", "GuardStop", "Rewindable", "raise_if_stopped"]

@@ -78,6 +78,7 @@ class Guard:
         self.tracker, self.say = tracker, say
         self.recent: deque[float] = deque(maxlen=cfg.spike.window if cfg and cfg.spike else 1)
         self.rollbacks: list[dict[str, Any]] = []  # this run's, oldest first
+        self.stopped: str | None = None  # why the guard stopped the run
 
     @property
     def active(self) -> bool:
@@ -170,8 +171,13 @@ class Guard:
         self.tracker.set_tags({f"{EVENT_TAG}{record['n']}": json.dumps(_public(record))})
 
     def _stop(self, message: str, event: Event) -> None:
+        """Say why and where, record it for the launcher (`raise_if_stopped`: the job ends
+        non-zero with this line), and end the workers with `GuardStop`; `run_worker` ends
+        them without an error, so Ray Train does not restart them to diverge again."""
         self.say(message)
         self.tracker.set_tags({STOP_TAG: message[:5000]})
+        self.stopped = message
+        self._write_record()
         raise GuardStop(message)
 
     def sound_checkpoint(self, before: int) -> Path | storage.S3Path | None:
@@ -197,7 +203,8 @@ class Guard:
     def _write_record(self) -> None:
         if self.info.is_main:
             tmp = self.run_dir / (RECORD + ".tmp")
-            tmp.write_text(json.dumps({"rollbacks": self.rollbacks}, indent=1) + "\n")
+            record = {"rollbacks": self.rollbacks, "stopped": self.stopped}
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
             if isinstance(tmp, Path):
                 tmp.replace(self.run_dir / RECORD)
             else:  # S3: no rename; one PUT is atomic
@@ -213,8 +220,14 @@ class Guard:
         record, else the checkpoint's), and one that rolled back to this very checkpoint
         skips its window again."""
         record = self.run_dir / RECORD
-        if record.is_file():
-            self.rollbacks = json.loads(record.read_text())["rollbacks"]
+        old = json.loads(record.read_text()) if record.is_file() else None
+        dist.barrier(self.info)  # every rank has read it before rank 0 may change it
+        if old is not None:
+            self.rollbacks = old["rollbacks"]
+            if old.get("stopped") and self.info.is_main:  # resumed: not stopped any more
+                (self.run_dir / RECORD).write_text(
+                    json.dumps({"rollbacks": self.rollbacks, "stopped": None}, indent=1) + "\n"
+                )
         else:
             self.rollbacks = list(saved.get("rollbacks", []))
         again = [r for r in self.rollbacks if r["rolled_back_to"] == step and r.get("positions")]
@@ -226,6 +239,13 @@ class Guard:
             f"guard: resumed at step {step}, where rollback {r['n']} went back to: skipping "
             f"the data of steps {step + 1}..{r['step']} again"
         )
+
+
+def raise_if_stopped(run_dir) -> None:
+    """The launcher's end of a run: `GuardStop` with the guard's message if it stopped it."""
+    record = storage.resolve(str(run_dir)) / RECORD
+    if record.is_file() and (message := json.loads(record.read_text()).get("stopped")):
+        raise GuardStop(message)
 
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:

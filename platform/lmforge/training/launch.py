@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import checkpoint as ckpt_io
-from lmforge import raycompat, storage
+from lmforge import guard, raycompat, storage
 from lmforge.config import Config, ConfigError
 from lmforge.data.mixture import datasets_of
 from lmforge.paths import is_uri
@@ -51,6 +51,7 @@ def run_training(
         stage_init(plan)
         log.info("run %s on local processes; checkpoints under %s", plan.run_dir.name, plan.run_dir)
         reports = local_session.run(worker_plan(plan))
+        guard.raise_if_stopped(plan.run_dir)  # the run's guard stopped it: say why, non-zero
         return result_of(plan, reports[-1] if reports else {}, reports)
     stage_init(plan)
 
@@ -69,7 +70,9 @@ def run_training(
     log.info("run %s on %s; checkpoints under %s", plan.run_dir.name, where, plan.run_dir)
     if plan.config.scaling.elastic:
         log.info(elastic_note(plan.config))
-    return result_of(plan, trainer(plan).fit().metrics or {})
+    metrics = trainer(plan).fit().metrics or {}
+    guard.raise_if_stopped(plan.run_dir)
+    return result_of(plan, metrics)
 
 
 def result_of(

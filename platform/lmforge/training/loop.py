@@ -589,8 +589,11 @@ def run_worker(plan: WorkerPlan, session: Session) -> None:
             if resume is not None:
                 trainer.restore(resume)
         record_placement(session, trainer.tracker)
-        trainer.fit()
-        status = "FINISHED"
+        try:
+            trainer.fit()
+            status = "FINISHED"
+        except guard.GuardStop:  # said and recorded; the launcher raises it (not Ray: no retry)
+            pass
     finally:
         if trainer is not None:
             trainer.tracker.close(status)
