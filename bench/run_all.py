@@ -42,6 +42,7 @@ SECTIONS = {
     "train-llama": ("train", ["--arch", "llama"]),
     "train-lstm": ("train", ["--arch", "lstm"]),
     "data": ("data", []),
+    "mixture": ("mixture", []),
     "prepare": ("prepare", []),
     "generate": ("generate", []),
     "generate-llama": ("generate", ["--arch", "llama"]),

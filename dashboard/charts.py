@@ -17,8 +17,14 @@ TITLES = {
 }
 
 
-def curves(histories: dict[str, dict[str, list[tuple[int, float]]]], keys: list[str]) -> go.Figure:
-    """`histories[run label][metric] = [(step, value), ...]` as a grid of panels sharing x."""
+def curves(
+    histories: dict[str, dict[str, list[tuple[int, float]]]],
+    keys: list[str],
+    events: dict[str, list[tuple[int, str]]] | None = None,
+) -> go.Figure:
+    """`histories[run label][metric] = [(step, value), ...]` as a grid of panels sharing x;
+    `events[run label] = [(step, text)]` (the guard's rollbacks) as a banner line on every
+    panel."""
     keys = [k for k in keys if any(k in h for h in histories.values())] or keys[:1]
     cols = 2 if len(keys) > 1 else 1
     rows = math.ceil(len(keys) / cols)
@@ -55,5 +61,12 @@ def curves(histories: dict[str, dict[str, list[tuple[int, float]]]], keys: list[
             )
     for j in range(len(keys)):
         fig.update_xaxes(title_text="step", row=j // cols + 1, col=j % cols + 1)
+    for label, marks in (events or {}).items():
+        for step, text in marks:
+            fig.add_vline(
+                x=step, line={"color": "#d62728", "dash": "dash", "width": 1},
+                annotation_text=f"{label}: {text}", annotation_position="top left",
+                annotation_font_size=10,
+            )  # fmt: skip
     fig.update_layout(height=320 * rows, margin={"t": 40, "b": 40}, hovermode="x unified")
     return fig

@@ -33,3 +33,24 @@ def plays_dataset(out: Path, vocab_size: int = 512, seq_tokens: int = 128) -> Da
     opts = PrepareOptions(vocab_size=vocab_size, seq_tokens=seq_tokens, rows_per_group=4)
     split_and_write(ids, out, tok, opts, sources=[])
     return Dataset(out)
+
+
+def plays_mixture(root: Path, vocab_size: int = 512, seq_tokens: int = 128) -> list[Dataset]:
+    """Each play its own dataset, all prepared with one tokenizer (trained on the three):
+    the sources of a mixture."""
+    docs = {play: list(read_documents(CORPUS / play)) for play in PLAYS}
+    tok = train_tokenizer((text for d in docs.values() for _, text in d), vocab_size)
+    eot = eot_id(tok)
+    out = []
+    for play, play_docs in docs.items():
+        path = root / play.removesuffix(".txt")
+        path.mkdir(parents=True)
+        tok.save(str(path / TOKENIZER))
+        ids = (
+            np.append(np.asarray(tok.encode(text, add_special_tokens=False).ids, np.int32), eot)
+            for _, text in play_docs
+        )
+        opts = PrepareOptions(vocab_size=vocab_size, seq_tokens=seq_tokens, rows_per_group=4)
+        split_and_write(ids, path, tok, opts, sources=[])
+        out.append(Dataset(path))
+    return out

@@ -139,6 +139,19 @@ with left:
         help=launch_form.form_field("data.path").help
         + " Listed: the prepared datasets inside the data roots (LMFORGE_DATA_ROOTS).",
     )
+    mixed = st.multiselect(
+        "Mix with (a mixture by token weight)", datasets, key="mix_sources",
+        help="Two or more datasets prepared with the same tokenizer, mixed into one stream: "
+        "each gives its weight's share of every step's tokens (the Dataset above is unused).",
+    )  # fmt: skip
+    if len(mixed) >= 2:
+        fields["data.sources"] = [
+            {"path": p, "name": launch_form.source_name(p, mixed), "weight": st.number_input(
+                f"Weight of {launch_form.source_name(p, mixed)}", min_value=0.0,
+                value=1.0, step=0.1, key=f"mix_weight_{p}")}
+            for p in mixed
+        ]  # fmt: skip
+        slots["data.sources"] = st.empty()
 with mid:
     st.subheader("Training")
     number("train.max_steps", "Steps")
@@ -181,7 +194,7 @@ if cfg is not None:
     vocab = None
     if values.get("data.path"):
         with ui.guard("Dataset"):
-            vocab = Dataset(values["data.path"]).vocab_size
+            vocab = Dataset(cfg.data.paths[0]).vocab_size
     est = estimate(cfg, vocab_size=vocab or 8192)
     mem = est.per_worker_bytes
     st.subheader("Estimate")
@@ -197,6 +210,9 @@ if cfg is not None:
         + ("" if vocab else " (vocab 8192 assumed until a dataset is chosen)")
         + f" | {est.flops_per_step / 1e12:,.3g} TFLOP per step | activations are approximate"
     )
+    if cfg.data.sources:
+        with ui.guard("Mixture"):
+            st.caption(launch_form.mixture_line(cfg, est.tokens_per_step))
 
 if st.button("Submit job", type="primary", disabled=cfg is None or not datasets):
     mode, uri = source or (None, None)

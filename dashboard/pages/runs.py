@@ -32,10 +32,13 @@ picked = st.multiselect(
     key="runs_pick",
 )
 st.session_state["runs_selected"] = picked
+by_id = {r.run_id: r for r in rows}
+# A mixture's runs log each source's val curves (val_loss/<name>) and tokens per step.
+per_source = browse.source_curves([by_id[r] for r in picked])
 keys = st.multiselect(
     "Metrics",
-    list(browse.CURVES),
-    default=["loss", "val_loss", "lr", "tokens_per_s"],
+    [*browse.CURVES, *per_source],
+    default=["loss", "val_loss", "lr", "tokens_per_s", *browse.source_val_curves(per_source)],
     key="runs_keys",
 )
 if not picked:
@@ -51,14 +54,17 @@ def chart() -> None:
     if not any(hist.values()):
         st.info("No metrics logged yet.")
         return
-    st.plotly_chart(curves(hist, keys), key="runs_chart")
+    events = {labels[r].split(" (")[0]: browse.guard_events(by_id[r]) for r in picked}
+    for run, marks in events.items():  # the guard's rollbacks: a banner over the chart
+        for step, text in marks:
+            st.warning(f"{run}, step {step}: {text}")
+    st.plotly_chart(curves(hist, keys, events), key="runs_chart")
     if live:
         st.caption("refreshing every 5 s while the run is live")
 
 
 st.fragment(chart, run_every=5 if live else None)()
 
-by_id = {r.run_id: r for r in rows}
 summary = pd.DataFrame(
     [
         {

@@ -82,6 +82,7 @@ class TrainerState:
     dataset: DatasetIdentity | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # of the checkpoint's step
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss"} so far
+    guard: dict[str, Any] = field(default_factory=dict)  # the guard's rollbacks so far
     sealed: bool = True  # FILES lists every file of the checkpoint (False: older checkpoints)
 
     @property
@@ -105,6 +106,7 @@ class TrainerState:
             dataset=DatasetIdentity(**dataset) if dataset else None,
             metrics=dict(raw.get("metrics", {})),
             evals=list(raw.get("evals", [])),
+            guard=dict(raw.get("guard") or {}),
             sealed=raw.get("files") == FILES,
         )
 

@@ -38,17 +38,128 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SourceConfig(_Section):
+    """One dataset of a mixture (`data.sources`)."""
+
+    path: str = Field(description="A dataset dir made by `lmforge prepare` (as data.path).")
+    weight: float = Field(
+        1.0,
+        description="Its share of the training TOKENS, relative to the others' (0.3 of a sum "
+        "of 1: 30% of every step's tokens, whatever its documents' lengths).",
+    )
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Its name in metrics (data/<name>/tokens, val_loss/<name>); the dir's "
+        "name when unset.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        """`NAME:WEIGHT:PATH` (what --set data.sources=[a:0.7:DIR,b:0.3:DIR] gives) or PATH."""
+        if not isinstance(v, str):
+            return v
+        parts = v.split(":", 2)
+        if len(parts) == 3 and "/" not in parts[0] and "/" not in parts[1]:
+            try:
+                return {"name": parts[0], "weight": float(parts[1]), "path": parts[2]}
+            except ValueError:
+                pass
+        return {"path": v}
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def short(self) -> str:
+        """NAME:WEIGHT:PATH, what `_short_form` reads back."""
+        return f"{self.label}:{self.weight!r}:{self.path}"
+
+
+class SchedulePoint(_Section):
+    """The mixture's weights from one step on (`data.schedule`)."""
+
+    step: int = Field(ge=0, description="The optimizer step these weights hold at.")
+    weights: dict[str, float] = Field(
+        description="Weight per source name; a source left out has weight 0 here."
+    )
+
+
 class DataConfig(_Section):
     path: str = Field(
         "datasets/shakespeare",
         description="A dataset dir made by `lmforge prepare`; relative to LMFORGE_HOME, or "
-        "s3://bucket/prefix (streamed from S3).",
+        "s3://bucket/prefix (streamed from S3). Unused when data.sources is set.",
+    )
+    sources: list[SourceConfig] | None = Field(
+        None,
+        description="A mixture instead of data.path: several datasets prepared with the same "
+        "tokenizer, [{path, weight, name}], mixed by token weight into one stream.",
+    )
+    schedule: list[SchedulePoint] | None = Field(
+        None,
+        description="Mixture weights that change with the step: [{step, weights: {name: w}}] "
+        "in step order; before the first point its weights, after the last the last's.",
+    )
+    schedule_interpolation: Literal["linear", "step"] = Field(
+        "linear",
+        description="Between two schedule points: linear (weights move step by step) or "
+        "step (a point's weights hold until the next point).",
     )
     document_mask: bool = Field(
         False,
         description="Attention never crosses a document boundary (the token after each eos "
         "starts a new one; positions restart there). Always on for SFT datasets.",
     )
+
+    @model_validator(mode="after")
+    def _mixture(self) -> DataConfig:
+        if self.sources is None:
+            if self.schedule is not None:
+                raise ValueError("data.schedule: needs data.sources (a mixture) to weight")
+            return self
+        if not self.sources:
+            raise ValueError("data.sources: empty; name at least one dataset, or use data.path")
+        names = [s.label for s in self.sources]
+        for i, (s, name) in enumerate(zip(self.sources, names, strict=True)):
+            if names.index(name) != i:
+                raise ValueError(
+                    f"data.sources[{i}].name={name!r}: another source has that name; give "
+                    "each a distinct name"
+                )
+            if not s.weight >= 0:  # NaN too
+                raise ValueError(f"data.sources[{i}].weight={s.weight} ({name}): must be >= 0")
+        if self.schedule is None and sum(s.weight for s in self.sources) <= 0:
+            raise ValueError(
+                "data.sources: the weights sum to 0; give at least one source a positive weight"
+            )
+        for i, point in enumerate(self.schedule or []):
+            if i and point.step <= self.schedule[i - 1].step:
+                raise ValueError(
+                    f"data.schedule[{i}].step={point.step}: out of order, after step "
+                    f"{self.schedule[i - 1].step}; list the points by increasing step"
+                )
+            for name, w in point.weights.items():
+                if name not in names:
+                    raise ValueError(
+                        f"data.schedule[{i}].weights: no source named {name!r} (sources: "
+                        f"{', '.join(names)})"
+                    )
+                if not w >= 0:
+                    raise ValueError(f"data.schedule[{i}].weights.{name}={w}: must be >= 0")
+            if sum(point.weights.values()) <= 0:
+                raise ValueError(
+                    f"data.schedule[{i}] (step {point.step}): the weights sum to 0; give at "
+                    "least one source a positive weight"
+                )
+        return self
+
+    @property
+    def paths(self) -> list[str]:
+        """Every dataset dir the run reads (one, or each source's)."""
+        return [s.path for s in self.sources] if self.sources else [self.path]
 
 
 class LoraConfig(_Section):
@@ -59,6 +170,40 @@ class LoraConfig(_Section):
         None,
         description="Linear layers to adapt, by their last name (e.g. c_attn, q_proj); "
         "default every linear layer but the output head.",
+    )
+
+
+class SpikeConfig(_Section):
+    factor: float = Field(
+        5.0, gt=1, description="A step's loss above factor x the median of the last window."
+    )
+    window: int = Field(20, ge=2, description="Steps whose median loss a step is compared with.")
+
+
+class GuardConfig(_Section):
+    """What the guard does when a run diverges (`lmforge.guard`). It looks at the steps'
+    losses and grad norms where the loop syncs them anyway (the log steps), on every rank
+    alike, so it adds no collective and no host sync."""
+
+    nonfinite: Literal["rollback", "stop", "off"] = Field(
+        "rollback",
+        description="A NaN/inf loss or grad norm (on any rank): roll back to the last sound "
+        "checkpoint and go on, stop the run, or do nothing. A spike does the same (off: "
+        "rollback).",
+    )
+    spike: SpikeConfig | None = Field(
+        None, description="Also act on a loss spike: {factor: F, window: W}; unset: not."
+    )
+    max_rollbacks: int = Field(
+        3, ge=0, description="Rollbacks allowed; the next trigger stops the run, saying why."
+    )
+    skip_batches: bool = Field(
+        True,
+        description="After a rollback, skip the data from the checkpoint to the trigger "
+        "(recorded in the run, so a resume skips it too); false: read it again.",
+    )
+    lr_scale_after: float = Field(
+        1.0, gt=0, le=1, description="Multiply the learning rate by this after each rollback."
     )
 
 
@@ -85,6 +230,12 @@ class TrainConfig(_Section):
         "needs a base to start from (--init-from). Works under ZeRO 0-3 (the optimizer and "
         "its state hold only the adapters); a checkpoint stores only the adapters and a "
         "reference to the base. Not for lstm (no linear layers to adapt).",
+    )
+    guard: GuardConfig | None = Field(
+        None,
+        description="Guardrails against divergence: roll back past a NaN/inf or a loss "
+        "spike to the last sound checkpoint, skip that data, optionally lower the LR, or "
+        "stop; unset: no guard.",
     )
     activation_checkpointing: bool = Field(
         False, description="Recompute each block's activations in backward (less memory)."
@@ -287,9 +438,13 @@ class Config(_Section):
     def _cross_section(self) -> Config:
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
+        sources = [
+            (f"data.sources[{i}].path", s.path) for i, s in enumerate(self.data.sources or [])
+        ]
         for key, value in (
             ("run.storage_path", self.run.storage_path),
             ("data.path", self.data.path),
+            *sources,
         ):
             if "://" in value and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?", value):
                 raise ValueError(

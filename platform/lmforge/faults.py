@@ -12,6 +12,13 @@
                                                point (the object store stopped while a
                                                checkpoint is being written)
 
+    LMFORGE_FAULT=nan:step:<step>              rank 0's loss of optimizer step <step> is NaN
+                                               (its gradients too: the all-reduce makes them
+                                               every rank's)
+    LMFORGE_FAULT=spike:step:<step>:<factor>   every rank's loss of that step x <factor>
+                                               (each loss fault fires once per process: the
+                                               step a guard rolled back is not hit again)
+
     LMFORGE_FAULT_STEP_DELAY_S=<seconds>       every worker sleeps this long after each
                                                optimizer step: a slow run, so that a test
                                                can act mid-run (kill or add a node)
@@ -35,9 +42,17 @@ POINTS = ("step", "checkpoint")
 HOLD_MAX_S = 600.0
 
 
+LOSS_FAULTS = ("nan", "spike")
+_fired: set[tuple[str, int]] = set()  # loss faults that fired in this process
+
+
 def parse(spec: str) -> list[tuple[str, int, int]]:
+    """The kill faults of a spec (its loss faults are `parse_loss`'s)."""
     faults = []
     for item in spec.split(","):
+        if item.strip().split(":")[0] in LOSS_FAULTS:
+            parse_loss(item)
+            continue
         try:
             point, step, rank = item.strip().split(":")
             if point not in POINTS:
@@ -49,6 +64,39 @@ def parse(spec: str) -> list[tuple[str, int, int]]:
                 f"{', '.join(POINTS)}"
             ) from None
     return faults
+
+
+def parse_loss(spec: str) -> list[tuple[str, int, float]]:
+    """(kind, step, factor) of each loss fault: `nan:step:N`, `spike:step:N:F`."""
+    out = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        if parts[0] not in LOSS_FAULTS:
+            continue
+        try:
+            kind, point, step, *rest = parts
+            if point != "step" or len(rest) != (kind == "spike"):
+                raise ValueError
+            out.append((kind, int(step), float(rest[0]) if rest else float("nan")))
+        except ValueError:
+            raise UsageError(
+                f"LMFORGE_FAULT={spec!r}: expected nan:step:<step> or spike:step:<step>:<factor>"
+            ) from None
+    return out
+
+
+def corrupt_loss(loss, step: int, rank: int):
+    """`loss` as a loss fault of `step` leaves it: NaN on rank 0, or times a factor."""
+    spec = os.environ.get("LMFORGE_FAULT")
+    if not spec:
+        return loss
+    for kind, at, factor in parse_loss(spec):
+        if at != step or (kind, at) in _fired or (kind == "nan" and rank != 0):
+            continue
+        _fired.add((kind, at))
+        print(f"fault injection: {kind} in the loss of step {step} on rank {rank}", flush=True)
+        return loss * float("nan") if kind == "nan" else loss * factor
+    return loss
 
 
 def maybe_kill(point: str, step: int, rank: int) -> None:

@@ -28,7 +28,7 @@ import yaml
 
 import lmforge
 from lmforge import paths
-from lmforge.config import Config
+from lmforge.config import Config, SourceConfig
 from lmforge.errors import LmforgeError
 
 # Letters, digits and _ . , : / @ % + = - only: no spaces, quotes, $, `, ;, |, &, <, >, etc.
@@ -84,9 +84,16 @@ def safe_token(key: str, value: Any) -> str:
     if not SAFE_TOKEN.match(f"{key}={inner}"):
         bad = "".join(sorted({c for c in text if not SAFE_TOKEN.match(c)}))
         raise JobSpecError(f"{key}: {text!r} holds characters not allowed in a job ({bad!r})")
-    if yaml.safe_load(text) != value:
+    if _parsed(key, yaml.safe_load(text)) != value:
         raise JobSpecError(f"{key}: {text!r} would be read back as a different value")
     return token
+
+
+def _parsed(key: str, value: Any) -> Any:
+    """A --set value as the config will hold it (data.sources' short form as mappings)."""
+    if key == "data.sources" and isinstance(value, list):
+        return [SourceConfig.model_validate(v).model_dump() for v in value]
+    return value
 
 
 def _render(value: Any) -> str:
@@ -103,6 +110,13 @@ def _render(value: Any) -> str:
         isinstance(v, int) and not isinstance(v, bool) for v in value
     ):
         return "[" + ",".join(map(str, value)) + "]"
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, dict) and "path" in v for v in value)
+    ):
+        # data.sources: NAME:WEIGHT:PATH each (config.SourceConfig reads it back)
+        return "[" + ",".join(SourceConfig.model_validate(v).short for v in value) + "]"
     return str(value)
 
 
@@ -146,10 +160,18 @@ def train_job(
     a run name or run dir, `init_from` a checkpoint dir, as `lmforge train` takes them.
     Every token must still be shell-inert.
     """
-    data = cfg.data.path if any_path else inside_roots(cfg.data.path, "data.path")
+    mixture = bool(cfg.data.sources)  # data.path unused then
+    data = cfg.data.path if any_path or mixture else inside_roots(cfg.data.path, "data.path")
+    sources = [
+        s.model_copy(update={
+            "path": s.path if any_path else str(inside_roots(s.path, f"data.sources[{i}].path")),
+            "name": s.label,
+        })
+        for i, s in enumerate(cfg.data.sources or [])
+    ] or None  # fmt: skip
     name = cfg.run.name or (None if resume else time.strftime("run-%Y%m%d-%H%M%S"))
     updates: dict[str, Any] = {
-        "data": cfg.data.model_copy(update={"path": str(data)}),
+        "data": cfg.data.model_copy(update={"path": str(data), "sources": sources}),
         "run": cfg.run.model_copy(update={"name": name}),
     }
     if tracking_uri:
@@ -191,7 +213,7 @@ def submitter_env(cfg: Config, *paths_used: str | None) -> dict[str, str]:
     from lmforge import storage
     from lmforge.tracking import store
 
-    used = (cfg.data.path, cfg.run.storage_path, *paths_used)
+    used = (*cfg.data.paths, cfg.run.storage_path, *paths_used)
     on_s3 = any(str(p).startswith(storage.SCHEME) for p in used if p)
     return {**(storage.runtime_env_vars() if on_s3 else {}), **store.credential_env()}
 

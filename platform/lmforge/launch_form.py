@@ -108,6 +108,30 @@ def preset_config(path: str | os.PathLike) -> dict[str, Any]:
     return read_yaml(Path(path))
 
 
+def source_name(path: str, paths: list[str]) -> str:
+    """A mixture source's name on the form: its dir's name (with its parent's if two share
+    it)."""
+    p = Path(path)
+    if sum(Path(q).name == p.name for q in paths) > 1:
+        return f"{p.parent.name}-{p.name}"
+    return p.name
+
+
+def mixture_line(cfg: Config, tokens_per_step: int) -> str:
+    """What a mixture's estimate adds: each source's share, its tokens over the run and how
+    many passes over its train split that is (more than 1: it starts another epoch)."""
+    from lmforge.data.mixture import Mixture
+
+    mix = Mixture(cfg.data)
+    shares = mix.weights.at(0)
+    total = tokens_per_step * cfg.train.max_steps
+    parts = []
+    for s, share in zip(mix.sources, shares, strict=True):
+        epochs = share * total / max(1, s.dataset.tokens("train"))
+        parts.append(f"{s.name} {share:.0%} ({share * total:,.0f} tokens, {epochs:.2f} epochs)")
+    return "mixture at step 0: " + " | ".join(parts) + f" | hash {mix.manifest_sha256[:12]}"
+
+
 def form_config(
     base: dict[str, Any], values: dict[str, Any]
 ) -> tuple[Config | None, dict[str, str]]:

@@ -222,3 +222,30 @@ def test_the_form_shows_the_settings_of_the_chosen_architecture(app):
     labels = {w.label for w in app.number_input}
     assert "Heads" not in labels and "Key/value heads" not in labels
     assert not [e.value for e in app.error if "n_kv_head" in e.value]  # not carried over
+
+
+def test_several_datasets_with_weights_make_a_mixture(app, tmp_path):
+    """ "Mix with": two datasets and their weights become data.sources; the estimate says
+    each source's share, tokens and epochs, and the job carries the mixture."""
+    import shutil
+
+    from lmforge import jobspec, launch_form
+
+    mini = fake_dataset(tmp_path)
+    other = shutil.copytree(mini, mini.parent / "other")
+    app.run()
+    by_label(app.multiselect, "Mix with (a mixture by token weight)").set_value(
+        [str(mini), str(other)]
+    )
+    app.run()
+    by_label(app.number_input, "Weight of mini").set_value(3.0)
+    app.run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    (line,) = [c.value for c in app.caption if c.value.startswith("mixture at step 0")]
+    assert "mini 75% (" in line and "other 25% (" in line
+    values = {"data.sources": [{"path": str(mini), "weight": 3.0, "name": "mini"},
+                               {"path": str(other), "weight": 1.0, "name": "other"}]}  # fmt: skip
+    cfg, errors = launch_form.form_config({}, values)
+    assert not errors
+    spec = jobspec.train_job(cfg)
+    assert f"data.sources=[mini:3.0:{mini},other:1.0:{other}]" in spec.entrypoint

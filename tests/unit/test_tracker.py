@@ -227,3 +227,22 @@ def test_tracking_disabled_sends_nothing_to_the_workers():
 
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["tracking.enabled=false"])
     assert run_setup.settings(cfg, None, REPO, {"t": "1"}) is None
+
+
+def test_a_checkpoint_after_a_nonfinite_step_is_never_registered(
+    tracking_uri, tmp_path, checkpoints
+):
+    """The guard's rule: weights written after a NaN/inf loss are nobody's to serve."""
+    import dataclasses
+
+    tracker = Tracker(_settings(tracking_uri, tmp_path / "run", "unsound"))
+    (d5, s5), (d10, s10), _ = checkpoints
+    nan = dataclasses.replace(s10, metrics={"loss": float("nan"), "val_loss": 2.5})
+    staged = [tracker.stage(d, s.step) for d, s in ((d5, s5), (d10, nan))]
+    tracker.register(staged[0], d5, s5)
+    tracker.register(staged[1], d10, nan)
+    tracker.close()
+    versions = store.client(tracking_uri).search_model_versions("name='unsound'")
+    assert [v.tags["step"] for v in versions] == ["5"]
+    assert tracker.failures == [f"not registered: {d10} has a non-finite loss"]
+    assert not staged[1].exists()

@@ -148,6 +148,10 @@ class TokenStream:
         self.pieces = None if pieces is None else [(int(i), int(t)) for i, t in pieces]
         self.pieces_epoch = self.epoch
 
+    def step_metrics(self) -> dict[str, float]:
+        """Per-step data metrics (a mixture's tokens per source); one dataset has none."""
+        return {}
+
     def resume(self, positions: list[dict[str, Any]]) -> None:
         """Continue from every worker's saved position; saved by another number of workers,
         their unread rest is dealt anew (`redeal`)."""
@@ -188,41 +192,30 @@ class TokenStream:
     def _assemble(
         self, runs, partial: bool, track: bool
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Cut runs into batches with whole-array slices: a run of n windows is n*T + 1
-        consecutive tokens, so its x rows are run[:-1] and its y rows run[1:], each reshaped
-        to (n, T) -- no Python per window, one int64 copy per batch (profile: the per-window
-        loop + np.stack made the stream 0.2x a raw pyarrow scan at context 64)."""
-        T, B = self.T, self.batch_size
-        run, row, n = None, 0, 0
+        """Cut runs into batches with whole-array slices (`Cursor`): one int64 copy per
+        batch (profile: the per-window loop + np.stack made the stream 0.2x a raw pyarrow
+        scan at context 64)."""
+        cursor = Cursor(self, runs, track)
         while True:
-            xs, ys = [], []
-            need = B
-            while need:
-                if row == n:
-                    nxt = next(runs, None)
-                    if nxt is None:
-                        break
-                    epoch, offset, run = nxt
-                    row, n = 0, self._n_windows(run)
-                    continue
-                take = min(need, n - row)
-                part = run[..., row * T : (row + take) * T + 1]
-                if self.masked:
-                    part = self._masked(part, take)
-                xs.append(part[..., :-1].reshape(-1, take, T))
-                ys.append(part[..., 1:].reshape(-1, take, T))
-                row, need = row + take, need - take
-                if track:
-                    self.epoch, self.offset = epoch, offset + row * T
-            if need and (not partial or need == B):
+            xs, ys, short = cursor.take(self.batch_size)
+            if short and (not partial or short == self.batch_size):
                 return
-            x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
-            y = ys[0] if len(ys) == 1 else np.concatenate(ys, axis=1)
-            x, y = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
-            if self.masked:  # channels: x = (tokens, segments, -), y = (-, -, labels)
-                yield x[0], y[2], x[1]
-            else:
-                yield x[0], y[0]
+            yield self.tensors(xs, ys)
+
+    def cursor(self) -> Cursor:
+        """Windows from the saved position on, taken a few at a time (a mixture takes each
+        batch's windows from several streams); the position moves as they are taken."""
+        return Cursor(self, self._runs(), track=True)
+
+    def tensors(self, xs: list[np.ndarray], ys: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
+        """A batch of the parts `Cursor.take` cut (of this stream or another of its kind):
+        (x, y), or (x, y, segments) for masked batches."""
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
+        y = ys[0] if len(ys) == 1 else np.concatenate(ys, axis=1)
+        x, y = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+        if self.masked:  # channels: x = (tokens, segments, -), y = (-, -, labels)
+            return x[0], y[2], x[1]
+        return x[0], y[0]
 
     def _masked(self, part: np.ndarray, take: int) -> np.ndarray:
         """(tokens, targets, ends) of `take` windows -> (tokens, segments, labels), each
@@ -294,6 +287,41 @@ class TokenStream:
             return np.stack([tokens.astype(np.int64), targets.astype(np.int64), ends])
         tokens = _read_unit(pf, unit).astype(np.int64)
         return np.stack([tokens, np.ones_like(tokens), (tokens == self.eot).astype(np.int64)])
+
+
+class Cursor:
+    """Windows of a stream's runs taken n at a time: a run of n windows is n*T + 1
+    consecutive tokens, so its x rows are run[:-1] and its y rows run[1:], each reshaped to
+    (n, T) -- no Python per window. `track`: the stream's position follows what is taken."""
+
+    def __init__(self, stream: TokenStream, runs, track: bool) -> None:
+        self.stream, self.runs, self.track = stream, runs, track
+        self.run: np.ndarray | None = None
+        self.row = self.n = self.epoch = self.offset = 0
+
+    def take(self, need: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """The x and y parts of the next `need` windows, and how many were missing (the
+        runs ended: only for a single pass)."""
+        s, T = self.stream, self.stream.T
+        xs, ys = [], []
+        while need:
+            if self.row == self.n:
+                nxt = next(self.runs, None)
+                if nxt is None:
+                    break
+                self.epoch, self.offset, self.run = nxt
+                self.row, self.n = 0, s._n_windows(self.run)
+                continue
+            take = min(need, self.n - self.row)
+            part = self.run[..., self.row * T : (self.row + take) * T + 1]
+            if s.masked:
+                part = s._masked(part, take)
+            xs.append(part[..., :-1].reshape(-1, take, T))
+            ys.append(part[..., 1:].reshape(-1, take, T))
+            self.row, need = self.row + take, need - take
+            if self.track:
+                s.epoch, s.offset = self.epoch, self.offset + self.row * T
+        return xs, ys, need
 
 
 def _read_unit(pf: pq.ParquetFile, unit: Unit, with_targets: bool = False):

@@ -8,6 +8,7 @@ the logic is tested without a browser. MLflow errors (store down, unknown run) b
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -138,6 +139,43 @@ def run_for_submission(uri: str | None, submission_id: str) -> RunRow | None:
         max_results=1,
     )
     return _run_row(found[0], by_id) if found else None
+
+
+SOURCE_CURVES = ("val_loss/", "val_perplexity/", "data/")  # a mixture's, per source
+
+
+def source_curves(rows: list[RunRow]) -> list[str]:
+    """The per-source metrics (`val_loss/<name>`, `data/<name>/tokens`...) the runs have."""
+    keys = {k for r in rows for k in r.metrics if k.startswith(SOURCE_CURVES)}
+    return sorted(keys)
+
+
+def source_val_curves(keys: list[str]) -> list[str]:
+    return [k for k in keys if k.startswith("val_loss/")]
+
+
+GUARD_EVENT_TAG = "guard/event/"  # lmforge.guard's tag per rollback (its JSON)
+GUARD_STOP_TAG = "guard/stopped"
+
+
+def guard_events(row: RunRow) -> list[tuple[int, str]]:
+    """(step, text) of each guard event of a run: its rollbacks, and where it stopped."""
+    out = []
+    for key, value in row.tags.items():
+        if not key.startswith(GUARD_EVENT_TAG):
+            continue
+        try:
+            e = json.loads(value)
+            out.append(
+                (int(e["step"]), f"rollback {e['n']}: {e['reason']} -> step {e['rolled_back_to']}")
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    if stop := row.tags.get(GUARD_STOP_TAG):
+        m = re.search(r"at step (\d+)", stop)
+        if m:
+            out.append((int(m.group(1)), "stopped: " + stop.split(";")[0]))
+    return sorted(out)
 
 
 def history(uri: str | None, run_id: str, keys=CURVES) -> dict[str, list[tuple[int, float]]]:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import lmforge
 from lmforge.config import Config
-from lmforge.data.dataset import Dataset
+from lmforge.data.dataset import MANIFEST, Dataset
+from lmforge.data.mixture import Mixture, datasets_of
 from lmforge.errors import first_line
 from lmforge.tracking import store
 from lmforge.tracking.tracker import RUN_DIR_TAG, TrackingSettings, find_run_id, flatten
@@ -48,7 +49,7 @@ def pin_uri(cfg: Config) -> Config:
     )
 
 
-def source_tags(dataset: Dataset, run_dir: Path, init_from: str | None) -> dict[str, str]:
+def source_tags(dataset: Dataset | Mixture, run_dir: Path, init_from: str | None) -> dict[str, str]:
     """Tags known before Ray starts: the run dir, lmforge's version, the dataset, the commit."""
     tags = {
         RUN_DIR_TAG: str(run_dir),
@@ -96,7 +97,7 @@ def ray_tags(where: str) -> dict[str, str]:
 
 
 def settings(
-    cfg: Config, dataset: Dataset, run_dir: Path, tags: dict[str, str]
+    cfg: Config, dataset: Dataset | Mixture, run_dir: Path, tags: dict[str, str]
 ) -> TrackingSettings | None:
     """What rank 0 needs to log the run, for the workers (None: tracking off)."""
     if not cfg.tracking.enabled:
@@ -109,12 +110,20 @@ def settings(
         run_dir=str(run_dir),
         tags=tags,
         params=flatten(cfg.to_dict()),
-        artifacts={
-            "config.yaml": cfg.to_yaml(),
-            "dataset/manifest.json": (dataset.path / "manifest.json").read_text(),
-        },
+        artifacts={"config.yaml": cfg.to_yaml(), **dataset_artifacts(dataset)},
         outage_wait_s=cfg.tracking.outage_wait_s,
     )
+
+
+def dataset_artifacts(dataset: Dataset | Mixture) -> dict[str, str]:
+    """The manifest of the dataset, or the mixture (its sources, weights, schedule) and each
+    source's manifest."""
+    if not isinstance(dataset, Mixture):
+        return {"dataset/manifest.json": (dataset.path / MANIFEST).read_text()}
+    out = {"dataset/mixture.json": dataset.describe()}
+    for name, ds in datasets_of(dataset):
+        out[f"dataset/{name}/manifest.json"] = (ds.path / MANIFEST).read_text()
+    return out
 
 
 def tracked_run_id(cfg: Config, run_dir: Path) -> str | None:

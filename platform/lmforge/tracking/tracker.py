@@ -20,6 +20,7 @@ logs into the same MLflow run instead of starting a new one.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import shutil
 import tempfile
@@ -184,6 +185,16 @@ class Tracker:
             self.failures.append(f"not registered: {checkpoint} is incomplete ({why})")
             log.warning(
                 "MLflow: not registering %s: an incomplete checkpoint (%s)", checkpoint, why
+            )
+            shutil.rmtree(staged.parent, ignore_errors=True)
+            return
+        unsound = [k for k in ("loss", "val_loss") if not math.isfinite(state.metrics.get(k, 0))]
+        if unsound:  # written after a non-finite step: weights nobody should serve
+            self.failures.append(f"not registered: {checkpoint} has a non-finite {unsound[0]}")
+            print(
+                f"not registering {checkpoint}: its {unsound[0]} is "
+                f"{state.metrics[unsound[0]]} (a non-finite step before it)",
+                flush=True,
             )
             shutil.rmtree(staged.parent, ignore_errors=True)
             return

@@ -35,6 +35,7 @@ class Content:
     metrics: dict[str, float]  # of this step
     evals: list[dict[str, float]]  # the run's evaluations so far
     base: ckpt_io.BaseRef | None = None  # a LoRA run's base (rank 0)
+    guard: dict[str, Any] | None = None  # the guard's rollbacks so far (`Guard.state`)
 
 
 def write(out: Path, engine, info: dist.DistInfo, content: Content) -> ckpt_io.TrainerState | None:
@@ -60,6 +61,7 @@ def write(out: Path, engine, info: dist.DistInfo, content: Content) -> ckpt_io.T
         dataset=ckpt_io.DatasetIdentity(str(ds.path), ds.manifest_sha256, ds.tokenizer_sha256),
         metrics=dict(content.metrics),
         evals=list(content.evals),
+        guard=dict(content.guard or {}),
     )
     if lora:
         from lmforge.lora import saved_names

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import checkpoint as ckpt_io
-from lmforge import raycompat, storage
+from lmforge import guard, raycompat, storage
 from lmforge.config import Config, ConfigError
+from lmforge.data.mixture import datasets_of
 from lmforge.paths import is_uri
 from lmforge.tracking import store
 from lmforge.training import placement
@@ -50,6 +51,7 @@ def run_training(
         stage_init(plan)
         log.info("run %s on local processes; checkpoints under %s", plan.run_dir.name, plan.run_dir)
         reports = local_session.run(worker_plan(plan))
+        guard.raise_if_stopped(plan.run_dir)  # the run's guard stopped it: say why, non-zero
         return result_of(plan, reports[-1] if reports else {}, reports)
     stage_init(plan)
 
@@ -68,7 +70,9 @@ def run_training(
     log.info("run %s on %s; checkpoints under %s", plan.run_dir.name, where, plan.run_dir)
     if plan.config.scaling.elastic:
         log.info(elastic_note(plan.config))
-    return result_of(plan, trainer(plan).fit().metrics or {})
+    metrics = trainer(plan).fit().metrics or {}
+    guard.raise_if_stopped(plan.run_dir)
+    return result_of(plan, metrics)
 
 
 def result_of(
@@ -201,7 +205,9 @@ def trainer(plan: LaunchPlan):
 
     cfg, s = plan.config, plan.config.scaling
     storage_path, storage_filesystem = storage.ray_storage(plan.run_dir.parent)
-    remote = storage.is_remote(plan.run_dir) or storage.is_remote(plan.dataset.path)
+    remote = storage.is_remote(plan.run_dir) or any(
+        storage.is_remote(ds.path) for _, ds in datasets_of(plan.dataset)
+    )
     # Rank 0 reaches an MLflow server with basic auth by the driver's MLFLOW_TRACKING_*
     # credentials, handed over like the AWS_* ones: through the runtime env, never the config.
     env_vars = {**(storage.runtime_env_vars() if remote else {}), **store.credential_env()}

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmforge import checkpoint as ckpt_io
-from lmforge import dist, faults, models, storage
+from lmforge import dist, faults, guard, models, storage
 from lmforge.config import Config, TrainConfig
-from lmforge.data.dataset import Dataset
+from lmforge.data import mixture
 from lmforge.data.stream import TokenStream
 from lmforge.perf import peak_flops
 from lmforge.training import checkpoint_writer, cpu_collectives, engine_state, speed
@@ -145,6 +145,7 @@ class _Pending:
     lr: float
     step_time_s: float
     data_wait_s: float
+    data: dict[str, float]  # the stream's own numbers (a mixture's tokens per source)
 
 
 class Trainer:
@@ -169,7 +170,7 @@ class Trainer:
         if not cfg.scaling.use_gpu:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         torch.manual_seed(cfg.train.seed)  # identical init on every rank
-        self.dataset = Dataset(storage.resolve(cfg.data.path))
+        self.dataset = mixture.open_data(cfg.data)  # data.path's, or data.sources' mixture
         model = models.build(cfg.model)
         if cfg.train.lora is not None and not init_from and resume:
             init_from = ckpt_io.read_base(resume.local).path  # the base the adapters are on
@@ -191,9 +192,10 @@ class Trainer:
         if cfg.train.compile:
             speed.compile_engine(self.engine)
         t = cfg.train
-        self.stream = TokenStream(
-            self.dataset, "train", cfg.model.context_length, t.micro_batch_size,
-            info.rank, info.world, seed=t.seed, document_mask=cfg.data.document_mask,
+        self.stream = mixture.train_stream(
+            self.dataset, cfg.model.context_length, t.micro_batch_size, info.rank, info.world,
+            t.seed, cfg.data.document_mask, windows_per_step=t.micro_batch_size * t.grad_accum_steps,
+            say=functools.partial(dist.print0, info),
         )  # fmt: skip
         self.tokens_per_step = (
             t.micro_batch_size * t.grad_accum_steps * info.world * cfg.model.context_length
@@ -207,6 +209,10 @@ class Trainer:
         self.tracker = make_tracker(tracking, info.is_main, self.n_params)
         # Told about every checkpoint (stage, then persisted): MLflow's registration.
         self.subscribers: list[checkpoint_writer.CheckpointSubscriber] = [self.tracker]
+        # Watches the synced steps (train.guard): rolls the trainer back (`rewind`) or stops.
+        self.guard = guard.Guard(t.guard, run_dir, info, self.tracker, self.say)
+        self.logged: dict[str, int] = {}  # each metric's last step sent to MLflow
+        self.batches = None  # the stream's batches, from where it stands (`fit`, `rewind`)
         self.startup: dict[str, float] = {}  # wall-clock marks, set by train_loop
 
     def _add_adapters(self, model, init_from: str, resume: ResumePoint | None):
@@ -246,6 +252,7 @@ class Trainer:
         self.step, self.tokens_seen = state.step, state.tokens_seen
         self.evals = list(state.evals)
         self.stream.resume(state.data)  # re-dealt when saved on another number of workers
+        self.guard.on_resume(self, state.step, state.guard)  # skips what a rollback skipped
         # Rank 0 may have died before this checkpoint's registration finished.
         self.tracker.register_restored(resume.persisted, state, d)
         dist.print0(self.info, f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
@@ -290,7 +297,7 @@ class Trainer:
             t_data = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t_data
-            loss = self.forward_loss(batch)
+            loss = faults.corrupt_loss(self.forward_loss(batch), self.step + 1, self.info.rank)
             self.engine.backward(loss)  # at the boundary: gradients all-reduced, not clipped
             if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = _grad_norm(self.engine.module)
@@ -301,7 +308,15 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         self.pending.append(
-            _Pending(self.step, total / accum, grad_norm, lr, time.perf_counter() - t0, wait)
+            _Pending(
+                self.step,
+                total / accum,
+                grad_norm,
+                lr,
+                time.perf_counter() - t0,
+                wait,
+                self.stream.step_metrics(),
+            )  # fmt: skip
         )
 
     def sync(self) -> list[dict[str, float]]:
@@ -324,10 +339,47 @@ class Trainer:
                 "step_time_s": p.step_time_s,
                 "data_wait_s": p.data_wait_s,  # this worker's time waiting for its next batch
                 "workers": self.info.world,  # elastic runs: how many trained this step
+                **p.data,
             }
-            self.tracker.log_metrics(p.step, m)  # queued; never blocks on MLflow
+            self.log(p.step, m)  # queued; never blocks on MLflow
             out.append(m)
         return out
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """To MLflow, each metric once a step: the steps a rollback trains again are not
+        sent twice."""
+        fresh = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
+        self.logged.update(dict.fromkeys(fresh, step))
+        if fresh:
+            self.tracker.log_metrics(step, fresh)
+
+    def say(self, line: str) -> None:
+        dist.print0(self.info, line)
+
+    # -- the guard's port (`guard.Rewindable`) ----------------------------------------
+    def data_positions(self) -> list[dict[str, Any]]:
+        return dist.all_gather_object(self.stream.state_dict(), self.info)
+
+    def rewind(
+        self, checkpoint: Path | None, positions: list[dict[str, Any]] | None, lr_scale: float
+    ) -> None:
+        if checkpoint is not None:
+            state = ckpt_io.read_state(checkpoint)
+            engine_state.load_engine_state(
+                self.engine, checkpoint / ckpt_io.ENGINE_DIR, ckpt_io.ENGINE_TAG,
+                load_module_strict=not self.lora,
+            )  # fmt: skip
+            self.step, self.tokens_seen = state.step, state.tokens_seen
+            self.evals, self.pending = list(state.evals), []
+            positions = state.data if positions is None else positions
+        if positions is not None:
+            self.stream.resume(positions)
+        if lr_scale != 1:
+            scheduler = self.engine.lr_scheduler
+            scheduler.base_lrs = [lr * lr_scale for lr in scheduler.base_lrs]
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] *= lr_scale
+        self.batches = self.stream.batches()
 
     def forward_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The loss of one micro-batch from the stream: `(x, y)`, or `(x, y, segments)` for
@@ -344,20 +396,32 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """The val loss (one collective); a mixture's per source too (`val_loss/<name>`),
+        and its `val_loss` the sources' weighted by the mixture's (final) weights."""
         t, m = self.cfg.train, self.cfg.model
-        val = TokenStream(
-            self.dataset, "val", m.context_length, t.micro_batch_size,
-            self.info.rank, self.info.world, seed=t.seed, shuffle=False,
-            document_mask=self.cfg.data.document_mask,
-        )  # fmt: skip
+        sets = mixture.val_sets(self.dataset)
+        totals = torch.zeros(len(sets), device=self.info.device)
         self.engine.eval()
-        batches, total = val.batches(), torch.zeros(1, device=self.info.device)
-        for _ in range(t.eval_steps):
-            total += self.forward_loss(next(batches)).float()
+        for i, (_, ds) in enumerate(sets):
+            val = TokenStream(
+                ds, "val", m.context_length, t.micro_batch_size, self.info.rank,
+                self.info.world, seed=t.seed, shuffle=False,
+                document_mask=self.cfg.data.document_mask,
+            )  # fmt: skip
+            batches = val.batches()
+            for _ in range(t.eval_steps):
+                totals[i] += self.forward_loss(next(batches)).float()
         self.engine.train()
-        val_loss = dist.all_reduce_mean_(total / t.eval_steps, self.info).item()
+        losses = dist.all_reduce_mean_(totals / t.eval_steps, self.info).tolist()
+        out: dict[str, float] = {}
+        for (name, _), loss in zip(sets, losses, strict=True):
+            if name is not None:
+                out[f"val_loss/{name}"] = loss
+                out[f"val_perplexity/{name}"] = math.exp(min(loss, 50.0))
+        weights = mixture.val_weights(self.dataset)
+        val_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True))
         self.evals.append({"step": self.step, "val_loss": val_loss})
-        return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
+        return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0)), **out}
 
     # -- checkpoint -------------------------------------------------------------------
     def save(self, metrics: dict[str, float]) -> None:
@@ -373,7 +437,7 @@ class Trainer:
             out = Path(tmp) / ckpt_io.dir_name(self.step)
             content = checkpoint_writer.Content(
                 self.cfg, self.dataset, self.step, self.tokens_seen, self.stream.state_dict(),
-                metrics, self.evals, self.base,
+                metrics, self.evals, self.base, self.guard.state(),
             )  # fmt: skip
             state = checkpoint_writer.write(out, self.engine, self.info, content)
             staged = [s.stage(out, self.step) for s in self.subscribers]
@@ -399,19 +463,23 @@ class Trainer:
         if self.step == 0:
             metrics = {"step": 0, **self.evaluate()}
             dist.print0(p, _eval_line(metrics))
-            self.tracker.log_metrics(0, metrics)
+            self.log(0, metrics)
             self.session.report(metrics)
-        batches = self.stream.batches()
+        self.batches = self.stream.batches()
         started, first_step = time.perf_counter(), self.step
         steps: list[dict[str, float]] = []  # of this (re)start, for the steady throughput
         while self.step < t.max_steps:
-            self.train_step(batches)
+            self.train_step(self.batches)
             s = self.step
             faults.maybe_kill("step", s, p.rank)
             d = due(s, first_step, t)
             if not d.anything:
                 continue
             synced = self.sync()
+            if (event := self.guard.observe(synced)) is not None:
+                self.guard.act(event, self)  # rolled back (or GuardStop raised)
+                first_step = min(first_step, self.step)
+                continue
             steps += synced
             metrics = dict(synced[-1])  # this step's
             if s == first_step + 1:
@@ -426,7 +494,7 @@ class Trainer:
                 evaluation = self.evaluate()
                 metrics.update(evaluation)
                 dist.print0(p, _eval_line(metrics))
-                self.tracker.log_metrics(s, evaluation)
+                self.log(s, evaluation)
             if d.checkpoint:
                 self.save(metrics)
             elif d.report:
@@ -521,8 +589,11 @@ def run_worker(plan: WorkerPlan, session: Session) -> None:
             if resume is not None:
                 trainer.restore(resume)
         record_placement(session, trainer.tracker)
-        trainer.fit()
-        status = "FINISHED"
+        try:
+            trainer.fit()
+            status = "FINISHED"
+        except guard.GuardStop:  # said and recorded; the launcher raises it (not Ray: no retry)
+            pass
     finally:
         if trainer is not None:
             trainer.tracker.close(status)

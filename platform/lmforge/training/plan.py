@@ -24,6 +24,7 @@ from lmforge import checkpoint as ckpt_io
 from lmforge import storage
 from lmforge.config import Config, ConfigError
 from lmforge.data.dataset import Dataset
+from lmforge.data.mixture import Mixture, datasets_of, open_data
 from lmforge.tokenizer import TOKENIZER_EXTRAS
 from lmforge.training import speed
 
@@ -43,7 +44,7 @@ class InitSource:
 @dataclass(frozen=True)
 class LaunchPlan:
     config: Config  # run name and storage, data path, vocab, model shape and MLflow URI settled
-    dataset: Dataset
+    dataset: Dataset | Mixture  # data.path's, or data.sources' (one stream of several)
     run_dir: Path | storage.S3Path
     resume_from: Path | storage.S3Path | None = None  # the checkpoint a resumed run continues from
     resume_state: ckpt_io.TrainerState | None = None
@@ -64,7 +65,7 @@ def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = 
         raise ConfigError("--resume and --init-from exclude each other")
     storage.configure(cfg.storage)  # s3:// paths: endpoint, region, addressing
     run_dir = find_run_dir(cfg, resume_target(resume, cfg.tracking.tracking_uri))
-    dataset = Dataset(storage.resolve(cfg.data.path))
+    dataset = open_data(cfg.data)  # a mixture: every source, checked together
     dataset.check_shards()  # footers only: a truncated or foreign shard is named before Ray
     speed.check(cfg)  # activation checkpointing / compile on this architecture
     check_lora(cfg, resume, init_from)
@@ -86,7 +87,7 @@ def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = 
                 update={"vocab_size": model.vocab_size or dataset.vocab_size}
             ),
             # Absolute: every worker reads what the driver checked, whatever its LMFORGE_HOME.
-            "data": cfg.data.model_copy(update={"path": str(dataset.path.resolve())}),
+            "data": absolute_data(cfg, dataset),
             "run": cfg.run.model_copy(
                 update={"name": run_dir.name, "storage_path": str(run_dir.parent)}
             ),
@@ -189,7 +190,27 @@ def find_run_dir(cfg: Config, resume: bool | str) -> Path | storage.S3Path:
     return run_dir
 
 
-def check_fits_dataset(cfg: Config, ds: Dataset) -> None:
+def absolute_data(cfg: Config, dataset: Dataset | Mixture):
+    """The data section with the dirs the driver opened, absolute."""
+    if not isinstance(dataset, Mixture):
+        return cfg.data.model_copy(update={"path": str(dataset.path.resolve())})
+    sources = [
+        s.model_copy(update={"path": str(src.dataset.path.resolve()), "name": src.name})
+        for s, src in zip(cfg.data.sources, dataset.sources, strict=True)
+    ]
+    return cfg.data.model_copy(update={"sources": sources})
+
+
+def check_fits_dataset(cfg: Config, data: Dataset | Mixture) -> None:
+    """`check_fits_one` for the dataset, or for each source of a mixture."""
+    for name, ds in datasets_of(data):
+        try:
+            check_fits_one(cfg, ds)
+        except ConfigError as err:
+            raise ConfigError(f"data.sources ({name}): {err}" if name else str(err)) from None
+
+
+def check_fits_one(cfg: Config, ds: Dataset) -> None:
     """The model has a row of embedding for every token id of the dataset (a larger, padded
     vocab is fine: Qwen2 and GPT-NeoX round theirs up), a row group per worker, and a window
     of tokens per worker in train and in val."""
@@ -216,10 +237,21 @@ def check_fits_dataset(cfg: Config, ds: Dataset) -> None:
         )
 
 
-def check_resume(cfg: Config, latest: Path, state: ckpt_io.TrainerState, dataset: Dataset) -> None:
-    """A resumed run keeps the model, ZeRO stage and tokenizer of its checkpoint; another
-    number of workers is allowed (the state is re-sharded) and said."""
+def check_resume(
+    cfg: Config, latest: Path, state: ckpt_io.TrainerState, dataset: Dataset | Mixture
+) -> None:
+    """A resumed run keeps the model, ZeRO stage, tokenizer and kind of data (one dataset or
+    a mixture of the same sources) of its checkpoint; another number of workers is allowed
+    (the state is re-sharded) and said."""
     old = ckpt_io.read_config(latest)
+    saved = sorted(state.data[0].get("sources", {})) if state.data else []
+    now = [name for name, _ in datasets_of(dataset) if name]
+    if saved != sorted(now):
+        raise ConfigError(
+            f"{latest}: trained on {'the mixture of ' + ', '.join(saved) if saved else 'one dataset'}"
+            f", the config reads {'the mixture of ' + ', '.join(now) if now else 'one dataset'}; "
+            "resume with the data it was trained on"
+        )
     if old.model != cfg.model:
         diff = [
             f"model.{k}={getattr(cfg.model, k)} (checkpoint: {getattr(old.model, k)})"
