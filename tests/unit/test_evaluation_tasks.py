@@ -1,0 +1,116 @@
+"""Evaluation task files checked before any work (issue 26), and `lmforge evaluate --tasks`:
+its table (a column per model) and the scores it logs on a version."""
+
+import json
+
+import pytest
+
+pytest.importorskip("lm_eval")
+transformers = pytest.importorskip("transformers")
+
+from lmforge.cli import main  # noqa: E402
+from lmforge.evaluation import TaskError, check_tasks  # noqa: E402
+from tests.unit import evaltasks  # noqa: E402
+from tests.unit.test_evaluation_lm import hf_folder, tokenizer_file  # noqa: E402, F401
+
+ROWS = [{"prompt": "a b =", "completion": " b", "choices": [" a", " b"], "label": 1}] * 4
+
+
+def _refused(spec, match: str) -> str:
+    with pytest.raises(TaskError) as err:
+        check_tasks(spec)
+    text = str(err.value)
+    assert match in text, text
+    assert "\n" not in text
+    return text
+
+
+def test_good_task_files_pass_and_name_their_tasks(tmp_path):
+    data = evaltasks.write_rows(tmp_path / "rows.jsonl", ROWS)
+    files = [evaltasks.generative(tmp_path, "g", data), evaltasks.multiple_choice(tmp_path, "m", data)]
+    sources = check_tasks(",".join(map(str, files)))
+    assert [(s.name, s.file) for s in sources] == [("g", files[0]), ("m", files[1])]
+
+
+def test_bad_task_files_are_named_with_their_line(tmp_path):
+    data = evaltasks.write_rows(tmp_path / "rows.jsonl", ROWS)
+    good = evaltasks.generative(tmp_path, "g", data).read_text()
+    bad = tmp_path / "bad.yaml"
+
+    bad.write_text(good.replace("test_split: test", "test_split: [test"))
+    _refused(str(bad), f"{bad}:7: not valid YAML")
+    bad.write_text(good.replace("doc_to_text:", "doc_to_txt:"))
+    _refused(str(bad), f"{bad}:8: unknown key 'doc_to_txt'")
+    bad.write_text(good.replace("metric: bleu", "metric: bleuu"))
+    _refused(str(bad), f"{bad}:17: unknown metric 'bleuu'")
+    bad.write_text(good.replace("output_type: generate_until", "output_type: generate"))
+    _refused(str(bad), f"{bad}:7: output_type 'generate' is not one of")
+    bad.write_text(good.replace(str(data), str(tmp_path / "nope.jsonl")))
+    _refused(str(bad), f"{bad}:5: data file {tmp_path / 'nope.jsonl'} not found")
+    _refused(str(tmp_path / "missing.yaml"), "missing.yaml: task file not found")
+    _refused("", "no evaluation task given")
+
+    # Rows: not JSON, not an object, a field the templates read is missing.
+    rows = tmp_path / "rows2.jsonl"
+    bad.write_text(good.replace(str(data), str(rows)))
+    rows.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion"\n')
+    _refused(str(bad), f"{rows}:3: not a JSON line")
+    rows.write_text('{"prompt": "a", "completion": "b"}\n["a", "b"]\n')
+    _refused(str(bad), f"{rows}:2: a row must be a JSON object")
+    rows.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    _refused(str(bad), f"{rows}:2: doc_to_target of {bad} reads a field this row lacks")
+    mc = evaltasks.multiple_choice(tmp_path, "m", data)
+    mc.write_text(mc.read_text().replace("doc_to_target: label", "doc_to_target: lable"))
+    _refused(str(mc), f"{data}:1: doc_to_target of {mc} names the field 'lable'")
+    twice = evaltasks.generative(tmp_path, "g", data)
+    _refused(f"{twice},{twice}", "task 'g' is given twice")
+
+
+def test_cli_refuses_a_bad_task_before_reading_any_model(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: x\nmetric_list:\n  - metric: nope\n")
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "no-ckpt"), "--tasks", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (
+        f"lmforge evaluate: error: {bad}:3: unknown metric 'nope' (known: "
+        + err.split("(known: ", 1)[1]
+    )
+
+
+def test_cli_prints_one_table_and_logs_scores_on_each_version(
+    tmp_path, tokenizer_file, tracking_uri, capsys  # noqa: F811
+):
+    from mlflow import MlflowClient
+
+    from lmforge.import_hf import import_hf
+
+    uri = tracking_uri
+    for arch in ("gpt2", "llama"):
+        import_hf(hf_folder(tmp_path / arch, arch, tokenizer_file), "evalunit", tracking_uri=uri)
+    data = evaltasks.write_rows(tmp_path / "rows.jsonl", ROWS)
+    gen = evaltasks.generative(tmp_path, "g", data, max_gen=4)
+    mc = evaltasks.multiple_choice(tmp_path, "m", data)
+    args = ["evaluate", "--model", "models:/evalunit/1", "--model", "models:/evalunit/2",
+            "--tasks", f"{gen},{mc}", "--limit", "3", "--tracking-uri", uri]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = out.index(next(line for line in out if line.startswith("task")))
+    assert out[head].split() == ["task", "metric", "models:/evalunit/1", "models:/evalunit/2"]
+    body = {tuple(line.split()[:2]) for line in out[head + 2 : head + 8]}
+    assert body == {("g", "exact_match"), ("g", "bleu"), ("g", "chrf"), ("g", "rougeL"),
+                    ("m", "acc"), ("m", "acc_norm")}  # fmt: skip
+    assert out[-1] == "logged to models:/evalunit/1, models:/evalunit/2"
+    c = MlflowClient(uri)
+    for version in ("1", "2"):
+        v = c.get_model_version("evalunit", version)
+        assert 0.0 <= float(v.tags["eval.m.acc"]) <= 1.0 and "eval.g.bleu" in v.tags
+        history = c.get_metric_history(v.run_id, "eval/m/acc")
+        assert [(m.step, m.value) for m in history] == [(0, float(v.tags["eval.m.acc"]))]
+        raw = json.loads(
+            open(c.download_artifacts(v.run_id, v.tags["eval.results"], str(tmp_path))).read()
+        )
+        assert raw["results"]["m"]["acc,none"] == pytest.approx(float(v.tags["eval.m.acc"]))
+        assert raw["n-samples"]["m"]["effective"] == 3
+    # Evaluated again: the version's tags are the new values, its run's metric is not logged twice.
+    assert main(args[:3] + args[5:]) == 0
+    assert len(c.get_metric_history(c.get_model_version("evalunit", "1").run_id, "eval/m/acc")) == 1
