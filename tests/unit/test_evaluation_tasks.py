@@ -2,6 +2,7 @@
 its table (a column per model) and the scores it logs on a version."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,10 @@ def _refused(spec, match: str) -> str:
 
 def test_good_task_files_pass_and_name_their_tasks(tmp_path):
     data = evaltasks.write_rows(tmp_path / "rows.jsonl", ROWS)
-    files = [evaltasks.generative(tmp_path, "g", data), evaltasks.multiple_choice(tmp_path, "m", data)]
+    files = [
+        evaltasks.generative(tmp_path, "g", data),
+        evaltasks.multiple_choice(tmp_path, "m", data),
+    ]
     sources = check_tasks(",".join(map(str, files)))
     assert [(s.name, s.file) for s in sources] == [("g", files[0]), ("m", files[1])]
 
@@ -78,7 +82,10 @@ def test_cli_refuses_a_bad_task_before_reading_any_model(tmp_path, capsys):
 
 
 def test_cli_prints_one_table_and_logs_scores_on_each_version(
-    tmp_path, tokenizer_file, tracking_uri, capsys  # noqa: F811
+    tmp_path,
+    tokenizer_file,  # noqa: F811 - the fixture imported above
+    tracking_uri,
+    capsys,
 ):
     from mlflow import MlflowClient
 
@@ -106,9 +113,8 @@ def test_cli_prints_one_table_and_logs_scores_on_each_version(
         assert 0.0 <= float(v.tags["eval.m.acc"]) <= 1.0 and "eval.g.bleu" in v.tags
         history = c.get_metric_history(v.run_id, "eval/m/acc")
         assert [(m.step, m.value) for m in history] == [(0, float(v.tags["eval.m.acc"]))]
-        raw = json.loads(
-            open(c.download_artifacts(v.run_id, v.tags["eval.results"], str(tmp_path))).read()
-        )
+        results = c.download_artifacts(v.run_id, v.tags["eval.results"], str(tmp_path))
+        raw = json.loads(Path(results).read_text())
         assert raw["results"]["m"]["acc,none"] == pytest.approx(float(v.tags["eval.m.acc"]))
         assert raw["n-samples"]["m"]["effective"] == 3
     # Evaluated again: the version's tags are the new values, its run's metric is not logged twice.
