@@ -32,10 +32,12 @@ picked = st.multiselect(
     key="runs_pick",
 )
 st.session_state["runs_selected"] = picked
+with ui.guard("MLflow"):
+    eval_keys = browse.eval_curves(uri, picked)  # eval/<task>/<metric> at checkpoint steps
 keys = st.multiselect(
     "Metrics",
-    list(browse.CURVES),
-    default=["loss", "val_loss", "lr", "tokens_per_s"],
+    [*browse.CURVES, *eval_keys],
+    default=["loss", "val_loss", "lr", "tokens_per_s", *eval_keys[:4]],
     key="runs_keys",
 )
 if not picked:

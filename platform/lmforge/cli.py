@@ -190,12 +190,17 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow to resolve --model in (default: MLFLOW_TRACKING_URI, the "
                    "server of `lmforge tracking up`, else the SQLite store in LMFORGE_HOME)")  # fmt: skip
-    what = p.add_mutually_exclusive_group(required=True)
+    what = p.add_mutually_exclusive_group()
     what.add_argument("--tasks", metavar="FILE.yaml[,NAME...]",
                       help="lm-evaluation-harness tasks: task YAML files (local data_files) "
                       "or task names, comma-separated; each is checked before the model is read")  # fmt: skip
     what.add_argument("--data", metavar="DIR",
                       help="a dataset dir made by lmforge prepare (relative to LMFORGE_HOME or absolute)")  # fmt: skip
+    p.add_argument("--probes", metavar="FILE",
+                   help="(with or without --tasks) prompts, one a line or JSON lines with a "
+                   "`prompt`, answered greedily and by --probe-samples seeded samples; stored "
+                   "on each --model version as an MLflow table (the Models page shows them)")  # fmt: skip
+    p.add_argument("--probe-samples", type=int, default=2, metavar="N", help="(default 2)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="--tasks: at most N examples of each task (default: all)")  # fmt: skip
     p.add_argument("--num-fewshot", type=int, default=None, metavar="K",
@@ -540,8 +545,12 @@ def cmd_generate(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    if args.tasks:
+    if args.tasks or args.probes:
         return cmd_evaluate_tasks(args)
+    if not args.data:
+        from lmforge.errors import UsageError
+
+        raise UsageError("give --tasks (and/or --probes) or --data: what to evaluate on")
     if len(args.model or args.checkpoint) > 1:
         from lmforge.errors import UsageError
 
@@ -572,36 +581,60 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_evaluate_tasks(args) -> None:
-    """`evaluate --tasks`: every task checked first, then each model in turn, one table."""
+    """`evaluate --tasks/--probes`: the tasks and probes checked first, then each model in
+    turn; one table of scores, each --model version logged."""
     from lmforge import evaluation
     from lmforge.checkpoint import resolve_checkpoint
-    from lmforge.evaluation.harness import table
+    from lmforge.errors import UsageError
+    from lmforge.evaluation.harness import EvalResult, table
 
-    sources = evaluation.check_tasks(args.tasks)
+    sources = evaluation.check_tasks(args.tasks) if args.tasks else []
+    prompts = None
+    if args.probes:
+        from lmforge.evaluation.probes import read_probes
+
+        prompts = read_probes(args.probes)
     if args.limit is not None and args.limit < 1:
-        from lmforge.errors import UsageError
-
         raise UsageError(f"--limit must be >= 1 (got {args.limit})")
+
+    def run(ckpt: Path):
+        from lmforge.evaluation.harness import run_tasks
+        from lmforge.evaluation.lm import LmforgeLM
+
+        lm = LmforgeLM.from_checkpoint(ckpt, args.template, args.batch_size)
+        result = EvalResult([])
+        if sources:
+            result = run_tasks(lm, sources, args.limit, args.num_fewshot)
+        answers = None
+        if prompts:
+            from lmforge.evaluation.probes import answer
+
+            answers = answer(lm.model, lm.tok, lm.template, prompts, args.probe_samples)
+        return result, answers
+
     columns, logged = {}, []
     for uri in args.model or []:
+        from lmforge.evaluation import record
         from lmforge.tracking.registry import fetch_checkpoint, get_version
 
         version = get_version(uri, args.tracking_uri)  # a wrong URI: refused before any work
-        result = evaluation.evaluate(
-            fetch_checkpoint(uri, args.tracking_uri), sources, args.limit, args.num_fewshot,
-            args.template, args.batch_size,
-        )  # fmt: skip
-        from lmforge.evaluation import record
-
-        record.log_scores(version, result.scores, result.raw, args.tracking_uri)
+        result, answers = run(fetch_checkpoint(uri, args.tracking_uri))
+        if answers is not None:
+            record.log_probes(version, answers, args.tracking_uri)
+        if sources:
+            record.log_scores(version, result.scores, result.raw, args.tracking_uri)
         columns[uri] = result
         logged.append(f"models:/{version.name}/{version.version}")
     for path in args.checkpoint or []:
-        ckpt = resolve_checkpoint(path)
-        columns[path] = evaluation.evaluate(
-            ckpt, sources, args.limit, args.num_fewshot, args.template, args.batch_size
-        )
-    print(table(columns))
+        result, answers = run(resolve_checkpoint(path))
+        columns[path] = result
+        if answers is not None:  # no version to keep them on: printed
+            for prompt, kind, text in zip(
+                answers["prompt"], answers["kind"], answers["answer"], strict=True
+            ):
+                print(f"[{path}] {kind}: {prompt!r} -> {text!r}")
+    if sources:
+        print(table(columns))
     if logged:
         print(f"logged to {', '.join(logged)}")
 

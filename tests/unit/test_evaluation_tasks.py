@@ -86,6 +86,7 @@ def test_cli_prints_one_table_and_logs_scores_on_each_version(
     tokenizer_file,  # noqa: F811 - the fixture imported above
     tracking_uri,
     capsys,
+    monkeypatch,
 ):
     from mlflow import MlflowClient
 
@@ -97,8 +98,11 @@ def test_cli_prints_one_table_and_logs_scores_on_each_version(
     data = evaltasks.write_rows(tmp_path / "rows.jsonl", ROWS)
     gen = evaltasks.generative(tmp_path, "g", data, max_gen=4)
     mc = evaltasks.multiple_choice(tmp_path, "m", data)
+    probes = tmp_path / "probes.txt"
+    probes.write_text('to be or not\n{"prompt": "the question"}\n')
     args = ["evaluate", "--model", "models:/evalunit/1", "--model", "models:/evalunit/2",
-            "--tasks", f"{gen},{mc}", "--limit", "3", "--tracking-uri", uri]  # fmt: skip
+            "--tasks", f"{gen},{mc}", "--limit", "3", "--tracking-uri", uri,
+            "--probes", str(probes), "--probe-samples", "1"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
     head = out.index(next(line for line in out if line.startswith("task")))
@@ -118,5 +122,48 @@ def test_cli_prints_one_table_and_logs_scores_on_each_version(
         assert raw["results"]["m"]["acc,none"] == pytest.approx(float(v.tags["eval.m.acc"]))
         assert raw["n-samples"]["m"]["effective"] == 3
     # Evaluated again: the version's tags are the new values, its run's metric is not logged twice.
-    assert main(args[:3] + args[5:]) == 0
+    assert main(args[:3] + args[5:11]) == 0
     assert len(c.get_metric_history(c.get_model_version("evalunit", "1").run_id, "eval/m/acc")) == 1
+
+    # best follows the selected score (here the highest m/acc), whatever val_loss says.
+    from lmforge.evaluation import record
+    from lmforge.tracking import registry
+
+    c.set_model_version_tag("evalunit", "1", "val_loss", "1.0")  # best by val_loss: 1
+    c.set_model_version_tag("evalunit", "2", "val_loss", "2.0")
+    c.set_model_version_tag("evalunit", "1", "eval.m.acc", "0.25")
+    c.set_model_version_tag("evalunit", "2", "eval.m.acc", "0.75")
+    registry.update_aliases(c, "evalunit")
+    assert str(c.get_model_version_by_alias("evalunit", "best").version) == "1"
+    record.set_selection("evalunit", "m/acc", "max", uri)
+    registry.update_aliases(c, "evalunit")
+    assert str(c.get_model_version_by_alias("evalunit", "best").version) == "2"
+
+    # The Models page: a column per score, each version's probe answers, two side by side.
+    from streamlit.testing.v1 import AppTest
+
+    from tests.conftest import REPO
+    from tests.unit.test_dashboard_launch import by_label
+
+    monkeypatch.syspath_prepend(str(REPO / "dashboard"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("RAY_JOBS_ADDRESS", "http://127.0.0.1:9")
+    at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("pages/models.py")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    versions = at.dataframe[0].value
+    assert {"g/exact_match", "g/bleu", "m/acc", "m/acc_norm"} <= set(versions.columns)
+    assert list(versions["m/acc"]) == [0.75, 0.25]  # newest first
+    assert any("follows the highest m/acc" in x.value for x in at.caption)
+    answers = at.dataframe[1].value
+    assert list(answers["prompt"]) == ["to be or not"] * 2 + ["the question"] * 2
+    assert list(answers["kind"]) == ["greedy", "sample 1"] * 2
+    by_label(at.selectbox, "Side by side with").set_value(
+        1 if by_label(at.selectbox, "Answers of version").value == 2 else 2
+    )
+    at.run()
+    assert not at.exception, at.exception
+    both = at.dataframe[1].value
+    assert {"version 1", "version 2"} <= set(both.columns) and len(both) == 4
