@@ -167,3 +167,24 @@ def test_cli_prints_one_table_and_logs_scores_on_each_version(
     assert not at.exception, at.exception
     both = at.dataframe[1].value
     assert {"version 1", "version 2"} <= set(both.columns) and len(both) == 4
+
+    # A checkpoint's evaluation that fails leaves a warning on its version, and no scores;
+    # a checkpoint deleted before its turn is skipped.
+    from lmforge.evaluation.checkpoints import EvalSettings, evaluate_persisted
+    from lmforge.tracking.registry import fetch_checkpoint
+    from lmforge.tracking.tracker import RUN_DIR_TAG
+
+    ckpt = fetch_checkpoint("models:/evalunit/1", uri)
+    exp = c.get_experiment_by_name("evalunit").experiment_id
+    run = c.create_run(exp, tags={RUN_DIR_TAG: str(tmp_path / "runs" / "r")})
+    c.create_model_version("evalunit", str(ckpt), run_id=run.info.run_id, tags={"step": "0"})
+    s = EvalSettings(tasks=[str(gen)], tracking_uri=uri, experiment="evalunit",
+                     registered_model="evalunit", run_dir=str(tmp_path / "runs" / "r"),
+                     wait_version_s=5)  # fmt: skip
+    data.unlink()  # its data went away after the launch's check
+    assert evaluate_persisted(ckpt, s) == {}
+    warned = c.get_model_version("evalunit", "3").tags
+    assert warned["eval.warning"].startswith("evaluation of step 0 failed: ")
+    assert f"data file {data} not found" in warned["eval.warning"]
+    assert not any(k.startswith("eval.g.") for k in warned)
+    assert evaluate_persisted(tmp_path / "deleted", s) == {}

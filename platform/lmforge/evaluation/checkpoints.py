@@ -104,7 +104,7 @@ def evaluate_persisted(local: Path, s: EvalSettings) -> dict[str, float]:
     """Evaluate the checkpoint at `local` (see the module doc); its scores by MLflow key."""
     from lmforge import checkpoint as ckpt_io
 
-    if not local.is_dir() or not (local / ckpt_io.TRAINER_STATE).is_file():
+    if not local.is_dir() or not (local / ckpt_io.STATE).is_file():
         log.warning("evaluation: %s is gone (checkpoints_to_keep?); skipped", local)
         return {}
     step = ckpt_io.read_state(local).step
