@@ -227,7 +227,10 @@ class LocalValidator:
             for name in self._recorded():
                 if name not in self.seen:
                     self.seen.add(name)
-                    self.results[name] = evaluate_persisted(self.run_dir / name, self.s)
+                    try:
+                        self.results[name] = evaluate_persisted(self.run_dir / name, self.s)
+                    except Exception:  # a bug here must not end the run's other evaluations
+                        log.exception("evaluation of %s failed", name)
             if stopping:
                 return
             self._stop.wait(self.poll_s)
