@@ -100,7 +100,7 @@ def main() -> None:
         figure = Figure.ratio_of(
             "loglikelihood, batch 16", "tokens/s", got["lmforge"], got["hflm"],
             "lm-eval HFLM (same weights, same requests)", target=1.0,
-            note=f"max |logp difference| {diff:.2e} on the first 16 requests",
+            note=f"max abs logp difference {diff:.2e} on the first 16 requests",
         )  # fmt: skip
         report("eval", [figure], {"requests": len(reqs), "tokens": tokens, "tiny": args.tiny,
                                   "model": "gpt2 2x64" if args.tiny else "gpt2 6x384",
