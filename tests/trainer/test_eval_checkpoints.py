@@ -24,7 +24,7 @@ from tests.unit import evaltasks
 
 MODEL = "it-eval-copy"
 REPEAT = 4  # the answer is the last word 4 times: long enough for BLEU's 4-grams
-STEPS, EVERY = 150, 50
+STEPS, EVERY = 90, 30
 
 
 def task_files(d):
@@ -66,7 +66,7 @@ def _versions():
 def test_every_checkpoint_version_carries_its_scores_and_best_follows_the_task(run):
     cfg, result, _, _ = run
     c, versions = _versions()
-    assert [int(v.tags["step"]) for v in versions] == [50, 100, 150]
+    assert [int(v.tags["step"]) for v in versions] == [EVERY, 2 * EVERY, STEPS]
     for v in versions:
         assert "eval.warning" not in v.tags, v.tags["eval.warning"]
         for key in ("eval.copy.exact_match", "eval.copy.bleu", "eval.copy_mc.acc"):

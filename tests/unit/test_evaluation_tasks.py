@@ -188,3 +188,31 @@ def test_cli_prints_one_table_and_logs_scores_on_each_version(
     assert f"data file {data} not found" in warned["eval.warning"]
     assert not any(k.startswith("eval.g.") for k in warned)
     assert evaluate_persisted(tmp_path / "deleted", s) == {}
+
+
+def test_eval_settings_check_tasks_probes_and_select_before_a_run(tmp_path):
+    from lmforge.config import config_from_dict
+    from lmforge.errors import LmforgeError
+    from lmforge.evaluation.checkpoints import settings_of
+    from lmforge.evaluation.probes import ProbeError
+
+    data = evaltasks.write_rows(tmp_path / "rows.jsonl", ROWS)
+    gen = evaltasks.generative(tmp_path, "g", data)
+    probes = tmp_path / "probes.txt"
+    probes.write_text('one\n\n{"prompt": "two"}\n')
+
+    def settings(**e):
+        return settings_of(config_from_dict({"eval": e}))
+
+    assert settings() is None  # nothing asked: no evaluation
+    s = settings(tasks=[str(gen)], select="g/exact_match", probes=str(probes))
+    assert (s.select, s.select_mode, s.probes) == ("g/exact_match", "max", ["one", "two"])
+    assert settings(tasks=[str(gen)]).select_mode == "min"  # val_loss
+    assert settings(tasks=[str(gen)], select="g/bleu", select_mode="min").select_mode == "min"
+    with pytest.raises(
+        LmforgeError, match="eval.select='h/acc': task 'h' is not one of eval.tasks"
+    ):
+        settings(tasks=[str(gen)], select="h/acc")
+    probes.write_text('{"prompt": ""}\n')
+    with pytest.raises(ProbeError, match=f"{probes}:1: a JSON probe needs"):
+        settings(probes=str(probes))
