@@ -17,8 +17,9 @@ evaluates each new checkpoint in a thread. Both call `evaluate_persisted`:
    the metrics `eval/<task>/<metric>` at the checkpoint's step; `best` follows
    `eval.select`;
 3. an evaluation that fails leaves `eval.warning` on the version and returns no scores:
-   training goes on. A checkpoint deleted before its turn (`run.checkpoints_to_keep`) is
-   skipped with a log line, never a failure.
+   training goes on. Ray keeps a checkpoint until its validation is done, and only then
+   deletes it under `run.checkpoints_to_keep`; a local run deletes it when the next is
+   recorded, so one gone before its turn is skipped with a log line, never a failure.
 """
 
 from __future__ import annotations
