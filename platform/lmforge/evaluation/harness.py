@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,11 @@ def run_tasks(
     template when `lm` has one; the harness's own evaluator does the rest."""
     import lm_eval
 
+    # The harness bootstraps stderrs in a fork()ed multiprocessing pool unless told not to;
+    # a fork of a threaded process (a Ray worker, a local run's driver with its evaluation
+    # thread) can deadlock in the child, as it did here in a Ray validation task. Its own
+    # single-process loop instead.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     names = [s.name for s in sources]
     t0 = time.perf_counter()
     log.info("evaluating %s on %s%s", lm.name, ", ".join(names),
