@@ -34,5 +34,5 @@ def test_checkpoints_are_validated_by_ray_train_beside_training(
     assert all("eval.romeo.chrf" in v.tags and "eval.warning" not in v.tags for v in versions)
     curve = {m.step: m.value for m in c.get_metric_history(result.mlflow_run_id, "eval/romeo/chrf")}
     assert curve == {int(v.tags["step"]): float(v.tags["eval.romeo.chrf"]) for v in versions}
-    kept = sorted(p.name for p in result.run_dir.glob("checkpoint_*"))
+    kept = sorted(p.name for p in result.run_dir.glob("checkpoint_*") if p.is_dir())
     assert kept == ["checkpoint_00000012"], kept  # the others deleted once validated
