@@ -46,6 +46,7 @@ SECTIONS = {
     "prepare": ("prepare", []),
     "generate": ("generate", []),
     "generate-llama": ("generate", ["--arch", "llama"]),
+    "eval": ("eval", []),
     "checkpoint": ("checkpoint", []),
     "jobstart": ("jobstart", []),
     # How cost grows (bench_growth.py): each writes a PNG under bench/plots/, linked here.

@@ -28,17 +28,21 @@ WORDS = ["red", "blue", "green", "gold", "pink", "grey", "cyan", "teal", "lime",
          "kiwi", "pear", "date", "sky", "sea", "sun", "moon", "star", "rain", "snow", "wind"]  # fmt: skip
 
 
-def copy_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """{"prompt": "w1 w2 ... wk =", "completion": " wk"} rows of 3-8 words from `WORDS`."""
+def copy_rows(n: int, seed: int, repeat: int = 1) -> list[dict[str, str]]:
+    """{"prompt": "w1 w2 ... wk =", "completion": " wk"} rows of 3-8 words from `WORDS`
+    (`repeat`: the last word that many times, " wk wk wk wk": an answer long enough for
+    BLEU's 4-grams)."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):
         words = [WORDS[i] for i in rng.integers(0, len(WORDS), int(rng.integers(3, 9)))]
-        rows.append({"prompt": " ".join(words) + " =", "completion": " " + words[-1]})
+        rows.append({"prompt": " ".join(words) + " =", "completion": f" {words[-1]}" * repeat})
     return rows
 
 
-def copy_datasets(root: Path, n: int = 2000, seed: int = 0) -> tuple[Dataset, Dataset]:
+def copy_datasets(
+    root: Path, n: int = 2000, seed: int = 0, repeat: int = 1
+) -> tuple[Dataset, Dataset]:
     """(sft, text) under `root`: `n` copy rows as `lmforge prepare --format sft --template
     plain --vocab-size 512 --seq-tokens 32 --val-fraction 0.1 --rows-per-group 16` makes
     them (the same reading, tokenizer training, encoding and writing; the rows encoded in
@@ -47,7 +51,7 @@ def copy_datasets(root: Path, n: int = 2000, seed: int = 0) -> tuple[Dataset, Da
     dataset's tokenizer, 64-token rows)."""
     root.mkdir(parents=True, exist_ok=True)
     rows_file = root / "copy.jsonl"
-    rows_file.write_text("".join(json.dumps(r) + "\n" for r in copy_rows(n, seed)))
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in copy_rows(n, seed, repeat)))
     opts = PrepareOptions(format="sft", template="plain", vocab_size=512, seq_tokens=32,
                           val_fraction=0.1, rows_per_group=16)  # fmt: skip
     rows = [messages for _, messages in sft.read_rows(rows_file)]

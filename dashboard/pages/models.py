@@ -1,5 +1,6 @@
-"""Models: registered models and their versions (architecture, where each came from);
-aliases; generate, fine-tune or resume; import a Hugging Face folder from the data roots."""
+"""Models: registered models and their versions (architecture, where each came from, a
+column per evaluation score); aliases; the probes' answers of a version, or of two side by
+side; generate, fine-tune or resume; import a Hugging Face folder from the data roots."""
 
 import pandas as pd
 import streamlit as st
@@ -47,6 +48,7 @@ if not versions:
     st.stop()
 
 newest = versions[0].version
+score_keys = sorted({k for v in versions for k in v.scores})  # a column each, sortable
 st.dataframe(
     pd.DataFrame(
         [
@@ -57,16 +59,26 @@ st.dataframe(
                 "source": v.origin,
                 "step": v.step,
                 "val_loss": v.val_loss,
+                **{k: v.scores.get(k) for k in score_keys},
                 "tokens_seen": v.tokens_seen,
                 "registered": ui.when(v.created),
+                **(
+                    {"eval warning": v.eval_warning}
+                    if any(x.eval_warning for x in versions)
+                    else {}
+                ),
             }
             for v in versions
         ]
     ),
     hide_index=True,
 )
+with ui.guard("MLflow"):
+    best_by = browse.best_by(uri, name)
 st.caption(
-    "`latest` is always the newest version (MLflow reserves that alias); `best` follows the lowest val loss."
+    "`latest` is always the newest version (MLflow reserves that alias); `best` follows "
+    f"{best_by}. Evaluation scores (task/metric) come from `eval.tasks` on every checkpoint "
+    "or `lmforge evaluate --tasks`; click a column to sort."
 )
 
 numbers = [v.version for v in versions]
@@ -93,3 +105,20 @@ with c2:
     if b3.button("Resume its run", key="models_resume"):
         st.session_state["launch_from"] = ("resume", uri_of)
         st.switch_page("pages/launch.py")
+
+probed = [v for v in versions if v.probes]
+if probed:
+    st.subheader("Probe answers")
+    by_number = {v.version: v for v in probed}
+    p1, p2 = st.columns(2)
+    a = p1.selectbox("Answers of version", list(by_number), key="probes_a")
+    others = ["(none)", *[n for n in by_number if n != a]]
+    b = p2.selectbox("Side by side with", others, key="probes_b")
+    with ui.guard("Probe answers"):
+        rows_a = browse.probe_answers(uri, by_number[a])
+        if b == "(none)":
+            table = rows_a
+        else:
+            rows_b = browse.probe_answers(uri, by_number[b])
+            table = browse.compare_probes(rows_a, rows_b, f"version {a}", f"version {b}")
+    st.dataframe(pd.DataFrame(table), hide_index=True, key="probes_table")

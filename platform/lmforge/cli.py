@@ -6,6 +6,7 @@
     lmforge submit --config jobs/configs/tiny.yaml   # the same, as a Ray job (Jobs API)
     lmforge generate --model models:/lmforge@best --prompt "ROMEO:"
     lmforge evaluate --model models:/lmforge@best --data datasets/shakespeare
+    lmforge evaluate --model models:/lmforge@best --tasks tasks/copy.yaml,hellaswag --limit 100
     lmforge export-hf --model models:/lmforge@best --output ./gpt2-hf
     lmforge import-hf --input ./gpt2-hf --model gpt2   # a transformers folder -> models:/gpt2/1
     lmforge tracking up
@@ -169,19 +170,49 @@ def _add_generate(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="loss and perplexity of a model on a dataset's val split",
-        description="Evaluate on the val split of a prepared dataset (same tokenizer as the "
-        "model); with --model, the figures are also logged to the MLflow run of that version. "
-        "On SFT data (prepare --format sft): the loss over completion tokens only and the "
-        "exact-match accuracy of greedy answers.",
+        help="score a model: evaluation tasks (lm-evaluation-harness), or loss on a dataset",
+        description="--tasks: run lm-evaluation-harness tasks (task YAML files, or the "
+        "harness's task names where their data is reachable) on each --model / --checkpoint "
+        "and print one table (task, metric, value ± stderr; a column per model); each "
+        "--model version gets the scores as tags eval.<task>.<metric>, its run the metrics "
+        "eval/<task>/<metric> at its step and the harness's results JSON. "
+        "--data: loss and perplexity on the val split of a prepared dataset (same tokenizer "
+        "as the model), logged to the version's run; on SFT data (prepare --format sft) the "
+        "loss over completion tokens only and the exact-match accuracy of greedy answers.",
     )
-    _add_model_source(p)
-    p.add_argument("--data", required=True, metavar="DIR",
-                   help="a dataset dir made by lmforge prepare (relative to LMFORGE_HOME or absolute)")  # fmt: skip
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="URI", action="append",
+                     help="a registered version: models:/NAME@ALIAS (latest, best) or "
+                     "models:/NAME/VERSION; repeat it (with --tasks) to compare versions")  # fmt: skip
+    src.add_argument("--checkpoint", metavar="DIR", action="append",
+                     help="a checkpoint dir, or a run dir (its latest checkpoint); "
+                     "local or s3://bucket/prefix; repeatable with --tasks")  # fmt: skip
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow to resolve --model in (default: MLFLOW_TRACKING_URI, the "
+                   "server of `lmforge tracking up`, else the SQLite store in LMFORGE_HOME)")  # fmt: skip
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--tasks", metavar="FILE.yaml[,NAME...]",
+                      help="lm-evaluation-harness tasks: task YAML files (local data_files) "
+                      "or task names, comma-separated; each is checked before the model is read")  # fmt: skip
+    what.add_argument("--data", metavar="DIR",
+                      help="a dataset dir made by lmforge prepare (relative to LMFORGE_HOME or absolute)")  # fmt: skip
+    p.add_argument("--probes", metavar="FILE",
+                   help="(with or without --tasks) prompts, one a line or JSON lines with a "
+                   "`prompt`, answered greedily and by --probe-samples seeded samples; stored "
+                   "on each --model version as an MLflow table (the Models page shows them)")  # fmt: skip
+    p.add_argument("--probe-samples", type=int, default=2, metavar="N", help="(default 2)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="--tasks: at most N examples of each task (default: all)")  # fmt: skip
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                   help="--tasks: K worked examples before each question (default: the task's)")  # fmt: skip
+    p.add_argument("--template", default="own", metavar="own|none|NAME",
+                   help="--tasks: how prompts are given to the model, as `generate`: own "
+                   "(default) its trained template (raw text without one), none, or a built-in "
+                   "template's name")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="(default 8)")
     p.add_argument("--max-batches", type=int, default=None, metavar="N",
-                   help="stop after N batches (default: the whole val split; SFT data: the "
-                   "first N * batch-size examples)")  # fmt: skip
+                   help="--data: stop after N batches (default: the whole val split; SFT data: "
+                   "the first N * batch-size examples)")  # fmt: skip
 
 
 def _add_export_hf(sub) -> None:
@@ -514,6 +545,18 @@ def cmd_generate(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    if args.tasks or args.probes:
+        return cmd_evaluate_tasks(args)
+    if not args.data:
+        from lmforge.errors import UsageError
+
+        raise UsageError("give --tasks (and/or --probes) or --data: what to evaluate on")
+    if len(args.model or args.checkpoint) > 1:
+        from lmforge.errors import UsageError
+
+        raise UsageError("--data evaluates one model: give one --model or --checkpoint")
+    args.model = args.model[0] if args.model else None
+    args.checkpoint = args.checkpoint[0] if args.checkpoint else None
     from lmforge.evaluate import evaluate_checkpoint, log_sft_figures
 
     m = evaluate_checkpoint(_checkpoint_of(args), args.data, args.batch_size, args.max_batches)
@@ -535,6 +578,65 @@ def cmd_evaluate(args) -> None:
         if sft:
             log_sft_figures(args.model, args.tracking_uri, m)
         print(f"logged to MLflow run {run_id}")
+
+
+def cmd_evaluate_tasks(args) -> None:
+    """`evaluate --tasks/--probes`: the tasks and probes checked first, then each model in
+    turn; one table of scores, each --model version logged."""
+    from lmforge import evaluation
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.errors import UsageError
+    from lmforge.evaluation.harness import EvalResult, table
+
+    sources = evaluation.check_tasks(args.tasks) if args.tasks else []
+    prompts = None
+    if args.probes:
+        from lmforge.evaluation.probes import read_probes
+
+        prompts = read_probes(args.probes)
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1 (got {args.limit})")
+
+    def run(ckpt: Path):
+        from lmforge.evaluation.harness import run_tasks
+        from lmforge.evaluation.lm import LmforgeLM
+
+        lm = LmforgeLM.from_checkpoint(ckpt, args.template, args.batch_size)
+        result = EvalResult([])
+        if sources:
+            result = run_tasks(lm, sources, args.limit, args.num_fewshot)
+        answers = None
+        if prompts:
+            from lmforge.evaluation.probes import answer
+
+            answers = answer(lm.model, lm.tok, lm.template, prompts, args.probe_samples)
+        return result, answers
+
+    columns, logged = {}, []
+    for uri in args.model or []:
+        from lmforge.evaluation import record
+        from lmforge.tracking.registry import fetch_checkpoint, get_version
+
+        version = get_version(uri, args.tracking_uri)  # a wrong URI: refused before any work
+        result, answers = run(fetch_checkpoint(uri, args.tracking_uri))
+        if answers is not None:
+            record.log_probes(version, answers, args.tracking_uri)
+        if sources:
+            record.log_scores(version, result.scores, result.raw, args.tracking_uri)
+        columns[uri] = result
+        logged.append(f"models:/{version.name}/{version.version}")
+    for path in args.checkpoint or []:
+        result, answers = run(resolve_checkpoint(path))
+        columns[path] = result
+        if answers is not None:  # no version to keep them on: printed
+            for prompt, kind, text in zip(
+                answers["prompt"], answers["kind"], answers["answer"], strict=True
+            ):
+                print(f"[{path}] {kind}: {prompt!r} -> {text!r}")
+    if sources:
+        print(table(columns))
+    if logged:
+        print(f"logged to {', '.join(logged)}")
 
 
 def cmd_export_hf(args) -> None:

@@ -422,6 +422,55 @@ class TrackingConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    """Evaluation of every checkpoint, beside training (issue 26): Ray Train's checkpoint
+    validation runs these on each persisted checkpoint and logs the scores on its version."""
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks run on every checkpoint: task YAML files "
+        "(local data_files) or the harness's task names; checked before training starts.",
+    )
+    limit: int | None = Field(None, ge=1, description="At most N examples of each task.")
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Worked examples before each question (default: the task's)."
+    )
+    template: str = Field(
+        "own",
+        description="How prompts are given to the model: own (the template the run trains "
+        "with, raw text without one), none, or a built-in template's name.",
+    )
+    select: str = Field(
+        "val_loss",
+        pattern=r"^(val_loss|[A-Za-z0-9_.-]+/[A-Za-z0-9_.+-]+)$",
+        description="What the registry's `best` alias follows: val_loss, or a score "
+        "<task>/<metric> of eval.tasks (e.g. copy/exact_match).",
+    )
+    select_mode: Literal["min", "max"] | None = Field(
+        None,
+        description="Whether the lowest or the highest eval.select wins; default: min for "
+        "val_loss, else the harness's direction of that metric.",
+    )
+    probes: str | None = Field(
+        None,
+        description="A file of prompts (one a line, or JSON lines with a `prompt`) answered "
+        "on every checkpoint, greedily and by eval.probe_samples seeded samples; stored on "
+        "the version as an MLflow table.",
+    )
+    probe_samples: int = Field(2, ge=0, le=16, description="Sampled answers per probe.")
+    probe_max_new_tokens: int = Field(32, ge=1, le=1024, description="Tokens per answer.")
+    cpus: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves for each checkpoint's evaluation task."
+    )
+    max_retries: int = Field(
+        2, ge=0, description="Times a killed evaluation task is retried (Ray's task retries)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks or self.probes)
+
+
 class Config(_Section):
     # The `Settings` of model.arch (`lmforge.models`), dumped with its own keys; built when
     # first needed, as that imports the architecture's file (and torch).
@@ -433,6 +482,7 @@ class Config(_Section):
     run: RunConfig = RunConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

@@ -58,6 +58,11 @@ class VersionRow:
     source: str | None = None  # the Hugging Face folder an imported version came from
     parent: str | None = None  # the version (or checkpoint) a fine-tune started from
     n_params: int | None = None
+    # Evaluation (lmforge.evaluation): scores by "<task>/<metric>", the probes table's
+    # artifact, a failed evaluation's warning.
+    scores: dict[str, float] = field(default_factory=dict)
+    probes: str | None = None
+    eval_warning: str | None = None
 
     @property
     def uri(self) -> str:
@@ -251,9 +256,76 @@ def versions(uri: str | None, name: str) -> list[VersionRow]:
                 source=t.get("source"),
                 parent=t.get("parent"),
                 n_params=_num(t.get("n_params"), int),
+                scores=scores_of_tags(t),
+                probes=t.get("eval.probes"),
+                eval_warning=t.get("eval.warning"),
             )
         )
     return sorted(rows, key=lambda r: r.version, reverse=True)
+
+
+EVAL_NOT_SCORES = {"eval.results", "eval.probes", "eval.warning"}
+
+
+def scores_of_tags(tags: dict[str, str]) -> dict[str, float]:
+    """A version's evaluation scores, `eval.<task>.<metric>` tags as {"<task>/<metric>": value}."""
+    out = {}
+    for key, value in tags.items():
+        if not key.startswith("eval.") or key in EVAL_NOT_SCORES:
+            continue
+        task, _, metric = key.removeprefix("eval.").partition(".")
+        number = _num(value, float)
+        if metric and number is not None:
+            out[f"{task}/{metric}"] = number
+    return out
+
+
+def best_by(uri: str | None, name: str) -> str:
+    """What the `best` alias of `name` follows, in words."""
+    from lmforge.tracking.registry import best_by as selection
+
+    tag, mode = selection(_client(uri), name)
+    what = "val loss" if tag == "val_loss" else tag.removeprefix("eval.").replace(".", "/", 1)
+    return f"the {'lowest' if mode == 'min' else 'highest'} {what}"
+
+
+def eval_curves(uri: str | None, run_ids: list[str]) -> list[str]:
+    """The evaluation metrics (`eval/<task>/<metric>`) any of these runs has, sorted."""
+    c = _client(uri)
+    keys: set[str] = set()
+    for run_id in run_ids:
+        run = _guard(f"run {run_id}", c.get_run, run_id)
+        keys |= {k for k in run.data.metrics if k.startswith("eval/")}
+    return sorted(keys)
+
+
+def probe_answers(uri: str | None, row: VersionRow) -> list[dict[str, str]]:
+    """The version's probes table (prompt, kind, answer, seed): [] when it has none."""
+    import json
+
+    import mlflow.artifacts
+
+    if not row.probes:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _guard(
+            f"probes of {row.uri}", mlflow.artifacts.download_artifacts, run_id=row.run_id,
+            artifact_path=row.probes, dst_path=tmp, tracking_uri=store.resolve_uri(uri),
+        )  # fmt: skip
+        table = json.loads(Path(path).read_text())
+    return [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+
+
+def compare_probes(a: list[dict], b: list[dict], label_a: str, label_b: str) -> list[dict]:
+    """Two versions' answers to the same probes side by side, one row per (prompt, kind)."""
+    theirs = {(r["prompt"], r["kind"]): r["answer"] for r in b}
+    rows = [
+        {"prompt": r["prompt"], "kind": r["kind"], label_a: r["answer"],
+         label_b: theirs.pop((r["prompt"], r["kind"]), "")}
+        for r in a
+    ]  # fmt: skip
+    rows += [{"prompt": p, "kind": k, label_a: "", label_b: ans} for (p, k), ans in theirs.items()]
+    return rows
 
 
 def _run_param(c, run_id: str, key: str) -> str | None:

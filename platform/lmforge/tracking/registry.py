@@ -250,20 +250,52 @@ def _quiet_prints():
         stream.muted.on = False
 
 
+SELECT_TAG = "lmforge.best_by"  # on a registered model: "<version tag>:min|max"
+
+
+def selection_tag(select: str | None) -> str:
+    """The version tag `best` follows for an `eval.select` value: `val_loss` (or None) as
+    is, an evaluation score `<task>/<metric>` as its tag `eval.<task>.<metric>`."""
+    if not select or select == "val_loss":
+        return "val_loss"
+    task, _, metric = select.partition("/")
+    return f"eval.{task}.{metric}"
+
+
+def best_by(client, model_name: str) -> tuple[str, str]:
+    """(version tag, "min" | "max") that `best` follows: the registered model's
+    `lmforge.best_by` tag (`eval.select` of its runs), else the lowest val_loss."""
+    try:
+        tags = client.get_registered_model(model_name).tags or {}
+    except Exception:  # noqa: BLE001 - a model not created yet: the default
+        tags = {}
+    tag, _, mode = tags.get(SELECT_TAG, "val_loss:min").rpartition(":")
+    return (tag, mode) if mode in ("min", "max") else ("val_loss", "min")
+
+
 def update_aliases(client, model_name: str) -> None:
-    """`best` -> the version with the lowest val_loss tag (ties: the newer).
+    """`best` -> the version with the best value of the tag `best_by` names (by default the
+    lowest val_loss; ties: the newer). While no version carries that tag yet (its
+    evaluation has not finished), the lowest val_loss.
 
     `latest` needs no alias: MLflow reserves that name and resolves `models:/NAME/latest`
     to the newest version itself; lmforge reads `models:/NAME@latest` the same way.
     """
-    best, best_loss = None, math.inf
-    for v in client.search_model_versions(f"name='{model_name}'"):
+    versions = client.search_model_versions(f"name='{model_name}'")
+    tag, mode = best_by(client, model_name)
+    if not any(tag in v.tags for v in versions):
+        tag, mode = "val_loss", "min"
+    sign = 1.0 if mode == "min" else -1.0
+    best, best_value = None, math.inf
+    for v in versions:
         try:
-            loss = float(v.tags.get("val_loss", "nan"))
+            value = sign * float(v.tags.get(tag, "nan"))
         except ValueError:
             continue
-        if loss < best_loss or (loss == best_loss and int(v.version) > int(best or 0)):
-            best, best_loss = v.version, loss
+        if math.isnan(value):
+            continue
+        if value < best_value or (value == best_value and int(v.version) > int(best or 0)):
+            best, best_value = v.version, value
     if best is not None:
         client.set_registered_model_alias(model_name, "best", best)
 

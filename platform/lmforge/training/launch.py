@@ -44,13 +44,23 @@ def run_training(
     """Plan, connect to Ray (`local`: no Ray, local processes), train; returns where the
     checkpoints are."""
     plan = build_plan(cfg, resume, init_from)
+    evals = eval_settings(plan)  # task files and probes checked before anything starts
     if local:
         from lmforge.training import local_session
 
         local_session.check(plan.config)
         stage_init(plan)
         log.info("run %s on local processes; checkpoints under %s", plan.run_dir.name, plan.run_dir)
-        reports = local_session.run(worker_plan(plan))
+        validator = None
+        if evals is not None:  # what Ray Train's checkpoint validation does on Ray
+            from lmforge.evaluation.checkpoints import LocalValidator
+
+            validator = LocalValidator(plan.run_dir, evals)
+        try:
+            reports = local_session.run(worker_plan(plan))
+        finally:
+            if validator is not None:
+                validator.close()
         guard.raise_if_stopped(plan.run_dir)  # the run's guard stopped it: say why, non-zero
         return result_of(plan, reports[-1] if reports else {}, reports)
     stage_init(plan)
@@ -70,9 +80,25 @@ def run_training(
     log.info("run %s on %s; checkpoints under %s", plan.run_dir.name, where, plan.run_dir)
     if plan.config.scaling.elastic:
         log.info(elastic_note(plan.config))
-    metrics = trainer(plan).fit().metrics or {}
+    metrics = trainer(plan, evals).fit().metrics or {}
     guard.raise_if_stopped(plan.run_dir)
     return result_of(plan, metrics)
+
+
+def eval_settings(plan: LaunchPlan):
+    """The run's checkpoint evaluation (`eval.*`: `lmforge.evaluation.checkpoints`), every
+    task file and the probes checked now; None when the config asks for none."""
+    if not plan.config.eval.enabled:
+        return None
+    from lmforge.evaluation.checkpoints import settings_of
+    from lmforge.tracking import run_setup
+
+    tracking = None
+    if plan.tags is not None:
+        tracking = run_setup.settings(plan.config, plan.dataset, plan.run_dir, plan.tags)
+        if tracking is not None:
+            tracking = dataclasses.replace(tracking, uri=store.resolve_uri(tracking.uri))
+    return settings_of(plan.config, tracking)
 
 
 def result_of(
@@ -198,8 +224,10 @@ def train_loop(config: dict[str, WorkerPlan]) -> None:
     run(config["plan"])
 
 
-def trainer(plan: LaunchPlan):
-    """The Ray Train `TorchTrainer` of a plan (Ray must be connected)."""
+def trainer(plan: LaunchPlan, evals=None):
+    """The Ray Train `TorchTrainer` of a plan (Ray must be connected); `evals`: the
+    checkpoint evaluation, as Ray Train's checkpoint validation (a Ray task per checkpoint,
+    beside the workers: `lmforge.evaluation.checkpoints`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -233,4 +261,13 @@ def trainer(plan: LaunchPlan):
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        validation_config=_validation_config(cfg, evals),
     )
+
+
+def _validation_config(cfg: Config, evals):
+    if evals is None:
+        return None
+    from lmforge.evaluation.checkpoints import validation_config
+
+    return validation_config(evals, cfg.eval.cpus, cfg.eval.max_retries)

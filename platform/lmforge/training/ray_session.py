@@ -19,10 +19,13 @@ from lmforge.training.session import ResumePoint, WorkerPlan
 
 
 class RaySession:
-    def __init__(self, run_dir: str, use_gpu: bool) -> None:
+    def __init__(self, run_dir: str, use_gpu: bool, validate: bool = False) -> None:
         raycompat.check_version()
         raycompat.quiet_train_reports()
         self.run_dir = run_dir
+        # Each checkpoint is evaluated by Ray Train's checkpoint validation (the launcher's
+        # `validation_config`, `eval.*`): a Ray task beside the workers, not in them.
+        self.validate = validate
         device = None
         if use_gpu:
             # Ray shares the node's GPUs among its workers through CUDA_VISIBLE_DEVICES; which
@@ -51,7 +54,7 @@ class RaySession:
             return
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
-            checkpoint_dir_name=checkpoint.name,
+            checkpoint_dir_name=checkpoint.name, validation=self.validate,
         )  # fmt: skip
 
     def node(self) -> dict[str, str]:
@@ -65,7 +68,9 @@ class RaySession:
 
 def train_loop(plan: WorkerPlan) -> None:
     """A Ray Train worker's run (`launch.train_loop` hands it the launcher's plan)."""
-    session = RaySession(plan.run_dir, plan.config.scaling.use_gpu)  # before DeepSpeed loads
+    session = RaySession(
+        plan.run_dir, plan.config.scaling.use_gpu, plan.config.eval.enabled
+    )  # before DeepSpeed loads
     from lmforge.training.loop import run_worker
 
     run_worker(plan, session)

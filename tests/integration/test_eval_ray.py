@@ -1,0 +1,38 @@
+"""Evaluation of every checkpoint as Ray Train's checkpoint validation (issue 26), on the
+session's Ray cluster: a tiny run with `eval.tasks` and `run.checkpoints_to_keep=1` (Ray
+deletes each checkpoint once the next is reported, maybe before its evaluation's turn)
+succeeds; every checkpoint evaluated in time has its scores on its version and on the run
+at its step; a deleted one is skipped, never a failure; Ray Train keeps the scores with the
+checkpoint it returns."""
+
+from __future__ import annotations
+
+from lmforge.tracking import store
+from lmforge.training.launch import run_training
+from tests.trainer.conftest import tiny_config
+from tests.unit import evaltasks
+
+MODEL = "it-eval-ray"
+
+
+def test_checkpoints_are_validated_by_ray_train_beside_training(
+    ray_cluster, dataset, tmp_path, plain_main
+):
+    rows = [{"prompt": "ROMEO:", "completion": " Is the day so young?"}] * 6
+    data = evaltasks.write_rows(tmp_path / "rows.jsonl", rows)
+    task = evaltasks.generative(tmp_path, "romeo", data, max_gen=6, metrics=("exact_match", "chrf"))
+    cfg = tiny_config(
+        dataset, "eval-ray", "train.max_steps=12", "train.checkpoint_every=4",
+        "train.eval_every=4", "run.checkpoints_to_keep=1", "tracking.experiment=it-eval-ray",
+        f"tracking.registered_model={MODEL}", f"eval.tasks=[{task}]", "eval.limit=3",
+        "eval.cpus=0.5",
+    )  # fmt: skip
+    result = run_training(cfg)
+    c = store.client(store.resolve_uri())
+    versions = sorted(c.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
+    assert [int(v.tags["step"]) for v in versions] == [4, 8, 12]
+    assert all("eval.romeo.chrf" in v.tags and "eval.warning" not in v.tags for v in versions)
+    curve = {m.step: m.value for m in c.get_metric_history(result.mlflow_run_id, "eval/romeo/chrf")}
+    assert curve == {int(v.tags["step"]): float(v.tags["eval.romeo.chrf"]) for v in versions}
+    kept = sorted(p.name for p in result.run_dir.glob("checkpoint_*") if p.is_dir())
+    assert kept == ["checkpoint_00000012"], kept  # the others deleted once validated
