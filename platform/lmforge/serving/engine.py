@@ -34,7 +34,7 @@ import torch
 
 from lmforge import models
 from lmforge.generation import Piece, PieceMaker, SamplingParams, sample_step, stream_samples
-from lmforge.models.attention import KVCache, SlotCache
+from lmforge.models.attention import SlotCache
 
 log = logging.getLogger(__name__)
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
