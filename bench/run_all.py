@@ -45,6 +45,7 @@ SECTIONS = {
     "prepare": ("prepare", []),
     "generate": ("generate", []),
     "generate-llama": ("generate", ["--arch", "llama"]),
+    "serve": ("serve", []),
     "checkpoint": ("checkpoint", []),
     "jobstart": ("jobstart", []),
     # How cost grows (bench_growth.py): each writes a PNG under bench/plots/, linked here.

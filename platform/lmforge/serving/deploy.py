@@ -113,16 +113,17 @@ def up(
             f"--host {host} is not a loopback address: set {KEY_ENV} (or run `lmforge serve "
             "up` on 127.0.0.1 once to generate a key) before exposing the endpoint"
         )
-    previous = running_record()
+    tracking_uri = store.resolve_uri(tracking_uri)
+    groups = resolve(uris, tracking_uri)  # every URI checked before Ray is touched
+    _connect(address)
+    from ray import serve
+
+    previous = running_record() if APP in _applications() else None
     if previous is not None and (previous.host, previous.port) != (host, port):
         raise ServeError(
             f"Serve already listens on {previous.url}: `lmforge serve down` first to move it to "
             f"{host}:{port}"
         )
-    tracking_uri = store.resolve_uri(tracking_uri)
-    groups = resolve(uris, tracking_uri)  # every URI checked before Ray is touched
-    _connect(address)
-    from ray import serve
 
     from lmforge.serving.app import build
 
@@ -138,6 +139,16 @@ def up(
     _wait_answering(info, key, timeout_s)
     state_file().write_text(json.dumps(asdict(info), indent=1))
     return info
+
+
+def _applications() -> dict:
+    """Ray Serve's applications on the connected cluster ({} when Serve is not running)."""
+    from ray import serve
+
+    try:
+        return serve.status().applications
+    except Exception:  # RayServeException: no Serve controller on this cluster
+        return {}
 
 
 def _connect(address: str | None) -> None:
@@ -240,10 +251,7 @@ def down(address: str | None = None) -> bool:
     _connect(address)
     from ray import serve
 
-    try:
-        apps = serve.status().applications
-    except Exception:  # Serve is not running on this cluster (RayServeException)
-        apps = {}
+    apps = _applications()
     name = info.app if info is not None else APP
     found = name in apps
     if found:
