@@ -122,7 +122,8 @@ def load_adapter(
 
     result = set_peft_model_state_dict(model, state, adapter_name=name)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
-    missing = [k for k in result.missing_keys if "lora_" in k]
+    # Only this adapter's layers: another adapter loaded before is not "missing" here.
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
     if unexpected or missing:
         raise UsageError(
             f"the adapter does not fit this model: {len(unexpected)} adapter weights match no "

@@ -163,3 +163,29 @@ def test_a_batch_mixing_the_base_and_two_adapters_gives_each_its_own_output(tok)
         assert g["tokens"] == reference(alone[a], tok, ids, params)[2]
         outputs.add(tuple(g["tokens"][0]))
     assert len(outputs) == 6  # the adapters change the output
+
+
+def test_two_saved_adapters_load_side_by_side_by_name(tok):
+    """`lora.load_adapter(name=)` of a second adapter: the first one's layers are no
+    'missing' weights of it (what a replica holding several LoRA versions does)."""
+    model = build("gpt2", tok.get_vocab_size())
+    saved = {}
+    for name, seed in (("v1", 1), ("v2", 2)):
+        src = build("gpt2", tok.get_vocab_size())
+        lora.add_adapters(src, lora.LoraSettings(r=2, alpha=4))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for key, p in src.named_parameters():
+                if "lora_B" in key:
+                    p.normal_(std=0.3)
+        saved[name] = lora.adapter_state_dict(src)
+        lora.add_adapters(model, lora.LoraSettings(r=2, alpha=4), name=name)
+        lora.load_adapter(model, saved[name], name=name)
+    for name in ("v1", "v2"):
+        got = {
+            k.replace(f".{name}.", "."): v
+            for k, v in model.state_dict().items()
+            if f".{name}." in k
+        }
+        assert got.keys() == saved[name].keys()
+        assert all(torch.equal(got[k], saved[name][k]) for k in got)

@@ -68,9 +68,13 @@ class VersionServer:
             for n, v in self.versions.items()
         }
 
-    async def generate(self, name: str, prompt, messages, params, index0: int = 0):
+    async def generate(
+        self, name: str, prompt, messages, params, index0: int = 0, stream: bool = True
+    ):
         """Events of one prompt's `params.n` samples: first {"prompt_tokens"} or {"error"},
-        then one per piece ({"index", "text", "token_text", "logprob", "top", "finish"})."""
+        then lists of events, one per piece ({"index", "text", "token_text", "logprob",
+        "top", "finish"}): streamed, whatever pieces are ready at each moment (one Ray
+        object per list, not per token); else all of them at the end, in one list."""
         from lmforge.serving.engine import Job
 
         try:
@@ -89,40 +93,28 @@ class VersionServer:
             params = dataclasses.replace(params, max_new_tokens=v.context_length)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job = Job(
-            ids,
-            dataclasses.replace(params, stop_token=v.eot),
-            lambda p: loop.call_soon_threadsafe(queue.put_nowait, p),
-            v.tokenizer,
-            v.adapter,
-        )
+        job = Job(ids, dataclasses.replace(params, stop_token=v.eot),
+                  lambda p: loop.call_soon_threadsafe(queue.put_nowait, p), v.tokenizer, v.adapter)  # fmt: skip
         self.engine.submit(job)
-        left = params.n
-        tok = v.tokenizer
+        left, held = params.n, []
         try:
             while left:
-                piece = await queue.get()
-                if piece.finish == "error":
-                    yield {
-                        "error": 500,
-                        "message": f"generation failed: {piece.text}",
-                        "param": None,
-                        "code": None,
-                    }
-                    return
-                if piece.finish:
-                    left -= 1
-                event = {
-                    "index": index0 + piece.index,
-                    "text": piece.text,
-                    "finish": piece.finish,
-                    "token_text": None,
-                }
-                if piece.token is not None:
-                    event["token_text"] = tok.decode([piece.token.token])
-                    event["logprob"] = piece.token.logprob
-                    event["top"] = [(tok.decode([t]), lp) for t, lp in piece.token.top]
-                yield event
+                pieces = [await queue.get()]
+                while not queue.empty():
+                    pieces.append(queue.get_nowait())
+                events = []
+                for piece in pieces:
+                    if piece.finish == "error":
+                        yield {"error": 500, "message": f"generation failed: {piece.text}"}
+                        return
+                    left -= piece.finish is not None
+                    events.append(_event(v.tokenizer, piece, index0))
+                if stream:
+                    yield events
+                else:
+                    held += events
+            if not stream:
+                yield held
         finally:
             job.cancelled = True  # the client went away: its rows leave at the next step
 
@@ -152,6 +144,20 @@ class VersionServer:
             ids = [v.eot]
         api.check_length(len(ids), v.context_length, name, param)
         return ids
+
+
+def _event(tok, piece, index0: int) -> dict:
+    event = {
+        "index": index0 + piece.index,
+        "text": piece.text,
+        "finish": piece.finish,
+        "token_text": None,
+    }
+    if piece.token is not None:
+        event["token_text"] = tok.decode([piece.token.token])
+        event["logprob"] = piece.token.logprob
+        event["top"] = [(tok.decode([t]), lp) for t, lp in piece.token.top]
+    return event
 
 
 fastapi_app = FastAPI(title="lmforge OpenAI-compatible API", docs_url=None, redoc_url=None)
@@ -265,7 +271,9 @@ class OpenAIServer:
         self.m_requests.inc(tags={"model": req.model})
         started = time.time()
         streams = [
-            handle.generate.options(stream=True).remote(req.model, p, messages, params, i * req.n)
+            handle.generate.options(stream=True).remote(
+                req.model, p, messages, params, i * req.n, req.stream
+            )
             for i, p in enumerate(prompts)
         ]
         answer = api.Answer(req, req.model, len(prompts) * req.n)
@@ -342,8 +350,9 @@ async def _json(request: Request):
 async def _merge(streams: list):
     """Every stream's remaining events, as they come (one prompt: that stream itself)."""
     if len(streams) == 1:
-        async for e in streams[0]:
-            yield e
+        async for batch in streams[0]:
+            for e in batch if isinstance(batch, list) else [batch]:
+                yield e
         return
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
@@ -359,10 +368,11 @@ async def _merge(streams: list):
     left = len(tasks)
     try:
         while left:
-            e = await queue.get()
-            if e is end:
+            batch = await queue.get()
+            if batch is end:
                 left -= 1
-            else:
+                continue
+            for e in batch if isinstance(batch, list) else [batch]:
                 yield e
     finally:
         for t in tasks:

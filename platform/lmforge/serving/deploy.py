@@ -133,12 +133,28 @@ def up(
     verb = "rolling" if previous is not None else "deploying"
     log.info("%s %s", verb, ", ".join(f"{n} -> {u}" for n, u in models.items()))
     app = build(groups, tracking_uri, digest, max_batch, replicas, cpus, gpus)
-    serve.run(app, name=APP, route_prefix="/")
+    try:
+        serve.run(app, name=APP, route_prefix="/")
+    except RuntimeError as err:  # a replica failed to start: its own error, one line
+        raise ServeError(
+            f"deploying failed: {_replica_error() or str(err).splitlines()[0]}"
+        ) from None
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     info = ServeInfo(url, host, port, APP, models, replicas, max_batch)
     _wait_answering(info, key, timeout_s)
     state_file().write_text(json.dumps(asdict(info), indent=1))
     return info
+
+
+def _replica_error() -> str | None:
+    """The last line of the error a failed deployment reports (its replica's exception)."""
+    app = _applications().get(APP)
+    for d in app.deployments.values() if app is not None else []:
+        lines = [ln.strip() for ln in (d.message or "").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
+        if errors:
+            return errors[-1][:500]
+    return None
 
 
 def _applications() -> dict:
