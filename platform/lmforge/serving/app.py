@@ -14,8 +14,8 @@ Serve metric) and, for `serve status` and the Models page, the recent figures
 (`GET /lmforge/stats`: requests, errors, tokens, tokens/s, TTFT and latency p50/p95).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations
+# (`request: Request`) at runtime, and Serve's class-based routes do not resolve strings.
 import asyncio
 import dataclasses
 import hashlib
@@ -34,6 +34,61 @@ from lmforge.serving.api import ApiError
 from lmforge.serving.versions import Group
 
 log = logging.getLogger(__name__)
+
+
+# Helpers the deployments call: defined before them, since Serve pickles each deployment's
+# class (by value) when it is declared.
+def _event(tok, piece, index0: int) -> dict:
+    event = {
+        "index": index0 + piece.index,
+        "text": piece.text,
+        "finish": piece.finish,
+        "token_text": None,
+    }
+    if piece.token is not None:
+        event["token_text"] = tok.decode([piece.token.token])
+        event["logprob"] = piece.token.logprob
+        event["top"] = [(tok.decode([t]), lp) for t, lp in piece.token.top]
+    return event
+
+
+async def _json(request: Request):
+    try:
+        return await request.json()
+    except ValueError:
+        raise ApiError(400, "the request body is not valid JSON") from None
+
+
+async def _merge(streams: list):
+    """Every stream's remaining events, as they come (one prompt: that stream itself)."""
+    if len(streams) == 1:
+        async for batch in streams[0]:
+            for e in batch if isinstance(batch, list) else [batch]:
+                yield e
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(s):
+        try:
+            async for e in s:
+                await queue.put(e)
+        finally:
+            await queue.put(end)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    left = len(tasks)
+    try:
+        while left:
+            batch = await queue.get()
+            if batch is end:
+                left -= 1
+                continue
+            for e in batch if isinstance(batch, list) else [batch]:
+                yield e
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
@@ -144,20 +199,6 @@ class VersionServer:
             ids = [v.eot]
         api.check_length(len(ids), v.context_length, name, param)
         return ids
-
-
-def _event(tok, piece, index0: int) -> dict:
-    event = {
-        "index": index0 + piece.index,
-        "text": piece.text,
-        "finish": piece.finish,
-        "token_text": None,
-    }
-    if piece.token is not None:
-        event["token_text"] = tok.decode([piece.token.token])
-        event["logprob"] = piece.token.logprob
-        event["top"] = [(tok.decode([t]), lp) for t, lp in piece.token.top]
-    return event
 
 
 fastapi_app = FastAPI(title="lmforge OpenAI-compatible API", docs_url=None, redoc_url=None)
@@ -340,57 +381,23 @@ class OpenAIServer:
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
 
-async def _json(request: Request):
-    try:
-        return await request.json()
-    except ValueError:
-        raise ApiError(400, "the request body is not valid JSON") from None
-
-
-async def _merge(streams: list):
-    """Every stream's remaining events, as they come (one prompt: that stream itself)."""
-    if len(streams) == 1:
-        async for batch in streams[0]:
-            for e in batch if isinstance(batch, list) else [batch]:
-                yield e
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    end = object()
-
-    async def pump(s):
-        try:
-            async for e in s:
-                await queue.put(e)
-        finally:
-            await queue.put(end)
-
-    tasks = [asyncio.create_task(pump(s)) for s in streams]
-    left = len(tasks)
-    try:
-        while left:
-            batch = await queue.get()
-            if batch is end:
-                left -= 1
-                continue
-            for e in batch if isinstance(batch, list) else [batch]:
-                yield e
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
 def build(groups: list[Group], tracking_uri: str | None, key_sha256: str, max_batch: int,
-          replicas: int, cpus: float | None, gpus: float | None):  # fmt: skip
-    """The application: one VersionServer per group, the OpenAIServer in front."""
+          replicas: int, cpus: float | None, gpus: float | None,
+          draining: tuple[Group, ...] = ()):  # fmt: skip
+    """The application: one VersionServer per group (named for what it holds:
+    `Group.deployment`), the OpenAIServer in front, routing to `groups` only. `draining`:
+    groups a roll replaces, kept one more deploy so that requests an old ingress replica
+    still sends them are answered (see deploy.up)."""
     device = "cuda" if gpus else "cpu"
     resources = {"num_gpus": gpus} if gpus else {"num_cpus": 1 if cpus is None else cpus}
     threads = int(cpus or 1)
     servers, routes, versions = {}, {}, {}
-    for g in groups:
-        servers[g.key] = VersionServer.options(
-            name=f"base-{g.key}", num_replicas=replicas, ray_actor_options=resources,
+    for g in [*groups, *draining]:
+        servers[g.deployment] = VersionServer.options(
+            name=g.deployment, num_replicas=replicas, ray_actor_options=resources,
             max_ongoing_requests=max(16, 4 * max_batch),
         ).bind(g, tracking_uri, max_batch, device, threads)  # fmt: skip
+    for g in groups:
         for v in g.versions:
-            routes[v.name], versions[v.name] = g.key, v.uri
+            routes[v.name], versions[v.name] = g.deployment, v.uri
     return OpenAIServer.bind(servers, routes, key_sha256, max_batch, versions)

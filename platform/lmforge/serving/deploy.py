@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -186,6 +187,12 @@ def _wait_answering(info: ServeInfo, key: str, timeout_s: float) -> None:
             if got == want:
                 return
             last = f"it lists {got}"
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403, 422):  # it answers, and refuses: waiting will not help
+                raise ServeError(
+                    f"the endpoint {info.url} answers {err.code}: {err.read()[:300]!r}"
+                ) from None
+            last = str(err)
         except (OSError, ValueError, KeyError) as err:
             last = str(err)
         time.sleep(0.5)

@@ -13,7 +13,8 @@ each adapter under a name of its own (`lora.add_adapters(..., name=)`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -35,8 +36,22 @@ class Served:
 class Group:
     """Versions that share one base: one deployment, each replica holds them all."""
 
-    key: str  # the base weights' sha256 (first 12): the deployment's name
+    key: str  # the base weights' sha256 (first 12)
     versions: tuple[Served, ...] = field(default_factory=tuple)
+
+    @property
+    def deployment(self) -> str:
+        """Its deployment's name, from what it holds: a deployment never changes what it
+        serves under one name, so a request routed by name always finds its version."""
+        held = "\n".join(sorted(f"{v.name}={v.uri}" for v in self.versions))
+        return f"base-{self.key[:8]}-{hashlib.sha256(held.encode()).hexdigest()[:8]}"
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "versions": [asdict(v) for v in self.versions]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Group:
+        return cls(d["key"], tuple(Served(**v) for v in d["versions"]))
 
 
 def served_name(uri: str) -> str:
