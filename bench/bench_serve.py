@@ -74,7 +74,24 @@ def ask(url: str, key: str, prompt: str, max_tokens: int) -> int:
 
 def clients(url: str, key: str, n: int, requests: int, max_tokens: int) -> float:
     """Generated tokens/s of `n` clients each sending `requests` requests in turn."""
-    words = ["To", "be", "or", "not", "to", "be", "that", "is", "the", "question", "whether", "tis", "nobler", "in", "the", "mind"]
+    words = [
+        "To",
+        "be",
+        "or",
+        "not",
+        "to",
+        "be",
+        "that",
+        "is",
+        "the",
+        "question",
+        "whether",
+        "tis",
+        "nobler",
+        "in",
+        "the",
+        "mind",
+    ]
 
     def one(c: int) -> int:
         return sum(
