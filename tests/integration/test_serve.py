@@ -114,7 +114,7 @@ class Served:
                       LORA_B: f"{LORA_B}@latest"}  # fmt: skip
 
     def up(self) -> str:
-        args = ["serve", "up", "--port", self.port, "--max-batch", 8, "--cpus-per-replica", 1,
+        args = ["serve", "up", "--port", self.port, "--max-batch", 8, "--cpus-per-replica", 0.5,
                 "--tracking-uri", store.resolve_uri()]  # fmt: skip
         for m in self.models:
             args += ["--model", m]

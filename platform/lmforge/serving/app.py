@@ -34,6 +34,10 @@ from lmforge.serving.api import ApiError
 from lmforge.serving.versions import Group
 
 log = logging.getLogger(__name__)
+# How long a replica being replaced may take to finish the requests it holds (Serve's
+# default, 20 s, force-killed an old ingress whose requests waited on model replicas
+# that were restarting on a busy machine: those requests failed with a 500).
+GRACE_S = 180
 
 
 # Helpers the deployments call: defined before them, since Serve pickles each deployment's
@@ -396,8 +400,10 @@ def build(groups: list[Group], tracking_uri: str | None, key_sha256: str, max_ba
         servers[g.deployment] = VersionServer.options(
             name=g.deployment, num_replicas=replicas, ray_actor_options=resources,
             max_ongoing_requests=max(16, 4 * max_batch),
+            graceful_shutdown_timeout_s=GRACE_S,
         ).bind(g, tracking_uri, max_batch, device, threads)  # fmt: skip
     for g in groups:
         for v in g.versions:
             routes[v.name], versions[v.name] = g.deployment, v.uri
-    return OpenAIServer.bind(servers, routes, key_sha256, max_batch, versions)
+    ingress = OpenAIServer.options(graceful_shutdown_timeout_s=GRACE_S)
+    return ingress.bind(servers, routes, key_sha256, max_batch, versions)
