@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import metrics
 
+from lmforge import raycompat
 from lmforge.serving import api
 from lmforge.serving.api import ApiError
 from lmforge.serving.versions import Group
@@ -397,13 +398,29 @@ def build(groups: list[Group], tracking_uri: str | None, key_sha256: str, max_ba
     threads = int(cpus or 1)
     servers, routes, versions = {}, {}, {}
     for g in [*groups, *draining]:
-        servers[g.deployment] = VersionServer.options(
+        d = VersionServer.options(
             name=g.deployment, num_replicas=replicas, ray_actor_options=resources,
             max_ongoing_requests=max(16, 4 * max_batch),
             graceful_shutdown_timeout_s=GRACE_S,
-        ).bind(g, tracking_uri, max_batch, device, threads)  # fmt: skip
+        )  # fmt: skip
+        # The same deployment again (a roll that leaves this base as it was) keeps running.
+        same = _digest(g.deployment, tracking_uri, max_batch, device, threads, resources)
+        servers[g.deployment] = raycompat.pin_serve_version(d, same).bind(
+            g, tracking_uri, max_batch, device, threads
+        )
     for g in groups:
         for v in g.versions:
             routes[v.name], versions[v.name] = g.deployment, v.uri
     ingress = OpenAIServer.options(graceful_shutdown_timeout_s=GRACE_S)
+    same = _digest(
+        sorted(servers), sorted(routes.items()), key_sha256, max_batch, sorted(versions.items())
+    )
+    ingress = raycompat.pin_serve_version(ingress, same)
     return ingress.bind(servers, routes, key_sha256, max_batch, versions)
+
+
+def _digest(*parts) -> str:
+    """A deployment's version: what it was given, and lmforge's own version."""
+    import lmforge
+
+    return hashlib.sha256(repr((lmforge.__version__, *parts)).encode()).hexdigest()[:16]
