@@ -19,11 +19,11 @@ import secrets
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge import paths
-from lmforge.serving.versions import ServeError, resolve
+from lmforge.serving.versions import Group, ServeError, resolve
 
 log = logging.getLogger(__name__)
 KEY_ENV = "LMFORGE_SERVE_API_KEY"
@@ -39,6 +39,7 @@ class ServeInfo:
     models: dict[str, str]  # served name -> the version it resolved to (models:/NAME/N)
     replicas: int
     max_batch: int
+    groups: list[dict] = field(default_factory=list)  # versions.Group.to_dict() of each base
 
 
 def state_file() -> Path:
@@ -133,18 +134,44 @@ def up(
     models = {v.name: v.uri for g in groups for v in g.versions}
     verb = "rolling" if previous is not None else "deploying"
     log.info("%s %s", verb, ", ".join(f"{n} -> {u}" for n, u in models.items()))
-    app = build(groups, tracking_uri, digest, max_batch, replicas, cpus, gpus)
-    try:
-        serve.run(app, name=APP, route_prefix="/")
-    except RuntimeError as err:  # a replica failed to start: its own error, one line
-        raise ServeError(
-            f"deploying failed: {_replica_error() or str(err).splitlines()[0]}"
-        ) from None
+    # A roll that moves versions to other deployments deploys twice. Each deployment is
+    # named for what it holds (Group.deployment), so a replica never lacks a version it is
+    # asked for; an old ingress replica still answers the requests it took, routed to the
+    # old layout. So the first deploy keeps the deployments being replaced (`draining`)
+    # beside the new ones, the new ingress routing to the new ones only; once the old
+    # ingress has stopped, the second drops them.
+    now = {g.deployment for g in groups}
+    old = [Group.from_dict(d) for d in (previous.groups if previous is not None else [])]
+    draining = tuple(g for g in old if g.deployment not in now)
+    for keep in [draining, ()] if draining else [()]:
+        app = build(groups, tracking_uri, digest, max_batch, replicas, cpus, gpus, keep)
+        try:
+            serve.run(app, name=APP, route_prefix="/")
+        except RuntimeError as err:  # a replica failed to start: its own error, one line
+            raise ServeError(
+                f"deploying failed: {_replica_error() or str(err).splitlines()[0]}"
+            ) from None
+        if keep:
+            _wait_stopped("OpenAIServer")  # the old ingress has answered what it took
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    info = ServeInfo(url, host, port, APP, models, replicas, max_batch)
+    info = ServeInfo(
+        url, host, port, APP, models, replicas, max_batch, [g.to_dict() for g in groups]
+    )
     _wait_answering(info, key, timeout_s)
     state_file().write_text(json.dumps(asdict(info), indent=1))
     return info
+
+
+def _wait_stopped(deployment: str, timeout_s: float = 120) -> None:
+    """Until no replica of `deployment` is stopping (an old one finishing its requests)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = _applications().get(APP)
+        d = app.deployments.get(deployment) if app is not None else None
+        states = d.replica_states if d is not None else {}
+        if not any(str(k).endswith("STOPPING") and n for k, n in states.items()):
+            return
+        time.sleep(0.5)
 
 
 def _replica_error() -> str | None:
