@@ -47,6 +47,7 @@ SECTIONS = {
     "generate": ("generate", []),
     "generate-llama": ("generate", ["--arch", "llama"]),
     "eval": ("eval", []),
+    "serve": ("serve", []),
     "checkpoint": ("checkpoint", []),
     "jobstart": ("jobstart", []),
     # How cost grows (bench_growth.py): each writes a PNG under bench/plots/, linked here.

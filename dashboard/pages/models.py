@@ -1,6 +1,7 @@
 """Models: registered models and their versions (architecture, where each came from, a
 column per evaluation score); aliases; the probes' answers of a version, or of two side by
-side; generate, fine-tune or resume; import a Hugging Face folder from the data roots."""
+side; generate, fine-tune, resume or serve; import a Hugging Face folder from the data
+roots; what `lmforge serve` serves, with its request figures."""
 
 import pandas as pd
 import streamlit as st
@@ -95,7 +96,7 @@ with c1:
         st.rerun()
 with c2:
     st.write(f"`{uri_of}`")
-    b1, b2, b3 = st.columns(3)
+    b1, b2, b3, b4 = st.columns(4)
     if b1.button("Generate from it", key="models_gen"):
         st.session_state["play_a"] = uri_of
         st.switch_page("pages/playground.py")
@@ -105,6 +106,42 @@ with c2:
     if b3.button("Resume its run", key="models_resume"):
         st.session_state["launch_from"] = ("resume", uri_of)
         st.switch_page("pages/launch.py")
+if b4.button("Serve", key="models_serve", help="an OpenAI-compatible endpoint (lmforge serve up)"):
+    from lmforge.serving.deploy import serve_job
+
+    with ui.guard("Not served"):
+        job = ui.job_client().submit(serve_job([uri_of], uri))
+    st.success(
+        f"Submitted `{job}`: `lmforge serve up` adds `{uri_of}` to the endpoint; it is listed "
+        "below once it answers (its log: the Jobs page)."
+    )
+
+st.subheader("Served")
+from lmforge.serving import deploy  # noqa: E402 - the page reads top to bottom
+
+record = deploy.running_record()
+if record is None:
+    st.caption("Nothing is served: the Serve button above, or `lmforge serve up --model URI`.")
+else:
+    figures = deploy.stats(record)
+    st.write(f"OpenAI-compatible endpoint: `{record.url}/v1` (key: `LMFORGE_HOME/serve_api_key`)")
+    if figures is None:
+        st.warning(f"{record.url} does not answer (`lmforge serve status`)")
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "model": n, "version": u, **{
+                        k: (figures or {}).get(n, {}).get(k)
+                        for k in ("requests", "errors", "tokens", "tokens_per_s_1m",
+                                  "ttft_p50_s", "latency_p50_s", "latency_p95_s")
+                    },
+                }
+                for n, u in record.models.items()
+            ]
+        ),
+        hide_index=True,
+    )  # fmt: skip
 
 probed = [v for v in versions if v.probes]
 if probed:

@@ -10,6 +10,7 @@
     lmforge export-hf --model models:/lmforge@best --output ./gpt2-hf
     lmforge import-hf --input ./gpt2-hf --model gpt2   # a transformers folder -> models:/gpt2/1
     lmforge tracking up
+    lmforge serve up --model models:/lmforge@best   # an OpenAI-compatible endpoint
     lmforge dashboard                  # http://127.0.0.1:8501
 
 Every subcommand calls the same library functions as `jobs/*.py` and the dashboard.
@@ -298,6 +299,45 @@ def _add_cluster(sub) -> None:
                    help="CPUs each worker node offers (default 1)")  # fmt: skip
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve versions through an OpenAI-compatible endpoint (Ray Serve)",
+        description="`up` deploys the versions on the lmforge cluster (`lmforge cluster up`, "
+        "or --address) as an OpenAI-compatible API (/v1/models, /v1/completions, "
+        "/v1/chat/completions, streaming) and returns once it answers, printing its URL; "
+        "again with the same models, it rolls each alias to its current version without "
+        "dropping requests. Requests need 'Authorization: Bearer KEY': LMFORGE_SERVE_API_KEY, "
+        "else the key the first `up` writes to LMFORGE_HOME/serve_api_key (mode 600). A "
+        "replica holds one base and all its LoRA versions and decodes concurrent requests "
+        "together (continuous batching). `status` lists deployments, replicas, versions and "
+        "request figures; `down` removes the application.",
+    )
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--model", action="append", default=[], metavar="URI",
+                   help="a version to serve: models:/NAME@ALIAS (listed as NAME@ALIAS, the "
+                   "alias resolved now) or models:/NAME/N; repeatable (up)")  # fmt: skip
+    p.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="replicas of each base model (default 1)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; another one needs "
+                   "LMFORGE_SERVE_API_KEY or an existing key; put TLS in front)")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=8, metavar="B",
+                   help="sequences a replica decodes together (each sample of n counts; default 8)")  # fmt: skip
+    res = p.add_mutually_exclusive_group()
+    res.add_argument("--cpus-per-replica", type=float, default=None, metavar="C",
+                     help="CPUs each replica reserves (default 1)")  # fmt: skip
+    res.add_argument("--gpus-per-replica", type=float, default=None, metavar="G",
+                     help="GPUs each replica reserves (it then runs on CUDA)")  # fmt: skip
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="the Ray cluster's GCS address (default: RAY_ADDRESS, else the cluster "
+                   "of `lmforge cluster up`)")  # fmt: skip
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow to resolve --model in (default: MLFLOW_TRACKING_URI, the "
+                   "server of `lmforge tracking up`, else the SQLite store in LMFORGE_HOME)")  # fmt: skip
+
+
 def _add_dashboard(sub) -> None:
     p = sub.add_parser(
         "dashboard",
@@ -335,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_hf(sub)
     _add_tracking(sub)
     _add_cluster(sub)
+    _add_serve(sub)
     _add_dashboard(sub)
     return parser
 
@@ -691,6 +732,29 @@ def cmd_cluster(args) -> None:
         print(cluster.status())
 
 
+def cmd_serve(args) -> None:
+    from lmforge import serving
+
+    if args.action == "up":
+        info = serving.up(
+            args.model, replicas=args.replicas, port=args.port, host=args.host,
+            max_batch=args.max_batch, cpus=args.cpus_per_replica, gpus=args.gpus_per_replica,
+            address=args.address, tracking_uri=args.tracking_uri,
+        )  # fmt: skip
+        names = "\n".join(f"  {n}  ({u})" for n, u in info.models.items())
+        print(
+            f"OpenAI-compatible endpoint: {info.url}/v1\n{names}\n"
+            f"  key: {serving.deploy.KEY_ENV} or {serving.deploy.key_file()}\n"
+            f'  try: curl {info.url}/v1/models -H "Authorization: Bearer $(cat '
+            f'{serving.deploy.key_file()})"'
+        )
+    elif args.action == "down":
+        print("removed the served application" if serving.down(args.address)
+              else "nothing was served")  # fmt: skip
+    else:
+        print(serving.status(args.address))
+
+
 def dashboard_command(args) -> tuple[list[str], dict[str, str]]:
     """The `streamlit run` command line and environment of `lmforge dashboard`."""
     import os
@@ -737,6 +801,7 @@ COMMANDS = {
     "import-hf": cmd_import_hf,
     "tracking": cmd_tracking,
     "cluster": cmd_cluster,
+    "serve": cmd_serve,
     "dashboard": cmd_dashboard,
 }
 

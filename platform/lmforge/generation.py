@@ -166,19 +166,29 @@ def generate_steps(
             logits, _ = model(pending, cache=cache)
         else:
             logits, _ = model(seq[:, -ctx:])
-        logits = logits[:, -1, :].float()
-        nxt = sample_next(
-            penalize_repeats(logits, seq, params.repetition_penalty), params, generator
-        )
+        nxt, step = sample_step(logits[:, -1, :], seq, params, generator)
         seq = torch.cat([seq, nxt], dim=1)
         pending = nxt
-        step = _choices(logits, nxt, params.logprobs)
         for i, choice in enumerate(step):
             if alive[i] and params.stop_token is not None and choice.token == params.stop_token:
                 alive[i] = False
         if not any(alive):
             return
         yield [c if a else None for c, a in zip(step, alive, strict=True)]
+
+
+def sample_step(
+    logits: torch.Tensor,
+    seq: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, list[TokenChoice]]:
+    """One position of a prompt's samples: from the last logits (n, V) and the tokens so far
+    (n, L), the next tokens (n, 1) and each row's TokenChoice. `generate_steps` and the
+    server's running batch (lmforge.serving) both pick every token here."""
+    logits = logits.float()
+    nxt = sample_next(penalize_repeats(logits, seq, params.repetition_penalty), params, generator)
+    return nxt, _choices(logits, nxt, params.logprobs)
 
 
 def _choices(logits: torch.Tensor, nxt: torch.Tensor, k: int | None) -> list[TokenChoice]:
@@ -240,34 +250,54 @@ class Piece:
     finish: str | None = None  # "length", "stop_token", "stop_string" on the last piece
 
 
+class PieceMaker:
+    """Each step's tokens of a prompt's `params.n` samples -> their new text (`Piece`s),
+    ending a sample at the stop token (a None choice), a stop string or the end of the
+    steps (`close`). `stream_samples` and the server's running batch share it."""
+
+    def __init__(self, tokenizer, params: SamplingParams) -> None:
+        self.detok = [_Detokenizer(tokenizer, params.stop) for _ in range(params.n)]
+        self.finish: list[str | None] = [None] * params.n
+
+    @property
+    def done(self) -> bool:
+        return all(self.finish)
+
+    def step(self, step: list[TokenChoice | None]) -> Iterator[Piece]:
+        for i, choice in enumerate(step):
+            if self.finish[i] is not None:
+                continue
+            if choice is None:
+                self.finish[i] = "stop_token"
+                yield Piece(i, self.detok[i].flush(), None, self.finish[i])
+                continue
+            text = self.detok[i].push(choice.token)
+            if self.detok[i].stopped:
+                self.finish[i] = "stop_string"
+            yield Piece(i, text, choice, self.finish[i])
+
+    def close(self, reason: str) -> Iterator[Piece]:
+        """The closing piece of every sample still going, ended for `reason`."""
+        for i, d in enumerate(self.detok):
+            if self.finish[i] is None:
+                self.finish[i] = reason
+                yield Piece(i, d.flush(), None, reason)
+
+
 def stream_samples(
     model: LanguageModel, tokenizer, ids: list[int], params: SamplingParams
 ) -> Iterator[Piece]:
     """Each of the `params.n` samples' text as it grows, ending at the stop token, a stop
     string (not part of the text) or `max_new_tokens`."""
-    detok = [_Detokenizer(tokenizer, params.stop) for _ in range(params.n)]
-    finish: list[str | None] = [None] * params.n
+    pieces = PieceMaker(tokenizer, params)
     steps = 0
     for step in generate_steps(model, ids, params):
         steps += 1
-        for i, choice in enumerate(step):
-            if finish[i] is not None:
-                continue
-            if choice is None:
-                finish[i] = "stop_token"
-                yield Piece(i, detok[i].flush(), None, finish[i])
-                continue
-            text = detok[i].push(choice.token)
-            if detok[i].stopped:
-                finish[i] = "stop_string"
-            yield Piece(i, text, choice, finish[i])
-        if all(finish):
+        yield from pieces.step(step)
+        if pieces.done:
             return
     # generate_steps ends early only when every sample has met the stop token.
-    end = "length" if steps == params.max_new_tokens else "stop_token"
-    for i, d in enumerate(detok):
-        if finish[i] is None:
-            yield Piece(i, d.flush(), None, end)
+    yield from pieces.close("length" if steps == params.max_new_tokens else "stop_token")
 
 
 def complete_samples(

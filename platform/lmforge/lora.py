@@ -21,6 +21,7 @@ refused with a message that names the targets it has.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,25 @@ class LoraSettings:
 def linear_names(model: torch.nn.Module) -> list[str]:
     """The distinct last names of the model's `nn.Linear` modules (what peft can target)."""
     names = {
-        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if _is_linear(m) and not _in_adapter(n)
     }
     return sorted(names)
+
+
+def _is_linear(m: torch.nn.Module) -> bool:
+    """An `nn.Linear`, or one an earlier adapter wrapped (peft's layer around `base_layer`)."""
+    return isinstance(m, torch.nn.Linear) or isinstance(
+        getattr(m, "base_layer", None), torch.nn.Linear
+    )
+
+
+def _in_adapter(name: str) -> bool:
+    """A linear layer peft added (an adapter's A or B) or wrapped (its `base_layer`): not a
+    layer of the model itself, when another adapter is added beside the first."""
+    parts = name.split(".")
+    return "base_layer" in parts or any(p.startswith("lora_") for p in parts)
 
 
 def targets(model: torch.nn.Module, settings: LoraSettings) -> list[str]:
@@ -67,8 +84,11 @@ def targets(model: torch.nn.Module, settings: LoraSettings) -> list[str]:
     return list(settings.target_modules)
 
 
-def add_adapters(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
-    """Freeze `model` and add LoRA adapters to its target layers, in place."""
+def add_adapters(
+    model: torch.nn.Module, settings: LoraSettings, name: str = "default"
+) -> torch.nn.Module:
+    """Freeze `model` and add LoRA adapters to its target layers, in place (`name`: to hold
+    several adapters side by side, as a server does)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     chosen = targets(model, settings)
@@ -81,7 +101,9 @@ def add_adapters(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Mod
         target_modules=chosen,
         bias="none",
     )
-    inject_adapter_in_model(config, model)  # new adapter parameters require grad
+    with warnings.catch_warnings():  # a second adapter: peft warns of several adapters
+        warnings.filterwarnings("ignore", "Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=name)  # new adapters require grad
     return model
 
 
@@ -92,13 +114,16 @@ def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def load_adapter(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_adapter(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], name: str = "default"
+) -> None:
     """Put saved adapter weights into a model that `add_adapters` prepared the same way."""
     from peft.utils import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, state)
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
-    missing = [k for k in result.missing_keys if "lora_" in k]
+    # Only this adapter's layers: another adapter loaded before is not "missing" here.
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
     if unexpected or missing:
         raise UsageError(
             f"the adapter does not fit this model: {len(unexpected)} adapter weights match no "

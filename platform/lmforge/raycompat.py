@@ -106,3 +106,14 @@ def worker_output_dispatcher():
     from ray._private.ray_logging import global_worker_stdstream_dispatcher
 
     return global_worker_stdstream_dispatcher
+
+
+def pin_serve_version(deployment, version: str):
+    """Give a Ray Serve deployment a fixed version, so that deploying it again unchanged
+    keeps its replicas running. Ray Serve 2.60 gives a deployment deployed from Python a
+    random version on every `serve.run` (ray/serve/_private/client.py:
+    `deployment._version or get_random_string()`), which restarts every replica of the
+    application on every deploy; its public `version` option was removed
+    (`Deployment.options`). `Deployment.options` carries `_version` over."""
+    deployment._version = version
+    return deployment

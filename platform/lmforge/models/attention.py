@@ -35,6 +35,90 @@ class KVCache:
         self.length = 0  # positions filled so far; the model advances it after its last layer
         self.capacity = length
 
+    def positions(self, T: int, device) -> torch.Tensor:
+        """The positions (T,) of the next T tokens: the same for every row."""
+        return torch.arange(self.length, self.length + T, device=device)
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new k, v (B, H, T, D) at `length`; (keys, values, mask) to attend over:
+        the mask (None: causal) lets the queries at length..length+T-1 see keys up to theirs."""
+        start, T = self.length, k.size(2)
+        self.k[layer][:, :, start : start + T] = k
+        self.v[layer][:, :, start : start + T] = v
+        mask = None
+        if start > 0:
+            q_pos = torch.arange(start, start + T, device=k.device)[:, None]
+            mask = torch.arange(start + T, device=k.device)[None, :] <= q_pos
+        return self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T], mask
+
+
+class SlotCache:
+    """A KV cache whose rows are independent sequences (slots), each at its own length: the
+    running batch of a server, where requests join and leave between decode steps.
+
+    The model sees the first `rows` slots (`use(rows)`), one new token per row per step;
+    a row's prompt is run through a `KVCache` of its own and copied in (`put`). A finished
+    row's slot is taken by the last row (`move`), so the rows in use stay the first ones.
+    """
+
+    def __init__(
+        self, n_layer: int, slots: int, heads: int, length: int, head_dim: int, device, dtype
+    ) -> None:
+        shape = (slots, heads, length, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.lengths = [0] * slots  # each slot's positions filled
+        self.capacity = length
+        self.rows = 0
+        self._at: torch.Tensor | None = None  # this step's lengths of the rows in use
+
+    @property
+    def length(self) -> int:
+        """The longest row in use (the model checks it against the context)."""
+        return max(self.lengths[: self.rows], default=0)
+
+    def use(self, rows: int) -> None:
+        self.rows = rows
+        self._at = torch.tensor(self.lengths[:rows], device=self.k[0].device)
+
+    def put(self, slot: int, cache: KVCache, row: int = 0) -> None:
+        """Slot `slot` continues row `row` of `cache` (a prompt just run)."""
+        n = cache.length
+        for layer in range(len(self.k)):
+            self.k[layer][slot, :, :n] = cache.k[layer][row, :, :n]
+            self.v[layer][slot, :, :n] = cache.v[layer][row, :, :n]
+        self.lengths[slot] = n
+
+    def move(self, src: int, dst: int) -> None:
+        n = self.lengths[src]
+        for layer in range(len(self.k)):
+            self.k[layer][dst, :, :n] = self.k[layer][src, :, :n]
+            self.v[layer][dst, :, :n] = self.v[layer][src, :, :n]
+        self.lengths[dst] = n
+
+    def positions(self, T: int, device) -> torch.Tensor:
+        """(rows, T): each row continues at its own length."""
+        return self._at[:, None] + torch.arange(T, device=device)[None, :]
+
+    def advance(self, T: int) -> None:
+        for i in range(self.rows):
+            self.lengths[i] += T
+        self._at = self._at + T
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if k.size(2) != 1:
+            raise ValueError("a SlotCache takes one new token per row (decode steps)")
+        rows = torch.arange(self.rows, device=k.device)
+        self.k[layer][rows, :, self._at] = k[:, :, 0]
+        self.v[layer][rows, :, self._at] = v[:, :, 0]
+        span = self.length + 1
+        keys = torch.arange(span, device=k.device)
+        mask = (keys[None, :] <= self._at[:, None])[:, None, None, :]  # (rows, 1, 1, span)
+        return self.k[layer][: self.rows, :, :span], self.v[layer][: self.rows, :, :span], mask
+
 
 def check_segments(segments: torch.Tensor, idx: torch.Tensor, cache=None) -> None:
     """A UsageError, one line, unless `segments` fits `idx` (B, T) as packing ids."""
@@ -89,7 +173,7 @@ def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cache: KVCache | None = None,
+    cache: KVCache | SlotCache | None = None,
     layer: int = 0,
     dropout_p: float = 0.0,
     mask: torch.Tensor | None = None,
@@ -97,7 +181,8 @@ def attend(
     """Causal scaled-dot-product attention of q (B, H, T, D) over k, v (B, H_kv, T, D).
 
     With a `cache`, the new k and v go in at `cache.length` and the queries, which sit at
-    positions length..length+T-1, see every cached key up to their own. With `mask` (B, 1,
+    positions length..length+T-1, see every cached key up to their own (a `SlotCache`: each
+    row at its own length). With `mask` (B, 1,
     T, T) bool from `segment_layout`, no cache, a query sees only the keys it marks True
     (the block-diagonal causal mask of a packed window); without one, SDPA's `is_causal`.
     """
@@ -105,15 +190,8 @@ def attend(
     if mask is not None and cache is not None:
         raise UsageError("segments: packed windows are for training; not with a KV cache")
     if cache is not None:
-        start, T = cache.length, q.size(2)
-        cache.k[layer][:, :, start : start + T] = k
-        cache.v[layer][:, :, start : start + T] = v
-        k = cache.k[layer][:, :, : start + T]
-        v = cache.v[layer][:, :, : start + T]
-        if start > 0:
-            causal = False
-            q_pos = torch.arange(start, start + T, device=q.device)[:, None]
-            mask = torch.arange(start + T, device=q.device)[None, :] <= q_pos
+        k, v, mask = cache.update(layer, k, v)
+        causal = mask is None
     return F.scaled_dot_product_attention(
         q,
         k,

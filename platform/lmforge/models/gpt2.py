@@ -136,7 +136,11 @@ class GPT(nn.Module):
             )
         mask = None
         if segments is None:
-            pos = torch.arange(start, start + T, device=idx.device)
+            pos = (
+                torch.arange(T, device=idx.device)
+                if cache is None
+                else cache.positions(T, idx.device)
+            )
         else:
             attention.check_segments(segments, idx, cache)
             pos, mask = attention.segment_layout(segments)
@@ -145,7 +149,7 @@ class GPT(nn.Module):
             x = block(x, cache, i, mask)
         x = self.ln_f(x)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         logits = self.lm_head(x)
         if targets is None:
             return logits, None

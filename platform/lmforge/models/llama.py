@@ -237,7 +237,10 @@ class Llama(nn.Module):
         x = self.embed_tokens(idx)
         mask = None
         if segments is None:
-            cos, sin = self.rotary(start, T, idx.device, x.dtype)
+            if cache is not None and isinstance(cache, attention.SlotCache):
+                cos, sin = self.rotary.at(cache.positions(T, idx.device), x.dtype)
+            else:
+                cos, sin = self.rotary(start, T, idx.device, x.dtype)
         else:
             attention.check_segments(segments, idx, cache)
             pos, mask = attention.segment_layout(segments)
@@ -246,7 +249,7 @@ class Llama(nn.Module):
             x = block(x, cos, sin, cache, i, mask)
         x = self.norm(x)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
