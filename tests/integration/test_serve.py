@@ -19,8 +19,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 import torch
+import transformers
 
 from lmforge import checkpoint as ckpt_io
 from lmforge import lora, paths, templates
@@ -31,9 +33,6 @@ from lmforge.services import free_port
 from lmforge.tokenizer import EOT, eot_id, train_tokenizer
 from lmforge.tracking import registry, store
 from tests.integration.conftest import cli_env
-
-openai = pytest.importorskip("openai")
-transformers = pytest.importorskip("transformers")
 
 TEXT = [
     "To be, or not to be, that is the question:",

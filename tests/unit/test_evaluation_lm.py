@@ -7,20 +7,18 @@ same greedy generations on generative, multiple-choice, loglikelihood and rollin
 import json
 import shutil
 
+import lm_eval
 import pytest
 import torch
+import transformers
+from lm_eval.models.huggingface import HFLM
 
-transformers = pytest.importorskip("transformers")
-lm_eval = pytest.importorskip("lm_eval")
-
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-
-from lmforge.evaluation import check_tasks  # noqa: E402
-from lmforge.evaluation.lm import LmforgeLM  # noqa: E402
-from lmforge.evaluation.tasks import task_manager  # noqa: E402
-from lmforge.import_hf import read_folder, write_checkpoint  # noqa: E402
-from lmforge.tokenizer import eot_id, load_tokenizer, train_tokenizer  # noqa: E402
-from tests.unit import evaltasks  # noqa: E402
+from lmforge.evaluation import check_tasks
+from lmforge.evaluation.lm import LmforgeLM
+from lmforge.evaluation.tasks import task_manager
+from lmforge.import_hf import read_folder, write_checkpoint
+from lmforge.tokenizer import eot_id, load_tokenizer, train_tokenizer
+from tests.unit import evaltasks
 
 TEXT = [
     "to be or not to be, that is the question; whether tis nobler in the mind to suffer",
