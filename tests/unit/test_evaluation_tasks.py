@@ -36,6 +36,17 @@ def test_good_task_files_pass_and_name_their_tasks(tmp_path):
     assert [(s.name, s.file) for s in sources] == [("g", files[0]), ("m", files[1])]
 
 
+def test_harness_task_names_are_known_and_a_typo_gets_the_close_names(tmp_path):
+    """A standard task by name (its data is fetched where the harness can reach it; here
+    only its name is checked) beside a task file; a misspelt one is refused with a hint."""
+    data = evaltasks.write_rows(tmp_path / "rows.jsonl", ROWS)
+    g = evaltasks.generative(tmp_path, "g", data)
+    sources = check_tasks(f"{g},arc_easy")
+    assert [(s.name, s.file) for s in sources] == [("g", g), ("arc_easy", None)]
+    text = _refused(f"{g},arc_eazy", "evaluation task 'arc_eazy': not a task of lm-evaluation")
+    assert text.endswith("did you mean arc_easy?") or "did you mean arc_easy," in text, text
+
+
 def test_bad_task_files_are_named_with_their_line(tmp_path):
     data = evaltasks.write_rows(tmp_path / "rows.jsonl", ROWS)
     good = evaltasks.generative(tmp_path, "g", data).read_text()

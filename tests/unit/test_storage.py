@@ -4,6 +4,8 @@ checkpoints in a real S3 API (moto's server, from .venv-services; no Ray)."""
 import json
 import os
 import pickle
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +254,56 @@ def test_fine_tune_weights_are_staged_in_an_s3_run_and_load_from_there(s3_checkp
     ckpt_io.load_weights(fresh, storage.local_file(dst / ckpt_io.WEIGHTS).parent)
     for k, v in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_an_evaluation_task_in_s3_is_checked_and_read_by_the_harness(prefix, tmp_path):
+    """A task file in S3 (issue 26): its include beside it, one data file relative to it
+    and one by s3:// URI; the harness loads its docs from the local copies. Errors name the
+    S3 objects, never the copies."""
+    pytest.importorskip("lm_eval")
+    from lmforge.evaluation import TaskError, check_tasks
+    from lmforge.evaluation.tasks import task_manager
+    from tests.unit import evaltasks
+
+    rows = [{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(3)]
+    more = [{"prompt": "q", "completion": " r"}]
+    evaltasks.write_rows(tmp_path / "rows.jsonl", rows)
+    (prefix / "tasks" / "data" / "rows.jsonl").write_text((tmp_path / "rows.jsonl").read_text())
+    (prefix / "elsewhere" / "more.jsonl").write_text(json.dumps(more[0]) + "\n")
+    base = evaltasks.generative(tmp_path, "g", Path("data/rows.jsonl")).read_text()
+    common, own = base.split("output_type:", 1)
+    (prefix / "tasks" / "common.yaml").write_text("output_type:" + own)
+    task = common.replace(
+        "    test: data/rows.jsonl",
+        f"    test: data/rows.jsonl\n    extra: {prefix / 'elsewhere' / 'more.jsonl'}",
+    )
+    (prefix / "tasks" / "g.yaml").write_text(task + "include: common.yaml\n")
+
+    (source,) = check_tasks(str(prefix / "tasks" / "g.yaml"))
+    assert source.name == "g" and source.file.is_file()
+    task_obj = task_manager([source]).load_task_or_group(["g"])["g"]
+    docs = list(task_obj.test_docs())
+    assert [d["prompt"] for d in docs] == ["p0", "p1", "p2"]
+    assert list(task_obj.dataset["extra"])[0]["prompt"] == "q"
+
+    (prefix / "tasks" / "bad.yaml").write_text(task.replace("data/rows.jsonl", "data/nope.jsonl"))
+    with pytest.raises(TaskError) as err:
+        check_tasks(str(prefix / "tasks" / "bad.yaml"))
+    assert str(err.value) == (
+        f"{prefix / 'tasks' / 'bad.yaml'}:5: data file {prefix / 'tasks' / 'data' / 'nope.jsonl'} "
+        "not found"
+    )
+    bad_row = prefix / "tasks" / "data" / "bad.jsonl"
+    bad_row.write_text('{"prompt": "a"}\n')
+    (prefix / "tasks" / "badrow.yaml").write_text(
+        task.replace("data/rows.jsonl", "data/bad.jsonl") + "include: common.yaml\n"
+    )
+    with pytest.raises(TaskError, match=rf"^{re.escape(str(bad_row))}:1: doc_to_target of "
+                       rf"{re.escape(str(prefix / 'tasks' / 'badrow.yaml'))} reads a field"):  # fmt: skip
+        check_tasks(str(prefix / "tasks" / "badrow.yaml"))
+    with pytest.raises(TaskError, match="task file not found"):
+        check_tasks(str(prefix / "tasks" / "missing.yaml"))
+    local = tmp_path / "local.yaml"
+    local.write_text(task.replace("data/rows.jsonl", str(prefix / "tasks/data/rows.jsonl")))
+    with pytest.raises(TaskError, match="is in S3 and this task file is local"):
+        check_tasks(str(local))

@@ -13,13 +13,18 @@ YAML that does not parse, a key the harness does not know, an unknown `output_ty
 metric (the harness's, or lmforge's ROUGE), a data file that is missing, and the first rows
 of each data file when one is not a record (JSON object, CSV row) or lacks a field that
 `doc_to_text` / `doc_to_target` / `doc_to_choice` reads. Data files are read as the
-harness reads them: a relative path from the working directory.
+harness reads them: a relative path from the working directory. A task file on S3
+(`s3://bucket/tasks/x.yaml`) is checked and run from a local copy of it, its sibling task
+files and its data files (lmforge.evaluation.fetch: there, a relative data file is read from
+beside the task file).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -27,17 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import yaml
 
-from lmforge.errors import LmforgeError
+from lmforge import storage
+from lmforge.evaluation.taskfile import TaskError, line_of, read_task_yaml, where
 
 OUTPUT_TYPES = ("generate_until", "multiple_choice", "loglikelihood", "loglikelihood_rolling")
 FIRST_ROWS = 5  # rows of each data file read by the check
 LOCAL_BUILDERS = {"json": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
-
-
-class TaskError(LmforgeError, ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,17 @@ def check_tasks(specs: str | list[str] | tuple[str, ...]) -> list[TaskSource]:
     items = split_specs(specs)
     if not items:
         raise TaskError("no evaluation task given (a task YAML file or a task name)")
-    sources = [check_file(Path(s)) if is_file_spec(s) else TaskSource(s) for s in items]
+    sources = [check_spec(s) if is_file_spec(s) else TaskSource(s) for s in items]
     names = [s.name for s in sources if s.file is None]
     if names:
-        known = task_manager(sources).all_tasks
+        known = harness_task_names()
         for name in names:
             if name not in known:
+                close = difflib.get_close_matches(name, list(known), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise TaskError(
                     f"evaluation task {name!r}: not a task of lm-evaluation-harness nor a "
-                    "YAML file (a task file's name ends in .yaml)"
+                    f"YAML file (a task file's name ends in .yaml){hint}"
                 )
     seen: dict[str, TaskSource] = {}
     for s in sources:
@@ -78,6 +81,29 @@ def check_tasks(specs: str | list[str] | tuple[str, ...]) -> list[TaskSource]:
             raise TaskError(f"task {s.name!r} is given twice ({seen[s.name].file or s.name})")
         seen[s.name] = s
     return sources
+
+
+def check_spec(spec: str) -> TaskSource:
+    """A task file, local or on S3 (checked in its local copy, errors naming the S3
+    object: lmforge.evaluation.fetch)."""
+    if not storage.is_s3(spec):
+        return check_file(Path(spec))
+    from lmforge.evaluation import fetch
+
+    local, shown = fetch.fetch_task(spec)
+    try:
+        return check_file(local)
+    except TaskError as err:
+        raise fetch.shown_as(err, shown) from None
+
+
+@functools.cache
+def harness_task_names() -> frozenset[str]:
+    """The names of the harness's own tasks and groups (indexing them takes seconds: once
+    per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager(include_defaults=True).all_tasks)
 
 
 def task_manager(sources: list[TaskSource]):
@@ -94,36 +120,6 @@ def task_manager(sources: list[TaskSource]):
     )
 
 
-def _line_of(text: str, pattern: str) -> int | None:
-    for i, line in enumerate(text.splitlines(), 1):
-        if re.search(pattern, line):
-            return i
-    return None
-
-
-def _where(path: Path, line: int | None) -> str:
-    return f"{path}:{line}" if line else str(path)
-
-
-def read_task_yaml(path: Path) -> dict[str, Any]:
-    """The task file's mapping as the harness reads it (`include` merged, `!function` left
-    as the path it names)."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    if not path.is_file():
-        raise TaskError(f"{path}: task file not found")
-    try:
-        cfg = load_yaml(path, resolve_func=False)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise TaskError(f"{_where(path, line)}: not valid YAML ({problem})") from None
-    except (ValueError, OSError) as err:
-        raise TaskError(f"{path}: {str(err).splitlines()[0]}") from None
-    return cfg
-
-
 def check_file(path: Path) -> TaskSource:
     """One task file, every check; its source."""
     from lm_eval.api.registry import metric_registry
@@ -137,9 +133,9 @@ def check_file(path: Path) -> TaskSource:
     known = {f.name for f in dataclasses.fields(TaskConfig)} | {"group", "class", "include"}
     for key in cfg:
         if key not in known:
-            line = _line_of(text, rf"^\s*{re.escape(str(key))}\s*:")
+            line = line_of(text, rf"^\s*{re.escape(str(key))}\s*:")
             raise TaskError(
-                f"{_where(path, line)}: unknown key {key!r} for an lm-evaluation-harness task "
+                f"{where(path, line)}: unknown key {key!r} for an lm-evaluation-harness task "
                 f"(known: {', '.join(sorted(known - {'custom_dataset'}))})"
             )
     name = cfg.get("task")
@@ -147,17 +143,17 @@ def check_file(path: Path) -> TaskSource:
         raise TaskError(f"{path}: no `task:` name (every task file names its task)")
     output_type = cfg.get("output_type", "generate_until")
     if output_type not in OUTPUT_TYPES:
-        line = _line_of(text, r"^\s*output_type\s*:")
+        line = line_of(text, r"^\s*output_type\s*:")
         raise TaskError(
-            f"{_where(path, line)}: output_type {output_type!r} is not one of "
+            f"{where(path, line)}: output_type {output_type!r} is not one of "
             f"{', '.join(OUTPUT_TYPES)}"
         )
     for entry in cfg.get("metric_list") or []:
         metric = entry.get("metric") if isinstance(entry, dict) else entry
         if isinstance(metric, str) and "/" not in metric and metric not in metric_registry:
-            line = _line_of(text, rf"metric\s*:\s*['\"]?{re.escape(metric)}\b")
+            line = line_of(text, rf"metric\s*:\s*['\"]?{re.escape(metric)}\b")
             raise TaskError(
-                f"{_where(path, line)}: unknown metric {metric!r} (known: "
+                f"{where(path, line)}: unknown metric {metric!r} (known: "
                 f"{', '.join(sorted(metric_registry.keys()))}; or a !function)"
             )
     for file in data_files(cfg, path, text):
@@ -177,10 +173,16 @@ def data_files(cfg: dict[str, Any], path: Path, text: str) -> list[Path]:
         listed = files if isinstance(files, list) else [files]
     out = []
     for f in listed:
+        if storage.is_s3(f):
+            line = line_of(text, re.escape(str(f)))
+            raise TaskError(
+                f"{where(path, line)}: data file {f} is in S3 and this task file is local: "
+                "put the task file beside its data in S3 (s3://.../task.yaml), or download the data"
+            )
         p = Path(str(f)).expanduser()
         if not p.is_file():
-            line = _line_of(text, re.escape(str(f)))
-            raise TaskError(f"{_where(path, line)}: data file {f} not found")
+            line = line_of(text, re.escape(str(f)))
+            raise TaskError(f"{where(path, line)}: data file {f} not found")
         out.append(p)
     return out
 
