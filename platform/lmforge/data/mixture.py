@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,14 +256,18 @@ class MixtureStream:
         strays past about one window. A weight-0 source keeps its credit."""
         w = self.weights.at(self.windows // self.windows_per_step)
         credit, out, rest, left = self.credit, [0] * len(w), [], n
-        for i, wi in enumerate(w):
+        for i, wi in enumerate(w):  # hot (once a batch): int() is floor here, math.floor slower
             if wi > 0:
                 owed = credit[i] + n * wi
-                k = max(0, math.floor(owed))
+                k = int(owed) if owed > 0 else 0
                 out[i], credit[i] = k, owed
                 left -= k
                 rest.append((k - owed, i))  # most owed first when sorted
         rest.sort()
+        if 0 < left <= len(rest):  # the usual case: one pass of the loop below
+            for _, i in rest[:left]:
+                out[i] += 1
+            left = 0
         while left > 0:
             for _, i in rest[:left]:
                 out[i] += 1
@@ -308,7 +311,7 @@ class MixtureStream:
                         f"data: source {self.names[i]} ran out; it starts its epoch "
                         f"{epochs[i]} (its next pass, reshuffled), the others go on"
                     )
-            x, y = _in_batch_order(xs, plan, B), _in_batch_order(ys, plan, B)
+            x, y = _in_batch_order(xs, ys, plan, B)
             handed = np.cumsum(plan, axis=0).tolist()  # per source, after each batch
             self._block = (start, plan, choices, handed, self._handed)
             masked = self.streams[0].masked
@@ -378,22 +381,34 @@ class MixtureStream:
 BLOCK = 16  # batches cut at once (`MixtureStream.batches`)
 
 
-def _in_batch_order(parts: list[list[np.ndarray]], plan: list[list[int]], B: int) -> np.ndarray:
-    """One int64 array (channels, BLOCK*B, T) of the sources' windows (each source's a
-    list of (channels, rows, T) pieces), batch k's rows at k*B: each source's next
-    plan[k][i] windows, source by source. Short windows: one gather (Python per segment
-    costs more than the copies); long ones: each segment cast into place (one copy)."""
-    some = next(p[0] for p in parts if p)
-    C, T = some.shape[0], some.shape[2]
+def _in_batch_order(
+    xs: list[list[np.ndarray]], ys: list[list[np.ndarray]], plan: list[list[int]], B: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The block's inputs and targets, each one int64 array (channels, BLOCK*B, T) of the
+    sources' windows (each source's a list of (channels, rows, T) pieces), batch k's rows at
+    k*B: each source's next plan[k][i] windows, source by source. Short windows: one
+    gather each, by one index (Python per segment costs more than the copies); long ones:
+    each segment cast into place (one copy)."""
+    some = next(p[0] for p in xs if p)
+    T = some.shape[2]
     if T < LONG_WINDOW:
-        joined = np.concatenate([p for ps in parts for p in ps], axis=1, dtype=np.int64)
         counts = np.asarray(plan, dtype=np.intp)  # (batches, sources)
         first = np.concatenate([[0], np.cumsum(counts.sum(axis=0))[:-1]])  # a source's rows
         before = np.cumsum(counts, axis=0) - counts  # its rows given by earlier batches
         start = (first[None, :] + before).ravel()  # each (batch, source) segment's first row
         length = counts.ravel()
         out_start = np.cumsum(length) - length
-        return joined[:, np.repeat(start - out_start, length) + np.arange(length.sum())]
+        index = np.repeat(start - out_start, length) + np.arange(length.sum())
+        return tuple(
+            np.concatenate([p for ps in parts for p in ps], axis=1, dtype=np.int64)[:, index]
+            for parts in (xs, ys)
+        )
+    return _copied_in_order(xs, plan, B), _copied_in_order(ys, plan, B)
+
+
+def _copied_in_order(parts: list[list[np.ndarray]], plan: list[list[int]], B: int) -> np.ndarray:
+    some = next(p[0] for p in parts if p)
+    C, T = some.shape[0], some.shape[2]
     out = np.empty((C, len(plan) * B, T), dtype=np.int64)
     at = [[0, 0] for _ in parts]  # per source: its piece, the row in it
     row = 0
