@@ -159,6 +159,12 @@ def _add_generate(sub) -> None:
                    help="end a sample at this text (not printed); repeatable")  # fmt: skip
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
                    help="> 1 discourages tokens already in the text (CTRL's; default 1: off)")  # fmt: skip
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
+                   help="-2..2, OpenAI's: subtracted from the logit of every token generated "
+                   "so far (default 0: off)")  # fmt: skip
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="-2..2, OpenAI's: subtracted once per time a token was generated so "
+                   "far (default 0: off)")  # fmt: skip
     p.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="after the text, each token's log-probability and its K most likely "
                    "alternatives")  # fmt: skip
@@ -559,6 +565,8 @@ def cmd_generate(args) -> None:
         seed=args.seed,
         n=args.n,
         repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         stop=tuple(args.stop),
         logprobs=args.logprobs,
     )  # checked before the model is read

@@ -13,7 +13,10 @@ same prompt, one cache). Log-probabilities are the model's own distribution
 penalty), as an API's `logprobs` report them; `top` is the `logprobs` most likely tokens.
 The repetition penalty is CTRL's (Keskar et al. 2019, as transformers applies it): the
 logit of every token already in the sequence, prompt included, is divided by the
-penalty when positive and multiplied by it when negative.
+penalty when positive and multiplied by it when negative. The presence and frequency
+penalties are OpenAI's (additive, over the tokens generated so far, not the prompt's, as
+vLLM applies them): a token's logit minus `frequency_penalty` times its count, minus
+`presence_penalty` once it has appeared.
 
 The CLI, the dashboard playground and the registry's pyfunc model all call this module.
 """
@@ -43,6 +46,8 @@ class SamplingParams:
     stop_token: int | None = None  # usually the tokenizer's end-of-text id
     n: int = 1  # samples of the prompt, generated together in one batch
     repetition_penalty: float = 1.0  # 1: off; > 1 discourages repeats
+    presence_penalty: float = 0.0  # OpenAI's, -2..2: > 0 discourages any generated token again
+    frequency_penalty: float = 0.0  # OpenAI's, -2..2: > 0 discourages each by its count
     stop: tuple[str, ...] = ()  # strings that end a sample (not part of its text)
     logprobs: int | None = None  # report each token's log-prob and this many alternatives
 
@@ -51,6 +56,9 @@ class SamplingParams:
             raise UsageError(f"n must be >= 1 (got {self.n})")
         if self.repetition_penalty <= 0:
             raise UsageError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise UsageError(f"{name} must be in [-2, 2] (got {getattr(self, name)})")
         if self.logprobs is not None and self.logprobs < 0:
             raise UsageError(f"logprobs must be >= 0 (got {self.logprobs})")
         if any(not s for s in self.stop):
@@ -86,6 +94,17 @@ def penalize_repeats(logits: torch.Tensor, seq: torch.Tensor, penalty: float) ->
     seen = logits.gather(1, seq)
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
     return logits.scatter(1, seq, seen)
+
+
+def penalize_counts(
+    logits: torch.Tensor, generated: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's additive penalties on (B, V) logits for the (B, G) tokens generated so far."""
+    if (presence == 0 and frequency == 0) or generated.size(1) == 0:
+        return logits
+    ones = torch.ones_like(generated, dtype=logits.dtype)
+    counts = torch.zeros_like(logits).scatter_add_(1, generated, ones)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def sample_next(
@@ -166,7 +185,7 @@ def generate_steps(
             logits, _ = model(pending, cache=cache)
         else:
             logits, _ = model(seq[:, -ctx:])
-        nxt, step = sample_step(logits[:, -1, :], seq, params, generator)
+        nxt, step = sample_step(logits[:, -1, :], seq, params, generator, len(prompt_ids))
         seq = torch.cat([seq, nxt], dim=1)
         pending = nxt
         for i, choice in enumerate(step):
@@ -182,12 +201,18 @@ def sample_step(
     seq: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None = None,
+    prompt_len: int = 0,
 ) -> tuple[torch.Tensor, list[TokenChoice]]:
     """One position of a prompt's samples: from the last logits (n, V) and the tokens so far
-    (n, L), the next tokens (n, 1) and each row's TokenChoice. `generate_steps` and the
-    server's running batch (lmforge.serving) both pick every token here."""
+    (n, L; the first `prompt_len` the prompt's), the next tokens (n, 1) and each row's
+    TokenChoice. `generate_steps` and the server's running batch (lmforge.serving) both
+    pick every token here."""
     logits = logits.float()
-    nxt = sample_next(penalize_repeats(logits, seq, params.repetition_penalty), params, generator)
+    steered = penalize_repeats(logits, seq, params.repetition_penalty)
+    steered = penalize_counts(
+        steered, seq[:, prompt_len:], params.presence_penalty, params.frequency_penalty
+    )
+    nxt = sample_next(steered, params, generator)
     return nxt, _choices(logits, nxt, params.logprobs)
 
 

@@ -13,6 +13,7 @@ from lmforge.generation import (
     complete_samples,
     generate_steps,
     generate_tokens,
+    penalize_counts,
     penalize_repeats,
     stream_samples,
 )
@@ -84,6 +85,27 @@ def test_repetition_penalty():
     assert penalize_repeats(logits, seq, 1.0) is logits
 
 
+def test_presence_and_frequency_penalties_are_openais_over_generated_tokens(model):
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    generated = torch.tensor([[0, 3, 3]])
+    out = penalize_counts(logits, generated, presence=0.5, frequency=0.25)
+    assert out.tolist() == [[2.0 - 0.25 - 0.5, -1.0, 0.5, 3.0 - 0.5 - 0.5]]
+    assert penalize_counts(logits, generated, 0.0, 0.0) is logits
+    # Greedy: the prompt's tokens are not penalised, the generated ones are, step by step.
+    greedy = list(generate_tokens(model, PROMPT, SamplingParams(6, 0)))  # for the message
+    steered = list(generate_tokens(model, PROMPT, SamplingParams(6, 0, frequency_penalty=2.0,
+                                                                 presence_penalty=2.0)))  # fmt: skip
+    seq, want = list(PROMPT), []
+    with torch.no_grad():
+        for _ in range(6):
+            logits, _ = model(torch.tensor([seq]))
+            gen = torch.tensor([seq[len(PROMPT) :]], dtype=torch.long)
+            tok = int(penalize_counts(logits[:, -1].float(), gen, 2.0, 2.0).argmax())
+            want.append(tok)
+            seq.append(tok)
+    assert steered == want and len(set(steered)) == len(steered), (steered, greedy)
+
+
 def test_repetition_penalty_steers_greedy_generation(model):
     p = SamplingParams(1, 0, repetition_penalty=50.0)
     (choice,) = next(generate_steps(model, PROMPT, p))
@@ -139,6 +161,7 @@ def test_bad_params_are_named():
     for kw, msg in [
         ({"n": 0}, "n must be >= 1"),
         ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
+        ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
         ({"logprobs": -1}, "logprobs must be >= 0"),
         ({"stop": ("",)}, "stop string must not be empty"),
     ]:

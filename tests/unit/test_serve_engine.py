@@ -88,6 +88,8 @@ def test_concurrent_requests_equal_generate_each(arch, tok):
                 n=1 + i % 2,
                 stop=("qq",) if i == 3 else (),
                 logprobs=2,
+                frequency_penalty=1.5 if i == 2 else 0.0,  # per row, over its own tokens
+                presence_penalty=1.0 if i == 1 else 0.0,
             )
             jobs.append((ids, params, None))
         got = run(engine, tok, jobs)

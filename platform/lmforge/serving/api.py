@@ -8,11 +8,11 @@ stream chunks built from generation's pieces, errors in OpenAI's shape. No Ray, 
 What maps where: `max_tokens` (chat: also `max_completion_tokens`) -> max_new_tokens,
 `temperature`, `top_p`, `n`, `seed`, `stop` (up to 4 strings) as `lmforge generate` takes
 them; `logprobs` (completions: a count; chat: true with `top_logprobs`) -> the model's own
-log-probabilities and alternatives. `repetition_penalty` and `top_k` (vLLM's extra
-parameters, e.g. the openai client's `extra_body`) are lmforge's CTRL penalty and top-k.
-OpenAI's additive `presence_penalty` / `frequency_penalty` have no exact equivalent: a
-non-zero value is refused with a pointer to `repetition_penalty` instead of being
-approximated silently; the same for `logit_bias`, `suffix`, `echo`, `best_of` > n, tools.
+log-probabilities and alternatives; `presence_penalty` / `frequency_penalty` (-2..2) as
+OpenAI defines them, over the generated tokens. `repetition_penalty` and `top_k` (vLLM's
+extra parameters, e.g. the openai client's `extra_body`) are lmforge's CTRL penalty and
+top-k. What has no exact equivalent is refused instead of being approximated silently:
+`logit_bias`, `suffix`, `echo`, `best_of` > n, tools.
 A field OpenAI does not define is a 400 naming it. OpenAI's defaults hold: temperature 1,
 top_p 1, no top-k, 16 new tokens for a completion, up to the context for a chat.
 """
@@ -78,8 +78,8 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     # vLLM's extra sampling parameters (the openai client's `extra_body`)
     repetition_penalty: float = Field(1.0, gt=0)
@@ -187,8 +187,6 @@ def sampling_params(
 ) -> SamplingParams:
     """The request's sampling as `lmforge generate` takes it (stop_token: the server's)."""
     unsupported = {
-        "presence_penalty": req.presence_penalty != 0,
-        "frequency_penalty": req.frequency_penalty != 0,
         "logit_bias": bool(req.logit_bias),
     }
     if isinstance(req, CompletionRequest):
@@ -199,13 +197,8 @@ def sampling_params(
                         "response_format": (req.response_format or {}).get("type", "text") != "text"}  # fmt: skip
     for name, bad in unsupported.items():
         if bad:
-            hint = (
-                " (use repetition_penalty, CTRL's: > 1 discourages repeats)"
-                if "penalty" in name
-                else ""
-            )
             raise ApiError(
-                400, f"{name} is not supported by this server{hint}", name, "unsupported_parameter"
+                400, f"{name} is not supported by this server", name, "unsupported_parameter"
             )
     if max_batch is not None and req.n > max_batch:
         raise ApiError(
@@ -224,6 +217,8 @@ def sampling_params(
         seed=req.seed,
         n=req.n,
         repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
         stop=tuple(req.stop or ()),
         logprobs=req.top_count(),
     )

@@ -194,7 +194,7 @@ class Engine:
         p = job.params
         if job.cancelled:
             return self._leave(job)
-        nxt, step = sample_step(logits, job.seq, p, job.generator)
+        nxt, step = sample_step(logits, job.seq, p, job.generator, len(job.ids))
         job.seq = torch.cat([job.seq, nxt], dim=1)
         job.steps += 1
         for i, choice in enumerate(step):
