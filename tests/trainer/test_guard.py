@@ -102,3 +102,37 @@ def test_a_spike_rolls_back_and_scales_the_lr(dataset, monkeypatch):
     assert list(first) == [1, 2, 3] and list(again) == [3, 4, 5]
     assert again[3] == pytest.approx(first[3] * 0.5, rel=1e-9)
     assert read_state(run.checkpoint).step == 5
+
+
+def test_a_rollback_to_a_checkpoint_of_more_workers_reshards_it(dataset, monkeypatch):
+    """An elastic run that lost a worker rolls back to a checkpoint the 2 workers saved: it
+    is loaded re-sharded (DeepSpeed's universal checkpoint) and training goes on exactly as
+    a plain 1-worker resume from that checkpoint does."""
+    common = ["train.checkpoint_every=2", "train.eval_every=100", "train.warmup_steps=0"]
+    two = train(tiny_config(dataset, "wide", "train.max_steps=2", *common))
+    assert read_state(two.checkpoint).world_size == 2
+    ref_dir = two.run_dir.parent / "wide-ref"
+    ref_dir.mkdir()
+    shutil.copytree(two.checkpoint, ref_dir / two.checkpoint.name)
+    (ref_dir / LOCAL_RECORD).write_text(json.dumps({"checkpoints": [two.checkpoint.name]}))
+
+    narrow = [*common, "train.max_steps=4", "scaling.num_workers=1"]
+    monkeypatch.setenv("LMFORGE_FAULT", "nan:step:3")
+    guarded = train(tiny_config(dataset, "wide", *narrow,
+                                "train.guard={nonfinite: rollback, max_rollbacks: 1, "
+                                "skip_batches: false}"),
+                    resume=True)  # fmt: skip
+    monkeypatch.delenv("LMFORGE_FAULT")
+    (rollback,) = json.loads((guarded.run_dir / RECORD).read_text())["rollbacks"]
+    assert (rollback["step"], rollback["rolled_back_to"]) == (3, 2)
+    assert read_state(guarded.checkpoint).step == 4
+    # Steps 1..2 were of 2 workers (1,024 tokens each), step 3 of one (512).
+    assert rollback["skipped_tokens"] is None and read_state(guarded.checkpoint).tokens_seen == (
+        2 * 1024 + 2 * 512
+    )
+
+    clean = train(tiny_config(dataset, "wide-ref", *narrow), resume=True)
+    a = load_file(guarded.checkpoint / "model.safetensors")
+    b = load_file(clean.checkpoint / "model.safetensors")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst

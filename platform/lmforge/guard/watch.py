@@ -129,15 +129,13 @@ class Guard:
                 "train.checkpoint_every)",
                 event,
             )
-        state = ckpt_io.read_state(target)
-        if state.world_size != self.info.world:
-            self._stop(
-                f"guard: {where}; the last sound checkpoint, {target}, was saved by "
-                f"{state.world_size} workers, not {self.info.world}: resume it instead",
-                event,
-            )
+        state = ckpt_io.read_state(target)  # saved by another number of workers: re-sharded
         positions = trainer.data_positions()  # where the stream stands after step S
-        tokens = [state.step * trainer.tokens_per_step, event.step * trainer.tokens_per_step]
+        # the run's token count (a checkpoint of another number of workers: from its own)
+        tokens = [
+            state.tokens_seen,
+            state.tokens_seen + (event.step - state.step) * trainer.tokens_per_step,
+        ]
         record = {
             "n": len(self.rollbacks) + 1,
             "step": event.step,

@@ -8,6 +8,7 @@ pulls in DeepSpeed.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,6 @@ def to_universal(path: Path, out: Path) -> Path:
     `checkpoint.load_universal`. Check the files DeepSpeed unpickles, before and after:
     `check_engine_state(path)`, `check_engine_files(out / UNIVERSAL_TAG)`.
     """
-    import contextlib
     import io
     import os
     from argparse import Namespace
@@ -206,6 +206,21 @@ def to_universal(path: Path, out: Path) -> Path:
         ) from err
     tmp.rename(out / UNIVERSAL_TAG)
     return out
+
+
+@contextlib.contextmanager
+def loading_universal(engine):
+    """`engine.load_checkpoint` reads a universal checkpoint within this block, though the
+    engine was built without `checkpoint.load_universal` (a guard's rollback to a checkpoint
+    saved before an elastic resize). DeepSpeed reads that key from its config at each load
+    and has no public setter; its ZeRO optimizers load either kind."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = before
 
 
 def consolidated_weights(

@@ -365,10 +365,15 @@ class Trainer:
     ) -> None:
         if checkpoint is not None:
             state = ckpt_io.read_state(checkpoint)
-            engine_state.load_engine_state(
-                self.engine, checkpoint / ckpt_io.ENGINE_DIR, ckpt_io.ENGINE_TAG,
-                load_module_strict=not self.lora,
-            )  # fmt: skip
+            if state.world_size != self.info.world:  # saved before an elastic resize
+                engine_state.check_engine_state(checkpoint)
+                with engine_state.loading_universal(self.engine):
+                    self._load_resharded(checkpoint)
+            else:
+                engine_state.load_engine_state(
+                    self.engine, checkpoint / ckpt_io.ENGINE_DIR, ckpt_io.ENGINE_TAG,
+                    load_module_strict=not self.lora,
+                )  # fmt: skip
             self.step, self.tokens_seen = state.step, state.tokens_seen
             self.evals, self.pending = list(state.evals), []
             positions = state.data if positions is None else positions
