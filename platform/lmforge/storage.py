@@ -347,6 +347,13 @@ def download(src: Path | S3Path, dst: Path) -> Path:
     return dst
 
 
+def download_dir(src: S3Path, dst: Path) -> Path:
+    """Copy every object under `src` to `dst` (its relative paths kept)."""
+    for rel in src.files():
+        download(src / rel, dst / rel)
+    return dst
+
+
 def cache_dir(path: S3Path) -> Path:
     """Where a local copy of `path` goes (under LMFORGE_HOME, one dir per URI)."""
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]

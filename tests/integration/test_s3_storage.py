@@ -1,7 +1,7 @@
 """Data and checkpoints in S3 (moto's real S3 API on 127.0.0.1): `prepare --output s3://`,
 2 workers training from shards streamed out of the bucket into run storage in the bucket
 (Ray Train's storage_filesystem), every checkpoint sealed there and registered, a resume
-from S3, `generate --checkpoint s3://...`, damage in an S3 checkpoint caught by files.json;
+from S3 with a guard's rollback to a checkpoint there, `generate --checkpoint s3://...`, damage in an S3 checkpoint caught by files.json;
 the secret key reaches neither MLflow nor the log."""
 
 from __future__ import annotations
@@ -70,9 +70,16 @@ def test_train_resume_register_and_generate_on_s3(ray_cluster, s3, s3_dataset, c
     assert (run / RAY_RECORD).is_file() and (first / FILES).is_file()  # in the bucket
     assert read_state(first).dataset.path == s3_dataset
 
-    status, log2 = submit(ray_cluster, env, {**settings, "train.max_steps": 6}, "--resume")
+    # The resumed run's step 5 is NaN: the guard rolls back to the checkpoint in the bucket
+    # (each worker reads a copy of it) and trains 4..6 again on the same data.
+    guard = "{nonfinite: rollback, max_rollbacks: 1, skip_batches: false}"
+    status, log2 = submit(
+        ray_cluster, {**env, "LMFORGE_FAULT": "nan:step:5"},
+        {**settings, "train.max_steps": 6, "train.guard": guard}, "--resume",
+    )  # fmt: skip
     assert status == "SUCCEEDED", log2[-4000:]
     assert "resumed from step 3" in log2
+    assert "rollback 1/1 to the checkpoint of step 3, reading the same data again" in log2
     last = run / "checkpoint_00000006"
     state = read_state(last)
     assert state.step == 6 and state.tokens_seen == 6 * 8 * 2 * 64

@@ -15,9 +15,11 @@ metric `guard/rollbacks` and one tag `guard/event/<n>` (the Runs page draws it a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,9 +152,8 @@ class Guard:
         }
         self.rollbacks.append(record)
         self._write_record()
-        trainer.rewind(
-            Path(str(target)), positions if cfg.skip_batches else None, cfg.lr_scale_after
-        )
+        with _local(target) as local:
+            trainer.rewind(local, positions if cfg.skip_batches else None, cfg.lr_scale_after)
         self.recent.clear()
         skipped = (
             f"skipping the data of steps {state.step + 1}..{event.step} (tokens "
@@ -237,6 +238,17 @@ class Guard:
             f"guard: resumed at step {step}, where rollback {r['n']} went back to: skipping "
             f"the data of steps {step + 1}..{r['step']} again"
         )
+
+
+@contextlib.contextmanager
+def _local(checkpoint: Path | storage.S3Path):
+    """The checkpoint's files on this worker: itself, or (S3) a copy in a temp dir, each
+    rank its own, removed once loaded."""
+    if isinstance(checkpoint, Path):
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory(prefix="lmforge-rollback-") as tmp:
+        yield storage.download_dir(checkpoint, Path(tmp) / checkpoint.name)
 
 
 def raise_if_stopped(run_dir) -> None:
