@@ -215,6 +215,10 @@ class Architecture:
     new_cache: Callable[[Any, int, Any, Any], Cache] | None = None
     # False for a recurrent model: a prompt of any length is fed whole when generating.
     context_limited: bool = True
+    # (model, slots, device, dtype) -> a server's running-batch cache (lmforge.serving:
+    # `use`, `put`, `move`, `capacity`, `rows`); None: attention.SlotCache when `new_cache`
+    # gives a KVCache, else requests run one at a time.
+    new_slots: Callable[[Any, int, Any, Any], Any] | None = None
     # cfg -> the state-dict names that alias another weight (tied): not written, not
     # expected on load.
     tied: Callable[[ModelConfig], tuple[str, ...]] = lambda cfg: ()

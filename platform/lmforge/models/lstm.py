@@ -53,6 +53,49 @@ class LSTMState:
         self.capacity = math.inf  # a state never fills up: generation never refills it
 
 
+class LSTMSlots:
+    """The recurrent states of a server's running batch (lmforge.serving.engine), one slot
+    a row, the first `rows` in use: what `attention.SlotCache` is to attention. The model
+    reads and writes `h`/`c` as it does an `LSTMState`'s; a row's state after its prompt is
+    copied in (`put`), a finished row's slot taken by the last row (`move`)."""
+
+    capacity = math.inf  # a state never fills up
+
+    def __init__(self, cfg: Settings, slots: int, device, dtype) -> None:
+        shape = (cfg.n_layer, slots, cfg.d_model)
+        self._h = torch.zeros(shape, device=device, dtype=dtype)
+        self._c = torch.zeros(shape, device=device, dtype=dtype)
+        self.rows = 0
+        self.length = 0  # unused: every row continues from its own state
+
+    def use(self, rows: int) -> None:
+        self.rows = rows
+
+    def put(self, slot: int, state: LSTMState, row: int = 0) -> None:
+        self._h[:, slot] = state.h[:, row]
+        self._c[:, slot] = state.c[:, row]
+
+    def move(self, src: int, dst: int) -> None:
+        self._h[:, dst] = self._h[:, src]
+        self._c[:, dst] = self._c[:, src]
+
+    @property
+    def h(self) -> torch.Tensor:
+        return self._h[:, : self.rows].contiguous()  # nn.LSTM takes contiguous states
+
+    @h.setter
+    def h(self, value: torch.Tensor) -> None:
+        self._h[:, : self.rows] = value
+
+    @property
+    def c(self) -> torch.Tensor:
+        return self._c[:, : self.rows].contiguous()
+
+    @c.setter
+    def c(self, value: torch.Tensor) -> None:
+        self._c[:, : self.rows] = value
+
+
 class LSTMLM(nn.Module):
     def __init__(self, cfg: Settings) -> None:
         super().__init__()
@@ -125,6 +168,10 @@ def new_cache(model: LSTMLM, batch: int, device, dtype) -> LSTMState:
     return LSTMState(model.cfg, batch, device, dtype)
 
 
+def new_slots(model: LSTMLM, slots: int, device, dtype) -> LSTMSlots:
+    return LSTMSlots(model.cfg, slots, device, dtype)
+
+
 def n_params(cfg: Settings) -> int:
     """Every parameter of `LSTMLM(cfg)`: the embedding, each layer's input and recurrent
     weights of the four gates and their two biases (torch keeps b_ih and b_hh), and the
@@ -176,6 +223,7 @@ ARCH = Architecture(
     flops_per_token=flops_per_token,
     activation_bytes=activation_bytes,
     new_cache=new_cache,
+    new_slots=new_slots,
     context_limited=False,
     tied=lambda cfg: ("lm_head.weight",) if cfg.tie_embeddings else (),
     # No transformers class to map onto: export-hf refuses it, import-hf cannot produce it.

@@ -16,9 +16,10 @@ may belong to different adapters: peft's mixed-batch forward (`adapter_names`, "
 for the base) applies each row's own.
 
 A row that reaches the context ends with finish "length" (generate would go on by
-refilling its cache from the recent tokens; a server reports the context instead). An
-architecture without a KV cache (a recurrent one) runs each request alone with
-`generation.stream_samples`, one at a time.
+refilling its cache from the recent tokens; a server reports the context instead). A
+recurrent model (lstm) batches the same way, its slots holding each row's state
+(`Architecture.new_slots`) and no context to reach; an architecture with no cache at all
+would run each request alone with `generation.stream_samples`, one at a time.
 """
 
 from __future__ import annotations
@@ -68,16 +69,18 @@ class Engine:
         self.model = model.eval()
         self.max_batch = max_batch
         arch = models.of(model)
-        self.batched = arch.new_cache is not None and arch.context_limited
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.slots: SlotCache | None = None
-        if self.batched:
+        self.slots = None  # the running batch's cache: a slot a row
+        if arch.new_slots is not None:  # a recurrent state's (lstm)
+            self.slots = arch.new_slots(model, max_batch, self.device, self.dtype)
+        elif arch.new_cache is not None and arch.context_limited:  # attention's KV cache
             proto = arch.new_cache(model, 1, self.device, self.dtype)
             layers, _, heads, length, head_dim = len(proto.k), *proto.k[0].shape
             self.slots = SlotCache(
                 layers, max_batch, heads, length, head_dim, self.device, self.dtype
             )
+        self.batched = self.slots is not None
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
         self.row_adapters: list[str] = []  # each row's adapter, read by the LoRA hooks
