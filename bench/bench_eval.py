@@ -4,6 +4,12 @@ per second (every context + continuation token scored), alternating, in one proc
 
     .venv/bin/python bench/bench_eval.py            # a GPT-2 shape of 6 layers x 384, 512 requests
     .venv/bin/python bench/bench_eval.py --tiny     # 2 layers, 64 requests: checks it runs
+    .venv/bin/python bench/bench_eval.py --what beside   # training with evaluation beside it
+
+`--what beside`: a local training run (1 worker, 1 thread) with every checkpoint evaluated
+beside it (a generative task file, the driver's validator thread given the other core, as
+Ray gives its validation task `eval.cpus`) against the same run without evaluation:
+training tokens/s over the steps after warm-up. Target: >= 0.9x (issue 26).
 
 A random `GPT2LMHeadModel` (transformers' class) is saved as a Hugging Face folder and
 imported by lmforge (`import_hf.write_checkpoint`); both sides score the same
@@ -66,8 +72,71 @@ def requests(n: int):
     return out
 
 
+def beside(tiny: bool, repeats: int) -> None:
+    """Training tokens/s with every checkpoint evaluated beside it, against without."""
+    import torch
+
+    from lmforge.config import load_config
+    from lmforge.training.launch import run_training
+    from tests.conftest import CORPUS, REPO
+    from tests.datasets import plays_dataset
+    from tests.unit import evaltasks
+
+    torch.set_num_threads(1)  # the driver's validator thread: the core the worker leaves
+    tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-eval-beside-"))
+    try:
+        data = plays_dataset(tmp / "plays").path  # three plays, in-process (no Ray)
+        words = (CORPUS / "twelfth_night.txt").read_text().split()
+        rows = [{"prompt": " ".join(words[i : i + 12]), "completion": " " + words[i + 12]}
+                for i in range(0, 64 * 13, 13)]  # fmt: skip
+        task = evaltasks.generative(tmp, "copy", evaltasks.write_rows(tmp / "rows.jsonl", rows),
+                                    max_gen=16)  # fmt: skip
+        steps, every = (30, 10) if tiny else (120, 20)
+        runs = iter(range(1000))
+
+        def train(with_eval: bool):
+            def once() -> float:
+                overrides = [
+                    f"data.path={data}", f"run.name=beside-{next(runs)}",
+                    f"run.storage_path={tmp / 'runs'}", "tracking.enabled=false",
+                    "scaling.num_workers=1", "scaling.cpus_per_worker=1", "train.log_every=1",
+                    f"train.max_steps={steps}", f"train.checkpoint_every={every}",
+                    f"train.eval_every={steps}", "model.n_layer=4", "model.d_model=128",
+                    "model.n_head=4",
+                ]  # fmt: skip
+                if with_eval:
+                    overrides += [f"eval.tasks=[{task}]", "eval.limit=32"]
+                cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", overrides)
+                result = run_training(cfg, local=True)
+                timed = [m for m in result.history if "step_time_s" in m][3:]  # after warm-up
+                t = cfg.train  # one worker: a step is its micro-batches
+                tokens = t.micro_batch_size * t.grad_accum_steps * cfg.model.context_length
+                return tokens * len(timed) / sum(m["step_time_s"] for m in timed)
+
+            return once
+
+        got = alternate({"beside": train(True), "alone": train(False)}, 1 if tiny else repeats)
+        figure = Figure.ratio_of(
+            f"training, every {every} steps' checkpoint evaluated beside it", "tokens/s",
+            got["beside"], got["alone"], "the same run without evaluation", target=0.9,
+            note="1 worker x 1 thread; the validator thread on the other core (Ray: eval.cpus)",
+        )  # fmt: skip
+        report("eval-beside", [figure], {"steps": steps, "checkpoint_every": every,
+                                         "task": "generative, 32 examples, 16 new tokens",
+                                         "model": "gpt2 4x128, context 64",
+                                         "machine": machine_info()})  # fmt: skip
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
-    args = bench_args(__doc__.splitlines()[0]).parse_args()
+    p = bench_args(__doc__.splitlines()[0])
+    p.add_argument("--what", choices=["harness", "beside"], default="harness",
+                   help="harness: our LM against HFLM (default); beside: training with "
+                   "evaluation beside it against without")  # fmt: skip
+    args = p.parse_args()
+    if args.what == "beside":
+        return beside(args.tiny, args.repeats)
     import torch
     from lm_eval.models.huggingface import HFLM
 

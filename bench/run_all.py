@@ -47,6 +47,7 @@ SECTIONS = {
     "generate": ("generate", []),
     "generate-llama": ("generate", ["--arch", "llama"]),
     "eval": ("eval", []),
+    "eval-beside": ("eval", ["--what", "beside"]),
     "serve": ("serve", []),
     "checkpoint": ("checkpoint", []),
     "jobstart": ("jobstart", []),
