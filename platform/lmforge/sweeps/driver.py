@@ -305,6 +305,7 @@ def _parent(name: str, base: dict[str, Any], space: Space, o: SweepOptions) -> s
         "trials": o.trials, "max_concurrent": o.max_concurrent,
         "grace_period": o.grace_period or cfg.train.eval_every,
         "reduction_factor": o.reduction_factor, "register_all": o.register_all,
+        "registered_model": cfg.registered_model,
         **{f"space.{p.key}": p.describe() for p in space.params},
     }  # fmt: skip
     try:

@@ -195,6 +195,7 @@ def list_sweeps(uri: str, experiment: str | None = None) -> list[dict[str, Any]]
                 "started": run.info.start_time, "run_id": run.info.run_id,
                 "metric": p.get("metric"), "mode": p.get("mode"),
                 "scheduler": p.get("scheduler"), "search": p.get("search"),
+                "model": p.get("registered_model"),
                 "best_trial": t.get("lmforge.sweep.best_trial"),
                 "best_version": t.get("lmforge.sweep.best_version"),
                 "best_value": next(iter(run.data.metrics.values()), None),

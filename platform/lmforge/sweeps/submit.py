@@ -12,7 +12,7 @@ import json
 import shlex
 
 from lmforge.config import Config
-from lmforge.jobspec import JobSpec, entrypoint, safe_token, train_job
+from lmforge.jobspec import JobSpec, entrypoint, runtime_env, safe_token, train_job
 from lmforge.sweeps.space import Space
 
 SPACE_ENV = "LMFORGE_SWEEP_SPACE"
@@ -61,3 +61,13 @@ def sweep_job(
         "lmforge.experiment": cfg.tracking.experiment,
     }
     return JobSpec(entrypoint(kept), env, meta)
+
+
+def resume_job(name: str, env_vars: dict[str, str] | None = None) -> JobSpec:
+    """The job that continues sweep `name` (`jobs/sweep.py --resume NAME`) in the job's
+    default run storage."""
+    token = safe_token("name", name).split("=", 1)[1]
+    meta = {"lmforge.kind": "sweep", "lmforge.sweep": name, "lmforge.run_name": f"sweep {name}"}
+    return JobSpec(
+        entrypoint(["python", "jobs/sweep.py", "--resume", token]), runtime_env(env_vars), meta
+    )
