@@ -76,3 +76,43 @@ def test_a_sweep_its_trials_and_their_plots(tracking_uri, monkeypatch):
     at.run()
     assert not at.exception, at.exception
     assert submitted and submitted[0].entrypoint.endswith("jobs/sweep.py --resume lr")
+
+
+def test_the_launch_page_submits_a_sweep_of_its_form_and_refuses_a_bad_space(monkeypatch, tmp_path):
+    import shlex
+
+    from lmforge.jobclient import JobClient
+    from lmforge.sweeps.submit import SPACE_ENV
+    from tests.unit.test_dashboard_launch import fake_dataset
+
+    submitted = []
+    monkeypatch.setattr(JobClient, "__init__", lambda self, address=None: None)
+    monkeypatch.setattr(JobClient, "submit", lambda self, spec: submitted.append(spec) or "j2")
+    monkeypatch.syspath_prepend(str(REPO / "dashboard"))
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("RAY_JOBS_ADDRESS", "http://127.0.0.1:9")
+    fake_dataset(tmp_path)
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.run()
+    by_label(at.text_input, "Sweep name").set_value("lr1")
+    area = at.text_area[0]
+    area.set_value("train.lr: {loguniform: [1.0e-3, 3.0]}\n")  # 3 > the schema's 1
+    at.run()
+    by_label(at.button, "Submit sweep").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert any("train.lr: loguniform[0.001, 3.0] gives 3.0" in e.value for e in at.error)
+    assert not submitted
+    at.text_area[0].set_value("train.weight_decay: {uniform: [0.0, 0.2]}\n")
+    at.run()
+    by_label(at.button, "Submit sweep").click()
+    at.run()
+    assert not at.exception, at.exception
+    (spec,) = submitted
+    args = shlex.split(spec.entrypoint.removeprefix("exec "))
+    assert args[:2] == ["python", "jobs/sweep.py"] and "--name" in args and "lr1" in args
+    assert not any(a.startswith("run.name=") for a in args)
+    assert json.loads(spec.runtime_env["env_vars"][SPACE_ENV]) == {
+        "train.weight_decay": {"uniform": [0.0, 0.2]}
+    }

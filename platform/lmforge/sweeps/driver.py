@@ -145,14 +145,17 @@ def sweeps_root(base: Config) -> Path:
 
 def plan_sweep(
     name: str,
-    config: str | os.PathLike | None,
+    config: str | os.PathLike | dict | None,
     space: str | os.PathLike | dict,
     overrides: list[str] | None = None,
     options: SweepOptions | None = None,
 ) -> SweepPlan:
     """Every check that needs no Ray: the name, the options, the base config, the space."""
     options = options or SweepOptions()
-    raw = read_yaml(Path(config)) if config is not None else {}
+    if isinstance(config, dict):  # a mapping (the dashboard's form), not a file
+        raw, config = config, None
+    else:
+        raw = read_yaml(Path(config)) if config is not None else {}
     try:
         base = base_mapping(raw, overrides or [])
     except ConfigError as err:
@@ -278,8 +281,7 @@ def resume_sweep(name: str, config: str | os.PathLike | None = None, overrides=N
     )
     parent = state.get("parent_run_id")
     if parent:
-        cfg = config_from_dict(state["base"])
-        record.parent_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, name, {})
+        record.reopen(config_from_dict(state["base"]).tracking.tracking_uri, parent)
     return _finish(name, state["base"], o, parent, tuner, [])
 
 
@@ -457,10 +459,12 @@ def _finish(name, base, o: SweepOptions, parent, tuner, skipped) -> SweepResult:
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         values = trial_values(r.config or {})
         df = r.metrics_dataframe
-        best_v = math.nan
+        best_v = last_v = math.nan
         if df is not None and o.metric in df:
             col = df[o.metric].dropna()
-            best_v = float(col.min() if o.mode == "min" else col.max()) if len(col) else math.nan
+            if len(col):
+                best_v = float(col.min() if o.mode == "min" else col.max())
+                last_v = float(col.iloc[-1])
         step = (r.metrics or {}).get("step")
         max_steps = trial_config(base, values).train.max_steps
         state = (
@@ -470,7 +474,7 @@ def _finish(name, base, o: SweepOptions, parent, tuner, skipped) -> SweepResult:
         )
         rows.append({
             "trial": trial_id, "values": values, "state": state, "last_step": step,
-            "best": best_v, "run_dir": str(storage_dir(cfg) / run_name(name, trial_id)),
+            "best": best_v, "last": last_v, "run_dir": str(storage_dir(cfg) / run_name(name, trial_id)),
         })  # fmt: skip
     sign = 1 if o.mode == "min" else -1
     sane = [r for r in rows if math.isfinite(r["best"]) and abs(r["best"]) < 1e8]
@@ -516,13 +520,14 @@ def _finish(name, base, o: SweepOptions, parent, tuner, skipped) -> SweepResult:
 def table(rows: list[dict[str, Any]], metric: str) -> str:
     """The final table: one line per trial."""
     keys = sorted({k for r in rows for k in r["values"]})
-    head = ["trial", *keys, "state", "step", f"best {metric}"]
+    head = ["trial", *keys, "state", "step", f"last {metric}", f"best {metric}"]
     body = [
         [
             r["trial"],
             *(_fmt(r["values"].get(k)) for k in keys),
             r["state"],
             str(r["last_step"]),
+            _fmt(r.get("last")),
             _fmt(r["best"]),
         ]
         for r in rows

@@ -61,6 +61,14 @@ def parent_run(uri: str, experiment: str, name: str, about: dict[str, Any]) -> s
     return rid
 
 
+def reopen(uri: str, run_id: str) -> None:
+    """A resumed sweep's parent run is running again."""
+    try:
+        store.client(uri).set_terminated(run_id, "RUNNING")
+    except Exception as err:  # tracking trouble never stops the sweep
+        log.warning("sweep: could not reopen its MLflow run (%s)", first_line(err))
+
+
 def find_parent(client, experiment_id: str, name: str):
     quoted = name.replace("'", "\\'")
     runs = client.search_runs(
