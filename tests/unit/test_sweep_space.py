@@ -135,3 +135,31 @@ def test_a_trial_reports_only_evaluations_to_tune_and_a_divergence_as_the_worst(
         "train.lr": 1e-3,
         "model.d_model": 64,
     }
+
+
+def test_a_submitted_sweep_runs_jobs_sweep_py_with_the_same_options(monkeypatch):
+    import argparse
+    import json
+    import shlex
+
+    from lmforge.cli import add_sweep_args, sweep_plan
+    from lmforge.sweeps.submit import SPACE_ENV, sweep_job
+
+    space = {"train.lr": {"loguniform": [1e-3, 3e-3]}, "model.d_model": {"grid": [32, 64]}}
+    opts = sweeps.SweepOptions(trials=3, max_concurrent=1, grace_period=5, seed=7)
+    plan = sweeps.plan_sweep("s1", TINY, space, ["train.max_steps=40"], opts)
+    spec = sweep_job(plan.name, plan.base_config, plan.space, opts, any_path=True)
+    args = shlex.split(spec.entrypoint.removeprefix("exec "))
+    assert args[:2] == ["python", "jobs/sweep.py"]
+    p = argparse.ArgumentParser()
+    add_sweep_args(p)
+    got = p.parse_args(args[2:])
+    assert (got.name, got.trials, got.max_concurrent, got.grace_period, got.seed) == (
+        "s1", 3, 1, 5, 7,
+    )  # fmt: skip
+    assert "train.max_steps=40" in got.overrides
+    # In the job, the space comes from the environment and is checked again.
+    monkeypatch.setenv(SPACE_ENV, spec.runtime_env["env_vars"][SPACE_ENV])
+    again = sweep_plan(got)
+    assert again.space.to_dict() == json.loads(spec.runtime_env["env_vars"][SPACE_ENV])
+    assert again.base_config.train.max_steps == 40
