@@ -4,7 +4,10 @@ A grid of 4 learning rates, 2 trials at a time, each a real 1-worker DeepSpeed j
 rates run first, then two that make the tiny model diverge; ASHA (grace 5 steps) stops those
 at its first rung, before max_steps, and their MLflow child runs say so. The best trial is a
 sane one; its best checkpoint is the one version the sweep registered, with the alias
-`sweep-<name>`, and the parent run names it.
+`sweep-<name>`, and the parent run names it. `--resume` of the finished sweep (Tune's state
+in the run storage) reruns none of its trials and registers nothing more. (Killing the driver
+mid-trial and resuming: checked by hand, see the commit; a second sweep would double this
+test's time.)
 """
 
 from __future__ import annotations
@@ -62,3 +65,12 @@ def test_sweep_stops_diverging_trials_and_registers_the_best(ray_cluster, datase
     parent = c.get_run(result.parent_run_id)
     assert parent.data.tags["lmforge.sweep.best_trial"] == result.best["trial_id"]
     assert json.loads(parent.data.tags["lmforge.sweep.best_values"])["train.lr"] in SANE
+
+    # Resuming a finished sweep reruns nothing: the same trials, no new runs or versions.
+    again = sweeps.resume_sweep(NAME, overrides=[f"data.path={dataset}"])
+    assert {r["trial"]: r["state"] for r in again.rows} == {
+        r["trial"]: r["state"] for r in result.rows
+    }
+    assert len(sweeps.trials_of(store.resolve_uri(), "it-sweep", NAME)) == 4
+    assert len(c.search_model_versions(f"name='{MODEL}'")) == 1
+    assert again.best["trial_id"] == result.best["trial_id"]
