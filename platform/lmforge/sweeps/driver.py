@@ -188,6 +188,21 @@ def worker_memory(cfg: Config, nodes: list[dict[str, float]]) -> float | None:
     return max(shares, default=None)
 
 
+def say_concurrency(name: str, cfg: Config, nodes: list[dict[str, float]], k: int) -> None:
+    """One line when fewer than `k` trials' worker groups fit on the cluster at once (the
+    others' drivers then wait for workers, which Tune does not know)."""
+    from lmforge.training.placement import placeable, worker_bundle
+
+    fit = placeable(worker_bundle(cfg), nodes, cfg.scaling.placement_strategy)
+    at_once = fit // max(1, cfg.scaling.min_workers)
+    if at_once < k:
+        log.warning(
+            "sweep %s: --max-concurrent %d, but the cluster fits the workers of %d trial(s) "
+            "at once (%d workers of %s CPU each); the others wait for workers",
+            name, k, at_once, cfg.scaling.min_workers, cfg.scaling.cpus_per_worker,
+        )  # fmt: skip
+
+
 def _vocab(cfg: Config) -> int | None:
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
@@ -221,6 +236,7 @@ def run_sweep(plan: SweepPlan) -> SweepResult:
     from lmforge.training.placement import autoscaler_configured, check_placement
 
     check_placement(base_cfg, nodes, autoscaling=autoscaler_configured)
+    say_concurrency(plan.name, base_cfg, nodes, o.max_concurrent)
     budget = o.worker_memory if o.worker_memory is not None else worker_memory(base_cfg, nodes)
     if budget is None:
         log.info(
