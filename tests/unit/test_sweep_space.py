@@ -163,3 +163,16 @@ def test_a_submitted_sweep_runs_jobs_sweep_py_with_the_same_options(monkeypatch)
     again = sweep_plan(got)
     assert again.space.to_dict() == json.loads(spec.runtime_env["env_vars"][SPACE_ENV])
     assert again.base_config.train.max_steps == 40
+
+
+def test_a_concurrency_the_cluster_cannot_hold_is_said_once(caplog):
+    from lmforge.config import load_config
+    from lmforge.sweeps.driver import say_concurrency
+
+    cfg = load_config(TINY)  # 2 workers of 1 CPU a trial
+    with caplog.at_level("WARNING"):
+        say_concurrency("s", cfg, [{"CPU": 4.0}], 2)
+        assert not caplog.records
+        say_concurrency("s", cfg, [{"CPU": 4.0}], 3)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "--max-concurrent 3, but the cluster fits the workers of 2 trial(s)" in line
