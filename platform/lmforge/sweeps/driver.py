@@ -472,7 +472,7 @@ def _finish(name, base, o: SweepOptions, parent, tuner, skipped) -> SweepResult:
 
     rows = []
     for r in grid:
-        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        trial_id = (r.metrics or {}).get("trial_id") or _trial_id_of(r.path)
         values = trial_values(r.config or {})
         df = r.metrics_dataframe
         best_v = last_v = math.nan
@@ -531,6 +531,13 @@ def _finish(name, base, o: SweepOptions, parent, tuner, skipped) -> SweepResult:
             "FAILED" if errors and best is None else "FINISHED",
         )
     return result
+
+
+def _trial_id_of(path: str) -> str:
+    """The trial id in a Tune trial dir's name (`trial_main_<id>_<n>_<values>_<date>`), for a
+    trial that never reported."""
+    m = re.search(r"(?:^|_)([0-9a-f]{5}_\d{5})(?:_|$)", Path(path).name)
+    return m.group(1) if m else Path(path).name
 
 
 def table(rows: list[dict[str, Any]], metric: str) -> str:
