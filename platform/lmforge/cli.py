@@ -185,6 +185,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-memory", type=float, metavar="GIB",
                    help="memory a worker has, for the estimate check (default: a CPU worker's "
                    "share of the roomiest node's Ray memory)")  # fmt: skip
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="every trial fine-tunes these weights (models:/NAME@ALIAS, a checkpoint "
+                   "dir), as `lmforge train --init-from`; a space over train.lora.* needs it")  # fmt: skip
     p.add_argument("--register-all", action="store_true",
                    help="register every trial's checkpoints (default: only the best, once)")  # fmt: skip
     p.add_argument("--resume", metavar="NAME",
@@ -619,6 +622,7 @@ def sweep_plan(args):
         register_all=args.register_all,
         seed=args.seed,
         worker_memory=args.worker_memory * 1024**3 if args.worker_memory else None,
+        init_from=args.init_from,
     )
     return plan_sweep(args.name, args.config, space, args.overrides, options)
 

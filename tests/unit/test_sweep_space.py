@@ -112,6 +112,7 @@ def test_a_bad_sweep_is_refused_before_anything_starts():
         (dict(options=sweeps.SweepOptions(search="optuna"), space={"model.d_model": {"grid": [32, 64]}}), "with --search optuna"),
         (dict(space={"train.nope": {"choice": [1]}}), "train.nope: unknown key"),
         (dict(overrides=["train.lr=7"]), "train.lr"),
+        (dict(space={"train.lora.r": {"choice": [4, 8]}}), "train.lora.r: train.lora: LoRA adapts a base model; name it with --init-from"),
     ]  # fmt: skip
     for kw, says in cases:
         args = {"name": "s", "space": space, "overrides": sets, **kw}

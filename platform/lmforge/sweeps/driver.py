@@ -69,6 +69,7 @@ class SweepOptions:
     register_all: bool = False
     seed: int | None = None
     worker_memory: float | None = None  # bytes a worker has; None: from the cluster
+    init_from: str | None = None  # every trial fine-tunes these weights (a LoRA space needs it)
 
 
 @dataclass
@@ -166,6 +167,13 @@ def plan_sweep(
     sp = parse_space(space) if isinstance(space, dict) else load_space(space)
     check_options(name, options, base_cfg, sp)
     check_space(sp, base)  # the schema; the memory check needs the cluster (run_sweep)
+    from lmforge.training.plan import check_lora
+
+    for p in sp.params:  # a LoRA trial needs a base (--init-from) and a stage that trains it
+        try:
+            check_lora(trial_config(base, {p.key: p.extremes()[0]}), False, options.init_from)
+        except ConfigError as err:
+            raise ConfigError(f"{p.where}: {p.key}: {err}") from None
     sweep_dir = sweeps_root(base_cfg) / name
     if (sweep_dir / STATE_FILE).is_file():
         raise UsageError(
@@ -339,7 +347,7 @@ def _parent(name: str, base: dict[str, Any], space: Space, o: SweepOptions) -> s
 def _trainable(name: str, base: dict[str, Any], o: SweepOptions, parent: str | None):
     import ray.tune
 
-    setup = TrialSetup(name, base, o.metric, o.mode, o.register_all, parent)
+    setup = TrialSetup(name, base, o.metric, o.mode, o.register_all, parent, o.init_from)
     return ray.tune.with_resources(
         ray.tune.with_parameters(trial_main, setup=setup), {"CPU": DRIVER_CPUS}
     )

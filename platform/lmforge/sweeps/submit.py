@@ -52,6 +52,8 @@ def sweep_job(
         kept += ["--seed", str(o.seed)]
     if o.register_all:
         kept.append("--register-all")
+    if o.init_from:
+        kept += ["--init-from", safe_token("init_from", o.init_from).split("=", 1)[1]]
     env = {**base.runtime_env}
     env["env_vars"] = {**env.get("env_vars", {}), SPACE_ENV: json.dumps(space.to_dict())}
     meta = {

@@ -38,6 +38,7 @@ class TrialSetup:
     mode: str
     register_all: bool = False
     parent_run_id: str | None = None
+    init_from: str | None = None  # `--init-from` of every trial (not of a resumed one)
     extra_tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -116,6 +117,7 @@ def trial_main(config: dict[str, Any], setup: TrialSetup) -> None:
     run_training(
         cfg,
         resume=resume,
+        init_from=None if resume else setup.init_from,
         tags=tags,
         register=register,
         callbacks=[TuneReport(setup.metric, setup.mode)],
