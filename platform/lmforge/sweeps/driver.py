@@ -542,9 +542,9 @@ def _finish(name, base, o: SweepOptions, parent, tuner, skipped) -> SweepResult:
 
 
 def _trial_id_of(path: str) -> str:
-    """The trial id in a Tune trial dir's name (`trial_main_<id>_<n>_<values>_<date>`), for a
+    """The trial id in a Tune trial dir's name (`trial_main_<id>_<n>_<values>_<date>`; a searcher's ids are 8 hex), for a
     trial that never reported."""
-    m = re.search(r"(?:^|_)([0-9a-f]{5}_\d{5})(?:_|$)", Path(path).name)
+    m = re.search(r"^trial_main_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_", Path(path).name)
     return m.group(1) if m else Path(path).name
 
 
