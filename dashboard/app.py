@@ -20,6 +20,7 @@ page = st.navigation(
         st.Page("pages/jobs.py", title="Jobs", icon=":material/list_alt:"),
         st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:"),
         st.Page("pages/models.py", title="Models", icon=":material/inventory_2:"),
+        st.Page("pages/sweeps.py", title="Sweeps", icon=":material/tune:"),
         st.Page("pages/playground.py", title="Playground", icon=":material/edit_note:"),
         st.Page("pages/cluster.py", title="Cluster", icon=":material/hub:"),
     ]

@@ -229,6 +229,47 @@ if st.button("Submit job", type="primary", disabled=cfg is None or not datasets)
     st.code(spec.entrypoint, language="bash", wrap_lines=True)
     st.page_link("pages/jobs.py", label="Watch it on the Jobs page", icon=":material/list_alt:")
 
+with st.expander("Sweep this config: many jobs with values drawn from a space"):
+    st.caption(
+        "Each trial is a whole job of this form's config with the space's values on top; "
+        "ASHA stops the worst early; the best checkpoint is registered as "
+        "`models:/MODEL@sweep-NAME` (`lmforge sweep`, run as a Ray job). Every value the "
+        "space can produce is checked before anything is submitted."
+    )
+    sweep_name = st.text_input("Sweep name", placeholder="lr-1", key="sweep_name")
+    space_text = st.text_area(
+        "Space (YAML: config key -> {loguniform|uniform|randint|choice|grid: [...]})",
+        "train.lr: {loguniform: [3.0e-4, 3.0e-3]}\n", key="sweep_space",
+    )  # fmt: skip
+    s1, s2, s3, s4 = st.columns(4)
+    sweep_trials = s1.number_input("Trials", 1, 256, 8, key="sweep_trials")
+    sweep_conc = s2.number_input("At once", 1, 64, 2, key="sweep_conc")
+    sweep_sched = s3.selectbox("Scheduler", ["asha", "none"], key="sweep_sched")
+    sweep_search = s4.selectbox("Search", ["random", "optuna"], key="sweep_search")
+    if st.button("Submit sweep", disabled=cfg is None or not sweep_name.strip(), key="sweep_go"):
+        import yaml
+
+        from lmforge import sweeps
+        from lmforge.sweeps.submit import sweep_job
+
+        with ui.guard("Not submitted"):
+            opts = sweeps.SweepOptions(
+                trials=int(sweep_trials), max_concurrent=int(sweep_conc),
+                scheduler=sweep_sched, search=sweep_search,
+            )  # fmt: skip
+            try:
+                space_raw = yaml.safe_load(space_text)
+            except yaml.YAMLError as err:
+                raise jobspec.JobSpecError(f"space: not valid YAML ({err})") from None
+            plan = sweeps.plan_sweep(sweep_name.strip(), cfg.to_dict(), space_raw, [], opts)
+            spec = sweep_job(plan.name, cfg, plan.space, opts, ui.tracking_uri())
+            sid = ui.job_client().submit(spec)
+        st.session_state["jobs_selected"] = sid
+        st.success(f"Submitted sweep `{plan.name}` as job `{sid}`")
+        st.page_link(
+            "pages/sweeps.py", label="Its trials on the Sweeps page", icon=":material/tune:"
+        )
+
 st.divider()
 with st.expander("Upload a small text corpus and prepare a dataset from it"):
     sft = (

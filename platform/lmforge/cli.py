@@ -4,6 +4,7 @@
     lmforge prepare --input data/shakespeare --output ~/.lmforge/datasets/shakespeare
     lmforge train --config jobs/configs/tiny.yaml --set train.max_steps=50
     lmforge submit --config jobs/configs/tiny.yaml   # the same, as a Ray job (Jobs API)
+    lmforge sweep --name lr --config jobs/configs/tiny.yaml --space space.yaml --trials 8
     lmforge generate --model models:/lmforge@best --prompt "ROMEO:"
     lmforge evaluate --model models:/lmforge@best --data datasets/shakespeare
     lmforge evaluate --model models:/lmforge@best --tasks tasks/copy.yaml,hellaswag --limit 100
@@ -122,6 +123,76 @@ def _add_submit(sub) -> None:
                    "cluster of `lmforge cluster up`, else http://127.0.0.1:8265)")  # fmt: skip
     p.add_argument("--no-wait", action="store_true",
                    help="print the job id and return instead of following the log")  # fmt: skip
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="a hyperparameter sweep (Ray Tune): each trial a whole training job",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Run many training jobs of one base config with values drawn from a space,
+stop the worst early (ASHA) and register the best checkpoint as models:/MODEL@sweep-NAME.
+
+Each trial is a whole lmforge job (its own Ray Train worker group of scaling.num_workers
+DeepSpeed workers, its own run dir <run.storage_path>/NAME-<trial>, resumable); Tune keeps
+the sweep's state in <run.storage_path>/sweeps/NAME. MLflow: a parent run sweep-NAME, a
+child run per trial. SPACE.yaml maps config keys to distributions:
+
+  train.lr: {loguniform: [1.0e-4, 3.0e-3]}
+  train.warmup_steps: {choice: [0, 20, 50]}
+  model.d_model: {grid: [64, 128]}        # grid: every value (every combination)
+  train.weight_decay: {uniform: [0.0, 0.2]}
+  train.micro_batch_size: {randint: [4, 17]}   # 4..16
+
+Every value the space can produce is checked against the config schema, and every point
+against a worker's memory (the launch estimate), before any trial starts.""",
+    )
+    add_sweep_args(p)
+    p.add_argument("--submit", action="store_true",
+                   help="run the sweep's driver as a Ray job (Jobs API), as `lmforge submit` "
+                   "does; it outlives this terminal")  # fmt: skip
+    p.add_argument("--address", metavar="URL", help="--submit: the Ray Jobs API (as submit)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="--submit: print the job id and return instead of following the log")  # fmt: skip
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `lmforge sweep` and `jobs/sweep.py`."""
+    p.add_argument("--name", metavar="NAME", help="the sweep's name (required unless --resume)")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="the base config every trial starts from (see jobs/configs/)")  # fmt: skip
+    p.add_argument("--space", type=Path, metavar="SPACE.yaml",
+                   help="config keys -> {loguniform|uniform|randint|choice|grid: [...]}")  # fmt: skip
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the base config (repeatable)")  # fmt: skip
+    p.add_argument("--trials", type=int, default=8,
+                   help="trials to sample (with grid keys: per grid point); default 8")  # fmt: skip
+    p.add_argument("--max-concurrent", type=int, default=2, metavar="K",
+                   help="trials running at once (each takes its own workers); default 2")  # fmt: skip
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha",
+                   help="asha: stop the worst trials at each rung (default); none: run all out")  # fmt: skip
+    p.add_argument("--search", choices=["random", "optuna"], default="random",
+                   help="random sampling (default) or Optuna's TPE (Tune's OptunaSearch)")  # fmt: skip
+    p.add_argument("--metric", default="val_loss",
+                   help="what ranks trials, reported at each evaluation: val_loss (default), "
+                   "val_perplexity, val_loss/<source>")  # fmt: skip
+    p.add_argument("--mode", choices=["min", "max"], default="min")
+    p.add_argument("--grace-period", type=int, metavar="STEPS",
+                   help="ASHA: steps before a trial may be stopped (default train.eval_every)")  # fmt: skip
+    p.add_argument("--reduction-factor", type=float, default=2.0,
+                   help="ASHA: keep 1/F of the trials at each rung (default 2)")  # fmt: skip
+    p.add_argument("--seed", type=int, help="the searcher's seed (reproducible sampling)")
+    p.add_argument("--worker-memory", type=float, metavar="GIB",
+                   help="memory a worker has, for the estimate check (default: a CPU worker's "
+                   "share of the roomiest node's Ray memory)")  # fmt: skip
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="every trial fine-tunes these weights (models:/NAME@ALIAS, a checkpoint "
+                   "dir), as `lmforge train --init-from`; a space over train.lora.* needs it")  # fmt: skip
+    p.add_argument("--register-all", action="store_true",
+                   help="register every trial's checkpoints (default: only the best, once)")  # fmt: skip
+    p.add_argument("--resume", metavar="NAME",
+                   help="continue sweep NAME after its driver died (finished trials stay; "
+                   "--config only to say which run storage it is in)")  # fmt: skip
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
@@ -375,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_submit(sub)
+    _add_sweep(sub)
     _add_generate(sub)
     _add_evaluate(sub)
     _add_export_hf(sub)
@@ -522,6 +594,99 @@ def cmd_submit(args) -> int:
 
         why = failure_line(client.job(sid).message)
         print(f"lmforge submit: job {sid} {status}: {why}", file=sys.stderr)
+        return 1
+    print(f"job {sid} SUCCEEDED")
+    return 0
+
+
+def sweep_plan(args):
+    """The checked sweep of `lmforge sweep` (no Ray): its space from --space, or (a
+    submitted job) from LMFORGE_SWEEP_SPACE."""
+    import json
+    import os
+
+    from lmforge.errors import UsageError
+    from lmforge.sweeps import SweepOptions, plan_sweep
+    from lmforge.sweeps.submit import SPACE_ENV
+
+    if not args.name:
+        raise UsageError("--name: required (or --resume NAME)")
+    space = args.space
+    if space is None:
+        if not os.environ.get(SPACE_ENV):
+            raise UsageError("--space: required, a SPACE.yaml of config keys -> distributions")
+        space = json.loads(os.environ[SPACE_ENV])
+    options = SweepOptions(
+        trials=args.trials,
+        max_concurrent=args.max_concurrent,
+        scheduler=args.scheduler,
+        search=args.search,
+        metric=args.metric,
+        mode=args.mode,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        register_all=args.register_all,
+        seed=args.seed,
+        worker_memory=args.worker_memory * 1024**3 if args.worker_memory else None,
+        init_from=args.init_from,
+    )
+    return plan_sweep(args.name, args.config, space, args.overrides, options)
+
+
+def cmd_sweep(args) -> int:
+    from lmforge import sweeps
+
+    if args.resume:
+        result = sweeps.resume_sweep(args.resume, args.config, args.overrides)
+    else:
+        plan = sweep_plan(args)
+        if getattr(args, "submit", False):
+            return _submit_sweep(args, plan)
+        result = sweeps.run_sweep(plan)
+    if result.best:
+        b = result.best
+        where = f"models:/{b['config']['tracking']['registered_model'] or b['config']['tracking']['experiment']}@sweep-{result.name}"
+        print(
+            f"best: trial {b['trial_id']} {b['metric']} {b['value']:.4f} {b['values']}"
+            + (f" -> {where} (version {b['version']})" if b.get("version") else "")
+        )
+    else:
+        print("best: none (no trial reported a finite metric)")
+    return 0
+
+
+def _submit_sweep(args, plan) -> int:
+    import os
+
+    from lmforge.jobclient import JobClient
+    from lmforge.jobspec import submitter_env
+    from lmforge.sweeps.submit import sweep_job
+
+    cfg = plan.base_config
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    spec = sweep_job(plan.name, cfg, plan.space, plan.options, uri, any_path=True,
+                     env_vars=submitter_env(cfg))  # fmt: skip
+    client = JobClient(args.address)
+    sid = client.submit(spec)
+    print(f"submitted sweep {plan.name} as job {sid} to {client.address}", flush=True)
+    if args.no_wait:
+        print(
+            f"  follow: RAY_AUTH_MODE=token ray job logs --follow --address {client.address} {sid}"
+        )
+        return 0
+    try:
+        for text in client.follow(sid):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        status = client.wait(sid, timeout_s=120, poll_s=1)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {sid} keeps running", file=sys.stderr)
+        return 130
+    if status != "SUCCEEDED":
+        from lmforge.jobclient import failure_line
+
+        print(f"lmforge sweep: job {sid} {status}: {failure_line(client.job(sid).message)}",
+              file=sys.stderr)  # fmt: skip
         return 1
     print(f"job {sid} SUCCEEDED")
     return 0
@@ -803,6 +968,7 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
     "submit": cmd_submit,
+    "sweep": cmd_sweep,
     "generate": cmd_generate,
     "evaluate": cmd_evaluate,
     "export-hf": cmd_export_hf,

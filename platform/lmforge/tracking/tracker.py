@@ -56,6 +56,8 @@ class TrackingSettings:
     params: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> text content
     outage_wait_s: float = 600.0  # close(): the bound on waiting for a server that went away
+    # False: no version per checkpoint (a sweep's trials; the sweep registers its best once).
+    register_checkpoints: bool = True
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -173,14 +175,18 @@ class Tracker:
 
         self._tasks.put(("tag the run", task))
 
-    def stage(self, checkpoint: Path, step: int) -> Path:
+    def stage(self, checkpoint: Path, step: int) -> Path | None:
         """Keep a copy of a checkpoint's servable files for `register` (call before Ray
         persists the checkpoint; hard links when the filesystem allows)."""
+        if not self.s.register_checkpoints:
+            return None
         return registry.stage_servable(checkpoint, self._stage / f"step-{step}")
 
-    def register(self, staged: Path, checkpoint: Path, state: TrainerState) -> None:
+    def register(self, staged: Path | None, checkpoint: Path, state: TrainerState) -> None:
         """Queue the registration of the persisted `checkpoint` (its files in `staged`);
         an incomplete one (a copy cut short, see `checkpoint.incomplete`) is never registered."""
+        if staged is None:  # registration off (`register_checkpoints`)
+            return
         if why := ckpt_io.incomplete(checkpoint):
             self.failures.append(f"not registered: {checkpoint} is incomplete ({why})")
             log.warning(

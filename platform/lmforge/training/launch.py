@@ -39,10 +39,21 @@ class TrainResult:
 
 
 def run_training(
-    cfg: Config, resume: bool | str = False, init_from: str | None = None, local: bool = False
+    cfg: Config,
+    resume: bool | str = False,
+    init_from: str | None = None,
+    local: bool = False,
+    *,
+    tags: dict[str, str] | None = None,
+    register: bool = True,
+    callbacks: list | None = None,
 ) -> TrainResult:
     """Plan, connect to Ray (`local`: no Ray, local processes), train; returns where the
-    checkpoints are."""
+    checkpoints are.
+
+    For a caller that runs jobs as parts of something bigger (a sweep's trials,
+    `lmforge.sweeps`): `tags` go on the MLflow run too, `register=False` registers no
+    checkpoint, `callbacks` are Ray Train `UserCallback`s of the run (Ray only)."""
     plan = build_plan(cfg, resume, init_from)
     evals = eval_settings(plan)  # task files and probes checked before anything starts
     if local:
@@ -76,11 +87,13 @@ def run_training(
     from lmforge.tracking import run_setup
 
     if plan.tags is not None:
-        plan = dataclasses.replace(plan, tags={**plan.tags, **run_setup.ray_tags(where)})
+        plan = dataclasses.replace(
+            plan, tags={**plan.tags, **run_setup.ray_tags(where), **(tags or {})}
+        )
     log.info("run %s on %s; checkpoints under %s", plan.run_dir.name, where, plan.run_dir)
     if plan.config.scaling.elastic:
         log.info(elastic_note(plan.config))
-    metrics = trainer(plan, evals).fit().metrics or {}
+    metrics = trainer(plan, evals, callbacks, register).fit().metrics or {}
     guard.raise_if_stopped(plan.run_dir)
     return result_of(plan, metrics)
 
@@ -180,19 +193,22 @@ def elastic_note(cfg: Config) -> str:
     )
 
 
-def worker_plan(plan: LaunchPlan) -> WorkerPlan:
+def worker_plan(plan: LaunchPlan, register: bool = True) -> WorkerPlan:
     """What every worker receives: typed, nothing read from globals."""
     from lmforge.tracking import run_setup
 
+    tracking = (
+        run_setup.settings(plan.config, plan.dataset, plan.run_dir, plan.tags)
+        if plan.tags is not None
+        else None
+    )
+    if tracking is not None and not register:
+        tracking = dataclasses.replace(tracking, register_checkpoints=False)
     return WorkerPlan(
         config=plan.config,
         run_dir=str(plan.run_dir),
         init_from=str(plan.init_dir) if plan.init_dir else None,
-        tracking=(
-            run_setup.settings(plan.config, plan.dataset, plan.run_dir, plan.tags)
-            if plan.tags is not None
-            else None
-        ),
+        tracking=tracking,
         launched_at=time.time(),  # for the startup breakdown rank 0 prints
     )
 
@@ -224,10 +240,11 @@ def train_loop(config: dict[str, WorkerPlan]) -> None:
     run(config["plan"])
 
 
-def trainer(plan: LaunchPlan, evals=None):
+def trainer(plan: LaunchPlan, evals=None, callbacks: list | None = None, register: bool = True):
     """The Ray Train `TorchTrainer` of a plan (Ray must be connected); `evals`: the
     checkpoint evaluation, as Ray Train's checkpoint validation (a Ray task per checkpoint,
-    beside the workers: `lmforge.evaluation.checkpoints`)."""
+    beside the workers: `lmforge.evaluation.checkpoints`); `callbacks`: Ray Train
+    `UserCallback`s (a sweep's report to Tune); `register=False`: no version per checkpoint."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -243,7 +260,7 @@ def trainer(plan: LaunchPlan, evals=None):
     env_vars |= {k: v for k, v in os.environ.items() if k.startswith("LMFORGE_FAULT")}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"plan": worker_plan(plan)},
+        train_loop_config={"plan": worker_plan(plan, register)},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=plan.run_dir.name,
@@ -259,6 +276,7 @@ def trainer(plan: LaunchPlan, evals=None):
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             # Ray Train's per-report INFO lines would drown our progress lines in the job log.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks or []),
         ),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         validation_config=_validation_config(cfg, evals),
