@@ -249,7 +249,7 @@ with st.expander("Sweep this config: many jobs with values drawn from a space"):
     if st.button("Submit sweep", disabled=cfg is None or not sweep_name.strip(), key="sweep_go"):
         import yaml
 
-        from lmforge import sweeps
+        from lmforge.sweeps import plan as sweeps  # the checks only: no Ray, no DeepSpeed
         from lmforge.sweeps.submit import sweep_job
 
         with ui.guard("Not submitted"):

@@ -18,6 +18,18 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.unit)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_streamlit_resources():
+    """Streamlit's resource cache lives as long as the process: a dashboard test's job
+    client (one with a faked `__init__`, say) must not be the next test's (the dashboard
+    caches one per address, `ui.job_client`)."""
+    yield
+    import sys
+
+    if "streamlit" in sys.modules:
+        sys.modules["streamlit"].cache_resource.clear()
+
+
 @pytest.fixture(scope="module")
 def gloo_group():
     """torch.distributed of world size 1 over gloo, as deepspeed.init_distributed makes it

@@ -10,8 +10,8 @@ The one interface the CLI (`lmforge sweep`), `jobs/sweep.py` and the dashboard c
     result = sweeps.resume_sweep(name)        # after the driver died
     sweeps.list_sweeps(uri), sweeps.trials_of(uri, experiment, name)   # reading back
 
-`space` (SPACE.yaml and its checks), `trial` (one trial: a whole training job under Tune),
-`driver` (the Tuner), `record` (MLflow and the registry). Importing this package imports
+`space` (SPACE.yaml and its checks), `plan` (the options and every check before Ray),
+`trial` (one trial: a whole training job under Tune), `driver` (the Tuner), `record` (MLflow and the registry). Importing this package imports
 no Ray: the driver is imported on first use.
 """
 
@@ -36,14 +36,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in (
-        "SweepOptions",
-        "SweepPlan",
-        "SweepResult",
-        "plan_sweep",
-        "run_sweep",
-        "resume_sweep",
-    ):
+    if name in ("SweepOptions", "SweepPlan", "SweepResult", "plan_sweep"):
+        from lmforge.sweeps import plan
+
+        return getattr(plan, name)
+    if name in ("run_sweep", "resume_sweep"):
         from lmforge.sweeps import driver
 
         return getattr(driver, name)

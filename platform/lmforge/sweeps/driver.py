@@ -27,21 +27,26 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-from lmforge.config import Config, ConfigError, config_from_dict, read_yaml
+from lmforge.config import Config, config_from_dict, read_yaml
 from lmforge.errors import UsageError, first_line
 from lmforge.sweeps import record
+from lmforge.sweeps.plan import (
+    STATE_FILE,
+    SweepOptions,
+    SweepPlan,
+    SweepResult,
+    sweeps_root,
+)
 from lmforge.sweeps.space import (
     GRID_KEY,
     Space,
     base_mapping,
     check_space,
-    load_space,
     parse_space,
     trial_config,
 )
@@ -49,138 +54,6 @@ from lmforge.sweeps.tags import ALIAS_PREFIX
 from lmforge.sweeps.trial import DRIVER_CPUS, TrialSetup, run_name, trial_main, trial_values
 
 log = logging.getLogger(__name__)
-
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-STATE_FILE = "lmforge-sweep.json"
-SWEEPS_DIR = "sweeps"  # under the run storage
-METRIC = re.compile(r"^(val_loss|val_perplexity|loss|val_loss/[A-Za-z0-9_.-]+)$")
-
-
-@dataclass(frozen=True)
-class SweepOptions:
-    trials: int = 8  # Tune's num_samples (with grid keys: samples per grid point)
-    max_concurrent: int = 2
-    scheduler: str = "asha"  # asha | none
-    search: str = "random"  # random | optuna
-    metric: str = "val_loss"
-    mode: str = "min"
-    grace_period: int | None = None  # steps before ASHA may stop a trial; default eval_every
-    reduction_factor: float = 2.0
-    register_all: bool = False
-    seed: int | None = None
-    worker_memory: float | None = None  # bytes a worker has; None: from the cluster
-    init_from: str | None = None  # every trial fine-tunes these weights (a LoRA space needs it)
-
-
-@dataclass
-class SweepPlan:
-    name: str
-    options: SweepOptions
-    base: dict[str, Any]  # the base config mapping, --set applied
-    space: Space
-    sweep_dir: Path
-
-    @property
-    def base_config(self) -> Config:
-        return config_from_dict(self.base)
-
-
-@dataclass
-class SweepResult:
-    name: str
-    rows: list[dict[str, Any]]
-    best: dict[str, Any] | None = None
-    parent_run_id: str | None = None
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-
-
-def check_options(name: str, o: SweepOptions, base: Config, space: Space) -> None:
-    if not NAME.match(name):
-        raise UsageError(
-            f"--name {name!r}: letters, digits, _ . - (at most 64), starting with a letter or digit"
-        )
-    if o.trials < 1:
-        raise UsageError(f"--trials {o.trials}: at least 1")
-    if o.max_concurrent < 1:
-        raise UsageError(f"--max-concurrent {o.max_concurrent}: at least 1")
-    if o.scheduler not in ("asha", "none"):
-        raise UsageError(f"--scheduler {o.scheduler!r}: asha or none")
-    if o.search not in ("random", "optuna"):
-        raise UsageError(f"--search {o.search!r}: random or optuna")
-    if o.mode not in ("min", "max"):
-        raise UsageError(f"--mode {o.mode!r}: min or max")
-    if o.metric.startswith("eval."):
-        raise UsageError(
-            f"--metric {o.metric}: evaluation scores arrive after each checkpoint's evaluation, "
-            "not with the training reports Tune sees; sweep on val_loss (or val_loss/<source>, "
-            "val_perplexity)"
-        )
-    if not METRIC.match(o.metric):
-        raise UsageError(
-            f"--metric {o.metric!r}: one of val_loss, val_perplexity, loss, val_loss/<source>"
-        )
-    if o.search == "optuna" and space.grid:
-        raise UsageError(
-            f"{space.path}: grid keys ({', '.join(p.key for p in space.grid)}) with --search "
-            "optuna: Optuna samples; use choice instead of grid, or --search random"
-        )
-    if o.grace_period is not None and o.grace_period < 1:
-        raise UsageError(f"--grace-period {o.grace_period}: at least 1 step")
-    if o.reduction_factor <= 1:
-        raise UsageError(f"--reduction-factor {o.reduction_factor}: above 1")
-    if base.run.name is not None:
-        log.info("run.name=%s is ignored: each trial's run is <sweep>-<trial id>", base.run.name)
-
-
-def sweeps_root(base: Config) -> Path:
-    from lmforge.training.plan import storage_dir
-
-    root = storage_dir(base)
-    if not isinstance(root, Path):
-        raise ConfigError(
-            f"run.storage_path={base.run.storage_path}: sweeps keep their state in a local or "
-            "shared-filesystem run storage for now, not s3://"
-        )
-    return root / SWEEPS_DIR
-
-
-def plan_sweep(
-    name: str,
-    config: str | os.PathLike | dict | None,
-    space: str | os.PathLike | dict,
-    overrides: list[str] | None = None,
-    options: SweepOptions | None = None,
-) -> SweepPlan:
-    """Every check that needs no Ray: the name, the options, the base config, the space."""
-    options = options or SweepOptions()
-    if isinstance(config, dict):  # a mapping (the dashboard's form), not a file
-        raw, config = config, None
-    else:
-        raw = read_yaml(Path(config)) if config is not None else {}
-    try:
-        base = base_mapping(raw, overrides or [])
-    except ConfigError as err:
-        raise ConfigError(f"{config}: {err}" if config else str(err)) from None
-    base.setdefault("run", {})
-    base["run"] = {k: v for k, v in base["run"].items() if k != "name"}
-    base_cfg = config_from_dict(base)
-    sp = parse_space(space) if isinstance(space, dict) else load_space(space)
-    check_options(name, options, base_cfg, sp)
-    check_space(sp, base)  # the schema; the memory check needs the cluster (run_sweep)
-    from lmforge.training.plan import check_lora
-
-    for p in sp.params:  # a LoRA trial needs a base (--init-from) and a stage that trains it
-        try:
-            check_lora(trial_config(base, {p.key: p.extremes()[0]}), False, options.init_from)
-        except ConfigError as err:
-            raise ConfigError(f"{p.where}: {p.key}: {err}") from None
-    sweep_dir = sweeps_root(base_cfg) / name
-    if (sweep_dir / STATE_FILE).is_file():
-        raise UsageError(
-            f"sweep {name!r} exists ({sweep_dir}); continue it with `lmforge sweep --resume "
-            f"{name}`, or choose another --name"
-        )
-    return SweepPlan(name, options, base, sp, sweep_dir)
 
 
 def worker_memory(cfg: Config, nodes: list[dict[str, float]]) -> float | None:
