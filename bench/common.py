@@ -118,6 +118,18 @@ def report(benchmark: str, figures: list[Figure], config: dict[str, Any] | None 
     print(MARKER + json.dumps(asdict(result)), flush=True)
 
 
+# CPU features that pick the matmul kernels: fp32 (AVX2/AVX-512) and bf16 (AVX512-BF16, AMX).
+MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_flags_line(m: dict[str, Any]) -> str:
+    """The machine's matmul-relevant CPU flags, for a report: which bf16 path it has."""
+    flags = m.get("cpu_flags") or []
+    fast = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    bf16 = f"bf16 matmuls: {' + '.join(fast)}" if fast else "bf16 matmuls: fallback kernels"
+    return f"CPU flags {' '.join(flags) or 'unknown'} ({bf16})"
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 
@@ -137,10 +149,13 @@ def machine_info() -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
+    have = set(flags.partition(":")[2].split())
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "avx512_bf16": "avx512_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in have,
+        # the flags that decide matmul speed per dtype (bf16: avx512_bf16 or AMX)
+        "cpu_flags": [f for f in MATMUL_FLAGS if f in have],
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "python": sys.version.split()[0],
         "versions": versions,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MARKER, REPO, machine_info  # noqa: E402
+from bench.common import MARKER, REPO, cpu_flags_line, machine_info  # noqa: E402
 
 # The sections of BENCHMARKS.md in the order they run: (bench/bench_<script>.py, arguments).
 # The script reports under the section's name (bench_train.py --arch llama: train-llama).
@@ -221,7 +221,7 @@ def to_markdown(
         "",
         f"- machine{' (of the sections rerun now)' if set(kept) - {NOTES} else ''}: {m['cpu']}, "
         f"{m['cores']} cores, GPU: {m['gpu']}, "
-        f"avx512_bf16: {'yes' if m['avx512_bf16'] else 'no'}",
+        f"avx512_bf16: {'yes' if m['avx512_bf16'] else 'no'}; {cpu_flags_line(m)}",
         f"- Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- reproduce: `bash scripts/bench.sh{' --tiny' if args.tiny else ''}`",
         "",
