@@ -68,6 +68,21 @@ class Figure:
     target: str = ""  # e.g. ">= 0.90x"
     met: bool | None = None
     note: str = ""
+    # What a user would run instead (issue 31): one entry a peer, each its own column pair
+    # in BENCHMARKS.md: {"peer", "value", "ratio" (lmforge / it, per repeat), "target", "met"}.
+    peers: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_peer(
+        self, peer: str, ours: list[float], theirs: list[float], target: float | None = None
+    ) -> Figure:
+        """Add `peer`'s repeats (paired with `ours` as alternated) and lmforge / it."""
+        ratio = spread([a / b for a, b in zip(ours, theirs, strict=True)])
+        self.peers.append({
+            "peer": peer, "value": spread(theirs), "ratio": ratio,
+            "target": "" if target is None else f">= {target:g}x",
+            "met": None if target is None else ratio["median"] >= target,
+        })  # fmt: skip
+        return self
 
     @classmethod
     def ratio_of(
@@ -113,6 +128,13 @@ def report(benchmark: str, figures: list[Figure], config: dict[str, Any] | None 
             )
         if f.target:
             line += f" | target {f.target}: {'met' if f.met else 'NOT met'}"
+        for peer in f.peers:
+            line += (
+                f" | {peer['peer']} {peer['value']['median']:,.4g}, lmforge / it "
+                f"{peer['ratio']['median']:.3f}x"
+            )
+            if peer["target"]:
+                line += f" (goal {peer['target']}: {'met' if peer['met'] else 'NOT met'})"
         print(line)
     result = Result(benchmark, figures, config or {})
     print(MARKER + json.dumps(asdict(result)), flush=True)

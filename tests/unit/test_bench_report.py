@@ -125,3 +125,38 @@ def test_run_all_writes_each_section_as_it_finishes(tmp_path, monkeypatch):
     md = out.read_text()
     assert "## data" in md and "| x | 2 (2-2) MB/s |" in md
     assert "old prepare figures" in md and md.rstrip().endswith("mine")
+
+
+def test_the_peers_get_a_column_pair_each_and_their_goals():
+    """bench_train's peers (issue 31): a value and a lmforge / peer ratio column per peer,
+    empty where a row has no such peer; the plain-loop columns stay."""
+    from bench import run_all
+    from bench.common import Figure
+
+    class Args:
+        tiny = False
+
+    z0 = Figure.ratio_of("ZeRO 0", "tokens/s", [100.0, 120.0], [200.0, 200.0], "plain", 0.9)
+    z0.add_peer("torch DDP", [100.0, 120.0], [100.0, 100.0], target=1.0)
+    z2 = Figure.ratio_of("ZeRO 2", "tokens/s", [90.0], [200.0], "plain")
+    z2.add_peer("plain DeepSpeed script", [90.0], [100.0], target=1.05)
+    z2.add_peer("HF Trainer + DeepSpeed", [90.0], [60.0])
+    mfu = Figure(name="MFU", unit="%", value={"min": 1, "median": 1, "max": 1})
+    figs = [z0.__dict__, z2.__dict__, mfu.__dict__]
+    md = run_all.to_markdown({"train": {"figures": figs, "config": {}}}, {"train": 1.0}, Args())
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert table[0] == (
+        "| figure | lmforge | baseline | ratio | target | met | torch DDP | lmforge / torch DDP "
+        "| plain DeepSpeed script | lmforge / plain DeepSpeed script | HF Trainer + DeepSpeed "
+        "| lmforge / HF Trainer + DeepSpeed |"
+    )
+    assert all(row.count("|") == 13 for row in table)  # every row has every column
+    assert "| torch DDP" not in table[2]
+    assert table[2].endswith("| 100 (100-100) | 1.1x (1-1.2), goal >= 1x: yes |  |  |  |  |"), (
+        table[2]
+    )
+    assert table[3].endswith(
+        "|  |  | 100 (100-100) | 0.9x (0.9-0.9), goal >= 1.05x: **no** | 60 (60-60) "
+        "| 1.5x (1.5-1.5) |"
+    ), table[3]
+    assert table[4].endswith("|  |  |  |  |  |  |")

@@ -11,7 +11,6 @@ from lmforge.config import load_config
 from lmforge.training import launch
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.unit
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 OLD_CPU = "fpu sse2 avx avx2 fma avx512f avx512bw"  # AVX-512, but no bf16 instructions
 
