@@ -185,6 +185,7 @@ class Runs:
         self.arch, self.dataset, self.tiny, self.storage = arch, dataset, tiny, storage
         self.shape = shape
         self.details: dict[str, list[dict[str, float]]] = {}
+        self.failed: dict[str, str] = {}  # peer -> why its run failed
         self.done, self.total, self.started = 0, total, time.perf_counter()
 
     def _progress(self, name: str, tokens_per_s: float, extra: str, began: float) -> None:
@@ -234,10 +235,15 @@ class Runs:
             began = time.perf_counter()
             sizes = model_sizes(self.arch, self.shape, self.tiny)
             steps_set = [f"train.max_steps={steps}", f"train.warmup_steps={min(5, steps)}"]
-            r = peer_runs.run(
-                peer, stage, self.dataset, [*sizes, *steps_set],
-                REPO / "jobs" / "configs" / PRESETS[self.arch],
-            )  # fmt: skip
+            try:
+                r = peer_runs.run(
+                    peer, stage, self.dataset, [*sizes, *steps_set],
+                    REPO / "jobs" / "configs" / PRESETS[self.arch],
+                )  # fmt: skip
+            except RuntimeError as e:  # a crash or a fallback (PeerMismatch): said, not hidden
+                self.failed[name] = str(e).splitlines()[0]
+                print(f"{name} FAILED: {e}", flush=True)
+                return float("nan")
             self.details.setdefault(name, []).append({"engine": r.engine, "stage": r.stage})
             extra = f" ({r.engine}, ZeRO {r.stage}, {r.backend}), last loss {r.losses[-1]:.3f}"
             self._progress(name, r.tokens_per_s, extra, began)
@@ -445,8 +451,11 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
         for peer, peer_stage in peer_plan:
             if peer_stage == stage and precision == "fp32":
-                label = peer_runs.PEERS[peer][0]
-                theirs = tps[peer_runs.label(peer, stage)]
+                label, full = peer_runs.PEERS[peer][0], peer_runs.label(peer, stage)
+                if full in bench.failed:
+                    fig.note += f"; {full} failed: {bench.failed[full]}"
+                    continue
+                theirs = tps[full]
                 fig.add_peer(label, tps[name][: len(theirs)], theirs, PEER_TARGETS[peer])
         figures.append(fig)
     for stage, precision, _ in runs:
