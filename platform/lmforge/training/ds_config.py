@@ -10,7 +10,6 @@ from typing import Any
 
 from lmforge.config import Config
 
-
 # ZeRO 3 on gloo: no "persistent" parameters. DeepSpeed keeps every parameter under
 # stage3_param_persistence_threshold (1e5 elements: the biases and norms) gathered, and
 # re-gathers each of them after every optimizer step with its own all-gather, while the
