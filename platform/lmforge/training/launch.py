@@ -267,7 +267,9 @@ def trainer(plan: LaunchPlan, evals=None):
     checkpoint evaluation, as Ray Train's checkpoint validation (a Ray task per checkpoint,
     beside the workers: `lmforge.evaluation.checkpoints`)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    TorchTrainer = raycompat.torch_trainer_class()  # noqa: N806  (no DatasetManager actor)
 
     cfg, s = plan.config, plan.config.scaling
     storage_path, storage_filesystem = storage.ray_storage(plan.run_dir.parent)
