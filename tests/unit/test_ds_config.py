@@ -235,13 +235,3 @@ def test_lr_warms_up_from_the_first_step_then_decays_to_min_lr():
     no_warmup = load_config(TINY, ["train.warmup_steps=0", "train.lr=1e-3"])
     assert lr_factor(0, no_warmup) == 1.0
 
-
-def test_zero3_on_cpu_keeps_no_parameter_persistent_so_one_gather_carries_all():
-    """On gloo every ZeRO 3 parameter rides the coalesced prefetch gather: none is
-    "persistent" (DeepSpeed re-gathers those one all-gather each after every step); the
-    model's tiny bias would be persistent under DeepSpeed's default threshold (1e5)."""
-    _, eng = engine("zero.stage=3")
-    assert eng.zero_optimization_stage() == 3
-    assert eng.optimizer.persistent_parameters == []
-    gpu = load_config(TINY, ["zero.stage=3", "scaling.use_gpu=true"])
-    assert "stage3_param_persistence_threshold" not in deepspeed_config(gpu, 2)["zero_optimization"]

@@ -10,16 +10,6 @@ from typing import Any
 
 from lmforge.config import Config
 
-# ZeRO 3 on gloo: no "persistent" parameters. DeepSpeed keeps every parameter under
-# stage3_param_persistence_threshold (1e5 elements: the biases and norms) gathered, and
-# re-gathers each of them after every optimizer step with its own all-gather, while the
-# weights it fetches for the forward ride coalesced in its prefetch bucket. At 14M (gpt2,
-# 6 x 384) that was 52 all-gathers a step, 51 of them tiny; with the threshold at 0 every
-# parameter rides the bucket: 1 all-gather a step of the same 13.9M elements, the same
-# losses (bench/ds_comm.py-style probe, no Ray). Each gloo collective has a fixed cost that
-# grows when other processes (Ray's) share the cores. On NCCL DeepSpeed's default stays.
-STAGE3_CPU = {"stage3_param_persistence_threshold": 0}
-
 
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed's config for `cfg` on `world_size` workers. `load_universal`: the engine
@@ -33,8 +23,6 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         # ranks: 0.585 -> 0.555 s a step, bench/ds_comm.py). On NCCL the reduce is the
         # better path; it is DeepSpeed's default there.
         zero["reduce_scatter"] = False
-        if z.stage == 3:
-            zero.update(STAGE3_CPU)
     if offload:
         zero["offload_optimizer"] = {
             "device": z.offload_optimizer,
