@@ -234,4 +234,3 @@ def test_lr_warms_up_from_the_first_step_then_decays_to_min_lr():
     assert 1e-3 * lr_factor(20, cfg) == pytest.approx(1e-4)
     no_warmup = load_config(TINY, ["train.warmup_steps=0", "train.lr=1e-3"])
     assert lr_factor(0, no_warmup) == 1.0
-
