@@ -160,3 +160,37 @@ def test_the_peers_get_a_column_pair_each_and_their_goals():
         "| 1.5x (1.5-1.5) |"
     ), table[3]
     assert table[4].endswith("|  |  |  |  |  |  |")
+
+
+def test_a_peer_that_fell_back_to_another_engine_or_stage_fails():
+    """bench/peers.py: a peer reports what it really ran; anything else than asked (the HF
+    Trainer silently on DDP, another ZeRO stage, not gloo) is refused, not measured."""
+    from bench.peers import PeerMismatch, PeerResult, check
+
+    def ran(peer, stage, engine, backend="gloo"):
+        return PeerResult(peer, stage, engine, backend, 1000.0, [1.0], [2.0])
+
+    assert check(ran("hf", 3, "DeepSpeedEngine"), "hf", 3).tokens_per_s == 1000.0
+    assert check(ran("ddp", 0, "DistributedDataParallel"), "ddp", 0)
+    with pytest.raises(PeerMismatch, match="ran DistributedDataParallel at ZeRO 0"):
+        check(ran("hf", 0, "DistributedDataParallel"), "hf", 3)  # accelerate dropped DeepSpeed
+    with pytest.raises(PeerMismatch, match="ZeRO 2"):
+        check(ran("deepspeed", 2, "DeepSpeedEngine"), "deepspeed", 3)
+    with pytest.raises(PeerMismatch, match="not gloo"):
+        check(ran("deepspeed", 3, "DeepSpeedEngine", backend="ccl"), "deepspeed", 3)
+
+
+def test_peers_run_beside_the_full_gpt2_fp32_stages_only():
+    from types import SimpleNamespace
+
+    from bench.bench_train import plan_peers
+
+    runs = [(0, "fp32", 20), (1, "fp32", 20), (2, "fp32", 20), (3, "fp32", 20), (2, "bf16", 20)]
+    full = SimpleNamespace(peers=None, tiny=False, shape="full")
+    assert plan_peers(full, runs) == [
+        ("ddp", 0), ("deepspeed", 2), ("deepspeed", 3), ("hf", 2), ("hf", 3)
+    ]  # fmt: skip
+    assert plan_peers(SimpleNamespace(peers=None, tiny=True, shape="full"), runs) == []
+    assert plan_peers(SimpleNamespace(peers="none", tiny=False, shape="full"), runs) == []
+    only = SimpleNamespace(peers="hf", tiny=True, shape="full")
+    assert plan_peers(only, [(3, "fp32", 8), (3, "bf16", 8)]) == [("hf", 3)]
