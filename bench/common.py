@@ -68,6 +68,21 @@ class Figure:
     target: str = ""  # e.g. ">= 0.90x"
     met: bool | None = None
     note: str = ""
+    # What a user would run instead (issue 31): one entry a peer, each its own column pair
+    # in BENCHMARKS.md: {"peer", "value", "ratio" (lmforge / it, per repeat), "target", "met"}.
+    peers: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_peer(
+        self, peer: str, ours: list[float], theirs: list[float], target: float | None = None
+    ) -> Figure:
+        """Add `peer`'s repeats (paired with `ours` as alternated) and lmforge / it."""
+        ratio = spread([a / b for a, b in zip(ours, theirs, strict=True)])
+        self.peers.append({
+            "peer": peer, "value": spread(theirs), "ratio": ratio,
+            "target": "" if target is None else f">= {target:g}x",
+            "met": None if target is None else ratio["median"] >= target,
+        })  # fmt: skip
+        return self
 
     @classmethod
     def ratio_of(
@@ -113,9 +128,28 @@ def report(benchmark: str, figures: list[Figure], config: dict[str, Any] | None 
             )
         if f.target:
             line += f" | target {f.target}: {'met' if f.met else 'NOT met'}"
+        for peer in f.peers:
+            line += (
+                f" | {peer['peer']} {peer['value']['median']:,.4g}, lmforge / it "
+                f"{peer['ratio']['median']:.3f}x"
+            )
+            if peer["target"]:
+                line += f" (goal {peer['target']}: {'met' if peer['met'] else 'NOT met'})"
         print(line)
     result = Result(benchmark, figures, config or {})
     print(MARKER + json.dumps(asdict(result)), flush=True)
+
+
+# CPU features that pick the matmul kernels: fp32 (AVX2/AVX-512) and bf16 (AVX512-BF16, AMX).
+MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_flags_line(m: dict[str, Any]) -> str:
+    """The machine's matmul-relevant CPU flags, for a report: which bf16 path it has."""
+    flags = m.get("cpu_flags") or []
+    fast = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    bf16 = f"bf16 matmuls: {' + '.join(fast)}" if fast else "bf16 matmuls: fallback kernels"
+    return f"CPU flags {' '.join(flags) or 'unknown'} ({bf16})"
 
 
 def machine_info() -> dict[str, Any]:
@@ -137,10 +171,13 @@ def machine_info() -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
+    have = set(flags.partition(":")[2].split())
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "avx512_bf16": "avx512_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in have,
+        # the flags that decide matmul speed per dtype (bf16: avx512_bf16 or AMX)
+        "cpu_flags": [f for f in MATMUL_FLAGS if f in have],
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "python": sys.version.split()[0],
         "versions": versions,

@@ -2,8 +2,8 @@
 # Download (here, where a package registry is reachable) the wheels bench/gpu.sh installs on a
 # bare GPU machine that has Python 3.12 and PyTorch (CUDA) but no registry: DeepSpeed, pydantic
 # and the few pure-Python packages lmforge's model + engine path imports (not Ray, MLflow or the
-# data path). Versions are constraints.txt's pins. Into .whl/ (ignored by git), about 25 MB:
-# under the device tool's 64 MiB carry limit.
+# data path). Versions are constraints.txt's pins. Into .whl/ (ignored by git), about 25 MB;
+# copy the repository together with .whl/ to the GPU machine, then run bench/gpu.sh there.
 #   bash bench/gpu-wheels.sh            (WHEELS=dir to choose the folder)
 # DeepSpeed publishes only a source distribution: it is built here into a pure-Python wheel
 # (DS_BUILD_OPS=0: no compiled op; the GPU machine JIT-builds none for this benchmark).

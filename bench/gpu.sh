@@ -5,7 +5,7 @@
 #   there:    bash bench/gpu.sh [gpu_train.py arguments, e.g. --zero 2 --micro-batch 16]
 # It installs the carried wheels with --no-index into a private folder (nothing of the
 # machine's Python is changed) and runs with lmforge from platform/ (no install).
-# With the device tool: carry [".whl"], command `bash bench/gpu.sh`.
+# Copy the repository with its .whl/ folder to the GPU machine and run it there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MARKER, REPO, machine_info  # noqa: E402
+from bench.common import MARKER, REPO, cpu_flags_line, machine_info  # noqa: E402
 
 # The sections of BENCHMARKS.md in the order they run: (bench/bench_<script>.py, arguments).
 # The script reports under the section's name (bench_train.py --arch llama: train-llama).
@@ -141,6 +141,18 @@ def _spread(d: dict | None) -> str:
     return f"{_num(d['median'])} ({_num(d['min'])}-{_num(d['max'])})"
 
 
+def _ratio(d: dict | None) -> str:
+    return _spread(d).replace(" (", "x (") if d else ""
+
+
+def _peer_cells(p: dict) -> str:
+    """A peer's two cells: its value, then lmforge / it with its goal and whether met."""
+    goal = ""
+    if p.get("target"):
+        goal = f", goal {p['target']}: {'yes' if p['met'] else '**no**'}"
+    return f"{_spread(p['value'])} | {_ratio(p['ratio'])}{goal}"
+
+
 NOTES = "Notes"  # a hand-written last section (profiles, caveats): always kept
 HEADER_STAMP = re.compile(r"(?:Written|Updated) by `bench/run_all.py` on (.+?) at commit `(\w+)`")
 
@@ -173,19 +185,26 @@ def section_lines(r: dict | None, seconds: float, stamp_line: str = "") -> list[
     lines = [stamp_line, ""] if stamp_line else []
     if r is None:
         return lines + [f"Did not produce a result (see the bench log); ran {seconds:.0f} s."]
-    lines += [
-        "| figure | lmforge | baseline | ratio | target | met |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    # A column pair per peer (what a user would run instead: `Figure.peers`), after the
+    # baseline's columns, in the order the figures first name them.
+    peers = list(dict.fromkeys(p["peer"] for f in r["figures"] for p in f.get("peers") or []))
+    head = "| figure | lmforge | baseline | ratio | target | met |"
+    head += "".join(f" {name} | lmforge / {name} |" for name in peers)
+    lines += [head, "|" + " --- |" * (6 + 2 * len(peers))]
     for f in r["figures"]:
         base = f"{f['baseline']}: {_spread(f['baseline_value'])}" if f["baseline"] else ""
-        ratio = _spread(f["ratio"]).replace(" (", "x (") if f["ratio"] else ""
+        ratio = _ratio(f["ratio"])
         met = "" if f["met"] is None else ("yes" if f["met"] else "**no**")
         note = f" ({f['note']})" if f.get("note") else ""
-        lines.append(
+        row = (
             f"| {f['name']}{note} | {_spread(f['value'])} {f['unit']} | {base} | {ratio} "
             f"| {f['target']} | {met} |"
         )
+        theirs = {p["peer"]: p for p in f.get("peers") or []}
+        for name in peers:
+            p = theirs.get(name)
+            row += f" {_peer_cells(p)} |" if p else "  |  |"
+        lines.append(row)
     config = {k: v for k, v in r.get("config", {}).items() if k != "machine"}
     if config.get("plot"):  # a PNG the benchmark wrote, relative to the repo root
         lines += ["", f"![{r['benchmark']}]({config['plot']})"]
@@ -222,7 +241,7 @@ def to_markdown(
         "",
         f"- machine{' (of the sections rerun now)' if set(kept) - {NOTES} else ''}: {m['cpu']}, "
         f"{m['cores']} cores, GPU: {m['gpu']}, "
-        f"avx512_bf16: {'yes' if m['avx512_bf16'] else 'no'}",
+        f"avx512_bf16: {'yes' if m['avx512_bf16'] else 'no'}; {cpu_flags_line(m)}",
         f"- Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- reproduce: `bash scripts/bench.sh{' --tiny' if args.tiny else ''}`",
         "",

@@ -117,3 +117,26 @@ def pin_serve_version(deployment, version: str):
     (`Deployment.options`). `Deployment.options` carries `_version` over."""
     deployment._version = version
     return deployment
+
+
+def torch_trainer_class():
+    """Ray Train's `TorchTrainer`, less the `DatasetManager` actor where a run passes no Ray
+    datasets (lmforge's never do: each worker reads its parquet shards itself).
+
+    Ray Train's `DatasetsCallback` starts that actor (one more Python process importing Ray
+    Train and Ray Data) for every run, datasets or not, while the controller starts the
+    workers; on a 2-core machine it takes CPU from their start (bench_jobstart). Without
+    datasets the callback has nothing to do: the workers' `dataset_shard_provider` is
+    optional and only read by `ray.train.get_dataset_shard`.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return LeanTorchTrainer

@@ -125,3 +125,72 @@ def test_run_all_writes_each_section_as_it_finishes(tmp_path, monkeypatch):
     md = out.read_text()
     assert "## data" in md and "| x | 2 (2-2) MB/s |" in md
     assert "old prepare figures" in md and md.rstrip().endswith("mine")
+
+
+def test_the_peers_get_a_column_pair_each_and_their_goals():
+    """bench_train's peers (issue 31): a value and a lmforge / peer ratio column per peer,
+    empty where a row has no such peer; the plain-loop columns stay."""
+    from bench import run_all
+    from bench.common import Figure
+
+    class Args:
+        tiny = False
+
+    z0 = Figure.ratio_of("ZeRO 0", "tokens/s", [100.0, 120.0], [200.0, 200.0], "plain", 0.9)
+    z0.add_peer("torch DDP", [100.0, 120.0], [100.0, 100.0], target=1.0)
+    z2 = Figure.ratio_of("ZeRO 2", "tokens/s", [90.0], [200.0], "plain")
+    z2.add_peer("plain DeepSpeed script", [90.0], [100.0], target=1.05)
+    z2.add_peer("HF Trainer + DeepSpeed", [90.0], [60.0])
+    mfu = Figure(name="MFU", unit="%", value={"min": 1, "median": 1, "max": 1})
+    figs = [z0.__dict__, z2.__dict__, mfu.__dict__]
+    md = run_all.to_markdown({"train": {"figures": figs, "config": {}}}, {"train": 1.0}, Args())
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert table[0] == (
+        "| figure | lmforge | baseline | ratio | target | met | torch DDP | lmforge / torch DDP "
+        "| plain DeepSpeed script | lmforge / plain DeepSpeed script | HF Trainer + DeepSpeed "
+        "| lmforge / HF Trainer + DeepSpeed |"
+    )
+    assert all(row.count("|") == 13 for row in table)  # every row has every column
+    assert "| torch DDP" not in table[2]
+    assert table[2].endswith("| 100 (100-100) | 1.1x (1-1.2), goal >= 1x: yes |  |  |  |  |"), (
+        table[2]
+    )
+    assert table[3].endswith(
+        "|  |  | 100 (100-100) | 0.9x (0.9-0.9), goal >= 1.05x: **no** | 60 (60-60) "
+        "| 1.5x (1.5-1.5) |"
+    ), table[3]
+    assert table[4].endswith("|  |  |  |  |  |  |")
+
+
+def test_a_peer_that_fell_back_to_another_engine_or_stage_fails():
+    """bench/peers.py: a peer reports what it really ran; anything else than asked (the HF
+    Trainer silently on DDP, another ZeRO stage, not gloo) is refused, not measured."""
+    from bench.peers import PeerMismatch, PeerResult, check
+
+    def ran(peer, stage, engine, backend="gloo"):
+        return PeerResult(peer, stage, engine, backend, 1000.0, [1.0], [2.0])
+
+    assert check(ran("hf", 3, "DeepSpeedEngine"), "hf", 3).tokens_per_s == 1000.0
+    assert check(ran("ddp", 0, "DistributedDataParallel"), "ddp", 0)
+    with pytest.raises(PeerMismatch, match="ran DistributedDataParallel at ZeRO 0"):
+        check(ran("hf", 0, "DistributedDataParallel"), "hf", 3)  # accelerate dropped DeepSpeed
+    with pytest.raises(PeerMismatch, match="ZeRO 2"):
+        check(ran("deepspeed", 2, "DeepSpeedEngine"), "deepspeed", 3)
+    with pytest.raises(PeerMismatch, match="not gloo"):
+        check(ran("deepspeed", 3, "DeepSpeedEngine", backend="ccl"), "deepspeed", 3)
+
+
+def test_peers_run_beside_the_full_gpt2_fp32_stages_only():
+    from types import SimpleNamespace
+
+    from bench.bench_train import plan_peers
+
+    runs = [(0, "fp32", 20), (1, "fp32", 20), (2, "fp32", 20), (3, "fp32", 20), (2, "bf16", 20)]
+    full = SimpleNamespace(peers=None, tiny=False, shape="full")
+    assert plan_peers(full, runs) == [
+        ("ddp", 0), ("deepspeed", 2), ("deepspeed", 3), ("hf", 2), ("hf", 3)
+    ]  # fmt: skip
+    assert plan_peers(SimpleNamespace(peers=None, tiny=True, shape="full"), runs) == []
+    assert plan_peers(SimpleNamespace(peers="none", tiny=False, shape="full"), runs) == []
+    only = SimpleNamespace(peers="hf", tiny=True, shape="full")
+    assert plan_peers(only, [(3, "fp32", 8), (3, "bf16", 8)]) == [("hf", 3)]

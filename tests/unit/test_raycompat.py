@@ -30,3 +30,22 @@ def test_another_ray_minor_version_is_refused_in_one_line():
 
 def test_the_installed_ray_is_the_one_written_for():
     raycompat.check_version()
+
+
+def test_the_torch_trainer_starts_no_dataset_manager_without_datasets():
+    """lmforge's runs pass no Ray datasets: Ray Train's DatasetsCallback (which starts a
+    DatasetManager actor process) is left out; with datasets it stays."""
+    import ray.train
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    from lmforge import raycompat
+
+    trainer_cls = raycompat.torch_trainer_class()
+    scaling = ray.train.ScalingConfig(num_workers=2)
+
+    def kinds(**kw):
+        trainer = trainer_cls(lambda: None, scaling_config=scaling, **kw)
+        return {type(c) for c in trainer._create_default_callbacks()}
+
+    assert DatasetsCallback not in kinds()
+    assert DatasetsCallback in kinds(datasets={"train": lambda: None})
