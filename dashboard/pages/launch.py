@@ -163,6 +163,14 @@ with mid:
     choice("train.precision", "Precision")
     number("train.eval_every", "Evaluate every (steps)")
     number("train.checkpoint_every", "Checkpoint every (steps)")
+    # Preference tuning (lmforge.preference): on a `prepare --format preference` dataset,
+    # from a version (Start from: a version), which is also the reference.
+    choice("train.objective", "Objective (lm, or dpo on preference pairs)")
+    if fields["train.objective"] == "dpo":
+        choice("train.dpo.loss", "Preference loss")
+        number("train.dpo.beta", "Beta", format="%.3f", step=0.05)
+        if fields["train.dpo.loss"] == "simpo":
+            number("train.dpo.gamma", "SimPO gamma", format="%.2f", step=0.1)
 with right:
     st.subheader("Distribution")
     choice("zero.stage", "ZeRO stage")

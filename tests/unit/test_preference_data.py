@@ -72,7 +72,9 @@ def test_pairs_written_whole_with_answer_only_targets(tmp_path):
                 ids, masks = table.column("tokens").to_pylist(), table.column("targets").to_pylist()
                 for c in range(0, len(ids), 2):
                     chosen = t.decode([i for i, k in zip(ids[c], masks[c], strict=True) if k])
-                    rejected = t.decode([i for i, k in zip(ids[c + 1], masks[c + 1], strict=True) if k])
+                    rejected = t.decode(
+                        [i for i, k in zip(ids[c + 1], masks[c + 1], strict=True) if k]
+                    )
                     # Only the answers are targets; the prompts of both sides are the same.
                     assert ("yes" in chosen or "Hello" in chosen) and "Is" not in chosen
                     assert "no" in rejected or "Go away" in rejected
@@ -140,6 +142,8 @@ def test_val_share_one_pass(tmp_path):
     ds, _ = pairs_dataset(tmp_path / "ds", write_rows(tmp_path / "p.jsonl", rows(90)))
     got = []
     for r in (0, 1):
-        got += [p for b in PairStream(ds, "val", 40, 2, r, 2).one_pass() for p in b.pair_ids.tolist()]
+        got += [
+            p for b in PairStream(ds, "val", 40, 2, r, 2).one_pass() for p in b.pair_ids.tolist()
+        ]
     assert sorted(got) == list(range(PairStream(ds, "val", 40, 2).n_pairs))
     assert np.all(PairStream(ds, "val", 40, 2).empty().seq.numpy() == -1)

@@ -373,7 +373,9 @@ def _encode_batch(batch: pa.Table, tokenizer_files: dict, template: dict, max_to
     ids, targets, cut, keep = [], [], [], []
     for rows in batch.column("rows").to_pylist():
         for row in json.loads(rows):  # messages, or a pair's {"messages", "answer_turns"}
-            messages, turns = (row, 0) if isinstance(row, list) else (row["messages"], row["answer_turns"])
+            messages, turns = (
+                (row, 0) if isinstance(row, list) else (row["messages"], row["answer_turns"])
+            )
             ex = sft.encode(tok, tmpl, messages, max_tokens, policy, turns)
             keep.append(ex is not None)
             ids.append(np.zeros(0, np.int32) if ex is None else ex.ids.astype(np.int32))
