@@ -86,15 +86,24 @@ def dpo_config(dataset, name, *overrides):
     )  # fmt: skip
 
 
-def test_dpo_learns_the_preference(data):
-    sft_dir, pref, tok = data
-    base = train(tiny_config(sft_dir, "dpo-sft", "train.max_steps=40", "train.eval_every=40",
+@pytest.fixture(scope="module")
+def sft_base(data):
+    """The SFT run the preference runs start from (their reference)."""
+    sft_dir, _, _ = data
+    return train(tiny_config(sft_dir, "dpo-sft", "train.max_steps=40", "train.eval_every=40",
                              "train.checkpoint_every=40", "train.warmup_steps=0"))  # fmt: skip
+
+
+def test_dpo_learns_the_preference(data, sft_base):
+    sft_dir, pref, tok = data
+    base = sft_base
     before = picks_chosen(base.checkpoint, tok)
     assert 0.3 <= before <= 0.7, before  # the colour decides: about half say "yes"
     result = train(dpo_config(pref, "dpo-run"), init_from=str(base.checkpoint))
     after = picks_chosen(result.checkpoint, tok)
     last = result.history[-1]
+    print(f"held-out prompts answered with the chosen completion: {before:.0%} after SFT, "
+          f"{after:.0%} after DPO; val rewards/accuracies {last['val_rewards/accuracies']:.2f}")  # fmt: skip
     assert after >= 0.9, (before, after)
     assert last["val_rewards/accuracies"] > 0.9
     steps = [m for m in result.history if "loss" in m]
@@ -109,6 +118,42 @@ def test_dpo_learns_the_preference(data):
     assert cached[0].name.startswith(sha[:16])
     tags = json.loads((result.run_dir / "preference.json").read_text())
     assert tags["objective"] == "dpo" and tags["reference"].endswith(sha[:12])
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("ipo-zero3", ["zero.stage=3", "train.dpo.loss=ipo", "train.dpo.beta=0.5"]),
+        ("lora-zero2", ["train.lora.r=4", "train.lr=1e-2", "train.min_lr=1e-2"]),
+    ],
+)
+def test_ipo_at_zero3_and_lora_reference_without_a_table(data, sft_base, name, overrides):
+    """IPO at ZeRO 3 (the reference pass in lockstep over the sharded weights), and LoRA,
+    whose reference is the base with its adapters off (no table): both learn the pairs."""
+    _, pref, _ = data
+    result = train(dpo_config(pref, f"dpo-{name}", "train.max_steps=8", "train.eval_every=8",
+                              "train.checkpoint_every=8", *overrides),
+                   init_from=str(sft_base.checkpoint))  # fmt: skip
+    steps = [m for m in result.history if "loss" in m]
+    first, last = steps[0], result.history[-1]
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # policy == reference
+    assert last["val_rewards/margins"] > 0 and last["val_rewards/accuracies"] > 0.9
+    assert last["loss"] < first["loss"]
+
+
+def test_dpo_resumes_exactly(data, sft_base):
+    """Stopped at step 3 and resumed to 6 (the reference's table read back from its cache,
+    the pair stream from its position): the same fp32 weights as 6 steps in one go."""
+    _, pref, _ = data
+    common = ["train.eval_every=3", "train.checkpoint_every=3", "train.eval_steps=1"]
+    init = str(sft_base.checkpoint)
+    whole = train(dpo_config(pref, "dpo-whole", "train.max_steps=6", *common), init_from=init)
+    train(dpo_config(pref, "dpo-resumed", "train.max_steps=3", *common), init_from=init)
+    resumed = train(dpo_config(pref, "dpo-resumed", "train.max_steps=6", *common), resume=True)
+    a = ckpt_io.load_model(whole.checkpoint)[0].state_dict()
+    b = ckpt_io.load_model(resumed.checkpoint)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((resumed.run_dir / "preference.json").read_text())["objective"] == "dpo"
 
 
 def test_dpo_refused_before_any_worker(data):

@@ -24,6 +24,7 @@ from lmforge.preference.loss import METRICS, metric_sums, pair_losses
 from lmforge.preference.stream import PairStream
 
 NAMES = {"sigmoid": "dpo", "ipo": "ipo", "simpo": "simpo"}  # the `objective` tag
+INIT_DIR = "init_from"  # the run dir's copy of the --init-from weights (training.plan)
 RUN_FILE = "preference.json"  # in the run dir: objective, parent, reference (version tags)
 
 
@@ -34,6 +35,7 @@ class Preference:
         self.name = NAMES[self.kind]
         self.table: dict[str, torch.Tensor] | None = None  # the reference's, per split
         self.uses_reference = self.kind != "simpo"
+        self.precompute_s: float | None = None
 
     def _stream(self, trainer, split: str) -> PairStream:
         t, info = trainer.cfg.train, trainer.info
@@ -47,13 +49,16 @@ class Preference:
     def start(self, trainer) -> None:
         info = trainer.info
         init = storage.resolve(trainer.init_from) if trainer.init_from else None
+        if init is None:  # resumed: the run's own copy of what --init-from named
+            staged = storage.resolve(trainer.run_dir) / INIT_DIR
+            init = staged if (staged / ckpt_io.WEIGHTS).is_file() else None
         weights = source = None
         if init is not None:
             local = storage.local_file(init / ckpt_io.WEIGHTS).parent
             weights = ckpt_io.weights_sha256(local) if info.is_main else None
             weights = dist.all_gather_object(weights, info)[0]
             src = init / "SOURCE"
-            source = src.read_text().strip() if src.is_file() else str(trainer.init_from)
+            source = src.read_text().strip() if src.is_file() else str(init)
         if self.uses_reference and not trainer.lora:
             if weights is None:
                 raise reference.ReferenceError(
@@ -61,8 +66,7 @@ class Preference:
                 )
             streams = {s: self._stream(trainer, s) for s in ("train", "val")}
             self.table, took = reference.reference_table(trainer, weights, streams)
-            if took:
-                trainer.log(0, {"reference_precompute_s": took})
+            self.precompute_s = took  # reported with the first evaluation (0: reused)
         tags = {"objective": self.name}
         if source is not None:
             tags["parent"] = source
@@ -121,6 +125,8 @@ class Preference:
         for k, v in zip(METRICS, totals[2:].tolist(), strict=True):
             out[f"val_{k}"] = v / pairs
         out["val_pairs"] = totals[1].item()
+        if self.precompute_s is not None:  # once: the reference pass before step 1
+            out["reference_precompute_s"], self.precompute_s = self.precompute_s, None
         trainer.evals.append({"step": trainer.step, "val_loss": out["val_loss"]})
         if not math.isfinite(out["val_loss"]):
             dist.print0(info, "eval: the val loss is not finite")
