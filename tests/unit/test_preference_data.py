@@ -147,3 +147,43 @@ def test_val_share_one_pass(tmp_path):
         ]
     assert sorted(got) == list(range(PairStream(ds, "val", 40, 2).n_pairs))
     assert np.all(PairStream(ds, "val", 40, 2).empty().seq.numpy() == -1)
+
+
+def test_prepare_encode_task_takes_pairs_answer_only(tmp_path):
+    """The Ray Data task of `prepare --format preference` (run here as a plain function):
+    a pair's side comes as {"messages", "answer_turns"}, and only its answer's tokens are
+    targets, even when the prompt holds an earlier assistant turn."""
+    import json
+
+    import pyarrow as pa
+
+    from lmforge import templates
+    from lmforge.data.prepare import _encode_batch
+    from lmforge.tokenizer import EOT, read_tokenizer_files, train_tokenizer
+
+    t = templates.get("chat", eos_token=EOT)
+    row = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "HELLO"},
+                      {"role": "user", "content": "and?"}], "chosen": "FINE", "rejected": "BAD"}  # fmt: skip
+    f = write_rows(tmp_path / "p.jsonl", [row])
+    ((_, c, r),) = list(read_pairs(f))
+    tok = train_tokenizer([t.render(c["messages"]), t.render(r["messages"])], 300)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out = _encode_batch(pa.table({"rows": [json.dumps([c, r])]}),
+                        read_tokenizer_files(tmp_path / "tokenizer.json"), t.describe(), 64, "drop")  # fmt: skip
+    ids, masks = out.column("ids").to_pylist(), out.column("targets").to_pylist()
+    answers = [
+        tok.decode([i for i, k in zip(a, m, strict=True) if k])
+        for a, m in zip(ids, masks, strict=True)
+    ]
+    assert "FINE" in answers[0] and "BAD" in answers[1]
+    assert all("HELLO" not in a for a in answers)  # the prompt's assistant turn is context
+
+
+def test_prepare_job_passes_preference_format():
+    from lmforge import jobspec
+    from lmforge.jobspec import prepare_job
+
+    roots = jobspec.data_roots()
+    spec = prepare_job([roots[0] / "in.jsonl"], roots[0] / "pairs", data_format="preference",
+                       template="instruct")  # fmt: skip
+    assert "--format preference --template instruct" in spec.entrypoint
