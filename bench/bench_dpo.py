@@ -15,22 +15,23 @@ rejected: another line of the play), prepared with `--format preference` in this
 tokens/s is the trainer's `steady_tokens_per_s` (window positions a step, padding of DPO's
 windows included, over the median step after 3 warm-up steps). The reference pass is
 timed by the trainer (`reference_precompute_s`) and reported separately, in pairs/s.
-Memory: each run is its own process; the peak RSS of its largest child (a worker,
-`RUSAGE_CHILDREN`), beside the launch page's estimate (`lmforge.estimate`) of the same
+Memory: each run is its own process; the peak RSS of its largest child process (a worker,
+sampled every 20 ms), beside the launch page's estimate (`lmforge.estimate`) of the same
 config. On CPU the RSS holds the Python/torch runtime, far above a tiny model's state.
 Targets: DPO >= 0.9x SFT tokens/s; peak memory a worker within 10% of SFT's at ZeRO 3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -110,20 +111,47 @@ def child(args) -> None:
 
     data = pairs_dir(args.tiny)
     cfg = config(data, args.tiny, args.child, args.stage, args.steps, Path(args.storage))
-    result = run_training(cfg, init_from=args.init_from, local=True)
+    peak = PeakRSS()
+    with peak:
+        result = run_training(cfg, init_from=args.init_from, local=True)
     first_eval = next(m for m in result.history if "val_loss" in m)
     from lmforge.data.dataset import Dataset
 
     ds = Dataset(data)
     out = {
         "tokens_per_s": result.metrics["steady_tokens_per_s"],
-        "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "peak_rss": peak.max,
         "estimate": estimate(cfg, ds.vocab_size).per_worker_bytes["total"],
         "precompute_s": first_eval.get("reference_precompute_s"),
         "pairs": ds.manifest["preference"]["kept"],
         "checkpoint": str(result.checkpoint),
     }
     print("CHILD " + json.dumps(out), flush=True)
+
+
+class PeakRSS:
+    """The largest RSS any one child process (a worker) reaches, sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.max, self._stop = 0, threading.Event()
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.02):
+            for p in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    self.max = max(self.max, p.memory_info().rss)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_child(objective: str, tiny: bool, stage: int, steps: int, storage: Path,
