@@ -645,6 +645,10 @@ def check_inputs(inputs: list[str | Path], output: str | Path, opts: PrepareOpti
         if other:
             raise CorpusError(f"{other[0]}: --format {opts.format} reads .jsonl rows only")
         resolve_template(opts.template, "", opts.tokenizer, opts.template_examples)  # known?
+    if opts.format == "preference":  # every row checked (file:line, field) before Ray starts
+        for f in files:
+            for _ in preference.read_pairs(f):
+                pass
     return files
 
 
