@@ -22,6 +22,7 @@ from lmforge.data.prepare import PrepareOptions, split_and_write_sft
 from lmforge.errors import ConfigError
 from lmforge.preference.reference import CACHE_DIR
 from lmforge.tokenizer import EOT, train_tokenizer
+from lmforge.tracking import store
 from tests.preference_data import pairs_dataset, write_rows
 from tests.trainer.conftest import tiny_config, train
 
@@ -118,6 +119,14 @@ def test_dpo_learns_the_preference(data, sft_base):
     assert cached[0].name.startswith(sha[:16])
     tags = json.loads((result.run_dir / "preference.json").read_text())
     assert tags["objective"] == "dpo" and tags["reference"].endswith(sha[:12])
+    # Lineage on the MLflow run and on every version it registered.
+    c = store.client(store.resolve_uri())
+    assert c.get_run(result.mlflow_run_id).data.tags["objective"] == "dpo"
+    versions = c.search_model_versions(f"run_id='{result.mlflow_run_id}'")
+    assert versions
+    for v in versions:
+        assert v.tags["objective"] == "dpo" and v.tags["reference"] == tags["reference"]
+        assert v.tags["parent"] == tags["parent"]
 
 
 @pytest.mark.parametrize(
