@@ -133,8 +133,6 @@ def test_packed_logps_equal_each_pair_alone(tmp_path, arch):
     with torch.no_grad():
         logits, _ = model(packed.x, segments=packed.segments)
         got, n = sequence_logps(logits, packed.labels, packed.seq, 2 * packed.n_pairs)
-        alone = PairStream(ds, "train", 64, 1)
-        alone.T = 64
         for i in range(2 * packed.n_pairs):
             r = (packed.seq == i).any(1).nonzero().item()
             cols = (packed.seq[r] == i).nonzero().flatten()
