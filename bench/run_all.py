@@ -43,6 +43,7 @@ SECTIONS = {
     "train-lstm": ("train", ["--arch", "lstm"]),
     "data": ("data", []),
     "mixture": ("mixture", []),
+    "dpo": ("dpo", []),
     "prepare": ("prepare", []),
     "generate": ("generate", []),
     "generate-llama": ("generate", ["--arch", "llama"]),

@@ -163,6 +163,14 @@ with mid:
     choice("train.precision", "Precision")
     number("train.eval_every", "Evaluate every (steps)")
     number("train.checkpoint_every", "Checkpoint every (steps)")
+    # Preference tuning (lmforge.preference): on a `prepare --format preference` dataset,
+    # from a version (Start from: a version), which is also the reference.
+    choice("train.objective", "Objective (lm, or dpo on preference pairs)")
+    if fields["train.objective"] == "dpo":
+        choice("train.dpo.loss", "Preference loss")
+        number("train.dpo.beta", "Beta", format="%.3f", step=0.05)
+        if fields["train.dpo.loss"] == "simpo":
+            number("train.dpo.gamma", "SimPO gamma", format="%.2f", step=0.1)
 with right:
     st.subheader("Distribution")
     choice("zero.stage", "ZeRO stage")
@@ -272,19 +280,21 @@ with st.expander("Sweep this config: many jobs with values drawn from a space"):
 
 st.divider()
 with st.expander("Upload a small text corpus and prepare a dataset from it"):
-    sft = (
-        st.radio(
-            "Format",
-            ["Text", "Instruction rows (SFT)"],
-            horizontal=True,
-            help="Text: documents, packed into rows, every token a target. Instruction rows: "
-            '.jsonl of {"prompt", "completion"} or {"messages": [...]}, rendered with a '
-            "template; only the completions are targets, one example a row.",
-        )
-        != "Text"
+    kind = st.radio(
+        "Format",
+        ["Text", "Instruction rows (SFT)", "Preference pairs (DPO)"],
+        horizontal=True,
+        help="Text: documents, packed into rows, every token a target. Instruction rows: "
+        '.jsonl of {"prompt", "completion"} or {"messages": [...]}, rendered with a '
+        "template; only the completions are targets, one example a row. Preference pairs: "
+        '.jsonl of {"prompt", "chosen", "rejected"} for train.objective dpo.',
     )
+    sft = kind != "Text"
+    data_format = {"Text": "text", "Preference pairs (DPO)": "preference"}.get(kind, "sft")
     files = st.file_uploader(
-        '.jsonl rows ({"prompt", "completion"} or {"messages": [...]} a line)'
+        '.jsonl rows ({"prompt", "chosen", "rejected"} a line)'
+        if data_format == "preference"
+        else '.jsonl rows ({"prompt", "completion"} or {"messages": [...]} a line)'
         if sft
         else "Text files (.txt, one document each) or .jsonl (a `text` field per line)",
         type=["jsonl"] if sft else ["txt", "jsonl"],
@@ -312,7 +322,7 @@ with st.expander("Upload a small text corpus and prepare a dataset from it"):
             corpus, out = launch_form.save_upload(name, [(f.name, f.getvalue()) for f in files])
             spec = jobspec.prepare_job(
                 [corpus], out, vocab_size=vocab_size, seq_tokens=seq_tokens, rows_per_group=4,
-                data_format="sft" if sft else "text", template=template, prompt_policy=policy,
+                data_format=data_format, template=template, prompt_policy=policy,
             )  # fmt: skip
             sid = ui.job_client().submit(spec)
         st.session_state["jobs_selected"] = sid

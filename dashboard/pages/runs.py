@@ -35,17 +35,20 @@ st.session_state["runs_selected"] = picked
 by_id = {r.run_id: r for r in rows}
 # A mixture's runs log each source's val curves (val_loss/<name>) and tokens per step.
 per_source = browse.source_curves([by_id[r] for r in picked])
+# A preference run's (train.objective dpo) rewards and log-probs, as TRL names them.
+preference = browse.preference_curves([by_id[r] for r in picked])
 with ui.guard("MLflow"):
     eval_keys = browse.eval_curves(uri, picked)  # eval/<task>/<metric> at checkpoint steps
 keys = st.multiselect(
     "Metrics",
-    [*browse.CURVES, *per_source, *eval_keys],
+    [*browse.CURVES, *per_source, *preference, *eval_keys],
     default=[
         "loss",
         "val_loss",
         "lr",
         "tokens_per_s",
         *browse.source_val_curves(per_source),
+        *[k for k in preference if k.endswith(("rewards/accuracies", "rewards/margins"))],
         *eval_keys[:4],
     ],
     key="runs_keys",

@@ -66,10 +66,12 @@ def _add_prepare(sub) -> None:
     p.add_argument("--rows-per-group", type=int, default=16, metavar="N",
                    help="rows per Parquet row group, the unit dealt to workers (default 16)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset dir")
-    p.add_argument("--format", choices=("text", "sft"), default="text",
+    p.add_argument("--format", choices=("text", "sft", "preference"), default="text",
                    help="text (default): documents, packed; sft: .jsonl rows of prompt/completion "
                    "or messages, rendered with --template, only completion tokens are targets, "
-                   "one example a row (--seq-tokens is then the longest example)")  # fmt: skip
+                   "one example a row (--seq-tokens is then the longest example); preference: "
+                   ".jsonl rows of prompt, chosen, rejected (strings, or TRL's conversational "
+                   "form), for train.objective dpo; a pair is kept when both answers fit")  # fmt: skip
     p.add_argument("--template", metavar="NAME|FILE.jinja",
                    help="sft: plain, instruct, chat, few-shot, chain-of-thought, a Jinja2 file, or "
                    "chat_template (the one in --tokenizer's tokenizer_config.json)")  # fmt: skip
@@ -504,6 +506,19 @@ def cmd_prepare(args) -> None:
     )
     if "sft" in m:
         print(sft_summary(m))
+    if "preference" in m:
+        print(preference_summary(m))
+
+
+def preference_summary(m: dict) -> str:
+    """The pairs a preference prepare read, kept and dropped, and its template."""
+    q = m["preference"]
+    return (
+        f"  pairs read {q['rows']:,} | kept {q['kept']:,} | dropped (an answer does not fit "
+        f"{q['max_tokens']} tokens after its prompt, --prompt-policy {q['prompt_policy']}) "
+        f"{q['dropped']:,} | cut {q['cut']:,} | template "
+        f"{q['template']['file'] or q['template']['name']}"
+    )
 
 
 def sft_summary(m: dict) -> str:

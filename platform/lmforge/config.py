@@ -162,6 +162,19 @@ class DataConfig(_Section):
         return [s.path for s in self.sources] if self.sources else [self.path]
 
 
+class DPOConfig(_Section):
+    """`train.dpo`: the preference loss of `train.objective: dpo` (lmforge.preference)."""
+
+    beta: float = Field(
+        0.1, gt=0, description="How far the policy may move from the reference (DPO's beta; "
+        "IPO's tau; SimPO's reward scale, which its paper sets to about 2)."
+    )  # fmt: skip
+    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, or simpo (length-normalised, no reference)."
+    )
+    gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin (TRL's simpo_gamma).")
+
+
 class LoraConfig(_Section):
     r: int = Field(8, ge=1, description="Rank of each low-rank adapter.")
     alpha: float = Field(16.0, gt=0, description="Scale: the update is (alpha/r)·B·A.")
@@ -241,6 +254,13 @@ class TrainConfig(_Section):
         False, description="Recompute each block's activations in backward (less memory)."
     )
     compile: bool = Field(False, description="torch.compile the model before training.")
+    objective: Literal["lm", "dpo"] = Field(
+        "lm",
+        description="lm: next-token loss on the data's targets; dpo: preference tuning on a "
+        "`prepare --format preference` dataset from --init-from (the reference), with "
+        "train.dpo's loss (DPO, IPO or SimPO).",
+    )
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

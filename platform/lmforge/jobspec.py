@@ -248,7 +248,7 @@ def prepare_job(
         template=template,
         prompt_policy=prompt_policy,
     )
-    if data_format == "sft" and template not in DASHBOARD_TEMPLATES:
+    if data_format in ("sft", "preference") and template not in DASHBOARD_TEMPLATES:
         raise JobSpecError(
             f"template {template!r}: one of {', '.join(DASHBOARD_TEMPLATES)} here "
             f"(a .jinja file, few-shot examples or chat_template: `lmforge prepare`)"
@@ -259,8 +259,8 @@ def prepare_job(
     args += ["--output", _path_arg(out, "output")]
     args += ["--vocab-size", str(int(vocab_size)), "--val-fraction", repr(float(val_fraction))]
     args += ["--seq-tokens", str(int(seq_tokens)), "--rows-per-group", str(int(rows_per_group))]
-    if data_format == "sft":
-        args += ["--format", "sft", "--template", template, "--prompt-policy", prompt_policy]
+    if data_format in ("sft", "preference"):  # preference: prompt/chosen/rejected pairs
+        args += ["--format", data_format, "--template", template, "--prompt-policy", prompt_policy]
     meta = {"lmforge.kind": "prepare", "lmforge.dataset": out.name}
     return JobSpec(entrypoint(args), runtime_env(), meta)
 

@@ -39,7 +39,7 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 
 from lmforge import __version__, storage, templates
-from lmforge.data import sft
+from lmforge.data import preference, sft
 from lmforge.data.dataset import FORMAT, MANIFEST, SPLITS, TOKENIZER
 from lmforge.data.readers import CorpusError, discover, read_documents
 from lmforge.data.writer import ShardWriter
@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 TASKS_PER_CPU = 2  # enough to even out unequal files
 TASK_BYTES = 32 << 20  # raw text a tokenize task takes at most, roughly
 TASK_ROWS = 2048  # SFT rows an encode task takes at most
-FORMATS = ("text", "sft")
+FORMATS = ("text", "sft", "preference")
+RENDERED = ("sft", "preference")  # formats whose rows a template renders
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,15 @@ class PrepareOptions:
     template: str | None = None  # sft: a built-in template's name or a .jinja file
     prompt_policy: str = "drop"  # sft: a row longer than seq_tokens: "drop" or "cut-prompt"
     template_examples: Path | None = None  # sft, few-shot: prompt/completion JSONL
+    # preference: {prompt, chosen, rejected} rows; a pair is two consecutive rows, chosen
+    # first, rows_per_group pairs a row group (`lmforge.data.preference`)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {self.format!r})")
-        if self.format == "sft" and not self.template:
+        if self.format in RENDERED and not self.template:
             raise UsageError(
-                f"--format sft needs --template (built in: {', '.join(templates.NAMES)}, "
+                f"--format {self.format} needs --template (built in: {', '.join(templates.NAMES)}, "
                 "or a .jinja file)"
             )
         if self.format == "text" and (self.template or self.template_examples):
@@ -369,8 +372,11 @@ def _encode_batch(batch: pa.Table, tokenizer_files: dict, template: dict, max_to
     tmpl = templates.Template.from_description(template)
     ids, targets, cut, keep = [], [], [], []
     for rows in batch.column("rows").to_pylist():
-        for messages in json.loads(rows):
-            ex = sft.encode(tok, tmpl, messages, max_tokens, policy)
+        for row in json.loads(rows):  # messages, or a pair's {"messages", "answer_turns"}
+            messages, turns = (
+                (row, 0) if isinstance(row, list) else (row["messages"], row["answer_turns"])
+            )
+            ex = sft.encode(tok, tmpl, messages, max_tokens, policy, turns)
             keep.append(ex is not None)
             ids.append(np.zeros(0, np.int32) if ex is None else ex.ids.astype(np.int32))
             targets.append(np.zeros(0, bool) if ex is None else ex.targets)
@@ -427,7 +433,11 @@ def _encoded_examples(
 def _prepare_sft(files: list[Path], out: Path, opts: PrepareOptions) -> dict:
     """Read and check every row (errors name file:line), get the tokenizer (reused, or
     trained on the rendered rows), encode with Ray and write the dataset into `out`."""
-    rows = [messages for f in files for _, messages in sft.read_rows(f)]
+    if opts.format == "preference":
+        pairs = [(c, r) for f in files for _, c, r in preference.read_pairs(f)]
+        rows = [side for pair in pairs for side in pair]
+    else:
+        rows = [messages for f in files for _, messages in sft.read_rows(f)]
     if not rows:
         raise CorpusError(f"--input {_named(files)}: no rows (the input is empty)")
     if opts.tokenizer is not None:
@@ -437,14 +447,106 @@ def _prepare_sft(files: list[Path], out: Path, opts: PrepareOptions) -> dict:
             raise UsageError(f"--tokenizer {opts.tokenizer}: names no end token to end examples")
     else:
         template, _ = resolve_template(opts.template, EOT, None, opts.template_examples)
-        tok = train_tokenizer((template.render(m) for m in rows), opts.vocab_size)
+        tok = train_tokenizer((template.render(_messages(m)) for m in rows), opts.vocab_size)
         tok.save(str(out / TOKENIZER))
     template, template_file = resolve_template(
         opts.template, eot_token(tok) or "", opts.tokenizer, opts.template_examples
     )
     sources = [{"path": str(f), "bytes": f.stat().st_size} for f in files]
     examples = _encoded_examples(rows, out / TOKENIZER, template, opts)
+    if opts.format == "preference":
+        return split_and_write_pairs(examples, out, tok, opts, sources, template, template_file)
     return split_and_write_sft(examples, out, tok, opts, sources, template, template_file)
+
+
+def _messages(row: list | dict) -> list:
+    return row if isinstance(row, list) else row["messages"]
+
+
+def split_and_write_pairs(
+    examples: Iterator[sft.Example | None],
+    out: Path,
+    tok: Tokenizer,
+    opts: PrepareOptions,
+    sources: list,
+    template: templates.Template,
+    template_file: str | None = None,
+) -> dict:
+    """`split_and_write_sft` for preference pairs: `examples` alternate chosen, rejected.
+    A pair is kept only when both fit (`--prompt-policy` applied to each); it goes to one
+    split whole, as two consecutive rows (chosen first) of one row group (`rows_per_group`
+    pairs a group), so a worker always reads both."""
+    eot = eot_id(tok)
+    dtype, tokenizer_sha256 = _shard_format(tok, out)
+    writers = {
+        split: ShardWriter(
+            out / split, dtype, opts.seq_tokens, 2 * opts.rows_per_group,
+            opts.groups_per_shard, tokenizer_sha256, targets=True,
+        )
+        for split in SPLITS
+    }  # fmt: skip
+    phase, f = _split_phase(opts.seed), opts.val_fraction
+    n_rows = n_dropped = n_cut = n_kept = 0
+    it = iter(examples)
+    for chosen in it:
+        rejected = next(it)
+        n_rows += 1
+        if chosen is None or rejected is None:
+            n_dropped += 1
+            continue
+        n_cut += chosen.cut > 0 or rejected.cut > 0
+        w = writers["val" if _is_val(n_kept, f, phase) else "train"]
+        for ex in (chosen, rejected):
+            w.add_example(*_end_with_eos(ex.ids, ex.targets, eot))
+        n_kept += 1
+    splits = {split: w.close() for split, w in writers.items()}
+    for s in splits.values():
+        s["pairs"] = s["sequences"] // 2
+    where = _named([s["path"] for s in sources]) or "the input"
+    if n_rows == 0:
+        raise CorpusError(f"{where}: no rows (the input is empty)")
+    if n_kept == 0:
+        raise CorpusError(
+            f"{where}: in all {n_rows} pair(s) an answer does not fit --seq-tokens "
+            f"{opts.seq_tokens} after its prompt (--prompt-policy {opts.prompt_policy}); "
+            "raise --seq-tokens"
+        )
+    if splits["train"]["pairs"] == 0:
+        raise CorpusError(f"{where}: too few pairs ({n_kept}), none left for the train split")
+    described = template.describe()
+    described["file"] = template_file
+    templates.save(template, out)
+    manifest = {
+        "format": FORMAT,
+        "data_format": "preference",
+        "created_by": f"lmforge {__version__}",
+        "sources": sources,
+        "documents": 2 * n_kept,
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "token_dtype": dtype,
+        "seq_tokens": opts.seq_tokens,
+        "tokenizer": _tokenizer_entry(out, tok, tokenizer_sha256),
+        "split": {"val_fraction": f, "seed": opts.seed, "unit": "pair"},
+        "splits": splits,
+        "preference": {
+            "rows": n_rows,
+            "kept": n_kept,
+            "dropped": n_dropped,
+            "dropped_too_long": n_dropped,
+            "cut": n_cut,
+            "prompt_policy": opts.prompt_policy,
+            "max_tokens": opts.seq_tokens,
+            "pairs_per_group": opts.rows_per_group,
+            "layout": "a pair is two consecutive rows, chosen then rejected; "
+            f"{opts.rows_per_group} pairs a row group",
+            "target_tokens": sum(s["target_tokens"] for s in splits.values()),
+            "mask": {"column": "targets", "dtype": "bool", "true": "an answer token"},
+            "template": described,
+            "template_file": templates.TEMPLATE_FILE,
+        },
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def _n_tasks(files: list[Path]) -> int:
@@ -538,11 +640,15 @@ def check_inputs(inputs: list[str | Path], output: str | Path, opts: PrepareOpti
         raise CorpusError(
             f"--input {_named(inputs)}: the corpus is empty ({len(files)} file(s), 0 bytes)"
         )
-    if opts.format == "sft":
+    if opts.format in RENDERED:
         other = [f for f in files if f.suffix != ".jsonl"]
         if other:
-            raise CorpusError(f"{other[0]}: --format sft reads .jsonl rows only")
+            raise CorpusError(f"{other[0]}: --format {opts.format} reads .jsonl rows only")
         resolve_template(opts.template, "", opts.tokenizer, opts.template_examples)  # known?
+    if opts.format == "preference":  # every row checked (file:line, field) before Ray starts
+        for f in files:
+            for _ in preference.read_pairs(f):
+                pass
     return files
 
 
@@ -566,7 +672,7 @@ def prepare(inputs: list[str | Path], output: str | Path, opts: PrepareOptions) 
     tmp.mkdir(parents=True)
     try:
         t0 = time.perf_counter()
-        if opts.format == "sft":
+        if opts.format in RENDERED:
             manifest = _prepare_sft(files, tmp, opts)
         else:
             tok = _get_tokenizer(files, opts, tmp)

@@ -99,11 +99,16 @@ def encode(
     messages: list[dict[str, str]],
     max_tokens: int,
     policy: str = "drop",
+    answer_turns: int = 0,
 ) -> Example | None:
-    """Token ids and target mask of one row; None when `policy` drops it for length."""
+    """Token ids and target mask of one row; None when `policy` drops it for length.
+    `answer_turns` > 0: only the last that many assistant turns are targets (a preference
+    pair's answer; the assistant turns of its prompt are context)."""
     if policy not in POLICIES:
         raise SFTDataError(f"unknown length policy {policy!r} (one of {POLICIES})")
     text, spans = template.render_with_targets(messages)
+    if answer_turns:
+        spans = spans[-answer_turns:]
     enc = tok.encode(text)
     ids = np.asarray(enc.ids, dtype=np.int64)
     targets = np.zeros(len(ids), dtype=bool)

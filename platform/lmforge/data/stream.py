@@ -108,7 +108,7 @@ class TokenStream:
         document_mask: bool = False,
     ) -> None:
         self.units = dataset.units(split)
-        self.sft = dataset.data_format == "sft"
+        self.sft = dataset.data_format in ("sft", "preference")  # rows with a target mask
         self.masked = self.sft or document_mask  # batches carry segments (and labels)
         self.eot = dataset.manifest["tokenizer"].get("eot_id")
         if self.masked and not self.sft and self.eot is None:

@@ -155,6 +155,14 @@ def source_curves(rows: list[RunRow]) -> list[str]:
     return sorted(keys)
 
 
+PREFERENCE_CURVES = ("rewards/", "logps/", "val_rewards/", "val_logps/")  # lmforge.preference
+
+
+def preference_curves(rows: list[RunRow]) -> list[str]:
+    """The preference metrics (TRL's names: `rewards/accuracies`...) the runs have."""
+    return sorted({k for r in rows for k in r.metrics if k.startswith(PREFERENCE_CURVES)})
+
+
 def source_val_curves(keys: list[str]) -> list[str]:
     return [k for k in keys if k.startswith("val_loss/")]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import logging
 import math
 import re
@@ -395,6 +396,11 @@ def version_tags(state: ckpt_io.TrainerState, run_id: str, checkpoint: Path) -> 
     init_source = checkpoint.parent / "init_from" / "SOURCE"
     if init_source.is_file():
         tags["parent"] = init_source.read_text().strip()
+    # A preference run (lmforge.preference.objective writes it): objective, reference.
+    preference = checkpoint.parent / "preference.json"
+    if preference.is_file():
+        about = json.loads(preference.read_text())
+        tags.update({k: about[k] for k in ("objective", "parent", "reference") if k in about})
     if (checkpoint / ckpt_io.BASE).is_file():  # a LoRA version: small, on its base
         tags["base_version"] = ckpt_io.read_base(checkpoint).uri
         tags["adapter"] = "lora"

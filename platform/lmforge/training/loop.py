@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -32,9 +31,8 @@ from lmforge import checkpoint as ckpt_io
 from lmforge import dist, faults, guard, models, storage
 from lmforge.config import Config, TrainConfig
 from lmforge.data import mixture
-from lmforge.data.stream import TokenStream
 from lmforge.perf import peak_flops
-from lmforge.training import checkpoint_writer, cpu_collectives, engine_state, speed
+from lmforge.training import checkpoint_writer, cpu_collectives, engine_state, objective, speed
 from lmforge.training.ds_config import deepspeed_config, lr_factor
 from lmforge.training.session import ResumePoint, Session, WorkerPlan
 
@@ -146,6 +144,7 @@ class _Pending:
     step_time_s: float
     data_wait_s: float
     data: dict[str, float]  # the stream's own numbers (a mixture's tokens per source)
+    extra: dict[str, torch.Tensor]  # the objective's own numbers (on the device, mean)
 
 
 class Trainer:
@@ -178,6 +177,7 @@ class Trainer:
             init = storage.resolve(init_from)  # a run in S3: fetched from there
             ckpt_io.load_weights(model, storage.local_file(init / ckpt_io.WEIGHTS).parent)
             dist.print0(info, f"initialised the weights from {init_from}")
+        self.init_from = init_from  # the weights it started from (a preference reference)
         self.lora, self.base = cfg.train.lora is not None, None
         if self.lora:  # the base (--init-from; on resume, the run's copy of it) frozen
             self.base = self._add_adapters(model, init_from, resume)
@@ -192,11 +192,9 @@ class Trainer:
         if cfg.train.compile:
             speed.compile_engine(self.engine)
         t = cfg.train
-        self.stream = mixture.train_stream(
-            self.dataset, cfg.model.context_length, t.micro_batch_size, info.rank, info.world,
-            t.seed, cfg.data.document_mask, windows_per_step=t.micro_batch_size * t.grad_accum_steps,
-            say=functools.partial(dist.print0, info),
-        )  # fmt: skip
+        # The loss of a micro-batch and what evaluation reports (train.objective).
+        self.objective = objective.build(cfg)
+        self.stream = self.objective.train_stream(self)
         self.tokens_per_step = (
             t.micro_batch_size * t.grad_accum_steps * info.world * cfg.model.context_length
         )
@@ -293,11 +291,15 @@ class Trainer:
         lr = self.engine.get_lr()[0]  # the rate this step uses; the scheduler moves on after it
         accum = self.cfg.train.grad_accum_steps
         total, wait, grad_norm = torch.zeros((), device=self.info.device), 0.0, None
+        extra: dict[str, torch.Tensor] = {}
         for _ in range(accum):
             t_data = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t_data
-            loss = faults.corrupt_loss(self.forward_loss(batch), self.step + 1, self.info.rank)
+            loss, more = self.objective.loss(self, batch)
+            for k, v in more.items():
+                extra[k] = extra.get(k, 0) + v.detach().float()
+            loss = faults.corrupt_loss(loss, self.step + 1, self.info.rank)
             self.engine.backward(loss)  # at the boundary: gradients all-reduced, not clipped
             if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = _grad_norm(self.engine.module)
@@ -316,6 +318,7 @@ class Trainer:
                 time.perf_counter() - t0,
                 wait,
                 self.stream.step_metrics(),
+                {k: v / accum for k, v in extra.items()},
             )  # fmt: skip
         )
 
@@ -325,9 +328,19 @@ class Trainer:
         pending, self.pending = self.pending, []
         if not pending:
             return []
-        losses = dist.all_reduce_mean_(torch.stack([p.loss for p in pending]), self.info)
+        names = list(pending[0].extra)
+        if names:  # the objective's numbers ride in the same collective as the loss
+            rows = [torch.stack([p.loss, *(p.extra[k] for k in names)]) for p in pending]
+            table = dist.all_reduce_mean_(torch.stack(rows), self.info).tolist()
+            losses, extras = (
+                [r[0] for r in table],
+                [dict(zip(names, r[1:], strict=True)) for r in table],
+            )
+        else:
+            losses = dist.all_reduce_mean_(torch.stack([p.loss for p in pending]), self.info)
+            losses, extras = losses.tolist(), [{} for _ in pending]
         out = []
-        for p, loss in zip(pending, losses.tolist(), strict=True):
+        for p, loss, more in zip(pending, losses, extras, strict=True):
             tokens_per_s = self.tokens_per_step / p.step_time_s
             m = {
                 "step": p.step,
@@ -340,6 +353,7 @@ class Trainer:
                 "data_wait_s": p.data_wait_s,  # this worker's time waiting for its next batch
                 "workers": self.info.world,  # elastic runs: how many trained this step
                 **p.data,
+                **more,
             }
             self.log(p.step, m)  # queued; never blocks on MLflow
             out.append(m)
@@ -399,34 +413,10 @@ class Trainer:
     def mfu(self, tokens_per_s: float) -> float:
         return tokens_per_s / self.info.world * self.flops_per_token / self.peak.flops
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The val loss (one collective); a mixture's per source too (`val_loss/<name>`),
-        and its `val_loss` the sources' weighted by the mixture's (final) weights."""
-        t, m = self.cfg.train, self.cfg.model
-        sets = mixture.val_sets(self.dataset)
-        totals = torch.zeros(len(sets), device=self.info.device)
-        self.engine.eval()
-        for i, (_, ds) in enumerate(sets):
-            val = TokenStream(
-                ds, "val", m.context_length, t.micro_batch_size, self.info.rank,
-                self.info.world, seed=t.seed, shuffle=False,
-                document_mask=self.cfg.data.document_mask,
-            )  # fmt: skip
-            batches = val.batches()
-            for _ in range(t.eval_steps):
-                totals[i] += self.forward_loss(next(batches)).float()
-        self.engine.train()
-        losses = dist.all_reduce_mean_(totals / t.eval_steps, self.info).tolist()
-        out: dict[str, float] = {}
-        for (name, _), loss in zip(sets, losses, strict=True):
-            if name is not None:
-                out[f"val_loss/{name}"] = loss
-                out[f"val_perplexity/{name}"] = math.exp(min(loss, 50.0))
-        weights = mixture.val_weights(self.dataset)
-        val_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True))
-        self.evals.append({"step": self.step, "val_loss": val_loss})
-        return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0)), **out}
+        """The objective's evaluation on the val split (a collective): `val_loss` and its
+        own metrics; the val loss joins `evals` (kept in checkpoints)."""
+        return self.objective.evaluate(self)
 
     # -- checkpoint -------------------------------------------------------------------
     def save(self, metrics: dict[str, float]) -> None:
@@ -465,6 +455,7 @@ class Trainer:
         if self.step >= t.max_steps:
             dist.print0(p, f"nothing to do: already at step {self.step} of {t.max_steps}")
             return
+        self.objective.start(self)  # e.g. the reference's log-probs, before any step
         if self.step == 0:
             metrics = {"step": 0, **self.evaluate()}
             dist.print0(p, _eval_line(metrics))
@@ -548,7 +539,12 @@ def _throughput_line(m: dict[str, float]) -> str:
 
 
 def _eval_line(m: dict[str, float]) -> str:
-    return f"eval step {m['step']:>6} | val_loss {m['val_loss']:.4f} | val_ppl {m['val_perplexity']:.2f}"
+    line = f"eval step {m['step']:>6} | val_loss {m['val_loss']:.4f}"
+    if "val_perplexity" in m:
+        line += f" | val_ppl {m['val_perplexity']:.2f}"
+    if "val_rewards/accuracies" in m:  # a preference objective's
+        line += f" | val_rewards/accuracies {m['val_rewards/accuracies']:.3f}"
+    return line
 
 
 RANK_NODES_TAG = "lmforge.rank_nodes"

@@ -69,6 +69,7 @@ def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = 
     dataset.check_shards()  # footers only: a truncated or foreign shard is named before Ray
     speed.check(cfg)  # activation checkpointing / compile on this architecture
     check_lora(cfg, resume, init_from)
+    check_objective(cfg, resume, init_from, dataset, cfg.model)
     init = init_source(init_from, cfg.tracking.tracking_uri) if init_from else None
     model = cfg.model
     if init is not None and ckpt_io.is_adapter(init.checkpoint):
@@ -80,6 +81,7 @@ def build_plan(cfg: Config, resume: bool | str = False, init_from: str | None = 
         dataset.require_tokenizer(init.checkpoint / ckpt_io.TOKENIZER, f"--init-from {init.uri}")
         model = init_model(cfg, init)
     check_fits_dataset(cfg.model_copy(update={"model": model}), dataset)
+    check_objective(cfg, resume, init_from, dataset, model)
     cfg = cfg.model_copy(
         update={
             # A set vocab_size (a padded embedding, an imported model's) stays; else the data's.
@@ -122,6 +124,31 @@ def check_lora(cfg: Config, resume: bool | str, init_from: str | None) -> None:
         raise ConfigError(
             f"train.lora: zero.stage={cfg.zero.stage} does not train a frozen base; use "
             f"zero.stage in {list(LORA_ZERO_STAGES)}"
+        )
+
+
+def check_objective(cfg: Config, resume: bool | str, init_from: str | None, data, model) -> None:
+    """train.objective dpo: a preference dataset and a reference to start from (--init-from;
+    its tokenizer is checked against the data's with every --init-from)."""
+    if cfg.train.objective != "dpo":
+        return
+    if not (init_from or resume):
+        raise ConfigError(
+            "train.objective=dpo: preference tuning starts from a model and compares with it "
+            "(the reference); name it with --init-from (a version URI or a checkpoint)"
+        )
+    fmt = getattr(data, "data_format", "a mixture")
+    if fmt != "preference":
+        raise ConfigError(
+            f"train.objective=dpo: data.path is {fmt} data, not preference pairs; prepare "
+            "them with lmforge prepare --format preference"
+        )
+    if data.manifest["seq_tokens"] > model.context_length:
+        raise ConfigError(
+            f"train.objective=dpo: {data.path} holds answers of up to "
+            f"{data.manifest['seq_tokens']} tokens with their prompt, more than "
+            f"model.context_length={model.context_length}; prepare with --seq-tokens "
+            f"{model.context_length}"
         )
 
 
