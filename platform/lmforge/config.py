@@ -258,9 +258,23 @@ class TrainConfig(_Section):
         "lm",
         description="lm: next-token loss on the data's targets; dpo: preference tuning on a "
         "`prepare --format preference` dataset from --init-from (the reference), with "
-        "train.dpo's loss (DPO, IPO or SimPO).",
+        "train.dpo's loss (DPO, IPO or SimPO; `ipo` and `simpo` here are short for dpo with "
+        "that loss).",
     )
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_shorthand(cls, data: Any) -> Any:
+        """`objective: ipo` / `simpo` is `objective: dpo` with that `dpo.loss`."""
+        if not isinstance(data, dict) or data.get("objective") not in ("ipo", "simpo"):
+            return data
+        kind, dpo = data["objective"], dict(data.get("dpo") or {})
+        if dpo.get("loss", kind) != kind:
+            raise ValueError(
+                f"train.objective={kind} with train.dpo.loss={dpo['loss']}: give one of them"
+            )
+        return {**data, "objective": "dpo", "dpo": {**dpo, "loss": kind}}
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

@@ -119,6 +119,20 @@ def test_unknown_loss_and_missing_reference():
         ours("sigmoid", 0.1, 0.0, token_logps, mask, None)
 
 
+def test_objective_ipo_and_simpo_are_dpo_with_that_loss():
+    from lmforge.config import ConfigError, load_config
+    from tests.conftest import REPO
+
+    tiny = REPO / "jobs" / "configs" / "tiny.yaml"
+    for kind in ("ipo", "simpo"):
+        t = load_config(tiny, [f"train.objective={kind}"]).train
+        assert (t.objective, t.dpo.loss) == ("dpo", kind)
+    t = load_config(tiny, ["train.objective=dpo", "train.dpo.loss=ipo"]).train
+    assert (t.objective, t.dpo.loss) == ("dpo", "ipo")
+    with pytest.raises(ConfigError, match="train.objective=ipo with train.dpo.loss=simpo"):
+        load_config(tiny, ["train.objective=ipo", "train.dpo.loss=simpo"])
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_packed_logps_equal_each_pair_alone(tmp_path, arch):
     rows = [{"prompt": f"Q{i}: " + "what " * (i % 5), "chosen": "yes " * (i % 3 + 1),
