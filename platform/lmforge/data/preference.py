@@ -18,11 +18,10 @@ across row groups, workers or a re-sharded resume (`lmforge.preference.stream`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmforge.data.sft import SFTDataError
+from lmforge.data.sft import SFTDataError, read_jsonl
 from lmforge.templates import ROLES
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -31,19 +30,8 @@ FIELDS = ("prompt", "chosen", "rejected")
 def read_pairs(path: str | Path) -> Iterator[tuple[str, dict, dict]]:
     """(where, chosen, rejected) of each row, in file order; each side is
     `{"messages": [...], "answer_turns": n}` (its last n assistant turns are the answer)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SFTDataError(f"{p}: file not found")
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise SFTDataError(f"{where}: not JSON ({err})") from None
-            yield where, *check_pair(row, where)
+    for where, row in read_jsonl(path):
+        yield where, *check_pair(row, where)
 
 
 def check_pair(row: object, where: str) -> tuple[dict, dict]:

@@ -22,6 +22,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -43,8 +44,8 @@ class Example:
     cut: int = 0  # prompt tokens dropped from the start by `cut-prompt`
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[str, list[dict[str, str]]]]:
-    """Each row of a JSONL file as messages, with "file:line" for error messages."""
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """("file:line", the parsed row) of each non-blank line of a JSONL file."""
     p = Path(path)
     if not p.is_file():
         raise SFTDataError(f"{p}: file not found")
@@ -54,10 +55,15 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, list[dict[str, str]]]]:
                 continue
             where = f"{p}:{lineno}"
             try:
-                row = json.loads(line)
+                yield where, json.loads(line)
             except ValueError as err:
                 raise SFTDataError(f"{where}: not JSON ({err})") from None
-            yield where, check_row(row, where)
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """Each row of a JSONL file as messages, with "file:line" for error messages."""
+    for where, row in read_jsonl(path):
+        yield where, check_row(row, where)
 
 
 def check_row(row: object, where: str) -> list[dict[str, str]]:
