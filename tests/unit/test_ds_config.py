@@ -3,8 +3,7 @@
 One process, a gloo group of one (DS_ACCELERATOR=cpu where no other accelerator was picked
 first), a tiny token model, a few steps each: the ZeRO stage, optimizer, offload, gradient
 accumulation, clipping, bf16 and the learning-rate schedule are checked by what the engine
-does when stepped, not by reading back the dict. The first run on a machine builds
-DeepSpeed's small shared-memory op (about a minute, cached in ~/.cache/torch_extensions).
+does when stepped, not by reading back the dict.
 """
 
 from __future__ import annotations
@@ -44,6 +43,9 @@ def engine(*overrides: str):
     """A DeepSpeed engine as the trainer builds one: our config, our lr schedule."""
     import deepspeed
 
+    from lmforge.training.cpu_collectives import skip_shm_op
+
+    skip_shm_op()  # as the trainer does: nothing to compile
     cfg = load_config(TINY, [f"train.micro_batch_size={MICRO}", *overrides])
     torch.manual_seed(0)
     model = TokenModel()
