@@ -70,8 +70,9 @@ slots: dict[str, object] = {}
 
 def start(key: str, f: launch_form.FormField | None = None):
     """The value a field starts from: the base config's, else the schema's default."""
-    section, leaf = key.split(".")
-    value = defaults.get(section, {}).get(leaf)
+    value = defaults
+    for part in key.split("."):  # train.lr, train.dpo.beta
+        value = value.get(part) if isinstance(value, dict) else None
     return (f or launch_form.form_field(key)).default if value is None else value
 
 
@@ -195,6 +196,17 @@ values = {k: v for k, v in fields.items() if v not in ("", None)}
 if source and source[0] == "resume":
     values.pop("run.name", None)  # the resumed run keeps its name
 cfg, errors = launch_form.form_config(base, values)
+if (
+    cfg is not None
+    and cfg.train.objective == "dpo"
+    and not (source and source[0] in ("init", "resume"))
+):
+    # What the job would refuse before Ray starts (lmforge.preference), said before Submit.
+    errors["train.objective"] = (
+        "dpo starts from a version, which is also its reference: open one on the Models page "
+        "and press Fine-tune"
+    )
+    cfg = None
 for key, msg in errors.items():
     slots.get(key, st).error(f"`{key}`: {msg}")
 

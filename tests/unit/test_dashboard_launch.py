@@ -249,3 +249,32 @@ def test_several_datasets_with_weights_make_a_mixture(app, tmp_path):
     assert not errors
     spec = jobspec.train_job(cfg)
     assert f"data.sources=[mini:3.0:{mini},other:1.0:{other}]" in spec.entrypoint
+
+
+def test_dpo_offers_its_loss_and_settings_and_needs_a_version_to_start_from(app, tmp_path):
+    """Objective dpo: the preference loss, beta (and SimPO's gamma); without a version to
+    start from (the reference) the page says so next to the objective and cannot submit;
+    Fine-tune from a version, the job carries the objective and --init-from."""
+    from lmforge import jobspec, launch_form
+
+    fake_dataset(tmp_path)
+    app.run()
+    assert not [w for w in app.selectbox if w.label == "Preference loss"]  # lm: none
+    by_label(app.selectbox, "Objective (lm, or dpo on preference pairs)").set_value("dpo")
+    app.run()
+    by_label(app.selectbox, "Preference loss").set_value("simpo")
+    app.run()
+    assert not app.exception
+    assert by_label(app.number_input, "Beta").value == pytest.approx(0.1)  # the schema's
+    assert by_label(app.number_input, "SimPO gamma").value is not None
+    (err,) = [e.value for e in app.error]
+    assert err.startswith("`train.objective`: dpo starts from a version")
+    assert by_label(app.button, "Submit job").disabled
+
+    values = {"train.objective": "dpo", "train.dpo.loss": "simpo", "train.dpo.beta": 0.2}
+    cfg, errors = launch_form.form_config({}, values)
+    assert not errors
+    spec = jobspec.train_job(cfg, init_from="models:/base@latest")
+    for part in ("train.objective=dpo", "train.dpo.loss=simpo", "train.dpo.beta=0.2",
+                 "--init-from models:/base@latest"):  # fmt: skip
+        assert part in spec.entrypoint, spec.entrypoint
