@@ -1,6 +1,6 @@
 """A shared MLflow for real: `lmforge tracking up` over a real PostgreSQL (tests/pgserver.py)
 with artifacts in S3 (moto), proxied by the server, behind MLflow's basic-auth app. A
-1-worker run logs to it with a user's credentials from its environment and no S3
+1-worker run (local: no Ray Train job, which the other integration tests cover) logs to it with a user's credentials from its environment and no S3
 credentials at all; the version it registers has its files in the bucket, takes an alias,
 loads as a pyfunc through the server and generates what its checkpoint generates. No
 password reaches a command line, a record, the log or MLflow."""
@@ -96,7 +96,9 @@ def test_without_credentials_the_server_refuses(shared, monkeypatch):
     assert "it-pg-auth" in {e.name for e in c.search_experiments()}
 
 
-def test_a_run_registers_and_generates_through_the_server(shared, dataset, monkeypatch, capfd):
+def test_a_run_registers_and_generates_through_the_server(
+    shared, dataset, monkeypatch, capfd, plain_main
+):
     for key in storage.AWS_ENV:  # the job has no S3 credentials: the server proxies
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
@@ -108,7 +110,7 @@ def test_a_run_registers_and_generates_through_the_server(shared, dataset, monke
         "train.log_every=1", "train.warmup_steps=1", f"tracking.tracking_uri={url}",
         f"tracking.experiment={EXPERIMENT}", f"tracking.registered_model={MODEL}",
     )  # fmt: skip
-    result = run_training(cfg)
+    result = run_training(cfg, local=True)  # the trainer of a Ray job; MLflow is the point here
     c = store.client(url)
     (version,) = c.search_model_versions(f"name='{MODEL}'")
     assert version.tags["step"] == "4" and version.run_id == result.mlflow_run_id
