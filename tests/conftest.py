@@ -19,8 +19,11 @@ CORPUS = REPO / "data" / "shakespeare"
 
 os.environ["LMFORGE_HOME"] = tempfile.mkdtemp(prefix="lmforge-test-home-")
 # DeepSpeed's JIT builds of this session (the trainer builds none on CPU: tests/trainer's
-# test_train checks), not reused from an earlier one.
-os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(os.environ["LMFORGE_HOME"], "torch_extensions")
+# test_train checks), not reused from an earlier one; one dir for the session's processes
+# (pytest-xdist's workers and the processes tests spawn inherit it).
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.join(os.environ["LMFORGE_HOME"], "torch_extensions")
+)
 
 
 def pytest_xdist_make_scheduler(config, log):

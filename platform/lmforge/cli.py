@@ -177,10 +177,12 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="random sampling (default) or Optuna's TPE (Tune's OptunaSearch)")  # fmt: skip
     p.add_argument("--metric", default="val_loss",
                    help="what ranks trials, reported at each evaluation: val_loss (default), "
-                   "val_perplexity, val_loss/<source>")  # fmt: skip
+                   "val_perplexity, val_loss/<source>; or a score of each checkpoint's "
+                   "evaluation, eval.<task>.<metric> (a task of eval.tasks; with --mode)")  # fmt: skip
     p.add_argument("--mode", choices=["min", "max"], default="min")
     p.add_argument("--grace-period", type=int, metavar="STEPS",
-                   help="ASHA: steps before a trial may be stopped (default train.eval_every)")  # fmt: skip
+                   help="ASHA: steps before a trial may be stopped (default train.eval_every; "
+                   "train.checkpoint_every for an eval.* metric)")  # fmt: skip
     p.add_argument("--reduction-factor", type=float, default=2.0,
                    help="ASHA: keep 1/F of the trials at each rung (default 2)")  # fmt: skip
     p.add_argument("--seed", type=int, help="the searcher's seed (reproducible sampling)")

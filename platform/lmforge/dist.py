@@ -31,10 +31,13 @@ def setup(use_gpu: bool, device: torch.device | None = None) -> DistInfo:
     else cuda:LOCAL_RANK); tell DeepSpeed which accelerator to use.
 
     Must run before `deepspeed` is imported in this process: DeepSpeed picks its
-    accelerator once, on first use, from DS_ACCELERATOR.
+    accelerator once, on first use, from DS_ACCELERATOR (on CPU it is imported here, after
+    that choice, to skip its shm op: `skip_shm_op`).
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     _prefer_own_tools()
+    if not use_gpu:
+        skip_shm_op()
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -48,6 +51,25 @@ def setup(use_gpu: bool, device: torch.device | None = None) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local_rank, device)
+
+
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder.NAME
+
+
+def skip_shm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op.
+
+    On the CPU accelerator `deepspeed.init_distributed` builds `deepspeed_shm_comm` into the
+    torch extensions dir (about 1.5 min of both cores the first time on a machine, and again
+    whenever another ninja judges the build stale) for one use only: `inference_all_reduce`,
+    tensor-parallel inference. Training's collectives are gloo's and `broadcast_gather`, so
+    the op buys a training job nothing. DeepSpeed builds it only when its op probe
+    (`deepspeed.ops.__compatible_ops__`, one dict per process) says it is compatible:
+    marked incompatible, `build_shm_op` returns None and nothing is compiled or loaded.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False
 
 
 def _prefer_own_tools() -> None:

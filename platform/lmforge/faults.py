@@ -10,7 +10,10 @@
                                                (at most HOLD_MAX_S) until it is deleted, so
                                                something else can be broken at exactly that
                                                point (the object store stopped while a
-                                               checkpoint is being written)
+                                               checkpoint is being written); <dir>/ (a
+                                               trailing slash): each holding process its own
+                                               file <dir>/<pid>, so a test can tell holders
+                                               apart and release them one by one
 
     LMFORGE_FAULT=nan:step:<step>              rank 0's loss of optimizer step <step> is NaN
                                                (its gradients too: the all-reduce makes them
@@ -114,6 +117,9 @@ def maybe_kill(point: str, step: int, rank: int) -> None:
         marker.write_text(f"pid {os.getpid()}\n")
     if hold := os.environ.get("LMFORGE_FAULT_HOLD"):
         flag = Path(hold)
+        if hold.endswith(("/", os.sep)):
+            flag.mkdir(parents=True, exist_ok=True)
+            flag = flag / str(os.getpid())
         flag.write_text(f"pid {os.getpid()}, rank {rank}, {point} {step}\n")
         print(f"fault injection: worker rank {rank} holds at {point} {step} until {flag} "
               "is deleted", flush=True)  # fmt: skip

@@ -3,10 +3,12 @@ session's Ray cluster: a tiny run with `eval.tasks` and `run.checkpoints_to_keep
 deletes each checkpoint once the next is reported, maybe before its evaluation's turn)
 succeeds; every checkpoint evaluated in time has its scores on its version and on the run
 at its step; a deleted one is skipped, never a failure; Ray Train keeps the scores with the
-checkpoint it returns."""
+checkpoint it returns; `on_eval_scores` (what a sweep on a score hands Tune) gets each
+checkpoint's scores from the validation task, through a Ray queue."""
 
 from __future__ import annotations
 
+from lmforge.sweeps.trial import EvalToTune
 from lmforge.tracking import store
 from lmforge.training.launch import run_training
 from tests.trainer.conftest import tiny_config
@@ -27,10 +29,19 @@ def test_checkpoints_are_validated_by_ray_train_beside_training(
         f"tracking.registered_model={MODEL}", f"eval.tasks=[{task}]", "eval.limit=3",
         "eval.cpus=0.5",
     )  # fmt: skip
-    result = run_training(cfg)
+    # A sweep on a score hands each checkpoint's scores to its Tune trial through a Ray
+    # queue (EvalToTune, run_training's on_eval_scores): here an unbounded one, read below.
+    from ray.util.queue import Queue
+
+    queue = Queue()
+    result = run_training(cfg, on_eval_scores=EvalToTune(queue, "eval.romeo.chrf", "max"))
     c = store.client(store.resolve_uri())
     versions = sorted(c.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
     assert [int(v.tags["step"]) for v in versions] == [4, 8, 12]
+    handed = [queue.get(timeout=30) for _ in range(queue.qsize())]
+    assert {r["step"]: r["eval.romeo.chrf"] for r in handed} == {
+        int(v.tags["step"]): float(v.tags["eval.romeo.chrf"]) for v in versions
+    }
     assert all("eval.romeo.chrf" in v.tags and "eval.warning" not in v.tags for v in versions)
     curve = {m.step: m.value for m in c.get_metric_history(result.mlflow_run_id, "eval/romeo/chrf")}
     assert curve == {int(v.tags["step"]): float(v.tags["eval.romeo.chrf"]) for v in versions}

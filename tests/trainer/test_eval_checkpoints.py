@@ -55,7 +55,9 @@ def run(tmp_path_factory):
         f"eval.tasks=[{gen}, {mc}]", "eval.select=copy/exact_match", f"eval.probes={probes}",
         "eval.probe_samples=1", "eval.probe_max_new_tokens=8",
     )  # fmt: skip
-    return cfg, train(cfg), (gen, mc), d
+    handed = []  # run_training's on_eval_scores (a sweep's hook to Tune) on a local run
+    result = train(cfg, on_eval_scores=lambda step, scores: handed.append((step, scores)))
+    return cfg, result, (gen, mc), d, handed
 
 
 def _versions():
@@ -64,7 +66,7 @@ def _versions():
 
 
 def test_every_checkpoint_version_carries_its_scores_and_best_follows_the_task(run):
-    cfg, result, _, _ = run
+    cfg, result, _, _, handed = run
     c, versions = _versions()
     assert [int(v.tags["step"]) for v in versions] == [EVERY, 2 * EVERY, STEPS]
     for v in versions:
@@ -79,6 +81,12 @@ def test_every_checkpoint_version_carries_its_scores_and_best_follows_the_task(r
         rows = dict(zip(table["columns"], zip(*table["data"], strict=True), strict=True))
         assert rows["prompt"] == ("red blue green =",) * 2 + ("sun moon =",) * 2
         assert rows["kind"] == ("greedy", "sample 1") * 2
+    # on_eval_scores got each checkpoint's scores as its version got them
+    assert [step for step, _ in handed] == [int(v.tags["step"]) for v in versions]
+    for (_, scores), v in zip(handed, versions, strict=True):
+        assert scores["eval/copy/exact_match"] == pytest.approx(
+            float(v.tags["eval.copy.exact_match"])
+        )
     em = {v.version: float(v.tags["eval.copy.exact_match"]) for v in versions}
     print("exact match by version", em)
     assert em[versions[-1].version] >= 0.5, em  # the fine-tune learned the task
@@ -90,7 +98,7 @@ def test_every_checkpoint_version_carries_its_scores_and_best_follows_the_task(r
 
 
 def test_the_untrained_base_scores_far_lower(run, tmp_path):
-    cfg, result, (gen, mc), _ = run
+    cfg, result, (gen, mc), _, _ = run
     c, versions = _versions()
     trained = read_config(result.checkpoint)  # the run's, vocab_size from the tokenizer
     torch.manual_seed(0)

@@ -61,9 +61,6 @@ def _train(stage: int, zero: dict | None = None) -> tuple[list[float], dict[str,
     cfg = load_config(TINY, [f"zero.stage={stage}", "model.n_layer=2", "model.d_model=64",
                              "model.n_head=2", "model.context_length=16", "model.vocab_size=64",
                              "train.micro_batch_size=2", "train.lr=0.01"])  # fmt: skip
-    from lmforge.training.cpu_collectives import skip_shm_op
-
-    skip_shm_op()  # as the trainer does: nothing to compile
     torch.manual_seed(0)  # the same initial weights on both ranks and in both runs
     model = models.build(cfg.model)
     ds = deepspeed_config(cfg, world_size=2)

@@ -116,3 +116,32 @@ def test_the_launch_page_submits_a_sweep_of_its_form_and_refuses_a_bad_space(mon
     assert json.loads(spec.runtime_env["env_vars"][SPACE_ENV]) == {
         "train.weight_decay": {"uniform": [0.0, 0.2]}
     }
+
+
+def test_a_sweep_on_a_score_aliases_the_best_scored_version_and_reads_its_curve(tracking_uri):
+    """--metric eval.<task>.<metric>: each checkpoint of the best trial is a version tagged
+    with its scores; the alias goes to the best-scored one, and the trial's rows and curves
+    read the run metric eval/<task>/<metric>."""
+    from pathlib import Path
+
+    c = store.client(tracking_uri)
+    exp = c.create_experiment("exp-score")
+    run = c.create_run(exp, run_name="s-t_0", tags={tags.SWEEP_TAG: "s", tags.TRIAL_TAG: "t_0",
+                                                   "lmforge.run_dir": "/runs/s-t_0"})  # fmt: skip
+    rid = run.info.run_id
+    c.create_registered_model("m")
+    for step, score in ((5, 0.2), (10, 0.7), (15, 0.4)):
+        c.log_metric(rid, "eval/copy/exact_match", score, step=step)
+        c.create_model_version("m", f"runs:/{rid}/checkpoint", run_id=rid, tags={
+            "step": str(step), "eval.copy.exact_match": str(score),
+            "ray_checkpoint_uri": f"/runs/s-t_0/checkpoint_{step:08d}",
+        })  # fmt: skip
+    got = record.alias_best_version(
+        tracking_uri, "exp-score", "m", "s", Path("/runs/s-t_0"), "eval.copy.exact_match", "max"
+    )
+    assert (str(got[0]), got[1]) == ("2", Path("/runs/s-t_0/checkpoint_00000010"))
+    assert c.get_model_version_by_alias("m", "sweep-s").tags["step"] == "10"
+    (row,) = record.trials_of(tracking_uri, "exp-score", "s", "eval.copy.exact_match")
+    assert row["metric"] == 0.4  # the last logged
+    curves = record.curves_of(tracking_uri, [rid], "eval.copy.exact_match")
+    assert curves == {rid: [(5, 0.2), (10, 0.7), (15, 0.4)]}

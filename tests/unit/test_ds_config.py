@@ -43,9 +43,6 @@ def engine(*overrides: str):
     """A DeepSpeed engine as the trainer builds one: our config, our lr schedule."""
     import deepspeed
 
-    from lmforge.training.cpu_collectives import skip_shm_op
-
-    skip_shm_op()  # as the trainer does: nothing to compile
     cfg = load_config(TINY, [f"train.micro_batch_size={MICRO}", *overrides])
     torch.manual_seed(0)
     model = TokenModel()

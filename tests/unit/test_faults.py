@@ -57,3 +57,23 @@ def test_hold_waits_until_its_file_is_deleted_and_kills_nothing(tmp_path, monkey
     assert not held.is_alive() and kills == []
     faults.maybe_kill("checkpoint", 8, 0)  # once: the restarted worker does not hold
     assert not flag.exists()
+
+
+def test_a_hold_directory_gives_each_holding_process_its_own_file(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(os, "kill", lambda pid, sig: pytest.fail("a hold kills nothing"))
+    monkeypatch.setenv("LMFORGE_FAULT", "step:3:0")
+    holds = tmp_path / "holds"
+    monkeypatch.setenv("LMFORGE_FAULT_HOLD", f"{holds}/")
+    held = threading.Thread(target=faults.maybe_kill, args=("step", 3, 0))
+    held.start()
+    mine = holds / str(os.getpid())
+    for _ in range(100):
+        if mine.exists():
+            break
+        held.join(0.05)
+    assert [p.name for p in holds.iterdir()] == [mine.name] and held.is_alive()
+    mine.unlink()
+    held.join(5)
+    assert not held.is_alive()

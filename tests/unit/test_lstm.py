@@ -205,8 +205,6 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORL
                   LOCAL_RANK="0")
 dist.setup(use_gpu=False)
 import deepspeed
-from lmforge.training.cpu_collectives import skip_shm_op
-skip_shm_op()
 deepspeed.init_distributed(dist_backend="gloo")
 out = {}
 for stage in (2, 3):

@@ -38,9 +38,6 @@ def losses(cfg, steps: int = STEPS) -> list[float]:
     """Train `cfg`'s model as the trainer does (its options applied) for `steps` steps."""
     import deepspeed
 
-    from lmforge.training.cpu_collectives import skip_shm_op
-
-    skip_shm_op()  # as the trainer does: nothing to compile
     torch.manual_seed(0)
     model = models.build(cfg.model)
     if cfg.train.activation_checkpointing:

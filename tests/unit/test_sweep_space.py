@@ -177,3 +177,40 @@ def test_a_concurrency_the_cluster_cannot_hold_is_said_once(caplog):
         say_concurrency("s", cfg, [{"CPU": 4.0}], 3)
     (line,) = [r.getMessage() for r in caplog.records]
     assert "--max-concurrent 3, but the cluster fits the workers of 2 trial(s)" in line
+
+
+def test_a_sweep_on_an_evaluation_score(tmp_path):
+    """--metric eval.<task>.<metric>: the base config must evaluate that task; ASHA's grace
+    is then the checkpoint interval (scores come with checkpoints); each checkpoint's
+    scores reach Tune named as on the version, with their step (EvalToTune)."""
+    from lmforge.sweeps.plan import grace_steps
+    from lmforge.sweeps.trial import EvalToTune
+    from tests.unit import evaltasks
+
+    rows = evaltasks.write_rows(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": "b"}])
+    task = evaltasks.generative(tmp_path, "copy", rows)
+    space = {"train.lr": {"loguniform": [1e-4, 3e-3]}}
+    sets = ["train.min_lr=1e-5", f"eval.tasks=[{task}]", "train.max_steps=20",
+            "train.checkpoint_every=10", "train.eval_every=5"]  # fmt: skip
+    opts = sweeps.SweepOptions(metric="eval.copy.exact_match", mode="max")
+    plan = sweeps.plan_sweep("score", TINY, space, sets, opts)
+    assert grace_steps(plan.options, plan.base_config) == 10
+    for metric, says in [
+        ("eval.nope.exact_match", "task 'nope' is not evaluated by the base config"),
+        ("eval.copy", "eval.<task>.<metric>"),
+    ]:
+        with pytest.raises(LmforgeError, match=says):
+            sweeps.plan_sweep("score", TINY, space, sets, sweeps.SweepOptions(metric=metric))
+
+    class Queue(list):
+        put = list.append
+
+    q = Queue()
+    to = EvalToTune(q, "eval.copy.exact_match", "max")
+    to(10, {"eval/copy/exact_match": 0.5, "eval/copy/bleu": 3.0})
+    to(20, {"eval/copy/exact_match": float("nan")})
+    to(30, {"eval/other/acc": 1.0})  # not the sweep's metric: Tune does not see it
+    assert q == [
+        {"eval.copy.exact_match": 0.5, "eval.copy.bleu": 3.0, "step": 10},
+        {"eval.copy.exact_match": -DIVERGED, "step": 20, "diverged": 1},
+    ]

@@ -178,24 +178,35 @@ def _version(s: EvalSettings, step: int):
 
 
 # -- Ray Train's checkpoint validation ---------------------------------------------------
-def validate(checkpoint, settings: dict[str, Any]) -> dict[str, float]:
-    """Ray Train's `validate_fn`: `checkpoint` is the persisted `ray.train.Checkpoint`."""
+def validate(checkpoint, settings: dict[str, Any], on_scores=None) -> dict[str, float]:
+    """Ray Train's `validate_fn`: `checkpoint` is the persisted `ray.train.Checkpoint`.
+    `on_scores(step, scores)`, when given, gets the scores too (a sweep's trial hands them
+    to Tune: `lmforge.sweeps.trial.EvalToTune`)."""
     s = EvalSettings(**settings)
     try:
         with checkpoint.as_directory() as d:
-            return evaluate_persisted(Path(d), s)
+            scores = evaluate_persisted(Path(d), s)
+            if scores and on_scores is not None:
+                from lmforge import checkpoint as ckpt_io
+
+                on_scores(ckpt_io.read_state(Path(d)).step, scores)
+            return scores
     except FileNotFoundError as err:  # deleted under checkpoints_to_keep before its turn
         log.warning("evaluation: %s is gone (%s); skipped", checkpoint.path, first_line(err))
         return {}
 
 
-def validation_config(s: EvalSettings, cpus: float, max_retries: int):
-    """The `ValidationConfig` handed to `TorchTrainer` (Ray must be importable)."""
+def validation_config(s: EvalSettings, cpus: float, max_retries: int, on_scores=None):
+    """The `ValidationConfig` handed to `TorchTrainer` (Ray must be importable);
+    `on_scores`: `validate`'s (picklable: it travels to the validation task)."""
     from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
 
+    kwargs: dict[str, Any] = {"settings": s.to_dict()}
+    if on_scores is not None:
+        kwargs["on_scores"] = on_scores
     return ValidationConfig(
         fn=validate,
-        task_config=ValidationTaskConfig(fn_kwargs={"settings": s.to_dict()}),
+        task_config=ValidationTaskConfig(fn_kwargs=kwargs),
         ray_remote_kwargs={"num_cpus": cpus, "max_retries": max_retries},
     )
 
@@ -205,8 +216,9 @@ class LocalValidator:
     """What Ray's controller does for a Ray run, for a local one: each checkpoint the run
     records, evaluated in one background thread, in order; `close()` waits for the last."""
 
-    def __init__(self, run_dir: Path, s: EvalSettings, poll_s: float = 0.5) -> None:
+    def __init__(self, run_dir: Path, s: EvalSettings, poll_s: float = 0.5, on_scores=None) -> None:
         self.run_dir, self.s, self.poll_s = Path(run_dir), s, poll_s
+        self.on_scores = on_scores  # as `validate`'s
         self.seen: set[str] = set(self._recorded())  # a resumed run's earlier ones: done
         self.results: dict[str, dict[str, float]] = {}
         self._stop = threading.Event()
@@ -229,7 +241,13 @@ class LocalValidator:
                 if name not in self.seen:
                     self.seen.add(name)
                     try:
-                        self.results[name] = evaluate_persisted(self.run_dir / name, self.s)
+                        scores = evaluate_persisted(self.run_dir / name, self.s)
+                        self.results[name] = scores
+                        if scores and self.on_scores is not None:
+                            from lmforge import checkpoint as ckpt_io
+
+                            step = ckpt_io.read_state(self.run_dir / name).step
+                            self.on_scores(step, scores)
                     except Exception:  # a bug here must not end the run's other evaluations
                         log.exception("evaluation of %s failed", name)
             if stopping:

@@ -40,6 +40,7 @@ from lmforge.sweeps.plan import (
     SweepOptions,
     SweepPlan,
     SweepResult,
+    grace_steps,
     sweeps_root,
 )
 from lmforge.sweeps.space import (
@@ -179,7 +180,7 @@ def resume_sweep(name: str, config: str | os.PathLike | None = None, overrides=N
     parent = state.get("parent_run_id")
     if parent:
         record.reopen(config_from_dict(state["base"]).tracking.tracking_uri, parent)
-    return _finish(name, state["base"], o, parent, tuner, [])
+    return _finish(name, state["base"], o, parent, tuner, [], resumed=True)
 
 
 def _pin_tracking(base: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +203,7 @@ def _parent(name: str, base: dict[str, Any], space: Space, o: SweepOptions) -> s
     params = {
         "scheduler": o.scheduler, "search": o.search, "metric": o.metric, "mode": o.mode,
         "trials": o.trials, "max_concurrent": o.max_concurrent,
-        "grace_period": o.grace_period or cfg.train.eval_every,
+        "grace_period": grace_steps(o, cfg),
         "reduction_factor": o.reduction_factor, "register_all": o.register_all,
         "registered_model": cfg.registered_model,
         **{f"space.{p.key}": p.describe() for p in space.params},
@@ -260,7 +261,7 @@ def _tuner(name, base, space: Space, o: SweepOptions, parent, root: Path):
         scheduler = ASHAScheduler(
             time_attr="step",
             max_t=cfg.train.max_steps,
-            grace_period=o.grace_period or cfg.train.eval_every,
+            grace_period=grace_steps(o, cfg),
             reduction_factor=o.reduction_factor,
         )
     search = None
@@ -339,14 +340,62 @@ class TrialLog(Callback):
             )  # fmt: skip
 
 
-def _finish(name, base, o: SweepOptions, parent, tuner, skipped) -> SweepResult:
+class ReplayRungs(Callback):
+    """Tune saves no scheduler state: a resumed sweep's ASHA starts with empty rungs, and a
+    bad trial that resumes would then never be stopped (nothing to rank it against). Before
+    the first step of a resumed sweep this hands ASHA every ended trial's reports, from the
+    trial's own result.json in the run storage, as if it had seen them."""
+
+    def __init__(self, name: str, scheduler, metric: str) -> None:
+        self.name, self.scheduler, self.metric, self.done = name, scheduler, metric, False
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.done:
+            return
+        self.done = True
+        n = 0
+        for trial in trials:
+            if trial.status not in ("TERMINATED", "ERROR"):
+                continue
+            results = _results_of(trial)
+            reported = [r for r in results if self.metric in r and "step" in r]
+            if not reported:
+                continue
+            self.scheduler.on_trial_add(None, trial)
+            for r in reported:
+                self.scheduler.on_trial_result(None, trial, r)
+            self.scheduler.on_trial_remove(None, trial)
+            n += 1
+        log.info("sweep %s: ASHA's rungs rebuilt from %d ended trial(s)", self.name, n)
+
+
+def _results_of(trial) -> list[dict[str, Any]]:
+    """A trial's reports, from Tune's result.json (one JSON per line) in its dir."""
+    try:
+        text = (Path(trial.path) / "result.json").read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _finish(name, base, o: SweepOptions, parent, tuner, skipped, resumed=False) -> SweepResult:
     """Run the tuner (with the trial log), then the table, the best and its registration."""
     # Tune's RunConfig of the (new or restored) experiment: this driver's trial log, once.
     run_config = tuner._local_tuner.get_run_config()
+    mine = (TrialLog, ReplayRungs)
     run_config.callbacks = [
-        *(c for c in run_config.callbacks or [] if not isinstance(c, TrialLog)),
+        *(c for c in run_config.callbacks or [] if not isinstance(c, mine)),
         TrialLog(name, base, o),
     ]
+    if resumed and o.scheduler == "asha":
+        scheduler = tuner._local_tuner._tune_config.scheduler  # the one fit() will use
+        run_config.callbacks.append(ReplayRungs(name, scheduler, o.metric))
     grid = tuner.fit()
     cfg = config_from_dict(base)
     from lmforge.training.plan import storage_dir

@@ -29,6 +29,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STATE_FILE = "lmforge-sweep.json"
 SWEEPS_DIR = "sweeps"  # under the run storage
 METRIC = re.compile(r"^(val_loss|val_perplexity|loss|val_loss/[A-Za-z0-9_.-]+)$")
+EVAL_METRIC = re.compile(r"^eval\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_,.-]+)$")  # eval.<task>.<metric>
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,11 @@ def check_options(name: str, o: SweepOptions, base: Config, space: Space) -> Non
     if o.mode not in ("min", "max"):
         raise UsageError(f"--mode {o.mode!r}: min or max")
     if o.metric.startswith("eval."):
+        check_eval_metric(o.metric, base)
+    elif not METRIC.match(o.metric):
         raise UsageError(
-            f"--metric {o.metric}: evaluation scores arrive after each checkpoint's evaluation, "
-            "not with the training reports Tune sees; sweep on val_loss (or val_loss/<source>, "
-            "val_perplexity)"
-        )
-    if not METRIC.match(o.metric):
-        raise UsageError(
-            f"--metric {o.metric!r}: one of val_loss, val_perplexity, loss, val_loss/<source>"
+            f"--metric {o.metric!r}: one of val_loss, val_perplexity, loss, val_loss/<source>, "
+            "eval.<task>.<metric>"
         )
     if o.search == "optuna" and space.grid:
         raise UsageError(
@@ -105,6 +103,36 @@ def check_options(name: str, o: SweepOptions, base: Config, space: Space) -> Non
         raise UsageError(f"--reduction-factor {o.reduction_factor}: above 1")
     if base.run.name is not None:
         log.info("run.name=%s is ignored: each trial's run is <sweep>-<trial id>", base.run.name)
+
+
+def grace_steps(o: SweepOptions, base: Config) -> int:
+    """ASHA's grace period: --grace-period, else the first report of the metric (the first
+    evaluation: each eval_every steps; a score: each checkpoint)."""
+    if o.grace_period:
+        return o.grace_period
+    return base.train.checkpoint_every if o.metric.startswith("eval.") else base.train.eval_every
+
+
+def check_eval_metric(metric: str, base: Config) -> None:
+    """`eval.<task>.<metric>`: a score of each checkpoint's evaluation (lmforge.evaluation),
+    so the base config evaluates checkpoints with that task."""
+    m = EVAL_METRIC.match(metric)
+    if m is None:
+        raise UsageError(f"--metric {metric!r}: eval.<task>.<metric>, e.g. eval.copy.acc")
+    task = m.group(1)
+    from lmforge.evaluation.tasks import check_tasks
+
+    names = [t.name for t in check_tasks(base.eval.tasks)] if base.eval.tasks else []
+    if task not in names:
+        raise UsageError(
+            f"--metric {metric}: task {task!r} is not evaluated by the base config "
+            f"(eval.tasks: {', '.join(names) or 'none'}); add it to eval.tasks"
+        )
+    if base.train.checkpoint_every > base.train.max_steps:
+        raise UsageError(
+            f"--metric {metric}: scores come with checkpoints, and train.checkpoint_every="
+            f"{base.train.checkpoint_every} exceeds train.max_steps={base.train.max_steps}"
+        )
 
 
 def sweeps_root(base: Config) -> Path:

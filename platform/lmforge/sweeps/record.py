@@ -159,6 +159,8 @@ def register_best(
 ) -> tuple[str, Path] | None:
     """Register the best checkpoint of the best trial's run once and point the alias
     `sweep-<name>` at it; (version, checkpoint), or None when it has no sound checkpoint."""
+    if metric.startswith("eval."):  # every evaluated checkpoint is a version already
+        return alias_best_version(uri, experiment, model_name, sweep, run_dir, metric, mode)
     found = best_checkpoint(run_dir, metric, mode)
     if found is None:
         log.warning("sweep %s: %s has no checkpoint with a finite %s", sweep, run_dir, metric)
@@ -185,6 +187,42 @@ def register_best(
             )  # fmt: skip
     c.set_registered_model_alias(model_name, ALIAS_PREFIX + sweep, version.version)
     return version.version, ckpt
+
+
+def alias_best_version(
+    uri: str, experiment: str, model_name: str, sweep: str, run_dir: Path, metric: str, mode: str
+) -> tuple[str, Path] | None:
+    """For a sweep on an evaluation score: the best trial's run registered a version per
+    checkpoint, each tagged with its scores (`eval.<task>.<metric>`); the alias
+    `sweep-<name>` goes to the one with the best `metric`."""
+    from lmforge.tracking.tracker import find_run_id
+
+    run_id = find_run_id(uri, experiment, str(run_dir))
+    if run_id is None:
+        log.warning("sweep %s: no MLflow run for %s; no version gets the alias", sweep, run_dir)
+        return None
+    c = store.client(uri)
+    sign = 1.0 if mode == "min" else -1.0
+    best = None
+    for v in c.search_model_versions(f"name='{model_name}' and run_id='{run_id}'"):
+        value = float(v.tags.get(metric, "nan"))
+        if math.isfinite(value) and (best is None or sign * value < sign * best[1]):
+            best = (v, value)
+    if best is None:
+        log.warning("sweep %s: no version of %s has a score %s", sweep, run_dir, metric)
+        return None
+    version = best[0]
+    c.set_model_version_tag(model_name, version.version, SWEEP_TAG, sweep)
+    c.set_registered_model_alias(model_name, ALIAS_PREFIX + sweep, version.version)
+    return version.version, Path(version.tags.get("ray_checkpoint_uri") or run_dir)
+
+
+def run_metric(metric: str) -> str:
+    """The training run's MLflow metric of a sweep's metric (a score `eval.<task>.<metric>`
+    is the run metric `eval/<task>/<metric>`)."""
+    if metric.startswith("eval."):
+        return "eval/" + metric[len("eval.") :].replace(".", "/", 1)
+    return metric
 
 
 # -- reading sweeps back (the dashboard) -------------------------------------------------
@@ -233,7 +271,7 @@ def trials_of(
             "trial": t[TRIAL_TAG], "run_id": run.info.run_id, "status": run.info.status,
             "state": t.get(STATE_TAG, run.info.status), "values": json.loads(t.get(VALUES_TAG, "{}")),
             "stopped_early": t.get(STOPPED_TAG) == "true", "last_step": t.get(LAST_STEP_TAG),
-            "metric": run.data.metrics.get(metric), "run_dir": t.get("lmforge.run_dir"),
+            "metric": run.data.metrics.get(run_metric(metric)), "run_dir": t.get("lmforge.run_dir"),
         })  # fmt: skip
     return sorted(out, key=lambda r: r["trial"])
 
@@ -244,5 +282,6 @@ def curves_of(
     """Each run's history of `metric`: [(step, value)]."""
     c = store.client(uri)
     return {
-        rid: sorted((m.step, m.value) for m in c.get_metric_history(rid, metric)) for rid in run_ids
+        rid: sorted((m.step, m.value) for m in c.get_metric_history(rid, run_metric(metric)))
+        for rid in run_ids
     }

@@ -73,6 +73,23 @@ class TuneReport(TuneReportCallback):
         self._training_actor_item_queue.put(out)
 
 
+class EvalToTune:
+    """`run_training`'s `on_eval_scores` for a sweep on an evaluation score
+    (`eval.<task>.<metric>`): each checkpoint's scores, as evaluation names them on the
+    version (`eval.<task>.<metric>`), with the checkpoint's step, into the trial's Tune
+    queue, where ASHA and the searcher see them. It travels to Ray Train's validation task
+    (a Ray task of its own), so it holds only the queue (an actor handle) and names."""
+
+    def __init__(self, queue, metric: str, mode: str) -> None:
+        self.queue, self.metric, self.mode = queue, metric, mode
+
+    def __call__(self, step: int, scores: dict[str, float]) -> None:
+        named = {"eval." + k[len("eval/") :].replace("/", ".", 1): v for k, v in scores.items()}
+        out = to_tune({**named, "step": step}, self.metric, self.mode)
+        if out is not None:
+            self.queue.put(out)
+
+
 def to_tune(metrics: dict[str, Any], metric: str, mode: str) -> dict[str, Any] | None:
     """The numbers of one report as Tune gets them (None: it has no `metric`); a non-finite
     metric (a diverged run) becomes the worst finite value, which ASHA can rank."""
@@ -114,11 +131,16 @@ def trial_main(config: dict[str, Any], setup: TrialSetup) -> None:
     # Checkpoint evaluation (eval.*) records its scores on the checkpoint's version, so a
     # run that evaluates keeps registering its checkpoints.
     register = setup.register_all or cfg.eval.enabled
+    report = TuneReport(setup.metric, setup.mode)
+    on_scores = None
+    if setup.metric.startswith("eval."):  # the scores come from the checkpoints' evaluation
+        on_scores = EvalToTune(report._training_actor_item_queue, setup.metric, setup.mode)
     run_training(
         cfg,
         resume=resume,
         init_from=None if resume else setup.init_from,
         tags=tags,
         register=register,
-        callbacks=[TuneReport(setup.metric, setup.mode)],
+        callbacks=[report],
+        on_eval_scores=on_scores,
     )

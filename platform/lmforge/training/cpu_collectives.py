@@ -76,10 +76,12 @@ def broadcast_gather(output: torch.Tensor, input: torch.Tensor, group=None, asyn
 def install() -> None:
     """Route DeepSpeed's all_gather_into_tensor through `broadcast_gather` where it
     `applies`; anything else goes to DeepSpeed's own method; and skip DeepSpeed's CPU
-    shared-memory op (`skip_shm_op`). Safe to call again."""
+    shared-memory op (`lmforge.dist.skip_shm_op`). Safe to call again."""
     from deepspeed.comm.torch import TorchBackend
 
-    skip_shm_op()
+    from lmforge import dist
+
+    dist.skip_shm_op()
 
     original = TorchBackend.all_gather_into_tensor
     if getattr(original, _MARK, False):
@@ -93,22 +95,3 @@ def install() -> None:
 
     setattr(all_gather_into_tensor, _MARK, True)
     TorchBackend.all_gather_into_tensor = all_gather_into_tensor
-
-
-SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder.NAME
-
-
-def skip_shm_op() -> None:
-    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op.
-
-    On the CPU accelerator `deepspeed.init_distributed` builds `deepspeed_shm_comm` into the
-    torch extensions dir (about 1.5 min of both cores the first time on a machine, and again
-    whenever another ninja judges the build stale) for one use only: `inference_all_reduce`,
-    tensor-parallel inference. Training's collectives are gloo's and `broadcast_gather`, so
-    the op buys a training job nothing. DeepSpeed builds it only when its op probe
-    (`deepspeed.ops.__compatible_ops__`, one dict per process) says it is compatible:
-    marked incompatible, `build_shm_op` returns None and nothing is compiled or loaded.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__[SHM_OP] = False

@@ -47,13 +47,15 @@ def run_training(
     tags: dict[str, str] | None = None,
     register: bool = True,
     callbacks: list | None = None,
+    on_eval_scores=None,
 ) -> TrainResult:
     """Plan, connect to Ray (`local`: no Ray, local processes), train; returns where the
     checkpoints are.
 
     For a caller that runs jobs as parts of something bigger (a sweep's trials,
     `lmforge.sweeps`): `tags` go on the MLflow run too, `register=False` registers no
-    checkpoint, `callbacks` are Ray Train `UserCallback`s of the run (Ray only)."""
+    checkpoint, `callbacks` are Ray Train `UserCallback`s of the run (Ray only),
+    `on_eval_scores(step, scores)` gets each checkpoint's evaluation scores (`eval.*`)."""
     plan = build_plan(cfg, resume, init_from)
     warn_slow_bf16(plan.config)
     evals = eval_settings(plan)  # task files and probes checked before anything starts
@@ -67,7 +69,7 @@ def run_training(
         if evals is not None:  # what Ray Train's checkpoint validation does on Ray
             from lmforge.evaluation.checkpoints import LocalValidator
 
-            validator = LocalValidator(plan.run_dir, evals)
+            validator = LocalValidator(plan.run_dir, evals, on_scores=on_eval_scores)
         try:
             reports = local_session.run(worker_plan(plan))
         finally:
@@ -94,7 +96,7 @@ def run_training(
     log.info("run %s on %s; checkpoints under %s", plan.run_dir.name, where, plan.run_dir)
     if plan.config.scaling.elastic:
         log.info(elastic_note(plan.config))
-    metrics = trainer(plan, evals, callbacks, register).fit().metrics or {}
+    metrics = trainer(plan, evals, callbacks, register, on_eval_scores).fit().metrics or {}
     guard.raise_if_stopped(plan.run_dir)
     return result_of(plan, metrics)
 
@@ -278,7 +280,13 @@ def train_loop(config: dict[str, WorkerPlan]) -> None:
     run(config["plan"])
 
 
-def trainer(plan: LaunchPlan, evals=None, callbacks: list | None = None, register: bool = True):
+def trainer(
+    plan: LaunchPlan,
+    evals=None,
+    callbacks: list | None = None,
+    register: bool = True,
+    on_eval_scores=None,
+):
     """The Ray Train `TorchTrainer` of a plan (Ray must be connected); `evals`: the
     checkpoint evaluation, as Ray Train's checkpoint validation (a Ray task per checkpoint,
     beside the workers: `lmforge.evaluation.checkpoints`); `callbacks`: Ray Train
@@ -319,13 +327,13 @@ def trainer(plan: LaunchPlan, evals=None, callbacks: list | None = None, registe
             callbacks=list(callbacks or []),
         ),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        validation_config=_validation_config(cfg, evals),
+        validation_config=_validation_config(cfg, evals, on_eval_scores),
     )
 
 
-def _validation_config(cfg: Config, evals):
+def _validation_config(cfg: Config, evals, on_scores=None):
     if evals is None:
         return None
     from lmforge.evaluation.checkpoints import validation_config
 
-    return validation_config(evals, cfg.eval.cpus, cfg.eval.max_retries)
+    return validation_config(evals, cfg.eval.cpus, cfg.eval.max_retries, on_scores)
