@@ -78,6 +78,7 @@ def test_basic_auth_config_is_private_and_its_secret_kept(monkeypatch):
     config = store.root() / "basic_auth.ini"
     assert env["MLFLOW_AUTH_CONFIG_PATH"] == str(config)
     assert f"database_uri = {PG}\n" in config.read_text()  # users beside the runs
+    assert "auth_cache_ttl_seconds = 60\n" in config.read_text()  # not a hash per request
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     key = store.root() / "flask_secret_key"
     assert (
