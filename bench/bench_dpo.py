@@ -5,8 +5,10 @@ pass (before step 1) on its own, and each worker's peak memory, DPO vs SFT, at Z
     .venv/bin/python bench/bench_dpo.py --tiny     # 2 x 64, context 64, ZeRO 3, 1 repeat
 
 The pairs are built from the bundled plays (prompt: a line; chosen: the line after it;
-rejected: another line of the play), prepared with `--format preference` in this process
-(no Ray) and cached under `$LMFORGE_HOME/bench/`. Each run trains on 2 local gloo ranks
+rejected: another line of the play): the tokenizer is trained on all of them, the dataset
+keeps a sample (`PAIRS`: enough for the runs' steps, few enough that the reference pass
+takes seconds, not the hour all 27,633 of the full size would), prepared with
+`--format preference` in this process (no Ray) and cached under `$LMFORGE_HOME/bench/`. Each run trains on 2 local gloo ranks
 (`run_training(cfg, local=True)`: the trainer of a Ray job, no Ray) with tracking off:
 - SFT: `train.objective=lm` on the preference dataset itself (both answers' tokens are the
   targets, the SFT stream packs the rows into windows);
@@ -51,6 +53,8 @@ SIZES = {
     False: ["model.n_layer=6", "model.d_model=384", "model.n_head=6", "model.context_length=256"],
 }
 
+PAIRS = {True: 2048, False: 1024}  # pairs in the dataset (train and val)
+
 
 def pairs_dir(tiny: bool) -> Path:
     """The preference dataset (prepared on first use)."""
@@ -61,7 +65,7 @@ def pairs_dir(tiny: bool) -> Path:
     from lmforge.tokenizer import EOT, eot_token, train_tokenizer
 
     n_plays, vocab, seq = (3, 512, 64) if tiny else (21, 8192, 256)
-    out = paths.home() / "bench" / f"dpo-plays{n_plays}-v{vocab}-s{seq}"
+    out = paths.home() / "bench" / f"dpo-plays{n_plays}-v{vocab}-s{seq}-p{PAIRS[tiny]}"
     if (out / MANIFEST).is_file():
         return out
     rng = random.Random(0)
@@ -81,8 +85,9 @@ def pairs_dir(tiny: bool) -> Path:
     tok = train_tokenizer((t.render(s["messages"]) for _, c, r in pairs for s in (c, r)), vocab)
     tok.save(str(out / "tokenizer.json"))
     t = templates.get("instruct", eos_token=eot_token(tok) or "")
+    kept = sorted(random.Random(1).sample(range(len(pairs)), min(PAIRS[tiny], len(pairs))))
     examples = (sft.encode(tok, t, s["messages"], seq, "drop", s["answer_turns"])
-                for _, c, r in pairs for s in (c, r))  # fmt: skip
+                for i in kept for s in pairs[i][1:])  # fmt: skip
     m = split_and_write_pairs(examples, out, tok, opts, [{"path": str(src)}], t)
     print(f"prepared {m['preference']['kept']:,} pairs into {out}", flush=True)
     return out
