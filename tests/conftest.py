@@ -21,9 +21,10 @@ os.environ["LMFORGE_HOME"] = tempfile.mkdtemp(prefix="lmforge-test-home-")
 # DeepSpeed's JIT builds of this session (the trainer builds none on CPU: tests/trainer's
 # test_train checks), not reused from an earlier one; one dir for the session's processes
 # (pytest-xdist's workers and the processes tests spawn inherit it).
-os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", os.path.join(os.environ["LMFORGE_HOME"], "torch_extensions")
-)
+if "LMFORGE_TEST_TORCH_EXTENSIONS" not in os.environ:  # the session's first process
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.environ["LMFORGE_TEST_TORCH_EXTENSIONS"] = os.path.join(
+        os.environ["LMFORGE_HOME"], "torch_extensions"
+    )
 
 
 def pytest_xdist_make_scheduler(config, log):
