@@ -31,11 +31,12 @@ def setup(use_gpu: bool, device: torch.device | None = None) -> DistInfo:
     else cuda:LOCAL_RANK); tell DeepSpeed which accelerator to use.
 
     Must run before `deepspeed` is imported in this process: DeepSpeed picks its
-    accelerator once, on first use, from DS_ACCELERATOR (on CPU it is imported here, after
-    that choice, to skip its shm op: `skip_shm_op`).
+    accelerator once, on first use, from DS_ACCELERATOR; it is imported here, after that
+    choice (`import_deepspeed`; on CPU its shm op is skipped: `skip_shm_op`).
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     _prefer_own_tools()
+    import_deepspeed()
     if not use_gpu:
         skip_shm_op()
     import torch.distributed as dist
@@ -70,6 +71,55 @@ def skip_shm_op() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__[SHM_OP] = False
+
+
+MUON = "deepspeed.runtime.zero.muon"  # its muon_optimizer and original_muon modules
+
+
+def import_deepspeed() -> None:
+    """Import DeepSpeed less two imports a training engine of lmforge never uses, each paid
+    by every worker process (measured here: 2.1 s of CPU a process, of a job start's ~9 s on
+    2 cores; bench_jobstart). Call after DS_ACCELERATOR is chosen; safe to call again.
+
+    - mlflow (1.2 s): `deepspeed.autotuning.autotuner` tries `import mlflow` at import time,
+      for its own experiment logging; lmforge never runs DeepSpeed's autotuner. It is
+      hidden only while DeepSpeed imports (an ImportError there: `has_mlflow = False`), so
+      `import mlflow` works as usual afterwards (rank 0's tracker).
+    - Muon's modules (0.9 s: they import torch._inductor's compiler): ZeRO imports
+      `MuonWithAuxAdam` and `muon_update` in its reduce and step paths, only to ask
+      `isinstance(optimizer, MuonWithAuxAdam)` and to call `muon_update` on parameters
+      marked `use_muon` under a Muon optimizer. lmforge's DeepSpeed config names AdamW
+      (`ds_config`), never Muon: stand-ins give the same answers (a class nothing is an
+      instance of, a function that is never called and says so if it were). Not done where
+      something already imported the real modules.
+    """
+    import types
+
+    if "deepspeed" not in sys.modules:
+        hide = "mlflow" not in sys.modules
+        if hide:
+            sys.modules["mlflow"] = None  # type: ignore[assignment]  (import: ImportError)
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            if hide and sys.modules.get("mlflow", 0) is None:
+                del sys.modules["mlflow"]
+    if f"{MUON}.muon_optimizer" in sys.modules or f"{MUON}.original_muon" in sys.modules:
+        return
+
+    class MuonWithAuxAdam:  # what ZeRO's isinstance checks read; never instantiated
+        pass
+
+    def muon_update(*args, **kwargs):
+        raise RuntimeError("lmforge configures no Muon optimizer (lmforge.dist.import_deepspeed)")
+
+    for name, attrs in (
+        ("muon_optimizer", {"MuonWithAuxAdam": MuonWithAuxAdam}),
+        ("original_muon", {"MuonWithAuxAdam": MuonWithAuxAdam, "muon_update": muon_update}),
+    ):
+        stand_in = types.ModuleType(f"{MUON}.{name}", "lmforge's stand-in (dist.import_deepspeed)")
+        stand_in.__dict__.update(attrs)
+        sys.modules[stand_in.__name__] = stand_in
 
 
 def _prefer_own_tools() -> None:

@@ -119,24 +119,35 @@ def pin_serve_version(deployment, version: str):
     return deployment
 
 
-def torch_trainer_class():
-    """Ray Train's `TorchTrainer`, less the `DatasetManager` actor where a run passes no Ray
-    datasets (lmforge's never do: each worker reads its parquet shards itself).
+def torch_trainer_class(outlived: bool = False):
+    """Ray Train's `TorchTrainer`, less two helper actors a run of lmforge's does not need,
+    each one more Python process importing Ray Train (and pandas, Ray Data: 2-2.5 s of CPU)
+    while the controller starts the workers; on a 2-core machine they take CPU from the
+    workers' start (bench_jobstart).
 
-    Ray Train's `DatasetsCallback` starts that actor (one more Python process importing Ray
-    Train and Ray Data) for every run, datasets or not, while the controller starts the
-    workers; on a 2-core machine it takes CPU from their start (bench_jobstart). Without
-    datasets the callback has nothing to do: the workers' `dataset_shard_provider` is
-    optional and only read by `ray.train.get_dataset_shard`.
+    - The `DatasetManager` of `DatasetsCallback`, where a run passes no Ray datasets
+      (lmforge's never do: each worker reads its parquet shards itself). Without datasets
+      the callback has nothing to do: the workers' `dataset_shard_provider` is optional and
+      only read by `ray.train.get_dataset_shard`.
+    - The `PlacementGroupCleaner` of `PlacementGroupCleanerCallback`, a detached actor that
+      removes the worker group's placement group if the controller dies while its driver
+      lives on. When `fit()` is its driver's whole job (`lmforge train`, jobs/train.py), a
+      dead controller fails `fit()`, the driver exits, and Ray removes the job's placement
+      groups with it. `outlived=True` keeps it: a driver that outlives the run (a sweep's
+      trial runner, whose trials ASHA kills) would otherwise hold the group's CPUs.
     """
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
 
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
             callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+            drop = () if self.datasets else (DatasetsCallback,)
+            if not outlived:
+                drop += (PlacementGroupCleanerCallback,)
+            return [c for c in callbacks if not isinstance(c, drop)]
 
     return LeanTorchTrainer

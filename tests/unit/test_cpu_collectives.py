@@ -163,3 +163,24 @@ def test_the_gradient_all_reduce_on_gloo_trains_as_the_reduce_to_owners(two_rank
         two_ranks["reduce_to_owner"],
     )
     assert_same_training(losses, weights, ref_losses, ref_weights)
+
+
+def test_deepspeed_is_imported_without_mlflow_or_muon_and_mlflow_still_imports():
+    """A worker imports DeepSpeed as `dist.import_deepspeed` does: its autotuner's optional
+    mlflow import and Muon's modules (torch._inductor's compiler) are not paid for; mlflow
+    imports as usual afterwards, and ZeRO's Muon checks get a class nothing is."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sys; os.environ['DS_ACCELERATOR'] = 'cpu'\n"
+        "from lmforge import dist; dist.import_deepspeed()\n"
+        "print('mlflow' in sys.modules, 'torch._inductor.compile_fx' in sys.modules)\n"
+        "from deepspeed.autotuning import autotuner; print(autotuner.has_mlflow)\n"
+        "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam\n"
+        "import torch; print(isinstance(torch.optim.AdamW([torch.zeros(1)]), MuonWithAuxAdam))\n"
+        "import mlflow; print(mlflow.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False", "False", "False", "mlflow"], out.stdout

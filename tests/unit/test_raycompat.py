@@ -34,18 +34,24 @@ def test_the_installed_ray_is_the_one_written_for():
 
 def test_the_torch_trainer_starts_no_dataset_manager_without_datasets():
     """lmforge's runs pass no Ray datasets: Ray Train's DatasetsCallback (which starts a
-    DatasetManager actor process) is left out; with datasets it stays."""
+    DatasetManager actor process) is left out; with datasets it stays. The placement group
+    cleaner (another actor process) only runs for a driver that outlives the run (a sweep's
+    trial runner)."""
     import ray.train
     from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
 
     from lmforge import raycompat
 
-    trainer_cls = raycompat.torch_trainer_class()
     scaling = ray.train.ScalingConfig(num_workers=2)
 
-    def kinds(**kw):
+    def kinds(outlived=False, **kw):
+        trainer_cls = raycompat.torch_trainer_class(outlived)
         trainer = trainer_cls(lambda: None, scaling_config=scaling, **kw)
         return {type(c) for c in trainer._create_default_callbacks()}
 
-    assert DatasetsCallback not in kinds()
+    assert not {DatasetsCallback, PlacementGroupCleanerCallback} & kinds()
+    assert PlacementGroupCleanerCallback in kinds(outlived=True)
     assert DatasetsCallback in kinds(datasets={"train": lambda: None})

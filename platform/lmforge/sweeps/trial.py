@@ -143,4 +143,5 @@ def trial_main(config: dict[str, Any], setup: TrialSetup) -> None:
         register=register,
         callbacks=[report],
         on_eval_scores=on_scores,
+        outlived=True,  # the trial runner lives on when ASHA stops the trial
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ def run_training(
     register: bool = True,
     callbacks: list | None = None,
     on_eval_scores=None,
+    outlived: bool = False,
 ) -> TrainResult:
     """Plan, connect to Ray (`local`: no Ray, local processes), train; returns where the
     checkpoints are.
@@ -55,7 +57,8 @@ def run_training(
     For a caller that runs jobs as parts of something bigger (a sweep's trials,
     `lmforge.sweeps`): `tags` go on the MLflow run too, `register=False` registers no
     checkpoint, `callbacks` are Ray Train `UserCallback`s of the run (Ray only),
-    `on_eval_scores(step, scores)` gets each checkpoint's evaluation scores (`eval.*`)."""
+    `on_eval_scores(step, scores)` gets each checkpoint's evaluation scores (`eval.*`),
+    `outlived=True` says this process goes on after the run (`raycompat.torch_trainer_class`)."""
     plan = build_plan(cfg, resume, init_from)
     warn_slow_bf16(plan.config)
     evals = eval_settings(plan)  # task files and probes checked before anything starts
@@ -96,7 +99,9 @@ def run_training(
     log.info("run %s on %s; checkpoints under %s", plan.run_dir.name, where, plan.run_dir)
     if plan.config.scaling.elastic:
         log.info(elastic_note(plan.config))
-    metrics = trainer(plan, evals, callbacks, register, on_eval_scores).fit().metrics or {}
+    metrics = (
+        trainer(plan, evals, callbacks, register, on_eval_scores, outlived).fit().metrics or {}
+    )
     guard.raise_if_stopped(plan.run_dir)
     return result_of(plan, metrics)
 
@@ -267,17 +272,18 @@ def scaling_config(cfg: Config):
     )
 
 
-def train_loop(config: dict[str, WorkerPlan]) -> None:
+def train_loop(config: dict[str, bytes]) -> None:
     """Each Ray Train worker's entry point: `ray_session.train_loop`, imported there.
 
     Ray pickles this function by reference, so the driver never imports the loop module
     (DeepSpeed and its accelerator detection: ~1.5 s of the driver's start on 2 loaded CPUs);
-    the workers import it on the first call. `config` is {"plan": WorkerPlan}: Ray Train
-    hands a worker function its one argument as a dict.
+    the workers import it on the first call. `config` is {"plan": pickled WorkerPlan}: Ray
+    Train hands a worker function its one argument as a dict.
     """
     from lmforge.training.ray_session import train_loop as run
 
-    run(config["plan"])
+    plan: WorkerPlan = pickle.loads(config["plan"])
+    run(plan)
 
 
 def trainer(
@@ -286,15 +292,17 @@ def trainer(
     callbacks: list | None = None,
     register: bool = True,
     on_eval_scores=None,
+    outlived: bool = False,
 ):
     """The Ray Train `TorchTrainer` of a plan (Ray must be connected); `evals`: the
     checkpoint evaluation, as Ray Train's checkpoint validation (a Ray task per checkpoint,
     beside the workers: `lmforge.evaluation.checkpoints`); `callbacks`: Ray Train
-    `UserCallback`s (a sweep's report to Tune); `register=False`: no version per checkpoint."""
+    `UserCallback`s (a sweep's report to Tune); `register=False`: no version per checkpoint;
+    `outlived`: the driver goes on after the run (`raycompat.torch_trainer_class`)."""
     import ray.train
     from ray.train.torch import TorchConfig
 
-    TorchTrainer = raycompat.torch_trainer_class()  # noqa: N806  (no DatasetManager actor)
+    TorchTrainer = raycompat.torch_trainer_class(outlived)  # noqa: N806  (lean: no extra actors)
 
     cfg, s = plan.config, plan.config.scaling
     storage_path, storage_filesystem = storage.ray_storage(plan.run_dir.parent)
@@ -308,7 +316,9 @@ def trainer(
     env_vars |= {k: v for k, v in os.environ.items() if k.startswith("LMFORGE_FAULT")}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"plan": worker_plan(plan, register)},
+        # Pickled here: Ray Train's controller carries the config without unpickling it
+        # (its classes import torch: 1.2 s of the controller's start); workers unpickle it.
+        train_loop_config={"plan": pickle.dumps(worker_plan(plan, register))},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=plan.run_dir.name,

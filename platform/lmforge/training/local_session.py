@@ -93,7 +93,7 @@ def run(plan: WorkerPlan) -> list[dict[str, Any]]:
     # first starts ~4 s sooner (7.5 -> 3.3 s for a 4-step tiny run here). DeepSpeed picks its
     # accelerator when imported: the server's is the one this run asks for.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if plan.config.scaling.use_gpu else "cpu")
-    mp.set_forkserver_preload(["torch", "deepspeed", "lmforge.training.loop"])
+    mp.set_forkserver_preload(["lmforge.training.preload"])
     # A forked rank has the server's environment and working dir: it takes this process's.
     here = (dict(os.environ), os.getcwd())
     with tempfile.TemporaryDirectory(prefix="lmforge-local-") as tmp:
