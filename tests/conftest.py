@@ -7,9 +7,11 @@ its own.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,20 @@ def pytest_xdist_make_scheduler(config, log):
 
     config.option.loadscopereorder = False  # collection order: the two Ray groups first
     return TierScheduling(config, log)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With LMFORGE_TEST_TIMELINE=FILE: one JSON line per test (its xdist worker, start and
+    end, setup and teardown included) appended to FILE, to see which worker's chain of
+    tests sets the suite's wall time."""
+    start = time.time()
+    yield
+    if path := os.environ.get("LMFORGE_TEST_TIMELINE"):
+        line = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": item.nodeid,
+                "start": start, "end": time.time()}  # fmt: skip
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -46,10 +46,12 @@ MAX_LIVE_PARAMS = 1_000_000_000  # stage3_max_live_parameters, stage3_max_reuse_
 # state deepspeed.initialize loads for the stage, the first step's oneDNN/autograd threads and
 # their allocator arenas. Measured as bench/bench_growth.py measures a peak (each rank's peak
 # RSS above its level before building the model, 6 steps, 2 gloo ranks x 1 thread) with a
-# model of ~700 parameters (gpt2, 1 layer, d_model 8, vocab 16, context 8): ZeRO 0 98 MiB,
-# ZeRO 1 and 2 139 MiB (with optimizer offload too), ZeRO 3 142 MiB; torch 2.13 (CPU),
-# DeepSpeed 0.19.8, 2026-12-03. A GPU worker's device memory holds none of this.
-RUNTIME_CPU_BYTES = {0: 98 * MIB, 1: 139 * MIB, 2: 139 * MIB, 3: 142 * MIB}
+# model of ~700 parameters (gpt2, 1 layer, d_model 8, vocab 16, context 8): ZeRO 0 91 MiB,
+# ZeRO 1 and 2 92 MiB, ZeRO 3 93 MiB; torch 2.13 (CPU), DeepSpeed 0.19.8, 2026-12-07, with
+# DeepSpeed imported as a worker imports it (`dist.import_deepspeed`: no Muon modules, whose
+# torch._inductor cost ZeRO 1-3 ~47 MiB more before). A GPU worker's device memory holds
+# none of this.
+RUNTIME_CPU_BYTES = {0: 91 * MIB, 1: 92 * MIB, 2: 92 * MIB, 3: 93 * MIB}
 
 # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: a freed block at most this big moves malloc's
 # mmap threshold up to it, and later ones that size come from the heap, which keeps them
