@@ -6,6 +6,8 @@ the secret key reaches neither MLflow nor the log."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -127,3 +129,81 @@ def test_train_resume_register_and_generate_on_s3(ray_cluster, s3, s3_dataset, c
 def test_another_uri_scheme_is_refused():
     with pytest.raises(ConfigError, match="run.storage_path='gs://b/runs'"):
         tiny_config("datasets/x", "gs-run", "run.storage_path=gs://b/runs")
+
+
+def test_a_sweep_keeps_its_state_in_s3_and_resumes_from_it(ray_cluster, s3, s3_dataset):
+    """`lmforge sweep --submit` with run.storage_path in the bucket: Tune's experiment state,
+    the sweep's description and the trials' runs are written there; the best trial's best
+    checkpoint (in the bucket) is registered with the alias. `--resume` as a job reads it all
+    back from the bucket: nothing is rerun (no curve grows), ASHA's rungs are rebuilt from
+    the trials' reports there, and the alias stays on the same version."""
+    from ray.job_submission import JobSubmissionClient
+
+    from lmforge import sweeps
+    from lmforge.jobspec import runtime_env
+    from lmforge.sweeps.submit import sweep_job
+    from tests.conftest import REPO
+
+    name, model, runs = "it-s3-lr", "it-s3-sweep", s3.uri("sweep-runs")
+    uri = store.resolve_uri(None)
+    env = {**s3.env, "AWS_SECRET_ACCESS_KEY": SECRET}
+    plan = sweeps.plan_sweep(
+        name, REPO / "jobs" / "configs" / "tiny.yaml", {"train.lr": {"grid": [3e-3, 1e-3]}},
+        [
+            f"data.path={s3_dataset}", f"run.storage_path={runs}", "scaling.num_workers=1",
+            "train.max_steps=4", "train.warmup_steps=1", "train.eval_every=2",
+            "train.eval_steps=1", "train.checkpoint_every=4", "train.log_every=2",
+            "model.n_layer=1", f"tracking.experiment={EXPERIMENT}",
+            f"tracking.registered_model={model}",
+        ],
+        sweeps.SweepOptions(trials=1, max_concurrent=2, grace_period=2, reduction_factor=2),
+    )  # fmt: skip
+    assert str(plan.sweep_dir) == f"{runs}/sweeps/{name}"
+    spec = sweep_job(name, plan.base_config, plan.space, plan.options, tracking_uri=uri,
+                     any_path=True, env_vars=env)  # fmt: skip
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+
+    def run(entrypoint: str, runtime: dict) -> str:
+        job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime)
+        while not (status := client.get_job_status(job)).is_terminal():
+            time.sleep(1)
+        log = client.get_job_logs(job)
+        assert str(status) == "SUCCEEDED", log[-4000:]
+        return log
+
+    log = run(spec.entrypoint, spec.runtime_env)
+    state = storage.resolve(runs) / "sweeps" / name
+    assert (state / "lmforge-sweep.json").is_file()
+    assert any(p.name.startswith("experiment_state") for p in state.iterdir()), log[-3000:]
+    trials = sweeps.trials_of(uri, EXPERIMENT, name)
+    assert len(trials) == 2 and all(r["run_dir"].startswith(runs) for r in trials), trials
+    curves = {r["run_id"]: len(store.client(uri).get_metric_history(r["run_id"], "loss"))
+              for r in trials}  # fmt: skip
+    version = MlflowClient(uri).get_model_version_by_alias(model, f"sweep-{name}")
+    assert version.tags["ray_checkpoint_uri"].startswith(f"{runs}/{name}-")
+
+    log2 = run(
+        f"python jobs/sweep.py --resume {name} --set run.storage_path={runs}", runtime_env(env)
+    )
+    assert f"resuming from {state}" in log2
+    assert "started" not in log2.split("resuming from", 1)[1]
+    again = {r["run_id"]: len(store.client(uri).get_metric_history(r["run_id"], "loss"))
+             for r in sweeps.trials_of(uri, EXPERIMENT, name)}  # fmt: skip
+    assert again == curves  # nothing rerun
+    after = MlflowClient(uri).get_model_version_by_alias(model, f"sweep-{name}")
+    assert after.version == version.version
+    assert SECRET not in log + log2
+    # What a resumed sweep's ASHA is rebuilt from: each trial's reports, read from the bucket.
+    from types import SimpleNamespace
+
+    from lmforge.sweeps.driver import _results_of
+
+    dirs = [p for p in state.iterdir() if p.name.startswith("trial_main_")]
+    assert len(dirs) == 2
+    reached = []
+    for d in dirs:
+        trial = SimpleNamespace(storage=SimpleNamespace(storage_filesystem=d.fs), path=d.key)
+        steps = [r["step"] for r in _results_of(trial) if "val_loss" in r]
+        assert steps[:2] == [0, 2], steps  # the evaluation before training, then each eval_every
+        reached.append(steps[-1])
+    assert max(reached) == 4, reached  # the better trial ran to the end (ASHA may stop the other)

@@ -32,6 +32,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from lmforge import storage
 from lmforge.config import Config, config_from_dict, read_yaml
 from lmforge.errors import UsageError, first_line
 from lmforge.sweeps import record
@@ -158,7 +159,7 @@ def resume_sweep(name: str, config: str | os.PathLike | None = None, overrides=N
     root = sweeps_root(config_from_dict(base_mapping(raw, overrides or [])))
     state_file = root / name / STATE_FILE
     if not state_file.is_file():
-        known = sorted(p.parent.name for p in root.glob(f"*/{STATE_FILE}"))
+        known = sorted(p.name for p in _children(root) if (p / STATE_FILE).is_file())
         raise UsageError(
             f"--resume {name}: no sweep of that name under {root} (sweeps there: "
             f"{', '.join(known) or 'none'}; --config names another run storage)"
@@ -171,16 +172,25 @@ def resume_sweep(name: str, config: str | os.PathLike | None = None, overrides=N
     import ray.tune
 
     log.info("sweep %s: resuming from %s", name, root / name)
+    path, filesystem = storage.ray_storage(root / name)  # s3://: through its S3FileSystem
     tuner = ray.tune.Tuner.restore(
-        str(root / name),
+        path,
         trainable=_trainable(name, state["base"], o, state.get("parent_run_id")),
         resume_unfinished=True,
         resume_errored=True,
+        storage_filesystem=filesystem,
     )
     parent = state.get("parent_run_id")
     if parent:
         record.reopen(config_from_dict(state["base"]).tracking.tracking_uri, parent)
     return _finish(name, state["base"], o, parent, tuner, [], resumed=True)
+
+
+def _children(root: Path | storage.S3Path) -> list:
+    try:
+        return [p for p in root.iterdir() if p.is_dir()]
+    except OSError:  # no sweeps dir yet
+        return []
 
 
 def _pin_tracking(base: dict[str, Any]) -> dict[str, Any]:
@@ -251,7 +261,7 @@ def sampler(p):
     return (tune.loguniform if p.kind == "loguniform" else tune.uniform)(lo, hi)
 
 
-def _tuner(name, base, space: Space, o: SweepOptions, parent, root: Path):
+def _tuner(name, base, space: Space, o: SweepOptions, parent, root: Path | storage.S3Path):
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -286,7 +296,9 @@ def _tuner(name, base, space: Space, o: SweepOptions, parent, root: Path):
         ),  # fmt: skip
         run_config=ray.tune.RunConfig(
             name=name,
-            storage_path=str(root),
+            # s3://: Tune writes its experiment state through the run storage's S3FileSystem
+            storage_path=storage.ray_storage(root)[0],
+            storage_filesystem=storage.ray_storage(root)[1],
             verbose=0,
             failure_config=ray.tune.FailureConfig(max_failures=0),
         ),
@@ -370,9 +382,12 @@ class ReplayRungs(Callback):
 
 
 def _results_of(trial) -> list[dict[str, Any]]:
-    """A trial's reports, from Tune's result.json (one JSON per line) in its dir."""
+    """A trial's reports, from Tune's result.json (one JSON per line) in its dir, through
+    the experiment's filesystem (local, or the run storage's S3)."""
+    fs = trial.storage.storage_filesystem
     try:
-        text = (Path(trial.path) / "result.json").read_text()
+        with fs.open_input_stream(f"{trial.path}/result.json") as f:
+            text = f.read().decode()
     except OSError:
         return []
     out = []
@@ -437,7 +452,7 @@ def _finish(name, base, o: SweepOptions, parent, tuner, skipped, resumed=False) 
             try:
                 got = record.register_best(
                     cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.registered_model,
-                    name, Path(best["run_dir"]), o.metric, o.mode,
+                    name, storage.resolve(best["run_dir"]), o.metric, o.mode,
                 )  # fmt: skip
             except Exception as err:
                 log.warning(

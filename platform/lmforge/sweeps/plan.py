@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge import storage
 from lmforge.config import Config, ConfigError, config_from_dict, read_yaml
 from lmforge.errors import UsageError
 from lmforge.sweeps.space import (
@@ -54,7 +55,7 @@ class SweepPlan:
     options: SweepOptions
     base: dict[str, Any]  # the base config mapping, --set applied
     space: Space
-    sweep_dir: Path
+    sweep_dir: Path | storage.S3Path
 
     @property
     def base_config(self) -> Config:
@@ -135,16 +136,11 @@ def check_eval_metric(metric: str, base: Config) -> None:
         )
 
 
-def sweeps_root(base: Config) -> Path:
+def sweeps_root(base: Config) -> Path | storage.S3Path:
+    """Where sweeps keep their state: `<run.storage_path>/sweeps`, local or s3://."""
     from lmforge.training.plan import storage_dir
 
-    root = storage_dir(base)
-    if not isinstance(root, Path):
-        raise ConfigError(
-            f"run.storage_path={base.run.storage_path}: sweeps keep their state in a local or "
-            "shared-filesystem run storage for now, not s3://"
-        )
-    return root / SWEEPS_DIR
+    return storage_dir(base) / SWEEPS_DIR
 
 
 def plan_sweep(

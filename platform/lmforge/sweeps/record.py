@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from lmforge import checkpoint as ckpt_io
+from lmforge import storage
 from lmforge.errors import first_line
 from lmforge.sweeps.tags import (
     ALIAS_PREFIX,
@@ -136,11 +137,13 @@ def finish_parent(uri: str, run_id: str, best: dict[str, Any] | None, status: st
         log.warning("sweep: could not record the result in MLflow (%s)", first_line(err))
 
 
-def best_checkpoint(run_dir: Path, metric: str, mode: str) -> tuple[Path, float] | None:
+def best_checkpoint(
+    run_dir: Path | storage.S3Path, metric: str, mode: str
+) -> tuple[Path | storage.S3Path, float] | None:
     """The run's recorded checkpoint with the best `metric` (its trainer_state's metrics)."""
     sign = 1.0 if mode == "min" else -1.0
-    best: tuple[Path, float] | None = None
-    for d in sorted(Path(run_dir).glob("checkpoint_*")):
+    best: tuple[Path | storage.S3Path, float] | None = None
+    for d in sorted(run_dir.glob("checkpoint_*"), key=str):
         if ckpt_io.incomplete(d):
             continue
         try:
@@ -155,8 +158,9 @@ def best_checkpoint(run_dir: Path, metric: str, mode: str) -> tuple[Path, float]
 
 
 def register_best(
-    uri: str, experiment: str, model_name: str, sweep: str, run_dir: Path, metric: str, mode: str
-) -> tuple[str, Path] | None:
+    uri: str, experiment: str, model_name: str, sweep: str, run_dir: Path | storage.S3Path,
+    metric: str, mode: str,
+) -> tuple[str, Path | storage.S3Path] | None:  # fmt: skip
     """Register the best checkpoint of the best trial's run once and point the alias
     `sweep-<name>` at it; (version, checkpoint), or None when it has no sound checkpoint."""
     if metric.startswith("eval."):  # every evaluated checkpoint is a version already
@@ -178,8 +182,9 @@ def register_best(
     state = ckpt_io.read_state(ckpt)
     tags = registry.version_tags(state, run_id, ckpt)
     tags[SWEEP_TAG] = sweep
+    local = ckpt_io.fetch_servable(ckpt) if storage.is_remote(ckpt) else ckpt  # s3://: a copy
     with tempfile.TemporaryDirectory(prefix="lmforge-sweep-") as tmp:
-        staged = registry.stage_servable(ckpt, Path(tmp))
+        staged = registry.stage_servable(local, Path(tmp))
         with registry.fluent_uri(uri):
             version = registry.register_checkpoint(
                 c, run_id, staged, model_name, tags,
@@ -190,8 +195,9 @@ def register_best(
 
 
 def alias_best_version(
-    uri: str, experiment: str, model_name: str, sweep: str, run_dir: Path, metric: str, mode: str
-) -> tuple[str, Path] | None:
+    uri: str, experiment: str, model_name: str, sweep: str, run_dir: Path | storage.S3Path,
+    metric: str, mode: str,
+) -> tuple[str, Path | storage.S3Path] | None:  # fmt: skip
     """For a sweep on an evaluation score: the best trial's run registered a version per
     checkpoint, each tagged with its scores (`eval.<task>.<metric>`); the alias
     `sweep-<name>` goes to the one with the best `metric`."""
@@ -214,7 +220,7 @@ def alias_best_version(
     version = best[0]
     c.set_model_version_tag(model_name, version.version, SWEEP_TAG, sweep)
     c.set_registered_model_alias(model_name, ALIAS_PREFIX + sweep, version.version)
-    return version.version, Path(version.tags.get("ray_checkpoint_uri") or run_dir)
+    return version.version, storage.resolve(version.tags.get("ray_checkpoint_uri") or run_dir)
 
 
 def run_metric(metric: str) -> str:
