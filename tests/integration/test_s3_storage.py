@@ -132,11 +132,12 @@ def test_another_uri_scheme_is_refused():
 
 
 def test_a_sweep_keeps_its_state_in_s3_and_resumes_from_it(ray_cluster, s3, s3_dataset):
-    """`lmforge sweep --submit` with run.storage_path in the bucket: Tune's experiment state,
-    the sweep's description and the trials' runs are written there; the best trial's best
-    checkpoint (in the bucket) is registered with the alias. `--resume` as a job reads it all
-    back from the bucket: nothing is rerun (no curve grows), ASHA's rungs are rebuilt from
-    the trials' reports there, and the alias stays on the same version."""
+    """`lmforge sweep --submit` with run.storage_path in the bucket, searched by Optuna (TPE),
+    each trial a 2-worker job: Tune's experiment state (the searcher's too), the sweep's
+    description and the trials' runs are written there; the best trial's best checkpoint (in
+    the bucket) is registered with the alias. `--resume` as a job reads it all back from the
+    bucket: nothing is rerun (no curve grows) and the alias stays on the same version; the
+    trials' reports, which a resumed ASHA is rebuilt from, are read from there."""
     from ray.job_submission import JobSubmissionClient
 
     from lmforge import sweeps
@@ -148,15 +149,16 @@ def test_a_sweep_keeps_its_state_in_s3_and_resumes_from_it(ray_cluster, s3, s3_d
     uri = store.resolve_uri(None)
     env = {**s3.env, "AWS_SECRET_ACCESS_KEY": SECRET}
     plan = sweeps.plan_sweep(
-        name, REPO / "jobs" / "configs" / "tiny.yaml", {"train.lr": {"grid": [3e-3, 1e-3]}},
+        name, REPO / "jobs" / "configs" / "tiny.yaml", {"train.lr": {"loguniform": [1e-3, 3e-3]}},
         [
-            f"data.path={s3_dataset}", f"run.storage_path={runs}", "scaling.num_workers=1",
+            f"data.path={s3_dataset}", f"run.storage_path={runs}", "scaling.num_workers=2",
             "train.max_steps=4", "train.warmup_steps=1", "train.eval_every=2",
             "train.eval_steps=1", "train.checkpoint_every=4", "train.log_every=2",
             "model.n_layer=1", f"tracking.experiment={EXPERIMENT}",
             f"tracking.registered_model={model}",
         ],
-        sweeps.SweepOptions(trials=1, max_concurrent=2, grace_period=2, reduction_factor=2),
+        sweeps.SweepOptions(trials=2, max_concurrent=2, search="optuna", seed=0, grace_period=2,
+                            reduction_factor=2),
     )  # fmt: skip
     assert str(plan.sweep_dir) == f"{runs}/sweeps/{name}"
     spec = sweep_job(name, plan.base_config, plan.space, plan.options, tracking_uri=uri,
@@ -175,8 +177,11 @@ def test_a_sweep_keeps_its_state_in_s3_and_resumes_from_it(ray_cluster, s3, s3_d
     state = storage.resolve(runs) / "sweeps" / name
     assert (state / "lmforge-sweep.json").is_file()
     assert any(p.name.startswith("experiment_state") for p in state.iterdir()), log[-3000:]
+    assert log.count(" params on 2 worker(s), ZeRO") == 2, log[-3000:]  # each trial's rank 0
     trials = sweeps.trials_of(uri, EXPERIMENT, name)
     assert len(trials) == 2 and all(r["run_dir"].startswith(runs) for r in trials), trials
+    lrs = [r["values"]["train.lr"] for r in trials]
+    assert len(set(lrs)) == 2 and all(1e-3 <= lr <= 3e-3 for lr in lrs), lrs  # Optuna's picks
     curves = {r["run_id"]: len(store.client(uri).get_metric_history(r["run_id"], "loss"))
               for r in trials}  # fmt: skip
     version = MlflowClient(uri).get_model_version_by_alias(model, f"sweep-{name}")
