@@ -82,6 +82,18 @@ def test_the_line_of_the_key_in_the_space_file_is_named(tmp_path, base):
         check_space(load_space(f), base)
 
 
+def test_bounds_written_1e_3_in_the_space_file_are_numbers(tmp_path, base):
+    """PyYAML reads `1e-3` (no dot) as a string; a bound is the number it spells."""
+    f = tmp_path / "space.yaml"
+    f.write_text("train.lr: {loguniform: [1e-4, 3e-3]}\n")
+    space = load_space(f)
+    check_space(space, base)
+    assert space.to_dict()["train.lr"] == {"loguniform": [1e-4, 3e-3]}
+    f.write_text("train.lr: {loguniform: [1e-4, fast]}\n")
+    with pytest.raises(ConfigError, match="two numbers"):
+        load_space(f)
+
+
 def test_grid_points_that_cannot_fit_are_skipped_by_name(base):
     space = check_space(parse_space({"model.d_model": {"grid": [64, 4096]}}), base, memory_gib(1))
     assert space.grid_points == [{"model.d_model": 64}]

@@ -107,6 +107,17 @@ def load_space(path: str | Path) -> Space:
     return parse_space(raw, str(path), lines)
 
 
+def _number(v: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads `1e-3` as a string (a float needs a dot: `1.0e-3`); a bound
+    written that way is the number a user means."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
 def parse_space(raw: Any, path: str = "SPACE", lines: dict[str, int] | None = None) -> Space:
     """A space from its mapping {dotted.key: {kind: values}}."""
     lines = lines or {}
@@ -136,6 +147,7 @@ def _param(key: str, spec: Any, where: str) -> Param:
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{where}: {key}: {kind} takes a list (got {values!r})")
     if kind in ("loguniform", "uniform", "randint"):
+        values = [_number(v) for v in values]
         if len(values) != 2 or not all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in values
         ):
