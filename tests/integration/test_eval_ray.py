@@ -4,7 +4,9 @@ deletes each checkpoint once the next is reported, maybe before its evaluation's
 succeeds; every checkpoint evaluated in time has its scores on its version and on the run
 at its step; a deleted one is skipped, never a failure; Ray Train keeps the scores with the
 checkpoint it returns; `on_eval_scores` (what a sweep on a score hands Tune) gets each
-checkpoint's scores from the validation task, through a Ray queue."""
+checkpoint's scores from the validation task, through a Ray queue. The run's driver is a Ray
+task inside a placement group of 0.01 CPU that captures its children, as a sweep trial's
+runner is under Tune: the validation tasks (eval.cpus) run outside it."""
 
 from __future__ import annotations
 
@@ -31,10 +33,24 @@ def test_checkpoints_are_validated_by_ray_train_beside_training(
     )  # fmt: skip
     # A sweep on a score hands each checkpoint's scores to its Tune trial through a Ray
     # queue (EvalToTune, run_training's on_eval_scores): here an unbounded one, read below.
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     queue = Queue()
-    result = run_training(cfg, on_eval_scores=EvalToTune(queue, "eval.romeo.chrf", "max"))
+    pg = placement_group([{"CPU": 0.01}])  # what Tune reserves a trial's runner (DRIVER_CPUS)
+    ray.get(pg.ready(), timeout=60)
+    in_trial = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+    driver = ray.remote(run_training).options(num_cpus=0.01, scheduling_strategy=in_trial)
+    try:
+        result = ray.get(
+            driver.remote(
+                cfg, on_eval_scores=EvalToTune(queue, "eval.romeo.chrf", "max"), outlived=True
+            )
+        )  # fmt: skip
+    finally:
+        remove_placement_group(pg)
     c = store.client(store.resolve_uri())
     versions = sorted(c.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
     assert [int(v.tags["step"]) for v in versions] == [4, 8, 12]

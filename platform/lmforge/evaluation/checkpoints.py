@@ -200,6 +200,7 @@ def validation_config(s: EvalSettings, cpus: float, max_retries: int, on_scores=
     """The `ValidationConfig` handed to `TorchTrainer` (Ray must be importable);
     `on_scores`: `validate`'s (picklable: it travels to the validation task)."""
     from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     kwargs: dict[str, Any] = {"settings": s.to_dict()}
     if on_scores is not None:
@@ -207,7 +208,14 @@ def validation_config(s: EvalSettings, cpus: float, max_retries: int, on_scores=
     return ValidationConfig(
         fn=validate,
         task_config=ValidationTaskConfig(fn_kwargs=kwargs),
-        ray_remote_kwargs={"num_cpus": cpus, "max_retries": max_retries},
+        ray_remote_kwargs={
+            "num_cpus": cpus,
+            "max_retries": max_retries,
+            # Outside any placement group the controller's own runs in: a sweep's trial
+            # reserves Tune a bundle of 0.01 CPU that captures its child tasks, which the
+            # task's `eval.cpus` cannot fit in ("cannot fit into any bundles").
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
+        },
     )
 
 
