@@ -246,6 +246,7 @@ class MixtureStream:
         self._k = 0  # batches of the current block handed out
         self.say = say or (lambda line: None)
         self._block: tuple | None = None  # the block being handed out (`batches`)
+        self.block = max(1, min(BLOCK, BLOCK_TOKENS // (batch_size * context_length)))
 
     # -- the choice of sources ----------------------------------------------------------
     def counts(self, n: int) -> list[int]:
@@ -284,11 +285,11 @@ class MixtureStream:
 
     # -- the TokenStream interface ------------------------------------------------------
     def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Batches from the current position, forever. They are cut BLOCK at a time: the
-        block's choices first, then each source's windows for all of them in one take, put
-        in batch order with one copy; a batch is then a slice (per-batch work in Python made
-        a 3-source mixture 0.5x one source at context 64; bench/bench_mixture.py).
-        `state_dict` stays the position of the batches handed out."""
+        """Batches from the current position, forever. They are cut a block at a time
+        (`self.block` batches): the block's choices first, then each source's windows for
+        all of them in one take, put in batch order with one copy; a batch is then a slice
+        (per-batch work in Python made a 3-source mixture 0.5x one source at context 64;
+        bench/bench_mixture.py). `state_dict` stays the position of the batches handed out."""
         cursors = [s.cursor() for s in self.streams]
         epochs = [s.epoch for s in self.streams]
         B, from_numpy = self.batch_size, torch.from_numpy
@@ -296,7 +297,7 @@ class MixtureStream:
         while True:
             start = [s.state_dict() for s in self.streams]
             plan, choices = [], []
-            for _ in range(BLOCK):
+            for _ in range(self.block):
                 plan.append(self.counts(B))
                 choices.append((self.windows, list(self.credit)))
             xs, ys = [], []  # each source's windows of the block: (channels, rows, T) pieces
@@ -315,7 +316,7 @@ class MixtureStream:
             handed = np.cumsum(plan, axis=0).tolist()  # per source, after each batch
             self._block = (start, plan, choices, handed, self._handed)
             masked = self.streams[0].masked
-            for k in range(BLOCK):
+            for k in range(self.block):
                 self._k = k + 1  # batches of this block handed out
                 a, b = k * B, (k + 1) * B  # numpy slices: a torch index costs more
                 if masked:  # channels as TokenStream.tensors
@@ -350,7 +351,7 @@ class MixtureStream:
         block start moved on by the windows handed out (re-read: only at checkpoints)."""
         sources = [s.state_dict() for s in self.streams]
         windows, credit = self.windows, list(self.credit)
-        if self._block is not None and self._k < BLOCK:
+        if self._block is not None and self._k < self.block:
             start, _, choices, handed, _ = self._block
             windows, credit = choices[self._k - 1][0], list(choices[self._k - 1][1])
             for i, stream in enumerate(self.streams):
@@ -378,7 +379,13 @@ class MixtureStream:
             stream.resume([p["sources"][name] for p in positions])
 
 
-BLOCK = 16  # batches cut at once (`MixtureStream.batches`)
+# Tokens cut at once (`MixtureStream.batches`), at most BLOCK batches: enough batches to
+# spread the per-block Python over, few enough that the block's arrays stay small. At
+# context 1024 x 8 rows a block of 16 batches (2 x 1 MiB arrays) streamed at 0.69-0.84x of
+# one source, 8 batches at 0.92-1.03x; at context 64 x 8, blocks of 16 to 64 batches were
+# alike, within this bench's noise (bench/bench_mixture.py, 2026-12-07).
+BLOCK_TOKENS = 65_536
+BLOCK = 16
 
 
 def _in_batch_order(
