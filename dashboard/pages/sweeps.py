@@ -112,6 +112,6 @@ if b2.button("Resume the sweep (a Ray job)", key="sweeps_resume"):
     from lmforge.sweeps.submit import resume_job
 
     with ui.guard("Not submitted"):
-        sid = ui.job_client().submit(resume_job(sweep["name"]))
+        sid = ui.job_client().submit(resume_job(sweep["name"], sweep_dir=sweep["storage"]))
     st.session_state["jobs_selected"] = sid
     st.success(f"Submitted job `{sid}`: the sweep's unfinished trials go on")

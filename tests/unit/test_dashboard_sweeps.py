@@ -1,7 +1,8 @@
 """The dashboard's Sweeps page in Streamlit's AppTest (a SQLite MLflow, no Ray): a sweep's
 parent run and child runs as `lmforge sweep` writes them (`lmforge.sweeps.record`) are
 listed: the sweep, each trial's values, metric, state and steps, the parallel-coordinates
-plot and every trial's curve; "Resume" submits `jobs/sweep.py --resume NAME`."""
+plot and every trial's curve; "Resume" submits `jobs/sweep.py --resume NAME` in the run
+storage the sweep's state is in (as its parent run records it)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ APP = str(REPO / "dashboard" / "app.py")
 def seed(uri: str) -> None:
     params = {"metric": "val_loss", "mode": "min", "scheduler": "asha", "search": "random"}
     space = {"train.lr": {"loguniform": [1e-4, 1.0]}}
-    parent = record.parent_run(uri, "exp", "lr", {"params": params, "space": space, "base": {}})
+    about = {"params": params, "space": space, "base": {}, "dir": "/data/runs/sweeps/lr"}
+    parent = record.parent_run(uri, "exp", "lr", about)
     c = store.client(uri)
     exp = c.get_experiment_by_name("exp").experiment_id
     for trial, lr, losses, stopped in (
@@ -75,7 +77,9 @@ def test_a_sweep_its_trials_and_their_plots(tracking_uri, monkeypatch):
     by_label(at.button, "Resume the sweep (a Ray job)").click()
     at.run()
     assert not at.exception, at.exception
-    assert submitted and submitted[0].entrypoint.endswith("jobs/sweep.py --resume lr")
+    assert submitted and submitted[0].entrypoint.endswith(
+        "jobs/sweep.py --resume lr --set run.storage_path=/data/runs"
+    )
 
 
 def test_the_launch_page_submits_a_sweep_of_its_form_and_refuses_a_bad_space(monkeypatch, tmp_path):

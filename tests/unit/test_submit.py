@@ -226,3 +226,19 @@ def test_a_local_job_gets_the_mlflow_credentials_and_no_aws_variables(submitter,
     assert init.runtime_env["env_vars"]["AWS_ACCESS_KEY_ID"] == "AKIDEXAMPLE"
     resume = cli.submit_spec(parse("--set", f"data.path={tmp_path}", "--resume", "s3://c/run"))
     assert resume.runtime_env["env_vars"]["AWS_ACCESS_KEY_ID"] == "AKIDEXAMPLE"
+
+
+def test_a_sweep_resumes_as_a_job_in_the_run_storage_its_state_is_in(monkeypatch):
+    """The dashboard's "Resume": the run storage comes from the sweep's recorded dir; a
+    sweep on S3 hands the job the AWS_* variables (its runtime env, not its command line)."""
+    from lmforge.sweeps.submit import resume_job
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "it-key")
+    spec = resume_job("lr", sweep_dir="s3://bucket/runs/sweeps/lr")
+    assert spec.entrypoint.endswith("--resume lr --set run.storage_path=s3://bucket/runs")
+    assert spec.runtime_env["env_vars"]["AWS_ACCESS_KEY_ID"] == "it-key"
+    assert "it-key" not in spec.entrypoint
+    local = resume_job("lr", sweep_dir="/data/runs/sweeps/lr")
+    assert local.entrypoint.endswith("--resume lr --set run.storage_path=/data/runs")
+    assert "AWS_ACCESS_KEY_ID" not in local.runtime_env["env_vars"]
+    assert resume_job("lr").entrypoint.endswith("--resume lr")  # the job's default storage

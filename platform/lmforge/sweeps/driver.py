@@ -137,7 +137,7 @@ def run_sweep(plan: SweepPlan) -> SweepResult:
             plan.name, json.dumps(point), human_bytes(s["_need"]), human_bytes(s["_budget"]),
         )  # fmt: skip
     base = _pin_tracking(plan.base)
-    parent = _parent(plan.name, base, plan.space, o)
+    parent = _parent(plan.name, base, plan.space, o, plan.sweep_dir)
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     state = {
         "name": plan.name,
@@ -206,7 +206,9 @@ def _pin_tracking(base: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _parent(name: str, base: dict[str, Any], space: Space, o: SweepOptions) -> str | None:
+def _parent(
+    name: str, base: dict[str, Any], space: Space, o: SweepOptions, sweep_dir=None
+) -> str | None:
     cfg = config_from_dict(base)
     if not cfg.tracking.enabled:
         return None
@@ -221,7 +223,7 @@ def _parent(name: str, base: dict[str, Any], space: Space, o: SweepOptions) -> s
     try:
         return record.parent_run(
             cfg.tracking.tracking_uri, cfg.tracking.experiment, name,
-            {"params": params, "space": space.to_dict(), "base": base},
+            {"params": params, "space": space.to_dict(), "base": base, "dir": sweep_dir},
         )  # fmt: skip
     except Exception as err:  # tracking trouble never stops the sweep
         log.warning("sweep %s: no MLflow parent run (%s)", name, first_line(err))

@@ -29,6 +29,7 @@ from lmforge import storage
 from lmforge.errors import first_line
 from lmforge.sweeps.tags import (
     ALIAS_PREFIX,
+    DIR_TAG,
     LAST_STEP_TAG,
     ROLE_TAG,
     STATE_TAG,
@@ -50,7 +51,10 @@ def parent_run(uri: str, experiment: str, name: str, about: dict[str, Any]) -> s
     if found is not None:
         c.set_terminated(found.info.run_id, "RUNNING")
         return found.info.run_id
-    run = c.create_run(exp_id, run_name=f"sweep-{name}", tags={SWEEP_TAG: name, ROLE_TAG: "parent"})
+    tags = {SWEEP_TAG: name, ROLE_TAG: "parent"}
+    if about.get("dir"):
+        tags[DIR_TAG] = str(about["dir"])
+    run = c.create_run(exp_id, run_name=f"sweep-{name}", tags=tags)
     rid = run.info.run_id
     from mlflow.entities import Param
 
@@ -251,7 +255,7 @@ def list_sweeps(uri: str, experiment: str | None = None) -> list[dict[str, Any]]
                 "best_trial": t.get("lmforge.sweep.best_trial"),
                 "best_version": t.get("lmforge.sweep.best_version"),
                 "best_value": next(iter(run.data.metrics.values()), None),
-                "storage": t.get("lmforge.sweep.dir"),
+                "storage": t.get(DIR_TAG),
             })  # fmt: skip
     return sorted(out, key=lambda s: s["started"] or 0, reverse=True)
 

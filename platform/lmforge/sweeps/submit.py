@@ -65,11 +65,21 @@ def sweep_job(
     return JobSpec(entrypoint(kept), env, meta)
 
 
-def resume_job(name: str, env_vars: dict[str, str] | None = None) -> JobSpec:
-    """The job that continues sweep `name` (`jobs/sweep.py --resume NAME`) in the job's
-    default run storage."""
-    token = safe_token("name", name).split("=", 1)[1]
+def resume_job(
+    name: str, env_vars: dict[str, str] | None = None, sweep_dir: str | None = None
+) -> JobSpec:
+    """The job that continues sweep `name` (`jobs/sweep.py --resume NAME`): in the run
+    storage its state is in (`sweep_dir`, `<run storage>/sweeps/<name>`, as the sweep's
+    MLflow parent run records it), else in the job's default run storage. A sweep on S3
+    hands the job this process's AWS_* variables (`env_vars` adds to them)."""
+    from lmforge import storage
+
+    args = ["python", "jobs/sweep.py", "--resume", safe_token("name", name).split("=", 1)[1]]
+    env = dict(env_vars or {})
+    if sweep_dir:
+        root = str(sweep_dir).rstrip("/").rsplit("/", 2)[0]  # <run storage>/sweeps/<name>
+        args += ["--set", safe_token("run.storage_path", root)]
+        if storage.is_s3(root):
+            env = {**storage.runtime_env_vars(), **env}
     meta = {"lmforge.kind": "sweep", "lmforge.sweep": name, "lmforge.run_name": f"sweep {name}"}
-    return JobSpec(
-        entrypoint(["python", "jobs/sweep.py", "--resume", token]), runtime_env(env_vars), meta
-    )
+    return JobSpec(entrypoint(args), runtime_env(env), meta)
