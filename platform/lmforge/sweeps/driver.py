@@ -276,6 +276,7 @@ def _tuner(name, base, space: Space, o: SweepOptions, parent, root: Path | stora
             grace_period=grace_steps(o, cfg),
             reduction_factor=o.reduction_factor,
         )
+    storage_path, filesystem = storage.ray_storage(root)
     search = None
     if o.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -299,8 +300,8 @@ def _tuner(name, base, space: Space, o: SweepOptions, parent, root: Path | stora
         run_config=ray.tune.RunConfig(
             name=name,
             # s3://: Tune writes its experiment state through the run storage's S3FileSystem
-            storage_path=storage.ray_storage(root)[0],
-            storage_filesystem=storage.ray_storage(root)[1],
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             verbose=0,
             failure_config=ray.tune.FailureConfig(max_failures=0),
         ),
