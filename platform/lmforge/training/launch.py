@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,18 +271,17 @@ def scaling_config(cfg: Config):
     )
 
 
-def train_loop(config: dict[str, bytes]) -> None:
+def train_loop(config: dict[str, WorkerPlan]) -> None:
     """Each Ray Train worker's entry point: `ray_session.train_loop`, imported there.
 
     Ray pickles this function by reference, so the driver never imports the loop module
     (DeepSpeed and its accelerator detection: ~1.5 s of the driver's start on 2 loaded CPUs);
-    the workers import it on the first call. `config` is {"plan": pickled WorkerPlan}: Ray
-    Train hands a worker function its one argument as a dict.
+    the workers import it on the first call. `config` is {"plan": WorkerPlan}: Ray Train
+    hands a worker function its one argument as a dict.
     """
     from lmforge.training.ray_session import train_loop as run
 
-    plan: WorkerPlan = pickle.loads(config["plan"])
-    run(plan)
+    run(config["plan"])
 
 
 def trainer(
@@ -316,9 +314,7 @@ def trainer(
     env_vars |= {k: v for k, v in os.environ.items() if k.startswith("LMFORGE_FAULT")}
     return TorchTrainer(
         train_loop,
-        # Pickled here: Ray Train's controller carries the config without unpickling it
-        # (its classes import torch: 1.2 s of the controller's start); workers unpickle it.
-        train_loop_config={"plan": pickle.dumps(worker_plan(plan, register))},
+        train_loop_config={"plan": worker_plan(plan, register)},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=plan.run_dir.name,
