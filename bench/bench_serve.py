@@ -10,7 +10,9 @@ replica, 1 CPU, --max-batch 8), and asked over HTTP (POST /v1/completions, the A
 in the header): each client sends `REQUESTS` requests one after another, each a distinct
 short prompt, greedy, `max_tokens` new tokens. 1 client: the requests run alone; 8
 clients: up to 8 requests share the running batch (continuous batching). The figure is
-the sum of `usage.completion_tokens` over the wall time of all clients. Target >= 4x.
+the sum of `usage.completion_tokens` over the wall time of all clients. Target >= 4x, for
+the default `--dtype auto` (bf16 on a CPU with avx512_bf16/AMX); fp32 is measured beside it
+(redeployed: a roll) when auto is not fp32.
 """
 
 from __future__ import annotations
@@ -114,24 +116,38 @@ def main(argv: list[str] | None = None) -> None:
     for k in [k for k in os.environ if k.startswith(("MLFLOW_", "RAY_ADDRESS"))]:
         del os.environ[k]
     try:
+        import torch
+
         from lmforge import serving
+        from lmforge.perf import dtype_name, inference_dtype
+
+        port = _free_port()
 
         uri = version(home, shape)
-        info = serving.up(
-            [uri.rsplit("/", 1)[0] + "@latest"], port=_free_port(), max_batch=CLIENTS, cpus=1
-        )
-        key = serving.api_key()
+        key = serving.api_key(create=True)
         mt, rq = shape["max_tokens"], shape["requests"]
-        clients(info.url, key, 2, 1, 4)  # warm-up: the first requests load lazily
-        runs = alternate({"eight": lambda: clients(info.url, key, CLIENTS, rq, mt),
-                          "one": lambda: clients(info.url, key, 1, rq * 2, mt)}, repeats)  # fmt: skip
+        auto = dtype_name(inference_dtype("auto", torch.device("cpu")))
+        figures = []
+        for dtype in dict.fromkeys([auto, "fp32"]):  # the default's first; fp32 beside it
+            info = serving.up([uri.rsplit("/", 1)[0] + "@latest"], port=port, max_batch=CLIENTS,
+                              cpus=1, dtype=dtype)  # fmt: skip
+            port, url = info.port, info.url
+            clients(url, key, 2, 1, 4)  # warm-up: the first requests load lazily
+            runs = alternate({"eight": lambda u=url: clients(u, key, CLIENTS, rq, mt),
+                              "one": lambda u=url: clients(u, key, 1, rq * 2, mt)}, repeats)  # fmt: skip
+            default = dtype == auto
+            label = f"{CLIENTS} concurrent clients, total ({dtype}" + (
+                ", the default: --dtype auto)" if default else ")"
+            )
+            figures.append(Figure.ratio_of(label, "generated tokens/s", runs["eight"], runs["one"],
+                                           baseline="1 client", target=4.0 if default else None))  # fmt: skip
         report(
             "serve",
-            [Figure.ratio_of(f"{CLIENTS} concurrent clients, total", "generated tokens/s", runs["eight"], runs["one"],
-                             baseline="1 client", target=4.0)],  # fmt: skip
+            figures,
             config={"model": {k: v for k, v in shape.items() if k not in ("max_tokens", "requests")},
                     "max_tokens": mt, "requests_per_client": {"8 clients": rq, "1 client": 2 * rq},
-                    "max_batch": CLIENTS, "replica_cpus": 1, "repeats": repeats, "machine": machine_info()},
+                    "max_batch": CLIENTS, "replica_cpus": 1, "dtype auto is": auto,
+                    "repeats": repeats, "machine": machine_info()},
         )  # fmt: skip
         serving.down()
     finally:

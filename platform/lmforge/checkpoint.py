@@ -393,9 +393,12 @@ def fetch_servable(remote: storage.S3Path) -> Path:
     return out
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+):
     """(model, tokenizer, config) from a checkpoint or run dir; weights via safetensors only.
-    A LoRA checkpoint gives its base with the adapters added (unmerged)."""
+    A LoRA checkpoint gives its base with the adapters added (unmerged). `dtype`: cast the
+    weights to it (None: as trained, fp32)."""
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
     model = models.build(cfg.model)
@@ -407,7 +410,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         lora.load_adapter(model, _read_safetensors(ckpt / ADAPTER, device))
     else:
         load_weights(model, ckpt, device)
-    model.to(device).eval()
+    model.to(device, dtype).eval()
     return model, load_tokenizer(ckpt / TOKENIZER), cfg
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -140,6 +141,47 @@ def measure_peak_flops(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# The CPU features that give bf16 matmuls fast kernels (oneDNN): AVX512-BF16 or AMX-BF16.
+FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+INFERENCE_DTYPES = ("fp32", "bf16", "fp16", "auto")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The feature flags of this machine's first CPU (empty where /proc/cpuinfo is absent)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def fast_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
+    """Whether bf16 matmuls beat fp32 on `device`: a CUDA GPU that supports bf16, or a CPU
+    with avx512_bf16 or AMX (`flags`: the CPU's, read from /proc/cpuinfo when None)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in FAST_BF16_FLAGS)
+
+
+def inference_dtype(name: str, device: torch.device, flags: set[str] | None = None) -> torch.dtype:
+    """The dtype a model generates in: `fp32`, `bf16`, `fp16`, or `auto` (bf16 where
+    `fast_bf16`, else fp32). Training's precision stays a training choice; this one is only
+    for decoding (bf16 weights and KV cache: half the memory, and on those devices faster)."""
+    if name not in INFERENCE_DTYPES:
+        raise ValueError(f"dtype {name!r}: use one of {', '.join(INFERENCE_DTYPES)}")
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device, flags) else torch.float32
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
 
 
 def resident_bytes() -> int:

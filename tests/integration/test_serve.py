@@ -29,6 +29,7 @@ from lmforge import lora, paths, templates
 from lmforge.config import LoraConfig
 from lmforge.generation import SamplingParams, complete_samples
 from lmforge.import_hf import import_hf
+from lmforge.perf import inference_dtype
 from lmforge.services import free_port
 from lmforge.tokenizer import EOT, eot_id, train_tokenizer
 from lmforge.tracking import registry, store
@@ -121,7 +122,8 @@ class Served:
 
     @functools.cache  # noqa: B019 - one per module
     def loaded(self, uri: str):
-        return ckpt_io.load_model(registry.fetch_checkpoint(uri))
+        dtype = inference_dtype("auto", torch.device("cpu"))  # the server's default
+        return ckpt_io.load_model(registry.fetch_checkpoint(uri), dtype=dtype)
 
     def reference(self, uri: str, prompt: str, max_tokens: int) -> str:
         """The greedy continuation of the same code in this process (checks the load test)."""
@@ -143,8 +145,9 @@ def served(ray_cluster):
 
 
 def generate(uri: str, prompt: str, tokens: int, template: str = "none") -> str:
-    """`lmforge generate --top-k 1`'s continuation (its stdout is the prompt, then it)."""
-    out = lmforge_cli("generate", "--model", uri, "--prompt", prompt, "--top-k", 1,
+    """`lmforge generate --top-k 1`'s continuation (its stdout is the prompt, then it), in
+    the dtype the server runs by default (auto: bf16 on a CPU with avx512_bf16/AMX)."""
+    out = lmforge_cli("generate", "--model", uri, "--prompt", prompt, "--top-k", 1, "--dtype", "auto",
                       "--max-new-tokens", tokens, "--template", template, "--tracking-uri", store.resolve_uri())  # fmt: skip
     return out.stdout
 
@@ -299,6 +302,6 @@ def test_rolling_update_under_load_drops_no_request_and_moves_the_alias(served):
     )
     assert r.choices[0].text == want_new
     status = lmforge_cli("serve", "status").stdout
-    assert f"{BASE}/{new}" in status and "RUNNING" in status
+    assert f"{BASE}/{new}" in status and "RUNNING" in status and "dtype auto" in status
     line = next(ln for ln in status.splitlines() if ln.startswith(f"{BASE}@latest"))
     assert int(line.split()[2]) >= 1  # requests since the roll, counted

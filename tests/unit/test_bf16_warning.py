@@ -1,12 +1,15 @@
 """`precision: bf16` on a CPU without avx512_bf16 or AMX: one warning line at launch (the
-flags read from a cpuinfo file written here, as /proc/cpuinfo would give them)."""
+flags read from a cpuinfo file written here, as /proc/cpuinfo would give them); and the
+generation dtype `auto` picks bf16 only where those flags are."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
+import torch
 
+from lmforge import perf
 from lmforge.config import load_config
 from lmforge.training import launch
 from tests.conftest import REPO
@@ -56,3 +59,25 @@ def test_no_warning_where_bf16_is_fast_or_not_asked_for(tmp_path, flags, overrid
 def test_cpu_flags_reads_the_first_cpus_flags_and_survives_no_cpuinfo(tmp_path):
     assert launch.cpu_flags(cpuinfo(tmp_path, "avx2 avx512_bf16")) == {"avx2", "avx512_bf16"}
     assert launch.cpu_flags(tmp_path / "absent") == set()
+
+
+@pytest.mark.parametrize(
+    "flags, asked, want",
+    [
+        (OLD_CPU + " avx512_bf16", "auto", torch.bfloat16),
+        (OLD_CPU + " amx_tile amx_bf16", "auto", torch.bfloat16),
+        (OLD_CPU, "auto", torch.float32),  # bf16 would be ~0.3x here
+        ("", "auto", torch.float32),  # flags unknown: the safe one
+        (OLD_CPU, "bf16", torch.bfloat16),  # asked for: given, slow or not
+        (OLD_CPU + " avx512_bf16", "fp32", torch.float32),
+        (OLD_CPU, "fp16", torch.float16),
+    ],
+)
+def test_generation_dtype_auto_is_bf16_only_where_the_cpu_has_fast_kernels(
+    tmp_path, flags, asked, want
+):
+    """`generate --dtype` / `serve up --dtype` (lmforge.perf.inference_dtype)."""
+    got = perf.cpu_flags(cpuinfo(tmp_path, flags)) if flags else set()
+    assert perf.inference_dtype(asked, torch.device("cpu"), got) == want
+    with pytest.raises(ValueError, match="use one of fp32, bf16, fp16, auto"):
+        perf.inference_dtype("float32", torch.device("cpu"), got)

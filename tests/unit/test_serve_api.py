@@ -195,6 +195,8 @@ def test_a_public_host_needs_a_key_and_options_are_checked(tmp_path, monkeypatch
         deploy.check_options(1, 8000, 8, 1, 1)
     with pytest.raises(ServeError, match="--replicas"):
         deploy.check_options(0, 8000, 8, None, None)
+    with pytest.raises(ServeError, match="--dtype float16: use one of fp32, bf16, fp16, auto"):
+        deploy.up(["models:/x@best"], dtype="float16")  # before the registry or Ray
     assert (
         served_name("models:/tiny@best") == "tiny@best"
         and served_name("models:/tiny/3") == "tiny/3"

@@ -146,11 +146,15 @@ def adapter(model, name: str, seed: int):
     return alone.eval()
 
 
-def test_a_batch_mixing_the_base_and_two_adapters_gives_each_its_own_output(tok):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # serve --dtype fp32 / bf16
+def test_a_batch_mixing_the_base_and_two_adapters_gives_each_its_own_output(tok, dtype):
+    """Also in bf16 (weights, adapters and KV cache): each row equals its version decoded
+    alone in bf16, as `lmforge generate --dtype bf16` does."""
     model = build("gpt2", tok.get_vocab_size())
     plain = build("gpt2", tok.get_vocab_size())
     alone = {"a1": adapter(model, "a1", 1), "a2": adapter(model, "a2", 2), None: plain}
-    engine = Engine(model.eval(), max_batch=8)
+    alone = {a: m.to(dtype) for a, m in alone.items()}
+    engine = Engine(model.to(dtype).eval(), max_batch=8)
     engine.start()
     p = SamplingParams(max_new_tokens=8, temperature=0)
     jobs = [(tok.encode(t).ids, p, a) for t in PROMPTS[:2] for a in ("a1", None, "a2")]

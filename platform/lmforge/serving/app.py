@@ -101,20 +101,24 @@ class VersionServer:
     """One base model and its LoRA versions, one Engine (see the module docstring)."""
 
     def __init__(
-        self, group: Group, tracking_uri: str | None, max_batch: int, device: str, threads: int
-    ):
+        self, group: Group, tracking_uri: str | None, max_batch: int, device: str, threads: int,
+        dtype: str,
+    ):  # fmt: skip
         import torch
 
+        from lmforge.perf import dtype_name, inference_dtype
         from lmforge.serving import versions
         from lmforge.serving.engine import Engine
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        model, self.versions = versions.load(group, tracking_uri, device)
-        self.max_batch = max_batch
+        resolved = inference_dtype(dtype, torch.device(device))
+        model, self.versions = versions.load(group, tracking_uri, device, resolved)
+        self.max_batch, self.dtype = max_batch, dtype_name(resolved)
         self.engine = Engine(model, max_batch)
         self.engine.start()
-        log.info("serving %s", ", ".join(f"{n} ({v.served.uri})" for n, v in self.versions.items()))
+        log.info("serving %s in %s (--dtype %s)", ", ".join(
+            f"{n} ({v.served.uri})" for n, v in self.versions.items()), self.dtype, dtype)  # fmt: skip
 
     def describe(self) -> dict:
         return {
@@ -124,6 +128,7 @@ class VersionServer:
                 "context_length": v.context_length,
                 "chat_template": v.template.name if v.template is not None else None,
                 "adapter": v.served.adapter,
+                "dtype": self.dtype,
             }  # fmt: skip
             for n, v in self.versions.items()
         }
@@ -388,7 +393,7 @@ class OpenAIServer:
 
 def build(groups: list[Group], tracking_uri: str | None, key_sha256: str, max_batch: int,
           replicas: int, cpus: float | None, gpus: float | None,
-          draining: tuple[Group, ...] = ()):  # fmt: skip
+          draining: tuple[Group, ...] = (), dtype: str = "auto"):  # fmt: skip
     """The application: one VersionServer per group (named for what it holds:
     `Group.deployment`), the OpenAIServer in front, routing to `groups` only. `draining`:
     groups a roll replaces, kept one more deploy so that requests an old ingress replica
@@ -404,9 +409,9 @@ def build(groups: list[Group], tracking_uri: str | None, key_sha256: str, max_ba
             graceful_shutdown_timeout_s=GRACE_S,
         )  # fmt: skip
         # The same deployment again (a roll that leaves this base as it was) keeps running.
-        same = _digest(g.deployment, tracking_uri, max_batch, device, threads, resources)
+        same = _digest(g.deployment, tracking_uri, max_batch, device, threads, resources, dtype)
         servers[g.deployment] = raycompat.pin_serve_version(d, same).bind(
-            g, tracking_uri, max_batch, device, threads
+            g, tracking_uri, max_batch, device, threads, dtype
         )
     for g in groups:
         for v in g.versions:

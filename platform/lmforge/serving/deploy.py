@@ -40,6 +40,7 @@ class ServeInfo:
     replicas: int
     max_batch: int
     groups: list[dict] = field(default_factory=list)  # versions.Group.to_dict() of each base
+    dtype: str = "fp32"  # as asked: fp32, bf16, fp16 or auto (each replica resolves auto)
 
 
 def state_file() -> Path:
@@ -79,8 +80,13 @@ def is_loopback(host: str) -> bool:
 
 
 def check_options(
-    replicas: int, port: int, max_batch: int, cpus: float | None, gpus: float | None
-) -> None:
+    replicas: int, port: int, max_batch: int, cpus: float | None, gpus: float | None,
+    dtype: str = "fp32",
+) -> None:  # fmt: skip
+    from lmforge.perf import INFERENCE_DTYPES
+
+    if dtype not in INFERENCE_DTYPES:
+        raise ServeError(f"--dtype {dtype}: use one of {', '.join(INFERENCE_DTYPES)}")
     if replicas < 1:
         raise ServeError(f"--replicas {replicas}: at least 1")
     if not 0 < port < 65536:
@@ -104,11 +110,13 @@ def up(
     address: str | None = None,
     tracking_uri: str | None = None,
     timeout_s: float = 300,
+    dtype: str = "auto",
 ) -> ServeInfo:
-    """Deploy (or roll) the application; returns once the endpoint answers."""
+    """Deploy (or roll) the application; returns once the endpoint answers. `dtype`: the
+    replicas' weights and KV cache (`lmforge.perf.inference_dtype`; auto: bf16 where fast)."""
     from lmforge.tracking import store
 
-    check_options(replicas, port, max_batch, cpus, gpus)
+    check_options(replicas, port, max_batch, cpus, gpus, dtype)
     key = api_key(create=is_loopback(host))
     if key is None:
         raise ServeError(
@@ -144,7 +152,7 @@ def up(
     old = [Group.from_dict(d) for d in (previous.groups if previous is not None else [])]
     draining = tuple(g for g in old if g.deployment not in now)
     for keep in [draining, ()] if draining else [()]:
-        app = build(groups, tracking_uri, digest, max_batch, replicas, cpus, gpus, keep)
+        app = build(groups, tracking_uri, digest, max_batch, replicas, cpus, gpus, keep, dtype)
         try:
             serve.run(app, name=APP, route_prefix="/")
         except RuntimeError as err:  # a replica failed to start: its own error, one line
@@ -155,7 +163,7 @@ def up(
             _wait_stopped("OpenAIServer")  # the old ingress has answered what it took
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     info = ServeInfo(
-        url, host, port, APP, models, replicas, max_batch, [g.to_dict() for g in groups]
+        url, host, port, APP, models, replicas, max_batch, [g.to_dict() for g in groups], dtype
     )
     _wait_answering(info, key, timeout_s)
     state_file().write_text(json.dumps(asdict(info), indent=1))
@@ -257,7 +265,10 @@ def status(address: str | None = None) -> str:
     info = running_record()
     if info is None:
         return "nothing is served from this LMFORGE_HOME (lmforge serve up --model URI)"
-    lines = [f"OpenAI API: {info.url}/v1  (key: {KEY_ENV} or {key_file()})"]
+    lines = [
+        f"OpenAI API: {info.url}/v1  (key: {KEY_ENV} or {key_file()})",
+        f"  {info.replicas} replica(s) a base, max batch {info.max_batch}, dtype {info.dtype}",
+    ]
     try:
         _connect(address)
         from ray import serve

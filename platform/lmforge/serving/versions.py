@@ -99,8 +99,9 @@ class Version:
     checkpoint: Path
 
 
-def load(group: Group, tracking_uri: str | None = None, device: str = "cpu"):
-    """(model, {served name: Version}): the group's base with every adapter added."""
+def load(group: Group, tracking_uri: str | None = None, device: str = "cpu", dtype=None):
+    """(model, {served name: Version}): the group's base with every adapter added, its
+    weights (adapters too) in `dtype` (a torch.dtype; None: as trained)."""
     from safetensors.torch import load_file
 
     from lmforge import checkpoint as ckpt_io
@@ -126,5 +127,5 @@ def load(group: Group, tracking_uri: str | None = None, device: str = "cpu"):
         out[s.name] = Version(
             s, name, tok, eot_id(tok), templates.of_folder(ckpt), cfg.model.context_length, ckpt
         )
-    model.to(device).eval()
+    model.to(device, dtype).eval()
     return model, out

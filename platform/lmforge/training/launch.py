@@ -21,6 +21,7 @@ from lmforge import guard, raycompat, storage
 from lmforge.config import Config, ConfigError
 from lmforge.data.mixture import datasets_of
 from lmforge.paths import is_uri
+from lmforge.perf import FAST_BF16_FLAGS, cpu_flags
 from lmforge.tracking import store
 from lmforge.training import placement
 from lmforge.training.plan import LaunchPlan, build_plan, stage_init
@@ -103,22 +104,6 @@ def run_training(
     )
     guard.raise_if_stopped(plan.run_dir)
     return result_of(plan, metrics)
-
-
-# The CPU features that give bf16 matmuls fast kernels (oneDNN): AVX512-BF16 or AMX-BF16.
-FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The feature flags of this machine's first CPU (empty where /proc/cpuinfo is absent)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
 
 
 def slow_bf16_warning(cfg: Config, flags: set[str]) -> str | None:
