@@ -25,9 +25,8 @@ from bench.common import REPO, Figure, alternate, bench_args, machine_info, repo
 WEIGHTS = (0.5, 0.3, 0.2)
 SHAPES = {"tiny": (64, 8), "gpt2": (1024, 8)}
 NOTES = {
-    "tiny": "a batch here is 512 tokens (~16 us of one source's stream); the mixture's choice "
-    "of sources (~3 us a batch in Python) and its block gather are what is left; both are "
-    "thousands of times what a tiny worker trains at (bench_data: ~9K tokens/s)",
+    "tiny": "a batch here is 512 tokens (~16 us of one source's stream): the mixture's "
+    "per-batch Python (the choice of sources, planned 64 batches at a time) shows most here",
     "gpt2": "",
 }
 

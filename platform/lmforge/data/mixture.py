@@ -237,6 +237,8 @@ class MixtureStream:
             for s in mixture.sources
         ]  # fmt: skip
         self.weights = mixture.weights
+        self._scheduled = bool(mixture.config.schedule)  # else the weights never change
+        self._w = self.weights.at(0)
         self.T, self.batch_size, self.world = context_length, batch_size, world
         self.windows_per_step = windows_per_step
         self.windows = 0  # windows this worker has taken (the same count on every rank)
@@ -255,15 +257,20 @@ class MixtureStream:
         share so far minus what it gave): a batch gives each the whole windows it is owed,
         the rest to the most owed (largest remainder; ties: the first source), so no credit
         strays past about one window. A weight-0 source keeps its credit."""
-        w = self.weights.at(self.windows // self.windows_per_step)
-        credit, out, rest, left = self.credit, [0] * len(w), [], n
-        for i, wi in enumerate(w):  # hot (once a batch): int() is floor here, math.floor slower
+        credit, out, rest, left = self.credit, [], [], n
+        # Hot (once a batch, ~2 us): int() is floor here (math.floor is slower), and the
+        # weights are looked up only when a schedule can change them.
+        w = self.weights.at(self.windows // self.windows_per_step) if self._scheduled else self._w
+        for i, wi in enumerate(w):
             if wi > 0:
                 owed = credit[i] + n * wi
                 k = int(owed) if owed > 0 else 0
-                out[i], credit[i] = k, owed
+                out.append(k)
+                credit[i] = owed
                 left -= k
                 rest.append((k - owed, i))  # most owed first when sorted
+            else:
+                out.append(0)
         rest.sort()
         if 0 < left <= len(rest):  # the usual case: one pass of the loop below
             for _, i in rest[:left]:
@@ -283,6 +290,19 @@ class MixtureStream:
         self.windows += n
         return out
 
+    def _plan(self, batches: int, B: int) -> tuple[list, list, list]:
+        """The next `batches` batches' counts, the choice state after each (windows, credit:
+        what `state_dict` saves within a block) and each source's windows handed after each."""
+        plan, choices, handed = [], [], []
+        total = [0] * len(self.credit)
+        for _ in range(batches):
+            c = self.counts(B)
+            plan.append(c)
+            choices.append((self.windows, list(self.credit)))
+            total = [a + b for a, b in zip(total, c)]  # noqa: B905 - same length: hot
+            handed.append(total)
+        return plan, choices, handed
+
     # -- the TokenStream interface ------------------------------------------------------
     def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """Batches from the current position, forever. They are cut a block at a time
@@ -296,10 +316,7 @@ class MixtureStream:
         self._close_block()  # a generator before this one may have stopped mid-block
         while True:
             start = [s.state_dict() for s in self.streams]
-            plan, choices = [], []
-            for _ in range(self.block):
-                plan.append(self.counts(B))
-                choices.append((self.windows, list(self.credit)))
+            plan, choices, handed = self._plan(self.block, B)
             xs, ys = [], []  # each source's windows of the block: (channels, rows, T) pieces
             for i, cursor in enumerate(cursors):
                 need = sum(c[i] for c in plan)
@@ -313,7 +330,6 @@ class MixtureStream:
                         f"{epochs[i]} (its next pass, reshuffled), the others go on"
                     )
             x, y = _in_batch_order(xs, ys, plan, B)
-            handed = np.cumsum(plan, axis=0).tolist()  # per source, after each batch
             self._block = (start, plan, choices, handed, self._handed)
             masked = self.streams[0].masked
             for k in range(self.block):
@@ -382,10 +398,11 @@ class MixtureStream:
 # Tokens cut at once (`MixtureStream.batches`), at most BLOCK batches: enough batches to
 # spread the per-block Python over, few enough that the block's arrays stay small. At
 # context 1024 x 8 rows a block of 16 batches (2 x 1 MiB arrays) streamed at 0.69-0.84x of
-# one source, 8 batches at 0.92-1.03x; at context 64 x 8, blocks of 16 to 64 batches were
-# alike, within this bench's noise (bench/bench_mixture.py, 2026-12-07).
+# one source, 8 batches at 0.92-1.03x. At context 64 x 8 (the choice of sources planned a
+# block at a time, `_plan`), 16 batches gave 0.83-0.93x, 64 gave 0.99-1.05x, 128 alike
+# (bench/bench_mixture.py's data, 2026-12-07).
 BLOCK_TOKENS = 65_536
-BLOCK = 16
+BLOCK = 64
 
 
 def _in_batch_order(
