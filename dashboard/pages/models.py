@@ -124,7 +124,8 @@ if record is None:
     st.caption("Nothing is served: the Serve button above, or `lmforge serve up --model URI`.")
 else:
     figures = deploy.stats(record)
-    st.write(f"OpenAI-compatible endpoint: `{record.url}/v1` (key: `LMFORGE_HOME/serve_api_key`)")
+    st.write(f"OpenAI-compatible endpoint: `{record.url}/v1` (key: `LMFORGE_HOME/serve_api_key`); "
+             f"{record.replicas} replica(s) a base, max batch {record.max_batch}, dtype {record.dtype}")  # fmt: skip
     if figures is None:
         st.warning(f"{record.url} does not answer (`lmforge serve status`)")
     st.dataframe(

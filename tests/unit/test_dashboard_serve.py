@@ -32,7 +32,7 @@ def test_serve_button_submits_a_serve_job_and_the_page_shows_what_is_served(
     import_hf(tmp_path / "hf", "dash", tracking_uri)
     deploy.state_file().parent.mkdir(parents=True, exist_ok=True)
     record = deploy.ServeInfo("http://127.0.0.1:8123", "127.0.0.1", 8123, "lmforge",
-                              {"other@best": "models:/other/4"}, 1, 8)  # fmt: skip
+                              {"other@best": "models:/other/4"}, 1, 8, dtype="bf16")  # fmt: skip
     deploy.state_file().write_text(json.dumps(record.__dict__))
     figures = {"other@best": {"requests": 12, "errors": 0, "tokens": 340, "tokens_per_s_1m": 55.5,
                               "ttft_p50_s": 0.02, "latency_p50_s": 0.3, "latency_p95_s": 0.9}}  # fmt: skip
@@ -49,6 +49,7 @@ def test_serve_button_submits_a_serve_job_and_the_page_shows_what_is_served(
     at.switch_page("pages/models.py")
     at.run()
     assert not at.exception, at.exception
+    assert any("dtype bf16" in m.value for m in at.markdown)
     served = at.dataframe[-1].value
     row = served.iloc[0]
     assert (row["model"], row["version"], row["requests"], row["latency_p95_s"]) == (
@@ -65,6 +66,7 @@ def test_serve_button_submits_a_serve_job_and_the_page_shows_what_is_served(
     models = [args[i + 1] for i, a in enumerate(args) if a == "--model"]
     assert models == ["models:/other@best", "models:/dash/1"]  # the served one kept
     assert args[args.index("--port") + 1] == "8123"
+    assert args[args.index("--dtype") + 1] == "bf16"  # as it is served: no roll to another
     assert spec.metadata["lmforge.kind"] == "serve"
 
 

@@ -336,8 +336,9 @@ def serve_job(uris: list[str], tracking_uri: str | None = None, port: int = 8000
         if not is_model_uri(uri):
             raise ServeError(f"{uri!r}: not a model URI")
         args += ["--model", jobspec.safe_token("model", uri).split("=", 1)[1]]
-    if current is not None:
+    if current is not None:  # as it is served: a different port or dtype would move it
         port = current.port
+        args += ["--dtype", jobspec.safe_token("dtype", current.dtype).split("=", 1)[1]]
     args += ["--port", str(int(port))]
     if tracking_uri:
         args += [
