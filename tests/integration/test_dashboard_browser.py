@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,20 @@ def settle(page) -> None:
     page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=60_000)
 
 
+def streamed(page, reply, timeout_s: float = 120) -> None:
+    """Until a streaming reply has ended: its run over and its text the same 1 s later (on a
+    busy machine the status widget can show after `settle` has looked for it)."""
+    deadline, before = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        settle(page)
+        now = reply.inner_text()
+        if now == before:
+            return
+        before = now
+        page.wait_for_timeout(1000)
+    raise AssertionError(f"the reply was still changing after {timeout_s:.0f} s: {before!r}")
+
+
 @pytest.fixture
 def page(browser, shots):
     """A browser tab; its last state is saved as last.png (the page a failure left)."""
@@ -172,7 +187,7 @@ def test_launch_watch_curves_models_playground_in_chromium(
         messages = page.get_by_test_id("stChatMessage")
         expect(messages).to_have_count(2 * i, timeout=120_000)  # the turn and its reply
         assert said in messages.nth(2 * i - 2).inner_text()
-        settle(page)
+        streamed(page, messages.nth(2 * i - 1))  # a turn sent mid-stream would cut it off
     assert messages.nth(3).inner_text().strip()  # the second reply
     page.get_by_text("Exact text the model sees (next turn)").click()
     preview = page.get_by_test_id("stCode").filter(has_text="<|user|>").last
