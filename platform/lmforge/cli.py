@@ -251,7 +251,8 @@ def _add_generate(sub) -> None:
 
 
 def _add_dtype(p: argparse.ArgumentParser, default: str) -> None:
-    """--dtype, shared by generate and serve up (lmforge.perf.inference_dtype)."""
+    """--dtype, shared by generate and serve up (lmforge.perf.inference_dtype). The choices
+    are perf.INFERENCE_DTYPES written out: importing perf imports torch, too slow for --help."""
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "auto"], default=default,
                    help=f"the weights' and KV cache's dtype while generating (default {default}): "
                    "auto is bf16 on a GPU that supports it or a CPU with avx512_bf16/AMX (faster "
