@@ -141,11 +141,10 @@ def _rank_main(rank: int, args, port: int, out: str) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps(asdict(result)))
     # The HF Trainer at ZeRO 3 leaves a native thread that aborts the interpreter's
-    # teardown ("terminate called without an active exception"): the result is written and
-    # no collective is left, so the rank ends here.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # teardown: the result is written and no collective is left, so the rank ends here.
+    from lmforge import dist
+
+    dist.leave()
 
 
 def _setup(cfg, rank: int):

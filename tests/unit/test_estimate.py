@@ -176,6 +176,7 @@ def _engine_peak(rank: int, port: int, overrides: list[str], out_dir: str) -> No
     peak = perf.peak_resident_bytes() - before
     (Path(out_dir) / f"peak{rank}").write_text(str(peak))
     torch.distributed.destroy_process_group()
+    dist.leave()
 
 
 ENGINE_SIZE = ["model.n_layer=4", "model.d_model=256", "model.n_head=4",
