@@ -24,7 +24,9 @@ Peers (issue 31; gpt2's full shape, fp32, `--peers`): what a user would run inst
 same shape and batch, alternated with lmforge's runs (`bench/peers.py`): torch DDP beside
 ZeRO 0, a plain DeepSpeed script and the Hugging Face `Trainer` + DeepSpeed beside ZeRO 2
 and 3; each its column pair in the table (goal: lmforge / DDP >= 1.0x, the others
->= 1.05x). The plain loop stays the limit.
+>= 1.05x). The plain loop stays the limit. `--peers local` (not in the default set) adds
+lmforge's own trainer without Ray (`lmforge train --local`: the same engine on 2 local
+processes) at each fp32 stage: lmforge under Ray / it is what Ray Train's processes cost.
 Each arch's report is its own section: `train` (gpt2), `train-llama`, `train-lstm`. gpt2
 runs ZeRO 0-3 in fp32 and ZeRO 2 in bf16 (issue 16's rows); llama and lstm default to the
 stages the throughput target is set for (ZeRO 1-2, fp32). Targets (lmforge / plain loop):
@@ -97,8 +99,10 @@ FULL_BATCH = ["train.micro_batch_size=2", "train.grad_accum_steps=1"]
 THROUGHPUT_TARGETS = {(1, "fp32"): 0.90, (2, "fp32"): 0.90, (3, "fp32"): 0.75, (2, "bf16"): 0.90}
 # What a user would run instead (bench/peers.py, issue 31), fp32 only: peer -> the ZeRO
 # stages it runs at here, and the goal of lmforge / it at the same stage.
-PEER_STAGES = {"ddp": (0,), "deepspeed": (2, 3), "hf": (2, 3)}
-PEER_TARGETS = {"ddp": 1.0, "deepspeed": 1.05, "hf": 1.05}
+PEER_STAGES = {"ddp": (0,), "deepspeed": (2, 3), "hf": (2, 3), "local": (0, 1, 2, 3)}
+PEER_TARGETS = {"ddp": 1.0, "deepspeed": 1.05, "hf": 1.05, "local": None}
+DEFAULT_PEERS = ("ddp", "deepspeed", "hf")  # "local" is lmforge itself, asked for by name
+LOCAL_LABEL = "lmforge without Ray"
 MFU_TARGET = 50.0  # %, ZeRO 1-2 fp32
 BF16_TARGET = 2.0  # bf16 / fp32 tokens/s, on a CPU with avx512_bf16
 SLOW_BF16_TARGET = 1.5  # without it (never met: the fallback kernels are ~25x slower)
@@ -202,8 +206,8 @@ class Runs:
             flush=True,
         )
 
-    def lmforge(self, stage: int, precision: str, steps: int):
-        name = f"lmforge ZeRO {stage} {precision}"
+    def lmforge(self, stage: int, precision: str, steps: int, local: bool = False):
+        name = f"{LOCAL_LABEL} ZeRO {stage}" if local else f"lmforge ZeRO {stage} {precision}"
 
         def run() -> float:
             from lmforge.training.launch import run_training
@@ -219,7 +223,7 @@ class Runs:
                 precision,
                 self.shape,
             )
-            result = run_training(cfg)
+            result = run_training(cfg, local=local)
             shutil.rmtree(result.run_dir, ignore_errors=True)  # checkpoints: ~0.2 GB a run
             m = result.metrics
             if "steady_tokens_per_s" not in m:
@@ -331,7 +335,7 @@ def plan_peers(args, runs) -> list[tuple[str, int]]:
     (`--peers none` drops them; at --tiny only when named)."""
     if args.peers == "none" or (args.peers is None and (args.tiny or args.shape != "full")):
         return []
-    wanted = list(PEER_STAGES) if args.peers in (None, "all") else args.peers.split(",")
+    wanted = list(DEFAULT_PEERS) if args.peers in (None, "all") else args.peers.split(",")
     fp32 = [s for s, p, _ in runs if p == "fp32"]
     return [(peer, s) for peer in wanted for s in PEER_STAGES[peer] if s in fp32]
 
@@ -368,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--peers",
         help="what a user would run instead, beside lmforge's fp32 runs: all (default for "
-        "gpt2's full shape), none, or some of ddp,deepspeed,hf (bench/peers.py)",
+        "gpt2's full shape: ddp,deepspeed,hf), none, or some of ddp,deepspeed,hf "
+        "(bench/peers.py) and local (lmforge's own trainer without Ray, --local)",
     )
     p.add_argument(
         "--shape", choices=["full", "small"], default="full",
@@ -426,7 +431,10 @@ def main(argv: list[str] | None = None) -> None:
         fns[name] = (precision, fn)
     for peer, stage in peer_plan:
         steps = next(st for _, q, st in runs if q == "fp32")
-        name, fn = bench.peer(peer, stage, steps)
+        if peer == "local":
+            name, fn = bench.lmforge(stage, "fp32", steps, local=True)
+        else:
+            name, fn = bench.peer(peer, stage, steps)
         fns[name] = ("fp32", fn)
     try:
         # Each precision's repeats alternate (A B .. B A ..); fewer bf16 repeats where slow.
@@ -456,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
         for peer, peer_stage in peer_plan:
             if peer_stage == stage and precision == "fp32":
-                label, full = peer_runs.PEERS[peer][0], peer_runs.label(peer, stage)
+                label, full = peer_labels(peer, stage)
                 if full in bench.failed:
                     fig.note += f"; {full} failed: {bench.failed[full]}"
                     continue
@@ -513,12 +521,19 @@ def main(argv: list[str] | None = None) -> None:
             "peers": {
                 n: v
                 for n, v in bench.details.items()
-                if n.startswith(tuple(peer_runs.PEERS[p][0] for p, _ in peer_plan))
+                if n.startswith(tuple(peer_labels(p, s)[0] for p, s in peer_plan))
             },
             "seconds": round(time.perf_counter() - started),
             "machine": machine,
         },
     )
+
+
+def peer_labels(peer: str, stage: int) -> tuple[str, str]:
+    """A peer's column label and its run's name at `stage`."""
+    if peer == "local":
+        return LOCAL_LABEL, f"{LOCAL_LABEL} ZeRO {stage}"
+    return peer_runs.PEERS[peer][0], peer_runs.label(peer, stage)
 
 
 def model_shape(m, vocab_size: int) -> dict:

@@ -194,3 +194,8 @@ def test_peers_run_beside_the_full_gpt2_fp32_stages_only():
     assert plan_peers(SimpleNamespace(peers="none", tiny=False, shape="full"), runs) == []
     only = SimpleNamespace(peers="hf", tiny=True, shape="full")
     assert plan_peers(only, [(3, "fp32", 8), (3, "bf16", 8)]) == [("hf", 3)]
+    # lmforge without Ray is asked for by name, at each of the fp32 stages that run
+    local = SimpleNamespace(peers="local,ddp", tiny=False, shape="full")
+    assert plan_peers(local, [(0, "fp32", 8), (2, "fp32", 8), (2, "bf16", 8)]) == [
+        ("local", 0), ("local", 2), ("ddp", 0)
+    ]  # fmt: skip
