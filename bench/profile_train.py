@@ -6,6 +6,7 @@ steps after a warm-up. Prints each side's step time and its top operators by sel
     .venv/bin/python bench/profile_train.py --arch llama            # bench_train's full size
     .venv/bin/python bench/profile_train.py --arch lstm --steps 4 --stage 2
     .venv/bin/python bench/profile_train.py --arch gpt2 --shape small --stage 2 --steps 20
+    .venv/bin/python bench/profile_train.py --arch gpt2 --stage 2 --precision bf16 --side plain
 
 The dataset is bench_train.py's (prepared there on first use). It answers "is the gap in
 DeepSpeed's step (all-reduce, optimizer) or in the arithmetic" without Ray in the way: if
@@ -73,13 +74,13 @@ def worker(rank: int, port: int, args, dataset: Path, storage: str) -> None:
     from lmforge.training.loop import Trainer
 
     cfg = build_config(
-        args.arch, dataset, False, 100, Path(storage), args.stage, "fp32", args.shape
+        args.arch, dataset, False, 100, Path(storage), args.stage, args.precision, args.shape
     )
     # The launcher's plan sets the vocabulary from the dataset; so does the plain loop.
     model = cfg.model.model_copy(update={"vocab_size": Dataset(dataset).vocab_size})
     trainer = Trainer(cfg.model_copy(update={"model": model}), session, storage)
     batches = trainer.stream.batches()
-    label = f"lmforge Trainer rank {rank}, ZeRO {args.stage}, 1 thread"
+    label = f"lmforge Trainer rank {rank}, ZeRO {args.stage}, {args.precision}, 1 thread"
     times = profiled(args.steps, lambda: trainer.train_step(batches), args.rows, label)
     if rank == 0:
         tps = trainer.tokens_per_step / statistics.median(times)
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="profiled steps (default 5)")
     p.add_argument("--rows", type=int, default=15, help="operators listed (default 15)")
     p.add_argument("--side", choices=["both", "lmforge", "plain"], default="both")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: DeepSpeed's bf16 for lmforge, torch.autocast for the plain loop")  # fmt: skip
     p.add_argument("--shape", choices=["full", "small"], default="full",
                    help="small: bench_train's small-step shape (gpt2 4 layers d 128 ctx 64)")  # fmt: skip
     args = p.parse_args(argv)
@@ -112,11 +115,13 @@ def run_sides(args, dataset: Path, storage: str) -> None:
         from bench import plain_loop
 
         cfg = build_config(
-            args.arch, dataset, False, WARMUP + args.steps, Path(storage), 1, "fp32", args.shape
-        )
+            args.arch, dataset, False, WARMUP + args.steps, Path(storage), 1, args.precision,
+            args.shape,
+        )  # fmt: skip
         torch.set_num_threads(2)
         state = plain_loop.Stepper(cfg)
-        times = profiled(args.steps, state.step, args.rows, "plain loop, 2 threads")
+        label = f"plain loop, {args.precision}, 2 threads"
+        times = profiled(args.steps, state.step, args.rows, label)
         print(f"plain loop: {state.tokens_per_step / statistics.median(times):,.0f} tokens/s")
     if args.side in ("both", "lmforge"):
         import torch.multiprocessing as mp

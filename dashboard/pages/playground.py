@@ -171,7 +171,9 @@ if mode == "Complete":
                 st.caption(f"{sum(map(len, texts)):,} characters generated")
 else:
     history = st.session_state.setdefault(f"chat:{first}", [])
-    said = st.chat_input("Your message", key="play_chat_in")  # pinned below the page
+    # Pinned below the page; disabled while a reply streams: a turn sent mid-stream would
+    # rerun the page and cut the reply off before it is saved.
+    said = st.chat_input("Your message", key="play_chat_in", submit_mode="disable")
     st.caption(f"{first} = version {first_version}, template: {template.name}")
     if st.button("Clear the conversation", key="play_clear"):
         history.clear()

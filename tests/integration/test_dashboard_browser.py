@@ -187,7 +187,7 @@ def test_launch_watch_curves_models_playground_in_chromium(
         messages = page.get_by_test_id("stChatMessage")
         expect(messages).to_have_count(2 * i, timeout=120_000)  # the turn and its reply
         assert said in messages.nth(2 * i - 2).inner_text()
-        streamed(page, messages.nth(2 * i - 1))  # a turn sent mid-stream would cut it off
+        streamed(page, messages.nth(2 * i - 1))  # the input is disabled until it ends
     assert messages.nth(3).inner_text().strip()  # the second reply
     page.get_by_text("Exact text the model sees (next turn)").click()
     preview = page.get_by_test_id("stCode").filter(has_text="<|user|>").last

@@ -88,6 +88,7 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self.idle = True  # the loop waits for work (a job it took is in neither queue)
         self.steps = 0  # decode steps run, for tests and stats
         self.max_rows_seen = 0
 
@@ -116,7 +117,9 @@ class Engine:
         while True:
             with self._wake:
                 while not (self.waiting or self.running or self._stop):
+                    self.idle = True
                     self._wake.wait()
+                self.idle = False
                 if self._stop:
                     return
             try:
@@ -263,9 +266,10 @@ def _adapter_hooks(model, engine: Engine) -> list:
 
 
 def wait_idle(engine: Engine, timeout_s: float = 30) -> None:
-    """Until nothing runs or waits (tests)."""
+    """Until nothing runs or waits (tests). `idle`, not the queues alone: a job being
+    admitted has left `waiting` and not yet joined `running`."""
     deadline = time.monotonic() + timeout_s
-    while engine.running or engine.waiting:
+    while not engine.idle or engine.waiting:
         if time.monotonic() > deadline:
             raise TimeoutError("engine still busy")
         time.sleep(0.01)
