@@ -27,7 +27,7 @@ import transformers
 from lmforge import checkpoint as ckpt_io
 from lmforge import lora, paths, templates
 from lmforge.config import LoraConfig
-from lmforge.generation import SamplingParams, complete_samples
+from lmforge.generation import Sample, SamplingParams, complete_samples
 from lmforge.import_hf import import_hf
 from lmforge.perf import inference_dtype
 from lmforge.services import free_port
@@ -41,6 +41,9 @@ TEXT = [
 ] * 8
 PROMPT = "To be, or not"
 BASE, LORA_A, LORA_B = "serve-base", "serve-lora-a", "serve-lora-b"
+# Log-prob gap under which two tokens are a near-tie: ~4x the largest bf16 - fp32 log-prob
+# difference of the base model here (0.0024); fp32's rounding is ~1e-6.
+NEAR_TIE = {torch.bfloat16: 0.01, torch.float16: 0.01, torch.float32: 1e-4}
 
 
 def hf_gpt2(folder, tok, seed: int):
@@ -127,10 +130,34 @@ class Served:
 
     def reference(self, uri: str, prompt: str, max_tokens: int) -> str:
         """The greedy continuation of the same code in this process (checks the load test)."""
+        return self.reference_sample(uri, prompt, max_tokens).text
+
+    @functools.cache  # noqa: B019 - one per module
+    def reference_sample(self, uri: str, prompt: str, max_tokens: int) -> Sample:
+        """`reference` with each step's two most likely tokens and their log-probs."""
         model, tok, _ = self.loaded(uri)
         ids = tok.encode(prompt, add_special_tokens=False).ids
-        p = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token=eot_id(tok))
-        return complete_samples(model, tok, ids, p)[0].text
+        p = SamplingParams(
+            max_new_tokens=max_tokens, temperature=0, stop_token=eot_id(tok), logprobs=2
+        )
+        return complete_samples(model, tok, ids, p)[0]
+
+    def greedy_as_alone(self, got: str, uri: str, prompt: str, max_tokens: int) -> bool:
+        """Whether `got`, answered in a batch, is the greedy continuation run alone: the
+        same text, or the same up to a step whose two most likely tokens are within
+        NEAR_TIE (a batch's kernels round differently from one row's; in bf16 that flips
+        near-ties of this random model, whose log-probs spread by ~0.1)."""
+        ref = self.reference_sample(uri, prompt, max_tokens)
+        if got == ref.text:
+            return True
+        model, tok, _ = self.loaded(uri)
+        near = NEAR_TIE[next(model.parameters()).dtype]
+        margins = [c.top[0][1] - c.top[1][1] for c in ref.tokens]
+        tie = next((i for i, m in enumerate(margins) if m < near), None)
+        if tie is None:
+            return False
+        ids = [c.token for c in ref.tokens[:tie]]
+        return got.startswith(tok.decode(ids).rstrip("\ufffd"))
 
 
 @pytest.fixture(scope="module")
@@ -258,11 +285,15 @@ def test_bounded_concurrent_load_answers_every_request_its_own(served):
     names = [BASE, LORA_A, LORA_B]
     uris = {BASE: served.base_uri, LORA_A: served.a_uri, LORA_B: served.b_uri}
     jobs = [(names[i % 3], p) for i, p in enumerate(prompts)]
-    expected = {(k, p): served.reference(uris[k], p, 8) for k, p in set(jobs)}
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda j: served.client.completions.create(
             model=served.names[j[0]], prompt=j[1], max_tokens=8, temperature=0).choices[0].text, jobs))  # fmt: skip
-    assert got == [expected[j] for j in jobs]
+    expected = [served.reference(uris[k], p, 8) for k, p in jobs]
+    wrong = [(j, g, e) for j, g, e in zip(jobs, got, expected, strict=True)
+             if not served.greedy_as_alone(g, uris[j[0]], j[1], 8)]  # fmt: skip
+    assert wrong == []
+    # near-ties are rare: most answers are exactly the reference's (a mix-up changes them all)
+    assert sum(g == e for g, e in zip(got, expected, strict=True)) >= len(jobs) * 3 // 4
 
 
 def test_rolling_update_under_load_drops_no_request_and_moves_the_alias(served):
