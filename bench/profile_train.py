@@ -86,6 +86,9 @@ def worker(rank: int, port: int, args, dataset: Path, storage: str) -> None:
         tps = trainer.tokens_per_step / statistics.median(times)
         print(f"lmforge (2 processes, no Ray): {tps:,.0f} tokens/s", flush=True)
     torch.distributed.destroy_process_group()
+    from lmforge import dist
+
+    dist.leave()  # ZeRO 3 engines' gloo threads can abort the interpreter's teardown
 
 
 def main(argv: list[str] | None = None) -> None:
