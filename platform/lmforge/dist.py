@@ -165,7 +165,9 @@ def leave() -> NoReturn:
     destroyed. It skips the interpreter's teardown, in which gloo's native threads can still
     hold tensors (a DeepSpeed engine keeps its groups alive) and abort the process with
     "terminate called without an active exception" (pytorch/pytorch#179291; seen here with
-    ZeRO 3 engines): a finished rank would then read as a crashed one."""
+    ZeRO 3 engines): a finished rank would then read as a crashed one. For ranks started by
+    `spawn`, which end by finalizing the interpreter; forked ranks (`local_session`'s
+    forkserver) already end in `os._exit`."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -131,4 +131,3 @@ def _worker(
             Path(result).write_text(json.dumps(session.reported))
     finally:
         tdist.destroy_process_group()
-    dist.leave()  # a failed rank raised above: its error reaches the launcher as usual
