@@ -207,7 +207,7 @@ class Runs:
         )
 
     def lmforge(self, stage: int, precision: str, steps: int, local: bool = False):
-        name = f"{LOCAL_LABEL} ZeRO {stage}" if local else f"lmforge ZeRO {stage} {precision}"
+        name = peer_labels("local", stage)[1] if local else f"lmforge ZeRO {stage} {precision}"
 
         def run() -> float:
             from lmforge.training.launch import run_training
