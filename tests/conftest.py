@@ -28,6 +28,14 @@ if "LMFORGE_TEST_TORCH_EXTENSIONS" not in os.environ:  # the session's first pro
         os.environ["LMFORGE_HOME"], "torch_extensions"
     )
 
+# AppTest runs the dashboard's pages with the options `lmforge dashboard` gives them.
+import streamlit.config  # noqa: E402
+
+from lmforge.cli import DASHBOARD_OPTIONS  # noqa: E402
+
+for _key, _value in DASHBOARD_OPTIONS.items():
+    streamlit.config.set_option(_key, _value)
+
 
 def pytest_xdist_make_scheduler(config, log):
     """How `pytest -n 2` (scripts/test.sh) deals tests to its workers: the single-node Ray

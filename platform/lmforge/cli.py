@@ -960,6 +960,16 @@ def cmd_serve(args) -> None:
         print(serving.status(args.address))
 
 
+# Streamlit options the dashboard runs with, beside the address: the tests' AppTest sets them
+# too. Magic off: with it a page is parsed into Python AST objects and compiled from them on
+# its session's thread, and on CPython 3.11 the AST conversion keeps one recursion counter
+# per interpreter, so two threads converting at once (another session's page, a traceback
+# being formatted: 3.11's carets parse the line) can fail with "SystemError: AST
+# constructor recursion depth mismatch" (CPython gh-106905; it failed a dashboard test
+# once). No page uses magic (every element is an st call): off, a page compiles from source.
+DASHBOARD_OPTIONS = {"runner.magicEnabled": False}
+
+
 def dashboard_command(args) -> tuple[list[str], dict[str, str]]:
     """The `streamlit run` command line and environment of `lmforge dashboard`."""
     import os
@@ -975,6 +985,8 @@ def dashboard_command(args) -> tuple[list[str], dict[str, str]]:
         "--server.headless", "true", "--browser.gatherUsageStats", "false",
         "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal",
     ]  # fmt: skip
+    for key, value in DASHBOARD_OPTIONS.items():
+        cmd += [f"--{key}", str(value).lower()]
     env = {
         **os.environ,
         "RAY_JOBS_ADDRESS": jobs_address(args.ray_address),

@@ -147,3 +147,4 @@ def test_dashboard_listens_on_loopback_and_points_at_ray_and_mlflow(monkeypatch,
     assert env["RAY_JOBS_ADDRESS"] == "http://127.0.0.1:8299"
     assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
     assert env["RAY_AUTH_MODE"] == "token"
+    assert cmd[cmd.index("--runner.magicEnabled") + 1] == "false"  # CPython gh-106905
