@@ -38,7 +38,7 @@ import torch
 from lmforge import storage
 from lmforge.config import DataConfig
 from lmforge.data.dataset import Dataset, DatasetError
-from lmforge.data.stream import TokenStream
+from lmforge.data.stream import OpenShards, TokenStream
 
 
 @dataclass(frozen=True)
@@ -456,11 +456,10 @@ def _moved_on(stream: TokenStream, start: dict[str, Any], n: int) -> dict[str, A
     if n == 0:
         return start
     replay = copy.copy(stream)
-    replay._files = {}
+    replay._files = OpenShards()  # its own: the stream's stay open
     replay.load_state_dict(start)
     replay.cursor().take(n)
-    for f in replay._files.values():
-        f.close()
+    replay._files.close()
     return replay.state_dict()
 
 

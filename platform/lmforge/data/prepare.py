@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -199,20 +200,50 @@ def split_and_write(
         raise CorpusError(f"{where}: the corpus is empty ({n_docs} document(s) with no text)")
     if splits["train"]["tokens"] == 0:
         raise CorpusError(f"{where}: the corpus is too small, no tokens left for the train split")
-    manifest = {
-        "format": FORMAT,
+    return _write_manifest(out, tok, tokenizer_sha256, dtype, opts, sources, splits, n_docs,
+                           {"chunk_tokens": opts.seq_tokens})  # fmt: skip
+
+
+def _write_manifest(
+    out: Path,
+    tok: Tokenizer,
+    tokenizer_sha256: str,
+    dtype: str,
+    opts: PrepareOptions,
+    sources: list,
+    splits: dict,
+    documents: int,
+    split: dict,
+    data_format: str | None = None,
+    section: dict | None = None,
+) -> dict:
+    """Write `out/manifest.json` and return it: what every dataset's manifest holds, how
+    its train/val split was made (`split`: its unit), and for SFT and preference data their
+    `data_format` and the section of that name (`section`). Text has no `data_format`."""
+    manifest: dict[str, Any] = {"format": FORMAT}
+    if data_format:
+        manifest["data_format"] = data_format
+    manifest |= {
         "created_by": f"lmforge {__version__}",
         "sources": sources,
-        "documents": n_docs,
-        "tokens": n_tokens,
+        "documents": documents,
+        "tokens": sum(s["tokens"] for s in splits.values()),
         "token_dtype": dtype,
         "seq_tokens": opts.seq_tokens,
         "tokenizer": _tokenizer_entry(out, tok, tokenizer_sha256),
-        "split": {"val_fraction": f, "seed": opts.seed, "chunk_tokens": opts.seq_tokens},
+        "split": {"val_fraction": opts.val_fraction, "seed": opts.seed, **split},
         "splits": splits,
     }
+    if data_format and section is not None:
+        manifest[data_format] = section
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _saved_template(template: templates.Template, template_file: str | None, out: Path) -> dict:
+    """Save the rows' template beside the shards; its description for the manifest."""
+    templates.save(template, out)
+    return {**template.describe(), "file": template_file}
 
 
 def _tokenizer_entry(out: Path, tok: Tokenizer, sha256: str) -> dict:
@@ -233,15 +264,21 @@ def _shard_format(tok: Tokenizer, out: Path) -> tuple[str, str]:
 
 
 def _split_writers(
-    out: Path, opts: PrepareOptions, dtype: str, tokenizer_sha256: str, targets: bool = False
+    out: Path,
+    opts: PrepareOptions,
+    dtype: str,
+    tokenizer_sha256: str,
+    targets: bool = False,
+    rows_per_pair: int = 1,
 ) -> dict[str, ShardWriter]:
-    """One shard writer per split, under out/<split>/ (with a `targets` column for SFT)."""
+    """One shard writer per split, under out/<split>/ (with a `targets` column for SFT and
+    pairs; a pair is `rows_per_pair` rows, `opts.rows_per_group` pairs a row group)."""
     return {
         split: ShardWriter(
             out / split,
             dtype,
             opts.seq_tokens,
-            opts.rows_per_group,
+            rows_per_pair * opts.rows_per_group,
             opts.groups_per_shard,
             tokenizer_sha256,
             targets=targets,
@@ -301,36 +338,20 @@ def split_and_write_sft(
         )
     if splits["train"]["sequences"] == 0:
         raise CorpusError(f"{where}: too few rows ({n_kept}), none left for the train split")
-    described = template.describe()
-    described["file"] = template_file
-    templates.save(template, out)
-    manifest = {
-        "format": FORMAT,
-        "data_format": "sft",
-        "created_by": f"lmforge {__version__}",
-        "sources": sources,
-        "documents": n_kept,
-        "tokens": sum(s["tokens"] for s in splits.values()),
-        "token_dtype": dtype,
-        "seq_tokens": opts.seq_tokens,
-        "tokenizer": _tokenizer_entry(out, tok, tokenizer_sha256),
-        "split": {"val_fraction": f, "seed": opts.seed, "unit": "example"},
-        "splits": splits,
-        "sft": {
-            "rows": n_rows,
-            "examples": n_kept,
-            "dropped_too_long": n_dropped,
-            "cut": n_cut,
-            "prompt_policy": opts.prompt_policy,
-            "max_tokens": opts.seq_tokens,
-            "target_tokens": sum(s["target_tokens"] for s in splits.values()),
-            "mask": {"column": "targets", "dtype": "bool", "true": "the token is a loss target"},
-            "template": described,
-            "template_file": templates.TEMPLATE_FILE,
-        },
+    section = {
+        "rows": n_rows,
+        "examples": n_kept,
+        "dropped_too_long": n_dropped,
+        "cut": n_cut,
+        "prompt_policy": opts.prompt_policy,
+        "max_tokens": opts.seq_tokens,
+        "target_tokens": sum(s["target_tokens"] for s in splits.values()),
+        "mask": {"column": "targets", "dtype": "bool", "true": "the token is a loss target"},
+        "template": _saved_template(template, template_file, out),
+        "template_file": templates.TEMPLATE_FILE,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return _write_manifest(out, tok, tokenizer_sha256, dtype, opts, sources, splits, n_kept,
+                           {"unit": "example"}, "sft", section)  # fmt: skip
 
 
 def _end_with_eos(ids: np.ndarray, targets: np.ndarray, eot: int):
@@ -478,13 +499,7 @@ def split_and_write_pairs(
     pairs a group), so a worker always reads both."""
     eot = eot_id(tok)
     dtype, tokenizer_sha256 = _shard_format(tok, out)
-    writers = {
-        split: ShardWriter(
-            out / split, dtype, opts.seq_tokens, 2 * opts.rows_per_group,
-            opts.groups_per_shard, tokenizer_sha256, targets=True,
-        )
-        for split in SPLITS
-    }  # fmt: skip
+    writers = _split_writers(out, opts, dtype, tokenizer_sha256, targets=True, rows_per_pair=2)
     phase, f = _split_phase(opts.seed), opts.val_fraction
     n_rows = n_dropped = n_cut = n_kept = 0
     it = iter(examples)
@@ -513,40 +528,24 @@ def split_and_write_pairs(
         )
     if splits["train"]["pairs"] == 0:
         raise CorpusError(f"{where}: too few pairs ({n_kept}), none left for the train split")
-    described = template.describe()
-    described["file"] = template_file
-    templates.save(template, out)
-    manifest = {
-        "format": FORMAT,
-        "data_format": "preference",
-        "created_by": f"lmforge {__version__}",
-        "sources": sources,
-        "documents": 2 * n_kept,
-        "tokens": sum(s["tokens"] for s in splits.values()),
-        "token_dtype": dtype,
-        "seq_tokens": opts.seq_tokens,
-        "tokenizer": _tokenizer_entry(out, tok, tokenizer_sha256),
-        "split": {"val_fraction": f, "seed": opts.seed, "unit": "pair"},
-        "splits": splits,
-        "preference": {
-            "rows": n_rows,
-            "kept": n_kept,
-            "dropped": n_dropped,
-            "dropped_too_long": n_dropped,
-            "cut": n_cut,
-            "prompt_policy": opts.prompt_policy,
-            "max_tokens": opts.seq_tokens,
-            "pairs_per_group": opts.rows_per_group,
-            "layout": "a pair is two consecutive rows, chosen then rejected; "
-            f"{opts.rows_per_group} pairs a row group",
-            "target_tokens": sum(s["target_tokens"] for s in splits.values()),
-            "mask": {"column": "targets", "dtype": "bool", "true": "an answer token"},
-            "template": described,
-            "template_file": templates.TEMPLATE_FILE,
-        },
+    section = {
+        "rows": n_rows,
+        "kept": n_kept,
+        "dropped": n_dropped,
+        "dropped_too_long": n_dropped,
+        "cut": n_cut,
+        "prompt_policy": opts.prompt_policy,
+        "max_tokens": opts.seq_tokens,
+        "pairs_per_group": opts.rows_per_group,
+        "layout": "a pair is two consecutive rows, chosen then rejected; "
+        f"{opts.rows_per_group} pairs a row group",
+        "target_tokens": sum(s["target_tokens"] for s in splits.values()),
+        "mask": {"column": "targets", "dtype": "bool", "true": "an answer token"},
+        "template": _saved_template(template, template_file, out),
+        "template_file": templates.TEMPLATE_FILE,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return _write_manifest(out, tok, tokenizer_sha256, dtype, opts, sources, splits,
+                           2 * n_kept, {"unit": "pair"}, "preference", section)  # fmt: skip
 
 
 def _n_tasks(files: list[Path]) -> int:

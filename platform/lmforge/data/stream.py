@@ -44,6 +44,37 @@ from lmforge.data.dataset import Dataset, DatasetError, Unit, open_shard
 OPEN_FILES = 8  # shards a stream keeps open (a ParquetFile re-reads the footer when opened)
 
 
+class OpenShards:
+    """The shards a stream reads, kept open (opening a ParquetFile re-reads its footer), at
+    most OPEN_FILES of them: the oldest is closed first, so file handles stay bounded."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, pq.ParquetFile] = {}  # oldest first
+
+    def get(self, path: Path) -> pq.ParquetFile:
+        pf = self._files.get(path)
+        if pf is None:
+            pf = open_shard(path)
+            if len(self._files) >= OPEN_FILES:
+                self._files.pop(next(iter(self._files))).close()
+            self._files[path] = pf
+        return pf
+
+    def close(self) -> None:
+        for pf in self._files.values():
+            pf.close()
+        self._files.clear()
+
+
+def check_feeds(path, units: Sequence, split: str, world: int) -> None:
+    """A train split needs a row group (unit) for each of `world` workers; one line if not."""
+    if split == "train" and len(units) < world:
+        raise DatasetError(
+            f"{path}: {len(units)} train row groups cannot feed {world} workers; "
+            "prepare with a smaller --rows-per-group or use fewer workers"
+        )
+
+
 Piece = tuple[int, int]  # (index of a unit in the split, its first token to read)
 
 
@@ -119,15 +150,11 @@ class TokenStream:
         self.rank, self.world, self.seed, self.shuffle = rank, world, seed, shuffle
         if not self.units or sum(u.tokens for u in self.units) == 0:
             raise DatasetError(f"{dataset.path}: the {split} split is empty")
-        if len(self.units) < world and split == "train":
-            raise DatasetError(
-                f"{dataset.path}: {len(self.units)} train row groups cannot feed {world} workers; "
-                "prepare with a smaller --rows-per-group or use fewer workers"
-            )
+        check_feeds(dataset.path, self.units, split, world)
         self.epoch, self.offset = 0, 0
         self.pieces: list[Piece] | None = None  # epoch `pieces_epoch` spelled out (`redeal`)
         self.pieces_epoch = -1
-        self._files: dict[Path, pq.ParquetFile] = {}  # open shards, oldest first
+        self._files = OpenShards()
 
     def my_units(self, epoch: int) -> list[Unit]:
         if len(self.units) < self.world:  # a small val split: every worker reads all of it
@@ -273,11 +300,6 @@ class TokenStream:
 
     def _read(self, unit: Unit) -> np.ndarray:
         pf = self._files.get(unit.file)
-        if pf is None:
-            pf = open_shard(unit.file)
-            if len(self._files) >= OPEN_FILES:  # the oldest goes: bounded file handles
-                self._files.pop(next(iter(self._files))).close()
-            self._files[unit.file] = pf
         if not self.masked:
             return _read_unit(pf, unit)
         if self.sft:  # the row ends are the examples' ends

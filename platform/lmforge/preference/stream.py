@@ -23,15 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from lmforge.data.dataset import Dataset, DatasetError
-from lmforge.data.stream import OPEN_FILES, _read_unit, worker_units
+from lmforge.data.stream import OpenShards, _read_unit, check_feeds, worker_units
 
 FORMAT = "preference"
 
@@ -115,15 +113,11 @@ class PairStream:
         self.rank, self.world, self.seed = rank, world, seed
         if self.n_pairs == 0:
             raise DatasetError(f"{dataset.path}: the {split} split has no pairs")
-        if split == "train" and len(self.units) < world:
-            raise DatasetError(
-                f"{dataset.path}: {len(self.units)} train row groups cannot feed {world} "
-                "workers; prepare with a smaller --rows-per-group or use fewer workers"
-            )
+        check_feeds(dataset.path, self.units, split, world)
         self.epoch, self.unit, self.pair = 0, 0, 0
         self.pieces: list[list[int]] | None = None  # epoch `pieces_epoch`'s pass (`redeal`)
         self.pieces_epoch = -1
-        self._files: dict[Path, pq.ParquetFile] = {}
+        self._files = OpenShards()
 
     # -- position ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -248,15 +242,7 @@ class PairStream:
 
     def _read(self, i: int):
         unit = self.units[i]
-        pf = self._files.get(unit.file)
-        if pf is None:
-            from lmforge.data.dataset import open_shard
-
-            pf = open_shard(unit.file)
-            if len(self._files) >= OPEN_FILES:
-                self._files.pop(next(iter(self._files))).close()
-            self._files[unit.file] = pf
-        return _read_unit(pf, unit, with_targets=True)
+        return _read_unit(self._files.get(unit.file), unit, with_targets=True)
 
 
 def _side(tokens, targets, offsets, row: int) -> tuple[np.ndarray, np.ndarray]:
