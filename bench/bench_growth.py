@@ -80,7 +80,7 @@ def _rank(rank: int, world: int, port: int, overrides, steps: int, threads: int,
     torch.set_num_threads(threads)
     import deepspeed
 
-    from lmforge import models, perf
+    from lmforge import dist, models, perf
     from lmforge.training import speed
     from lmforge.training.loop import build_engine
 
@@ -109,6 +109,9 @@ def _rank(rank: int, world: int, port: int, overrides, steps: int, threads: int,
     q.put({"rank": rank, "step_s": statistics.median(times[WARMUP:]), "peak": peak,
            "tokens": mb * ctx})  # fmt: skip
     torch.distributed.destroy_process_group()
+    q.close()  # the result is in the pipe before the process goes (a small dict: no wait)
+    q.join_thread()
+    dist.leave()  # no interpreter teardown, where a ZeRO 3 engine's gloo threads can abort
 
 
 def engine_run(overrides: list[str], world: int, steps: int, threads: int = 1) -> dict:

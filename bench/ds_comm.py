@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmforge import models  # noqa: E402
+from lmforge import dist, models  # noqa: E402
 from lmforge.config import load_config  # noqa: E402
 from lmforge.training.ds_config import deepspeed_config  # noqa: E402
 
@@ -98,6 +98,9 @@ def rank_main(rank: int, a, port: int, variant: dict, out) -> None:
     if rank == 0:
         out.put({"step_s": statistics.median(times[WARMUP:]), "loss": loss.item()})
     torch.distributed.destroy_process_group()
+    out.close()  # the result is in the pipe before the process goes (a small dict: no wait)
+    out.join_thread()
+    dist.leave()  # no interpreter teardown, where a ZeRO 3 engine's gloo threads can abort
 
 
 def run_ds(a, variant: dict) -> dict:
