@@ -60,6 +60,9 @@ class OpenShards:
             self._files[path] = pf
         return pf
 
+    def __len__(self) -> int:
+        return len(self._files)
+
     def close(self) -> None:
         for pf in self._files.values():
             pf.close()
