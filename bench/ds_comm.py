@@ -44,6 +44,8 @@ VARIANTS = {
     # not a DeepSpeed setting: torch's gloo all_gather_into_tensor for ZeRO's gathers instead
     # of the trainer's one broadcast per rank (lmforge.training.cpu_collectives)
     "gloo_all_gather": {"_gloo_all_gather": True},
+    # not a ZeRO setting either: torch's default (for-loop) AdamW instead of its fused kernel
+    "unfused_adamw": {"_unfused_adamw": True},
 }
 
 
@@ -83,6 +85,8 @@ def rank_main(rank: int, a, port: int, variant: dict, out) -> None:
         cpu_collectives.install()  # as the trainer does
     cfg = config(a, 2)
     ds = deepspeed_config(cfg, 2)
+    if variant.pop("_unfused_adamw", False):
+        ds["optimizer"]["params"].pop("fused")
     ds["zero_optimization"].update(variant)
     torch.manual_seed(0)
     model = models.build(cfg.model)

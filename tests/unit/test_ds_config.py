@@ -216,11 +216,23 @@ def test_first_step_uses_the_scheduled_lr_and_decays_weights():
     torch.testing.assert_close(after[half:], before[half:] * (1 - lr0 * wd))
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_the_engine_steps_torchs_fused_adamw(stage):
+    """The AdamW DeepSpeed builds is torch's fused kernel (one pass over each flat partition)."""
+    _, eng = engine(f"zero.stage={stage}")
+    assert isinstance(eng.basic_optimizer, torch.optim.AdamW)
+    groups = eng.basic_optimizer.param_groups
+    assert groups and all(g["fused"] for g in groups)
+    micro_step(eng, *batch())  # the kernel takes ZeRO's partitions
+    assert adam_state(eng)
+
+
 def test_on_gpus_offload_uses_deepspeeds_cpu_adam():
     """Our own choice (no GPU needed to check it): with offload on GPUs DeepSpeedCPUAdam,
     a compiled op, steps the optimizer; everywhere else torch's AdamW (built above)."""
     gpu = load_config(TINY, ["zero.stage=2", "zero.offload_optimizer=cpu", "scaling.use_gpu=true"])
     assert deepspeed_config(gpu, 2)["optimizer"]["params"]["torch_adam"] is False
+    assert "fused" not in deepspeed_config(gpu, 2)["optimizer"]["params"]  # not CPUAdam's
     assert deepspeed_config(gpu, 2)["zero_optimization"]["offload_optimizer"]["pin_memory"]
 
 

@@ -16,6 +16,9 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     will load a universal checkpoint (a resume on another number of workers)."""
     t, z = cfg.train, cfg.zero
     offload = z.offload_optimizer != "none"
+    # torch's AdamW needs no compiled op and works with ZeRO and offload alike; on GPUs with
+    # offload, DeepSpeedCPUAdam (a compiled op) is much faster.
+    torch_adam = not (offload and cfg.scaling.use_gpu)
     zero: dict[str, Any] = {"stage": z.stage}
     if not cfg.scaling.use_gpu:
         # gloo: one all-reduce of the gradient bucket, each rank keeping its partition, is
@@ -42,9 +45,12 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
                 "betas": [t.beta1, t.beta2],
                 "eps": 1e-8,
                 "weight_decay": t.weight_decay,
-                # torch's AdamW needs no compiled op and works with ZeRO and offload alike;
-                # on GPUs with offload, DeepSpeedCPUAdam (a compiled op) is much faster.
-                "torch_adam": not (offload and cfg.scaling.use_gpu),
+                "torch_adam": torch_adam,
+                # torch's fused kernel (CPU and CUDA): one pass over each of ZeRO's flat
+                # partitions instead of ~10 elementwise ones, and no partition-sized
+                # temporaries. A 7M-parameter partition on one CPU thread: 58.8 ms a step
+                # for the default (for-loop) AdamW, 7.4 ms fused.
+                **({"fused": True} if torch_adam else {}),
             },
         },
         "zero_optimization": zero,
