@@ -51,7 +51,8 @@ class OpenShards:
     def __init__(self) -> None:
         self._files: dict[Path, pq.ParquetFile] = {}  # oldest first
 
-    def get(self, path: Path) -> pq.ParquetFile:
+    def open(self, path: Path) -> pq.ParquetFile:
+        """The open shard at `path` (opened now if it is not)."""
         pf = self._files.get(path)
         if pf is None:
             pf = open_shard(path)
@@ -302,7 +303,7 @@ class TokenStream:
                 buf, pos = buf[..., n * self.T :], pos + n * self.T
 
     def _read(self, unit: Unit) -> np.ndarray:
-        pf = self._files.get(unit.file)
+        pf = self._files.open(unit.file)
         if not self.masked:
             return _read_unit(pf, unit)
         if self.sft:  # the row ends are the examples' ends

@@ -242,7 +242,7 @@ class PairStream:
 
     def _read(self, i: int):
         unit = self.units[i]
-        return _read_unit(self._files.get(unit.file), unit, with_targets=True)
+        return _read_unit(self._files.open(unit.file), unit, with_targets=True)
 
 
 def _side(tokens, targets, offsets, row: int) -> tuple[np.ndarray, np.ndarray]:
